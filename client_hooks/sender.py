@@ -1,0 +1,211 @@
+"""Sender transport: the training thread enqueues, a daemon thread owns the ZeroMQ PUSH socket.
+
+Promises (tests/client_hooks/test_sender.py):
+- `Sender.send` never blocks and never raises: when the bytes-bounded queue is full it drops
+  the newest record and counts it (`dropped`).
+- Sequence numbers are assigned on the sender thread when a frame is handed to ZeroMQ, so a
+  record the sender dropped leaves no gap: the collector's gaps count what was lost after
+  sending, the sender's `dropped` what never left. Together they are everything lost.
+- The socket reconnects by itself (ZeroMQ) when the collector restarts.
+- `close()` is bounded: drain for at most `timeout` seconds, send `bye` (sent/dropped),
+  linger at most 0.3 s. A process whose collector is down exits within 2 s.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import socket as _socket
+import threading
+import time
+import warnings
+from typing import Any, Callable, Optional, Union
+
+from collector.wire import MAX_FRAME_BYTES, Record, encode, encode_many
+
+Payload = Union[dict, Callable[[], dict]]  # a callable is resolved on the sender thread
+
+_ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated payload
+
+
+class Sender:
+    """Push records to a collector at `endpoint` (e.g. tcp://127.0.0.1:5557).
+
+    batch: most records per frame (1 = single-record frames).
+    max_queue_bytes: bound of the in-process queue (estimated bytes); beyond it, drop newest.
+    curve_server_key / curve_keypair: Z85 keys for a CURVE-authenticated endpoint.
+    """
+
+    def __init__(self, endpoint: str, run: str, rank: int = 0, world: int = 1, *,
+                 batch: int = 256, max_queue_bytes: int = 32 << 20,
+                 hello: Optional[dict] = None, curve_server_key: Optional[bytes] = None,
+                 curve_keypair: Optional[tuple[bytes, bytes]] = None,
+                 drop_report_s: float = 2.0):
+        import zmq  # imported here: with the gate off, tensortap never imports zmq
+
+        self.endpoint, self.run, self.rank, self.world = endpoint, run, rank, world
+        self.batch = max(1, int(batch))
+        self.max_queue_bytes = max_queue_bytes
+        self.sent = 0
+        self.dropped = 0
+        self._seq = 0
+        self._queue: collections.deque = collections.deque()
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._close_deadline: Optional[float] = None
+        self._closed = False
+        self._drop_report_s = drop_report_s
+        self._warned: set[str] = set()
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 1000)  # frames; each frame is <= MAX_FRAME_BYTES
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing on a dead connection: drop and count
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        if curve_server_key is not None:
+            pub, sec = curve_keypair or zmq.curve_keypair()
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve_server_key, pub, sec
+        sock.connect(endpoint)
+        self._sock = sock
+        self._zmq_again = zmq.Again
+        info = {"pid": os.getpid(), "host": _socket.gethostname(), "world": world, **(hello or {})}
+        self.send("events", "hello", info)
+        self._thread = threading.Thread(target=self._run, name="tensortap-sender", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # -- training thread ------------------------------------------------------------------
+    def send(self, kind: str, name: str, data: Payload, step: Optional[int] = None,
+             epoch: Optional[int] = None, nbytes: int = 256, t: Optional[float] = None) -> bool:
+        """Enqueue one record; O(1), never blocks, never raises. False when dropped.
+
+        nbytes: estimated payload size, charged against the queue bound. t: wall time to
+        stamp (default now; replay passes the original)."""
+        size = nbytes + _ITEM_OVERHEAD
+        with self._lock:  # uncontended: ~100 ns
+            if self._closed or self._queued_bytes + size > self.max_queue_bytes:
+                self.dropped += 1
+                return False
+            self._queued_bytes += size
+        self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
+        return True
+
+    # -- sender thread --------------------------------------------------------------------
+    def _take(self) -> list:
+        items = []
+        q = self._queue
+        while q and len(items) < self.batch:
+            items.append(q.popleft())
+        if items:
+            with self._lock:
+                self._queued_bytes -= sum(it[6] for it in items)
+        return items
+
+    def _records(self, items: list) -> list[Record]:
+        recs = []
+        for kind, name, step, epoch, t, data, _ in items:
+            if callable(data):
+                try:
+                    data = data()  # e.g. waits on a CUDA event, then reads a pinned buffer
+                except Exception as e:  # telemetry never raises into training
+                    self._warn_once("payload", f"tensortap: a statistic could not be read ({e!r}); dropping it")
+                    self.dropped += 1
+                    continue
+            recs.append(Record(v=1, run=self.run, rank=self.rank, world=self.world, seq=0, t=t,
+                               kind=kind, name=name, step=step, epoch=epoch, data=data))
+        return recs
+
+    def _send_records(self, recs: list[Record], deadline: Optional[float]) -> None:
+        if not recs:
+            return
+        first = self._seq
+        for r in recs:
+            r.seq = self._seq
+            self._seq += 1
+        frames = [(encode(recs[0]), 1)] if len(recs) == 1 else encode_many(recs, MAX_FRAME_BYTES)
+        done = 0
+        for frame, n in frames:
+            if not self._send_frame(frame, deadline):
+                # give back the unsent seqs: what never left is 'dropped', not a gap
+                lost = len(recs) - done
+                self._seq = first + done
+                self.dropped += lost
+                return
+            done += n
+            self.sent += n
+
+    def _send_frame(self, frame: bytes, deadline: Optional[float]) -> bool:
+        """Try to hand a frame to ZeroMQ, retrying while the peer is away or full.
+
+        The training thread is never involved: while this waits, new records pile up in the
+        bytes-bounded queue and the newest are dropped there once it is full."""
+        import zmq
+        while True:
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                return True
+            except self._zmq_again:
+                pass
+            except zmq.ZMQError as e:
+                self._warn_once("zmq", f"tensortap: send failed ({e}); dropping records")
+                return False
+            dl = deadline if deadline is not None else self._close_deadline
+            if dl is not None and time.monotonic() >= dl:
+                return False
+            time.sleep(0.005)
+
+    def _run(self) -> None:
+        last_report, reported = time.monotonic(), 0
+        while not self._closing.is_set():
+            items = self._take()
+            if not items:
+                time.sleep(0.002)  # idle poll; an Event.set per enqueue would cost the trainer more
+            else:
+                self._send_records(self._records(items), None)
+            now = time.monotonic()
+            if self.dropped != reported and now - last_report >= self._drop_report_s:
+                reported, last_report = self.dropped, now
+                self._send_records(self._records([self._event("drops")]), now + 0.05)
+
+    def _event(self, name: str) -> tuple:
+        return ("events", name, None, None, time.time(), {"sent": self.sent, "dropped": self.dropped}, 0)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    # -- shutdown -------------------------------------------------------------------------
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait (bounded) until the queue is empty. For tests and epoch ends; never required."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return not self._queue
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Drain for at most `timeout` s, send bye with sent/dropped, close with 0.3 s linger."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closed = True  # later send() calls drop and count
+        self._close_deadline = deadline  # bounds the frame the thread may be retrying
+        self._closing.set()
+        self._thread.join(timeout=timeout + 0.1)
+        while self._queue and time.monotonic() < deadline:
+            self._send_records(self._records(self._take()), deadline)
+        left = len(self._queue)
+        self._queue.clear()
+        self.dropped += left
+        bye = self._records([self._event("bye")])
+        self._send_records(bye, time.monotonic() + 0.2)
+        self._sock.close(linger=300)
+        self._ctx.term()
+        atexit.unregister(self.close)
+
+    def stats(self) -> dict[str, Any]:
+        return {"sent": self.sent, "dropped": self.dropped, "queued_bytes": self._queued_bytes,
+                "queued": len(self._queue)}

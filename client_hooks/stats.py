@@ -1,0 +1,221 @@
+"""Tensor statistics computed on the tensor's device, packed into one small vector per tensor.
+
+Each `*_vector` function runs on the training thread and returns a 1-D float64 tensor on the
+input's device (no host read of a device value); the matching `*_dict` function turns the
+vector's values (a Python list, read later on the sender thread) into the payload dict.
+
+Real tensor payload (`tensor_stats_dict`):
+    {"count", "nan", "inf", "min", "max", "mean", "std", "shape": [...], "dtype": "float32"}
+min/max/mean/std are over the finite elements only (NaN/Inf are counted in nan/inf); std is the
+population std (ddof=0); all four are None when no element is finite (an empty tensor too).
+Arithmetic is float32 (float64 for float64/int64/int32 inputs), so float16/bfloat16 are fine.
+
+Complex tensor (or a declared two-channel pair, see `as_complex`):
+    {"count", "nan", "inf", "shape", "dtype", "real": {min,max,mean,std}, "imag": {...},
+     "abs": {...}, "angle": {...}}
+An element is finite when both its parts are; nan counts elements with a NaN part, inf those
+with an infinite part (NumPy's isnan/isinf on complex).
+
+Cost: on CPU, two fused reductions (aminmax, var_mean) when every element is finite, plus a
+masked pass only when one is not (CPU ops are synchronous, so looking at the result costs no
+device wait). On an accelerator the masked path always runs (no host read is allowed there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_PARTS = ("min", "max", "mean", "std")
+PAIR_KINDS = ("real_imag", "amp_phase")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype: float64 for 64-bit and int32 inputs, float32 otherwise."""
+    wide = (torch.float64, torch.int64, torch.int32, torch.complex128)
+    return torch.float64 if dtype in wide else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _out_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+
+
+def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor) -> list[torch.Tensor]:
+    """(min, max, mean, std) of each 1-D tensor in `parts` over the elements where `fin`."""
+    cnt = fin.sum().clamp(min=1)
+    out = []
+    for x in parts:
+        xz = torch.where(fin, x, 0)
+        mean = xz.sum() / cnt
+        d = torch.where(fin, x - mean, 0)
+        std = torch.sqrt((d * d).sum() / cnt)
+        mn = torch.where(fin, x, math.inf).amin()
+        mx = torch.where(fin, x, -math.inf).amax()
+        out += [mn, mx, mean, std]
+    return out
+
+
+def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+    """Unmasked (min, max, mean, std) per part, or None when an element is not finite.
+
+    CPU only: finite min and max of every part imply every element is finite (NaN propagates
+    through aminmax, +-Inf becomes the max/min)."""
+    out, ends = [], []
+    for x in parts:
+        mn, mx = torch.aminmax(x)
+        var, mean = torch.var_mean(x, correction=0)
+        out += [mn, mx, mean, var.sqrt()]
+        ends += [mn, mx]
+    # host read of a CPU scalar (training thread): CPU kernels already ran, nothing to wait for
+    if not bool(torch.isfinite(torch.stack(ends)).all()):
+        return None
+    return out
+
+
+def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(moments, nfinite, nnan, finite mask or None when all finite) for parts of `x`."""
+    if x.device.type == "cpu":
+        fast = _fast_moments(parts)
+        if fast is not None:
+            z = torch.zeros((), dtype=parts[0].dtype)
+            return fast, z + x.numel(), z, None
+    fin = torch.isfinite(x)
+    return _masked_moments(parts, fin), fin.sum(), torch.isnan(x).sum(), fin
+
+
+def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
+    """Real: [nan, inf, nfinite, min, max, mean, std]; complex: [nan, inf, nfinite] + 4 x
+    (min, max, mean, std) for real, imag, abs, angle. Empty input: an empty vector."""
+    x = t.detach().reshape(-1)
+    out_dt = _out_dtype(x.device)
+    if x.numel() == 0:
+        return torch.empty(0, dtype=out_dt, device=x.device)
+    if x.is_complex():
+        x = x.to(torch.complex128 if x.dtype == torch.complex128 else torch.complex64)
+        ri = torch.view_as_real(x)
+        parts = [ri[:, 0], ri[:, 1], x.abs(), x.angle()]
+    else:
+        x = x.to(acc_dtype(x.dtype))
+        parts = [x]
+    moments, nfin, nnan, _ = _moments(parts, x)
+    n = x.numel()
+    ninf = n - nfin - nnan
+    head = [nnan, ninf, nfin]
+    return torch.stack([v.to(out_dt) for v in head + moments])
+
+
+def _part(vals: list[float], ok: bool) -> dict:
+    return {k: (float(v) if ok else None) for k, v in zip(_PARTS, vals)}
+
+
+def tensor_stats_dict(vals: list[float], shape: list[int], dtype: str, is_complex: bool) -> dict:
+    """The payload for `tensor_stats_vector`'s values (sender thread)."""
+    count = math.prod(shape)
+    if not vals:  # empty tensor
+        vals = [0.0, 0.0, 0.0] + [0.0] * (16 if is_complex else 4)
+    nan, inf, nfin = int(vals[0]), int(vals[1]), int(vals[2])
+    d = {"count": count, "nan": nan, "inf": inf}
+    ok = nfin > 0
+    if is_complex:
+        for i, key in enumerate(("real", "imag", "abs", "angle")):
+            d[key] = _part(vals[3 + 4 * i: 7 + 4 * i], ok)
+    else:
+        d.update(_part(vals[3:7], ok))
+    d["shape"] = list(shape)
+    d["dtype"] = dtype
+    return d
+
+
+def as_complex(t: torch.Tensor, pair: str, dim: int = 1) -> torch.Tensor:
+    """A two-channel real tensor as complex: `pair` "real_imag" (re, im) or "amp_phase"
+    (amplitude, phase in radians) along `dim` (size 2)."""
+    if pair not in PAIR_KINDS:
+        raise ValueError(f"tensortap: pair must be one of {PAIR_KINDS}, got {pair!r}")
+    if t.shape[dim] != 2:
+        raise ValueError(f"tensortap: a {pair} pair needs size 2 along dim {dim}, got shape {tuple(t.shape)}")
+    a, b = t.detach().to(acc_dtype(t.dtype)).unbind(dim)
+    return torch.complex(a, b) if pair == "real_imag" else torch.polar(a, b)
+
+
+# -- gradients ------------------------------------------------------------------------------
+GRAD_KEYS = ("count", "mean", "std", "norm", "max_abs", "nan", "inf", "zero_frac",
+             "weight_norm", "update_ratio")
+
+
+def _flat_real(ts: list[torch.Tensor]) -> torch.Tensor:
+    flat = [torch.view_as_real(g).reshape(-1) if g.is_complex() else g.reshape(-1) for g in ts]
+    x = flat[0] if len(flat) == 1 else torch.cat(flat)
+    return x.detach().to(acc_dtype(x.dtype))
+
+
+def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """[nan, inf, nfinite, mean, std, norm, max_abs, nzero, weight_norm] of a layer's gradients
+    (all its parameters' grads as one flat real vector; complex as (re, im) pairs)."""
+    g = _flat_real(grads)
+    (mn, mx, mean, std), nfin, nnan, fin = _moments([g], g)
+    ninf = g.numel() - nfin - nnan
+    gz = g if fin is None else torch.where(fin, g, 0)
+    norm = torch.linalg.vector_norm(gz)
+    max_abs = torch.maximum(mn.abs(), mx.abs())
+    nzero = (g == 0).sum()
+    wnorm = torch.nn.utils.get_total_norm([w.detach() for w in weights])
+    out_dt = _out_dtype(g.device)
+    vals = [nnan, ninf, nfin, mean, std, norm, max_abs, nzero, wnorm]
+    return torch.stack([v.to(out_dt) for v in vals])
+
+
+def grad_stats_dict(vals: list[float], count: int, update_ratio: Optional[float]) -> dict:
+    """The gradients payload (sender thread). Statistics are over finite gradient elements."""
+    nan, inf, nfin = int(vals[0]), int(vals[1]), int(vals[2])
+    ok = nfin > 0
+    f = (lambda v: float(v) if ok else None)
+    return {"count": count, "mean": f(vals[3]), "std": f(vals[4]), "norm": f(vals[5]),
+            "max_abs": f(vals[6]), "nan": nan, "inf": inf,
+            "zero_frac": (vals[7] / count) if count else None,
+            "weight_norm": float(vals[8]), "update_ratio": update_ratio}
+
+
+# -- patch metrics --------------------------------------------------------------------------
+def patch_vector(pred: torch.Tensor, target: torch.Tensor, scale) -> torch.Tensor:
+    """[mae, mse, optimal_scale, mae_after, mse_after, scale] of amplitude pred vs target.
+
+    `scale` (None, a float or a 0-d tensor) multiplies pred before comparing. The optimal
+    scale s = <p, t> / <p, p> minimises ||s p - t|| for the compared p."""
+    p = pred.detach().abs() if pred.is_complex() else pred.detach()
+    t = target.detach().abs() if target.is_complex() else target.detach()
+    dt = torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32
+    p, t = p.to(dt).reshape(-1), t.to(dt).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"tensortap: patch_metrics needs equal sizes, got {pred.shape} and {target.shape}")
+    sc = torch.as_tensor(1.0 if scale is None else scale, dtype=dt, device=p.device).reshape(())
+    p = p * sc
+    diff = p - t
+    s = (p * t).sum() / (p * p).sum()
+    diff2 = s * p - t
+    vals = [diff.abs().mean(), (diff * diff).mean(), s, diff2.abs().mean(), (diff2 * diff2).mean(), sc]
+    out_dt = _out_dtype(p.device)
+    return torch.stack([v.to(out_dt) for v in vals])
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return float(v) if math.isfinite(v) else None
+
+
+def patch_dict(vals: list[float], count: int, scale_applied: bool, note: Optional[str]) -> dict:
+    """The patch_metrics payload (sender thread)."""
+    mae, mse, s, mae2, mse2, sc = vals
+    if scale_applied:
+        sentence = f"prediction multiplied by {sc:.6g} before comparison"
+        sentence += f" ({note})" if note else ""
+    else:
+        sentence = "no scaling applied: raw predicted amplitude compared with target amplitude"
+    sentence += f"; least-squares optimal scale of the compared prediction: {s:.6g}"
+    return {"mae": _finite_or_none(mae), "mse": _finite_or_none(mse), "count": count,
+            "scaling": sentence, "scale_applied": scale_applied,
+            "optimal_scale": _finite_or_none(s), "mae_after_optimal_scale": _finite_or_none(mae2),
+            "mse_after_optimal_scale": _finite_or_none(mse2)}

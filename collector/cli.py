@@ -1,0 +1,200 @@
+"""`tensortap` command line: collect | serve | replay | report | demo | keys.
+
+Every option of `collect` can also come from a TENSORTAP_COLLECT_<OPTION> environment
+variable (e.g. TENSORTAP_COLLECT_HTTP=127.0.0.1:9000). Bad input gives one line on stderr
+and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is the one line the user sees."""
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_zmq_endpoint(ep: str) -> str:
+    m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5}|\*)", ep)
+    if m:
+        if m.group(2) != "*" and int(m.group(2)) > 65535:
+            raise UsageError(f"bad --zmq endpoint {ep!r}: port must be 0-65535")
+        return ep
+    if re.fullmatch(r"ipc://\S+", ep):
+        return ep
+    raise UsageError(f"bad --zmq endpoint {ep!r}: expected tcp://HOST:PORT or ipc:///PATH")
+
+
+def check_http(addr: str) -> str:
+    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})", addr)
+    if not m or int(m.group(2)) > 65535:
+        raise UsageError(f"bad --http address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:8050")
+    return addr
+
+
+def check_out(out: str) -> str:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".tensortap-write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+    return out
+
+
+def _env(name: str, default):
+    return os.environ.get("TENSORTAP_COLLECT_" + name.upper(), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensortap", description="tensortap: live tensor telemetry for PyTorch training")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="receive records over ZeroMQ, write JSONL, serve the dashboard")
+    c.add_argument("--zmq", default=_env("zmq", "tcp://127.0.0.1:5557"), help="PULL endpoint to bind (default %(default)s)")
+    c.add_argument("--http", default=_env("http", "127.0.0.1:8050"), help="dashboard HOST:PORT, or 'off' (default %(default)s)")
+    c.add_argument("--out", default=_env("out", os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")), help="artifact root")
+    c.add_argument("--token", default=_env("token", None), help="bearer token for the web view (required off loopback)")
+    c.add_argument("--curve-secret", default=_env("curve_secret", None), help="server key file from `tensortap keys` (required off loopback)")
+    c.add_argument("--allow-keys", default=_env("allow_keys", None), help="file of allowed client public keys, one per line")
+    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)), help="largest frame in bytes")
+    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)), help="bound of the write queue")
+    c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    c.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("serve", help="serve the dashboard over stored runs (no ingest)")
+    s.add_argument("root")
+    s.add_argument("--http", default="127.0.0.1:8050")
+    s.add_argument("--token", default=None)
+    s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    r = sub.add_parser("replay", help="re-send a stored run into a live collector")
+    r.add_argument("run_dir")
+    r.add_argument("--to", required=True, help="collector endpoint, e.g. tcp://127.0.0.1:5557")
+    r.add_argument("--speed", type=float, default=1.0, help="pacing factor (2 = twice as fast)")
+    r.add_argument("--max", action="store_true", help="as fast as possible")
+    r.add_argument("--run", default=None, help="run id of the copy (default: a new one)")
+    rep = sub.add_parser("report", help="print the diagnosis of a stored run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="run the grid-lines FNO demo with telemetry on")
+    d.add_argument("--architectures", default="fno")
+    d.add_argument("--inject", default=None)
+    d.add_argument("--output-dir", default="outputs/debug_fno_loss")
+    k = sub.add_parser("keys", help="make a CURVE key pair for a remote endpoint")
+    k.add_argument("prefix", help="writes PREFIX.key (secret) and PREFIX.pub (public)")
+    return p
+
+
+def cmd_collect(a) -> int:
+    from collector.server import Collector, Config
+
+    check_zmq_endpoint(a.zmq)
+    http = None if a.http == "off" else check_http(a.http)
+    zhost = a.zmq.split("://", 1)[1].rsplit(":", 1)[0] if a.zmq.startswith("tcp://") else "127.0.0.1"
+    if not is_loopback(zhost) and not (a.curve_secret and a.allow_keys):
+        raise UsageError(f"--zmq {a.zmq} is not loopback: it needs --curve-secret and --allow-keys (see `tensortap keys`)")
+    if http and not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
+        raise UsageError(f"--http {http} is not loopback: it needs --token")
+    if a.max_frame < 1024:
+        raise UsageError("--max-frame must be at least 1024 bytes")
+    check_out(a.out)
+    cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
+                 allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
+                 ready_file=a.ready_file, quiet=a.quiet)
+    col = Collector(cfg)
+    try:
+        col.start()
+    except Exception as e:  # e.g. address in use
+        col.shutdown()
+        raise UsageError(f"collector failed to start: {e}") from None
+    col.serve_forever()
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from collector.load import load_root
+    from collector.server import Collector, Config
+
+    if not os.path.isdir(a.root):
+        raise UsageError(f"no such directory: {a.root!r}")
+    http = check_http(a.http)
+    if not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
+        raise UsageError(f"--http {http} is not loopback: it needs --token")
+    col = Collector(Config(zmq=None, http=http, out=a.root, token=a.token, ready_file=a.ready_file),
+                    index=load_root(a.root))
+    col.start()
+    col.serve_forever()
+    return 0
+
+
+def cmd_replay(a) -> int:
+    check_zmq_endpoint(a.to)
+    if not os.path.isdir(a.run_dir):
+        raise UsageError(f"no such run folder: {a.run_dir!r}")
+    if a.speed <= 0:
+        raise UsageError("--speed must be > 0")
+    from collector.replay import replay_main
+
+    return replay_main(a) or 0
+
+
+def cmd_report(a) -> int:
+    if not os.path.isdir(a.run_dir):
+        raise UsageError(f"no such run folder: {a.run_dir!r}")
+    from collector.diagnosis.report import report_main
+
+    return report_main(a) or 0
+
+
+def cmd_demo(a) -> int:
+    # the collector never imports torch: the demo runs in its own interpreter
+    cmd = [sys.executable, "-m", "examples.grid_lines.compare", "--N", "64", "--gridsize", "1",
+           "--output-dir", a.output_dir, "--architectures", a.architectures, "--nepochs", "1",
+           "--torch-epochs", "1", "--torch-loss-mode", "mae"]
+    if a.inject:
+        cmd += ["--inject", a.inject]
+    return subprocess.call(cmd, env={**os.environ, "DEBUG_FNO_LOSS": "1"})
+
+
+def cmd_keys(a) -> int:
+    from collector.security import write_keypair
+
+    pub = write_keypair(a.prefix)
+    print(f"wrote {a.prefix}.key (secret, keep it) and {a.prefix}.pub: {pub}")
+    return 0
+
+
+COMMANDS = {"collect": cmd_collect, "serve": cmd_serve, "replay": cmd_replay,
+            "report": cmd_report, "demo": cmd_demo, "keys": cmd_keys}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except UsageError as e:
+        print(f"tensortap {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""In-memory index of runs, kept by the collector and read (only) by the dashboard.
+
+Per run, per (kind, name) series, columnar arrays of every numeric statistic (nested keys
+flattened with dots: "abs.mean"). Memory is bounded: at most MAX_POINTS points per series
+(older halves are thinned 2:1 when full), MAX_SERIES series per run, a ring of the last
+RECENT records per run for live streaming (server-sent events), and full records kept only
+for the small kinds (loader_stats, patch_metrics, events).
+
+Thread model: the ingest thread calls `add`; HTTP handlers read. Appends to Python lists and
+arrays are atomic under the GIL, so readers see a consistent prefix.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from array import array
+from typing import Any, Iterable, Optional
+
+MAX_POINTS = 20_000
+MAX_SERIES = 4_096
+RECENT = 20_000
+FULL_KINDS = ("loader_stats", "patch_metrics", "events")
+MAX_FULL = 2_000
+
+
+def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[str, float]:
+    """Numeric leaves of a payload as {"a.b": float}; None becomes NaN, bools and text skipped."""
+    out = {} if out is None else out
+    for k, v in data.items():
+        t = type(v)
+        if t is float or t is int:
+            out[prefix + k] = v
+        elif v is None:
+            out[prefix + k] = math.nan
+        elif t is dict:
+            flatten(v, prefix + k + ".", out)
+    return out
+
+
+class Series:
+    __slots__ = ("step", "t", "stats", "n", "stride")
+
+    def __init__(self) -> None:
+        self.step = array("d")
+        self.t = array("d")
+        self.stats: dict[str, array] = {}
+        self.n = 0  # points appended so far (before thinning)
+        self.stride = 1  # keep every stride-th point once thinned
+
+    def add(self, step: float, t: float, flat: dict[str, float]) -> None:
+        self.n += 1
+        if self.n % self.stride:
+            return
+        i = len(self.step)
+        self.step.append(step)
+        self.t.append(t)
+        for k, v in flat.items():
+            col = self.stats.get(k)
+            if col is None:
+                col = self.stats[k] = array("d", [math.nan]) * i
+            elif len(col) < i:  # a stat missing from earlier records
+                col.extend([math.nan] * (i - len(col)))
+            col.append(v)
+        if len(self.step) >= MAX_POINTS:
+            self._thin()
+
+    def _thin(self) -> None:
+        self.step = self.step[::2]
+        self.t = self.t[::2]
+        self.stats = {k: c[::2] for k, c in self.stats.items()}
+        self.stride *= 2
+
+    def column(self, stat: str) -> array:
+        col = self.stats.get(stat)
+        if col is None:
+            return array("d")
+        if len(col) < len(self.step):
+            col.extend([math.nan] * (len(self.step) - len(col)))
+        return col
+
+
+class RunIndex:
+    """What the dashboard may read about one run."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.series: dict[tuple[str, str], Series] = {}
+        self.full: dict[str, collections.deque] = {k: collections.deque(maxlen=MAX_FULL) for k in FULL_KINDS}
+        self.recent: collections.deque = collections.deque(maxlen=RECENT)
+        self.count = 0  # records added; the cursor of `since`
+        self.first_t = self.last_t = 0.0
+        self.closed_ranks: set[int] = set()
+        self.ranks: set[int] = set()
+        self.manifest: dict[str, Any] = {}
+        self.findings: list[dict] = []
+        self.dropped_series = 0
+
+    def add(self, rec) -> None:
+        """rec: a collector.wire.Record (or any object with the same attributes)."""
+        self.count += 1
+        self.last_t = rec.t
+        if not self.first_t:
+            self.first_t = rec.t
+        self.ranks.add(rec.rank)
+        kind = rec.kind
+        if kind in self.full:
+            self.full[kind].append(rec)
+            if kind == "events" and rec.name == "bye":
+                self.closed_ranks.add(rec.rank)
+        key = (kind, rec.name)
+        s = self.series.get(key)
+        if s is None:
+            if len(self.series) >= MAX_SERIES:
+                self.dropped_series += 1
+                return
+            s = self.series[key] = Series()
+        flat = flatten(rec.data)
+        step = rec.step if rec.step is not None else s.n
+        s.add(step, rec.t, flat)
+        self.recent.append((self.count, kind, rec.name, rec.rank, step, rec.t, flat))
+
+    # -- reads ----------------------------------------------------------------------------
+    def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:
+        now = time.time() if now is None else now
+        return bool(self.ranks - self.closed_ranks) and now - self.last_t < idle_s
+
+    def streams(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = collections.defaultdict(list)
+        for (kind, name), s in list(self.series.items()):
+            out[kind].append({"name": name, "points": len(s.step), "stats": sorted(s.stats)})
+        return dict(out)
+
+    def get_series(self, kind: str, name: str, stat: str, since: int = 0,
+                   limit: int = 10_000) -> Optional[dict]:
+        """Points [since, since+limit) of one statistic; None when (kind, name) is unknown."""
+        s = self.series.get((kind, name))
+        if s is None:
+            return None
+        n = len(s.step)
+        end = min(n, since + limit)
+        col = s.column(stat)
+        return {"kind": kind, "name": name, "stat": stat, "since": since, "next": end,
+                "total": n, "step": s.step[since:end].tolist(), "t": s.t[since:end].tolist(),
+                "value": [None if v != v else v for v in col[since:end]]}
+
+    def series_stats(self, kind: str, name: str) -> Optional[list[str]]:
+        """Statistic names of one series; None when (kind, name) is unknown."""
+        s = self.series.get((kind, name))
+        return None if s is None else sorted(s.stats)
+
+    def kind_series(self, kind: str, stats: Iterable[str], points: int = 2_000) -> dict[str, dict]:
+        """Every series of one kind, each stat decimated to at most ~`points` (every k-th point
+        plus the last) for drawing: {name: {"step": [...], "t": [...], stat: [...]}}.
+        NaN stays float('nan') (the dashboard's JSON encoder writes null)."""
+        out = {}
+        for (k, name), s in list(self.series.items()):
+            if k != kind:
+                continue
+            steps, ts, cols = s.step, s.t, s.stats  # one snapshot: thinning swaps these objects
+            n = min(len(steps), len(ts))
+            stride = max(1, -(-n // max(1, points)))
+            keep = list(range(0, n, stride))
+            if n and keep[-1] != n - 1:
+                keep.append(n - 1)  # the newest point too
+            row = {"step": [steps[i] for i in keep], "t": [ts[i] for i in keep]}
+            for stat in stats:
+                col = cols.get(stat)
+                if col is not None:
+                    m = len(col)
+                    row[stat] = [col[i] if i < m else math.nan for i in keep]
+            out[name] = row
+        return out
+
+    def records(self, kind: str) -> list[dict]:
+        """Full records of a small kind (loader_stats, patch_metrics, events), oldest first."""
+        import msgspec
+        return [msgspec.structs.asdict(r) if hasattr(r, "__struct_fields__") else dict(r)
+                for r in list(self.full.get(kind, ()))]
+
+    def since(self, cursor: int, limit: int = 5_000) -> tuple[int, list[tuple]]:
+        """Recent records after `cursor` (for live updates): (new cursor, [(i, kind, name,
+        rank, step, t, flat_stats), ...]). Older than the ring: starts at the ring's oldest."""
+        items = [it for it in list(self.recent) if it[0] > cursor][:limit]
+        return (items[-1][0] if items else max(cursor, 0)), items
+
+
+class Index:
+    """All runs; the collector adds, the dashboard reads. `health` is a callable the
+    collector provides returning its counters."""
+
+    def __init__(self, health=None) -> None:
+        self.runs: dict[str, RunIndex] = {}
+        self._lock = threading.Lock()
+        self.health = health or (lambda: {})
+
+    def run(self, run: str) -> RunIndex:
+        r = self.runs.get(run)
+        if r is None:
+            with self._lock:
+                r = self.runs.setdefault(run, RunIndex(run))
+        return r
+
+    def add(self, rec) -> None:
+        self.run(rec.run).add(rec)
+
+    def add_all(self, recs: Iterable) -> None:
+        for rec in recs:
+            self.add(rec)
+
+    def get(self, run: str) -> Optional[RunIndex]:
+        return self.runs.get(run)
+
+    def summaries(self) -> list[dict]:
+        now = time.time()
+        return [{"run": r.run, "live": r.live(now), "records": r.count, "ranks": sorted(r.ranks),
+                 "first_t": r.first_t, "last_t": r.last_t, "findings": len(r.findings)}
+                for r in sorted(list(self.runs.values()), key=lambda r: r.first_t)]

@@ -1,0 +1,67 @@
+"""CURVE authentication for a non-loopback ZeroMQ endpoint.
+
+Key files (made by `tensortap keys PREFIX`): PREFIX.key holds the public key and the secret
+key (Z85, one per line, mode 0600); PREFIX.pub holds the public key only. An allow-list file
+holds one client public key per line ('#' comments allowed). A client whose key is not
+listed is refused during the handshake: none of its frames reach the collector.
+"""
+from __future__ import annotations
+
+import os
+
+
+def write_keypair(prefix: str) -> str:
+    import zmq
+
+    pub, sec = zmq.curve_keypair()
+    fd = os.open(prefix + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pub + b"\n" + sec + b"\n")
+    with open(prefix + ".pub", "wb") as f:
+        f.write(pub + b"\n")
+    return pub.decode()
+
+
+def read_keypair(path: str) -> tuple[bytes, bytes]:
+    """(public, secret) from a .key file."""
+    with open(path, "rb") as f:
+        lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+    if len(lines) != 2 or any(len(k) != 40 for k in lines):
+        raise ValueError(f"{path}: expected two Z85 keys (public, secret), from `tensortap keys`")
+    return lines[0], lines[1]
+
+
+def read_allow_list(path: str) -> set[bytes]:
+    keys = set()
+    with open(path, "rb") as f:
+        for ln in f.read().splitlines():
+            ln = ln.split(b"#", 1)[0].strip()
+            if ln:
+                if len(ln) != 40:
+                    raise ValueError(f"{path}: {ln[:50]!r} is not a Z85 public key (40 characters)")
+                keys.add(ln)
+    return keys
+
+
+class _AllowList:
+    def __init__(self, keys: set[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain, key: bytes) -> bool:
+        import zmq.utils.z85
+
+        return zmq.utils.z85.encode(key) in self.keys
+
+
+def enable_curve(ctx, sock, secret_file: str, allow_file: str):
+    """Make `sock` a CURVE server accepting only allow-listed clients; returns the
+    authenticator (stop it on shutdown)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    pub, sec = read_keypair(secret_file)
+    allowed = read_allow_list(allow_file)
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(allowed))
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = sec, pub, True
+    return auth

@@ -1,0 +1,202 @@
+"""The collector process, composition root: ZeroMQ ingest + writer + diagnosis + web view.
+
+Shutdown (SIGINT/SIGTERM) runs in a fixed order: stop accepting (drain what the socket
+already holds, close it), hand pending lines to the writer, let it drain, fsync and write
+manifests, diagnose, stop the web server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from collector.index import Index
+from collector.ingest import RCVHWM, Ingest
+
+DIAGNOSE_S = 5.0
+
+
+@dataclass
+class Config:
+    zmq: Optional[str] = "tcp://127.0.0.1:5557"  # None: serve stored runs only (no ingest)
+    http: Optional[str] = "127.0.0.1:8050"       # None: no web view
+    out: str = ".artifacts/debug_fno_loss"
+    token: Optional[str] = None                  # required for a non-loopback --http
+    curve_secret: Optional[str] = None           # key file; required for a non-loopback --zmq
+    allow_keys: Optional[str] = None             # file of allowed client public keys (Z85)
+    max_frame: int = 1 << 20
+    queue_bytes: int = 64 << 20
+    ready_file: Optional[str] = None
+    quiet: bool = False
+
+
+class Collector:
+    def __init__(self, cfg: Config, index: Optional[Index] = None) -> None:
+        self.cfg = cfg
+        self.index = index or Index()
+        self.ingest: Optional[Ingest] = None
+        self.threads: dict[str, threading.Thread] = {}
+        self.stop = threading.Event()
+        self.http_url: Optional[str] = None
+        self.zmq_endpoint: Optional[str] = None
+        self._changed: set[str] = set()
+        self._http_server = None
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.cfg.zmq:
+            self.ingest = Ingest(self.cfg.out, self.index, max_frame=self.cfg.max_frame,
+                                 queue_bytes=self.cfg.queue_bytes, on_run_changed=self._changed.add)
+            self.index.health = self.ingest.health
+            self._bind_zmq()
+            self._spawn("tensortap-ingest", self._ingest_loop)
+            self._writer_done = threading.Event()
+            self._spawn("tensortap-writer", lambda: self.ingest.write_loop(self._writer_done))
+            self._spawn("tensortap-diagnose", self._diagnose_loop)
+        if self.cfg.http:
+            self._start_http()
+        self._announce()
+
+    def _spawn(self, name: str, fn) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self.threads[name] = t
+
+    def _bind_zmq(self) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        # frames a little over the limit are still received (and counted as rejected);
+        # far larger ones make ZeroMQ drop the connection before they use memory
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_frame + 4096)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.cfg.curve_secret:
+            from collector.security import enable_curve
+            self.auth = enable_curve(self.ctx, sock, self.cfg.curve_secret, self.cfg.allow_keys)
+        endpoint = self.cfg.zmq
+        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+            endpoint = endpoint[:-2] + ":*"  # a free port
+        self.sock = sock
+        sock.bind(endpoint)
+        self.zmq_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from dashboard.app import create_app
+
+        host, port = self.cfg.http.rsplit(":", 1)
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        app = create_app(self.index, token=self.cfg.token, loopback_only=loopback)
+        lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((host, int(port)))
+        bound_port = lsock.getsockname()[1]
+        self.http_url = f"http://{host}:{bound_port}/"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._http_server = uvicorn.Server(config)
+        self._spawn("tensortap-http", lambda: self._http_server.run(sockets=[lsock]))
+        deadline = time.monotonic() + 15
+        while not self._http_server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _announce(self) -> None:
+        if self.cfg.ready_file:
+            tmp = self.cfg.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"zmq": self.zmq_endpoint, "http": self.http_url, "pid": os.getpid(),
+                           "out": os.path.abspath(self.cfg.out)}, f)
+            os.replace(tmp, self.cfg.ready_file)
+        if not self.cfg.quiet:
+            parts = [f"zmq {self.zmq_endpoint}" if self.zmq_endpoint else "no ingest",
+                     f"dashboard {self.http_url}" if self.http_url else "no web view",
+                     f"out {os.path.abspath(self.cfg.out)}"]
+            print("tensortap collector: " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    # -- threads --------------------------------------------------------------------------
+    def _ingest_loop(self) -> None:
+        import zmq
+
+        ing, sock = self.ingest, self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        recv, frame, again = sock.recv, ing.frame, zmq.Again
+        while not self.stop.is_set():
+            if poller.poll(50):
+                for _ in range(4096):
+                    try:
+                        data = recv(zmq.NOBLOCK)
+                    except again:
+                        break
+                    frame(data)
+            ing.handoff_if_due()
+        # stop accepting: take what the socket already holds, then close it
+        while True:
+            try:
+                frame(recv(zmq.NOBLOCK))
+            except again:
+                break
+        sock.close(linger=0)
+        ing.handoff()
+
+    def _diagnose_loop(self) -> None:
+        while not self.stop.wait(DIAGNOSE_S):
+            self.diagnose()
+
+    def diagnose(self, runs=None) -> None:
+        """Re-run the rules on runs that changed; findings.json + the index. Never raises."""
+        changed, self._changed = (set(runs) if runs is not None else self._changed), set()
+        try:
+            from collector.diagnosis import write_findings
+        except ImportError:
+            return
+        for run in changed:
+            try:
+                findings = write_findings(os.path.join(self.cfg.out, run))
+                self.index.run(run).findings = findings
+            except Exception as e:  # a rule bug must not take the collector down
+                print(f"tensortap collector: diagnosis of {run} failed: {e!r}", file=sys.stderr)
+
+    # -- stop -----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.stop.set()
+        threads = self.threads
+        if "tensortap-ingest" in threads:
+            threads["tensortap-ingest"].join(5)
+            self._writer_done.set()
+            threads["tensortap-writer"].join(30)
+            self.ingest.sync()
+            self.diagnose(list(self.ingest.runs))
+            self.ingest.close_files()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
+        if getattr(self, "ctx", None) is not None:
+            if getattr(self, "sock", None) is not None and not self.sock.closed:
+                self.sock.close(linger=0)
+            self.ctx.term()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            if "tensortap-http" in threads:
+                threads["tensortap-http"].join(5)
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT/SIGTERM, then shut down in order."""
+        def _on_signal(signum, _frame):
+            self.stop.set()
+
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self.stop.wait(0.2):
+                pass
+        finally:
+            self.shutdown()
+            for s, h in old.items():
+                signal.signal(s, h)

@@ -1,0 +1,139 @@
+"""The wire format, defined once: both the client (client_hooks) and the collector import it.
+
+Imports neither torch nor the web stack. See docs/PROTOCOL.md for the prose version.
+
+A frame is one ZeroMQ message holding UTF-8 JSON:
+- a single record: one JSON object (a `Record`);
+- a batch: a JSON array of records (at most `MAX_BATCH` of them).
+Frames larger than `MAX_FRAME_BYTES` are rejected by the collector.
+
+JSON (not msgpack) so that the collector can append a valid single-record frame's bytes to
+the JSONL file as they arrived, with no re-encoding.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB, the collector's default limit
+MAX_BATCH = 4096
+
+# kind -> artifact file name in the run folder (DESIGN.md "Artifacts, per run")
+STREAM_FILES = {
+    "loader_stats": "loader_stats.jsonl",
+    "activations": "activations.jsonl",
+    "gradients": "gradients.jsonl",
+    "metrics": "metrics.jsonl",
+    "events": "events.jsonl",
+    "patch_metrics": "patch_metrics.json",  # latest record wins, one JSON document
+}
+Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics"]
+
+# A run id names a folder: it cannot start with a dot and holds no separator, so no record
+# can write outside its run folder ("../../etc" is rejected, not rewritten).
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+RunId = Annotated[str, msgspec.Meta(pattern=RUN_ID_PATTERN)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Rank = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+World = Annotated[int, msgspec.Meta(ge=1, le=65536)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+
+
+class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    """One telemetry record (the envelope plus its payload).
+
+    v      schema version (SCHEMA_VERSION)
+    run    run id (folder name, see RUN_ID_PATTERN)
+    rank   global rank of the sending process; world: world size
+    seq    per-sender sequence number, 0, 1, 2, ... (assigned when the frame is sent)
+    t      sender wall time, seconds since the epoch
+    kind   stream (see STREAM_FILES)
+    name   what was measured: a field, layer, metric or event name
+    step   global training step (or None); epoch: epoch (or None)
+    data   the payload: statistics, a scalar ("value"), or event details
+    """
+
+    v: Literal[1]
+    run: RunId
+    rank: Rank
+    world: World
+    seq: Seq
+    t: float
+    kind: Kind
+    name: Name
+    step: Optional[int] = None
+    epoch: Optional[int] = None
+    data: dict[str, Any] = {}
+
+
+class WireError(ValueError):
+    """A frame that is not valid tensortap wire data; the message says why (one line)."""
+
+
+_encoder = msgspec.json.Encoder()
+_decode_one = msgspec.json.Decoder(Record).decode
+_decode_batch = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_run_id_re = re.compile(RUN_ID_PATTERN)
+
+
+def encode(record: Union[Record, list[Record]]) -> bytes:
+    """Encode one record (a single-record frame) or a list of them (a batched frame)."""
+    return _encoder.encode(record)
+
+
+def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list[tuple[bytes, int]]:
+    """Encode records into as few batched frames as fit under max_bytes each.
+
+    Returns (frame, number of records in it) pairs, in order."""
+    frames, parts, size = [], [], 2
+    for rec in records:
+        b = _encoder.encode(rec)
+        if parts and (size + len(b) + 1 > max_bytes or len(parts) >= MAX_BATCH):
+            frames.append((b"[" + b",".join(parts) + b"]", len(parts)))
+            parts, size = [], 2
+        parts.append(b)
+        size += len(b) + 1
+    if parts:
+        frames.append((b"[" + b",".join(parts) + b"]", len(parts)))
+    return frames
+
+
+def _one(raw: bytes) -> tuple[Record, bytes]:
+    rec = _decode_one(raw)
+    # JSON may legally hold a newline in whitespace; a JSONL line may not: re-encode then.
+    if b"\n" in raw or b"\r" in raw:
+        raw = _encoder.encode(rec)
+    return rec, raw
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> list[tuple[Record, bytes]]:
+    """Validate a frame; return its records each with one JSONL line's bytes (no newline).
+
+    Raises WireError with a short reason. A batch is all-or-nothing: one bad record rejects
+    the frame, so a frame is always either fully written or fully quarantined.
+    """
+    if len(frame) > max_bytes:
+        raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        head = frame.lstrip()[:1]
+        if head == b"[":
+            raws = _decode_batch(frame)
+            if not raws:
+                raise WireError("empty batch")
+            if len(raws) > MAX_BATCH:
+                raise WireError(f"batch of {len(raws)} records exceeds {MAX_BATCH}")
+            return [_one(bytes(r)) for r in raws]
+        return [_one(bytes(frame))]
+    except msgspec.ValidationError as e:
+        raise WireError(f"invalid record: {e}") from None
+    except msgspec.DecodeError as e:
+        raise WireError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise WireError("nesting too deep") from None
+
+
+def valid_run_id(run: str) -> bool:
+    return bool(_run_id_re.match(run))

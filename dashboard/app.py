@@ -1,0 +1,246 @@
+"""The dashboard: a JSON API over the collector's in-memory index, live updates by
+server-sent events, and the static page at `/`.
+
+The collector (the composition root) builds it with `create_app(index)` and hands it an
+`Index` (collector/index.py), duck-typed: `runs`, `get(run)`, `summaries()`, `health()`.
+This module only reads it. Answers are encoded with msgspec (NaN and Inf become null);
+the pydantic models below only document the answers in the OpenAPI schema (`/docs`).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import msgspec
+from fastapi import FastAPI, Header, HTTPException, Path as PathParam, Query, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from dashboard.security import Guard
+
+STATIC = Path(__file__).parent / "static"
+RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # collector.wire.RUN_ID_PATTERN
+SSE_INTERVAL_S = 0.05  # how often a live stream looks for new records (latency floor)
+SSE_HEARTBEAT_S = 1.0  # a quiet stream still writes this often, so a gone client is noticed
+SSE_MAX_S = 600.0  # then the stream ends; EventSource reconnects with Last-Event-ID
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Kind(str, enum.Enum):
+    loader_stats = "loader_stats"
+    activations = "activations"
+    gradients = "gradients"
+    metrics = "metrics"
+    events = "events"
+    patch_metrics = "patch_metrics"
+
+
+class SmallKind(str, enum.Enum):
+    loader_stats = "loader_stats"
+    patch_metrics = "patch_metrics"
+    events = "events"
+
+
+class RunSummary(BaseModel):
+    run: str
+    live: bool
+    records: int
+    ranks: list[int]
+    first_t: float
+    last_t: float
+    findings: int
+
+
+class StreamInfo(BaseModel):
+    name: str
+    points: int
+    stats: list[str]
+
+
+class SeriesOut(BaseModel):
+    kind: str
+    name: str
+    stat: str
+    since: int
+    next: int
+    total: int
+    step: list[float]
+    t: list[float]
+    value: list[Optional[float]]
+
+
+class KindSeriesOut(BaseModel):
+    kind: str
+    cursor: int
+    series: dict[str, dict[str, list[Optional[float]]]]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+NOT_FOUND = {404: {"model": Problem, "description": "unknown run or series"}}
+
+
+def _json(obj: Any) -> Response:
+    return Response(_encode(obj), media_type="application/json")
+
+
+def plotly_js() -> Path:
+    """plotly.min.js from the installed plotly wheel (served locally: the page needs no internet)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("dashboard: the plotly package is not installed; pip install plotly")
+    path = Path(list(spec.submodule_search_locations)[0]) / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise RuntimeError(f"dashboard: {path} is missing; reinstall the plotly wheel")
+    return path
+
+
+def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True) -> FastAPI:
+    """The dashboard app over `index` (read only).
+
+    token: required on every request when set (Bearer header, ?token= or the cookie a valid
+    ?token= sets). loopback_only: refuse requests whose Host is not a loopback name (DNS
+    rebinding). Serving beyond loopback without a token is refused here too.
+    """
+    if not loopback_only and not token:
+        raise ValueError("dashboard: serving beyond loopback requires a token (--token)")
+    app = FastAPI(title="tensortap dashboard", version="1", docs_url="/docs", redoc_url=None,
+                  description="Live and stored tensortap runs: gradient, activation, loader and "
+                              "loss statistics, findings, collector health.")
+    app.add_middleware(Guard, token=token, loopback_only=loopback_only)
+    plotly_path = plotly_js()
+
+    def get_run(run: str):
+        ri = index.get(run)
+        if ri is None:
+            raise HTTPException(404, f"unknown run {run!r}")
+        return ri
+
+    RunId = PathParam(..., pattern=RUN_PATTERN, description="run id")
+
+    # -- page -----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    async def plotly_file() -> FileResponse:
+        return FileResponse(plotly_path, media_type="text/javascript",
+                            headers={"cache-control": "max-age=86400"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str = PathParam(..., pattern=r"^[a-z_]+\.(js|css|html)$")) -> FileResponse:
+        path = STATIC / name
+        if not path.is_file():
+            raise HTTPException(404, "no such file")
+        return FileResponse(path, headers={"cache-control": "no-cache"})
+
+    # -- API ------------------------------------------------------------------------------
+    @app.get("/api/health", summary="Collector counters (received, written, rejected, gaps, "
+             "dropped, queue bytes, ...)", response_model=dict[str, Any])
+    async def health() -> Response:
+        return _json(index.health())
+
+    @app.get("/api/runs", summary="All runs, oldest first; `live` while a rank is sending",
+             response_model=list[RunSummary])
+    async def runs() -> Response:
+        return _json(index.summaries())
+
+    @app.get("/api/runs/{run}", summary="One run's summary", response_model=RunSummary,
+             responses=NOT_FOUND)
+    async def run_summary(run: str = RunId) -> Response:
+        get_run(run)
+        return _json(next(s for s in index.summaries() if s["run"] == run))
+
+    @app.get("/api/runs/{run}/manifest", summary="The run's manifest (per rank: received, "
+             "written, gaps, duplicates, dropped by sender)", response_model=dict[str, Any],
+             responses=NOT_FOUND)
+    async def manifest(run: str = RunId) -> Response:
+        return _json(get_run(run).manifest)
+
+    @app.get("/api/runs/{run}/streams", summary="Series of the run by kind, with their statistics",
+             response_model=dict[str, list[StreamInfo]], responses=NOT_FOUND)
+    async def streams(run: str = RunId) -> Response:
+        return _json(get_run(run).streams())
+
+    @app.get("/api/runs/{run}/series", summary="Points [since, since+limit) of one statistic "
+             "of one series", response_model=SeriesOut, responses=NOT_FOUND)
+    async def series(run: str = RunId, kind: Kind = Query(...),
+                     name: str = Query(..., min_length=1, max_length=256),
+                     stat: str = Query(..., min_length=1, max_length=256),
+                     since: int = Query(0, ge=0), limit: int = Query(10_000, ge=1, le=100_000)) -> Response:
+        ri = get_run(run)
+        stats = ri.series_stats(kind.value, name)
+        if stats is None:
+            raise HTTPException(404, f"unknown series {kind.value}/{name!r} in run {run!r}")
+        if stat not in stats:
+            raise HTTPException(404, f"series {kind.value}/{name!r} has no statistic {stat!r}")
+        return _json(ri.get_series(kind.value, name, stat, since=since, limit=limit))
+
+    @app.get("/api/runs/{run}/kind/{kind}", summary="Every series of a kind, chosen statistics, "
+             "decimated to at most `points` each (for drawing)", response_model=KindSeriesOut,
+             responses=NOT_FOUND)
+    async def kind_series(run: str = RunId, kind: Kind = PathParam(...),
+                          stat: list[str] = Query(..., min_length=1, max_length=64),
+                          points: int = Query(2_000, ge=2, le=100_000)) -> Response:
+        ri = get_run(run)
+        cursor = ri.count  # read first: a live stream from here may repeat a point, never miss one
+        return _json({"kind": kind.value, "cursor": cursor,
+                      "series": ri.kind_series(kind.value, stat, points)})
+
+    @app.get("/api/runs/{run}/records/{kind}", summary="Full records of a small kind, oldest first",
+             response_model=list[dict[str, Any]], responses=NOT_FOUND)
+    async def records(run: str = RunId, kind: SmallKind = PathParam(...)) -> Response:
+        return _json(get_run(run).records(kind.value))
+
+    @app.get("/api/runs/{run}/findings", summary="Diagnosis of the run: what looks wrong, with "
+             "evidence", response_model=list[dict[str, Any]], responses=NOT_FOUND)
+    async def findings(run: str = RunId) -> Response:
+        return _json(list(get_run(run).findings))
+
+    @app.get("/api/runs/{run}/live", summary="Server-sent events: new records of the run",
+             response_class=StreamingResponse, responses={
+                 **NOT_FOUND, 200: {"content": {"text/event-stream": {}},
+                                    "description": "events `data: {cursor, items: [[i, kind, "
+                                    "name, rank, step, t, stats], ...], findings, live, records}`"}})
+    async def live(request: Request, run: str = RunId,
+                   cursor: int = Query(-1, ge=-1, description="-1: from now on"),
+                   kinds: Optional[list[Kind]] = Query(None, description="only these kinds"),
+                   last_event_id: Optional[str] = Header(None)) -> StreamingResponse:
+        ri = get_run(run)
+        if last_event_id is not None and last_event_id.isdigit():  # EventSource reconnect
+            cursor = int(last_event_id)
+        if cursor < 0:
+            cursor = ri.count
+        wanted = {k.value for k in kinds} if kinds else None
+        return StreamingResponse(_live_events(ri, cursor, wanted), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    return app
+
+
+async def _live_events(ri, cursor: int, wanted: Optional[set]):
+    """Poll the run's ring of recent records every SSE_INTERVAL_S; send what is new."""
+    yield b"retry: 1000\n\n"
+    start = last_sent = time.monotonic()
+    state = None
+    while time.monotonic() - start < SSE_MAX_S:
+        cursor, items = ri.since(cursor, 5_000)
+        full = len(items) >= 5_000  # more is waiting: no sleep
+        if wanted is not None:
+            items = [it for it in items if it[1] in wanted]
+        now_state = (len(ri.findings), ri.live())
+        now = time.monotonic()
+        if items or now_state != state or now - last_sent >= SSE_HEARTBEAT_S:
+            state, last_sent = now_state, now
+            body = _encode({"cursor": cursor, "items": items, "findings": now_state[0],
+                            "live": now_state[1], "records": ri.count})
+            yield b"id: %d\ndata: %s\n\n" % (cursor, body)
+        await asyncio.sleep(0 if full else SSE_INTERVAL_S)

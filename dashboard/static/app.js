@@ -1,0 +1,311 @@
+"use strict";
+// The tensortap page: runs list, one run's charts and tables, live updates by SSE, an
+// optional overlay run. Helpers (el, fmt, Chart, ...) are in charts.js.
+
+const $ = (id) => document.getElementById(id);
+const enc = encodeURIComponent;
+async function api(path) {
+  const r = await fetch(path, {cache: "no-store"});
+  if (!r.ok) throw new Error(r.status + " " + path);
+  return r.json();
+}
+
+// State, exposed for tests and the benchmark (window.__tt.latency: ms from wire t to drawn).
+const S = {run: null, cmp: null, gen: 0, charts: new Map(), es: null, findings: -1,
+  latency: [], flushing: false, runs: []};
+window.__tt = S;
+
+// Which statistic each chart draws: the first of these a series has (exact, then by suffix).
+const PICK = {value: ["value", "loss"], mean: ["mean"], std: ["std"], norm: ["norm", "l2_norm", "l2"]};
+const GRAD_CHARTS = [["grad-mean", "mean", "gradient mean", false],
+  ["grad-std", "std", "gradient std (log)", true], ["grad-norm", "norm", "gradient L2 norm (log)", true]];
+const ACT_SHOWN = ["mean", "std"], ACT_HIDDEN = ["min", "max"];
+
+function pick(stats, want) {
+  for (const w of PICK[want] || [want]) if (stats.includes(w)) return w;
+  for (const w of PICK[want] || [want]) { const s = stats.find(x => x.endsWith("." + w)); if (s) return s; }
+  return want === "value" ? stats.find(s => !/count|nan|inf/.test(s)) || null : null;
+}
+
+function actStats(stats) {
+  const last = (s) => s.split(".").pop();
+  return stats.filter(s => ACT_SHOWN.includes(last(s)) || ACT_HIDDEN.includes(last(s)));
+}
+
+// -- charts of one run (plus the overlay) ---------------------------------------------------
+function colorOf(name) {
+  if (!S.colors.has(name)) S.colors.set(name, PALETTE[S.colors.size % PALETTE.length]);
+  return S.colors.get(name);
+}
+
+function chartFor(id, title, opts) {
+  if (!S.charts.has(id)) S.charts.set(id, new Chart($("chart-" + id) || newActDiv(id), chartLayout(title, opts)));
+  return S.charts.get(id);
+}
+
+function newActDiv(id) {
+  const d = el("div", {class: "chart"});
+  $("activations").append(d);
+  return d;
+}
+
+// Route one series (initial rows or one live record) into the charts that draw it.
+// prefix "" for the run in view, "cmp" for the overlay (drawn dashed).
+function place(kind, name, stats, prefix, x, y) {
+  const label = prefix ? prefix + " · " + name : name;
+  const dash = prefix ? "dot" : "solid";
+  const out = [];  // [chart, key, stat] where this series goes
+  if (kind === "metrics") {
+    const c = chartFor("metrics", "loss and metrics", {});
+    const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, "value");
+    if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
+  } else if (kind === "gradients") {
+    for (const [id, want, title, log] of GRAD_CHARTS) {
+      const c = chartFor(id, title, {log});
+      const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, want);
+      if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
+    }
+  } else if (kind === "activations") {
+    const c = chartFor("act:" + name, "activation: " + name, {legend: true});
+    for (const stat of actStats(stats)) {
+      const key = prefix + "|" + stat;
+      const visible = ACT_SHOWN.includes(stat.split(".").pop()) ? true : "legendonly";
+      c.add(key, {label: prefix ? prefix + " · " + stat : stat, stat, color: colorOf(stat), dash, visible},
+        x(stat), y(stat));
+      out.push([c, key, stat]);
+    }
+  }
+  return out;
+}
+
+async function loadSeries(run, prefix, gen) {
+  const streams = await api(`/api/runs/${enc(run)}/streams`);
+  let cursor = Infinity;
+  for (const kind of ["metrics", "gradients", "activations"]) {
+    const list = streams[kind] || [];
+    if (!list.length) continue;
+    const stats = [...new Set(list.flatMap(s => s.stats))];
+    const q = stats.map(s => "stat=" + enc(s)).join("&");
+    const res = await api(`/api/runs/${enc(run)}/kind/${kind}?${q}&points=2000`);
+    if (gen !== S.gen) return null;
+    cursor = Math.min(cursor, res.cursor);
+    for (const s of list) {
+      const row = res.series[s.name];
+      if (row) place(kind, s.name, s.stats, prefix, () => row.step, (st) => row[st] || []);
+    }
+  }
+  return cursor === Infinity ? 0 : cursor;
+}
+
+function onLive(msg) {
+  for (const [, kind, name, , step, t, flat] of msg.items) {
+    if (kind === "metrics" || kind === "gradients" || kind === "activations") {
+      const stats = Object.keys(flat);
+      for (const [c, key, stat] of place(kind, name, stats, "", () => [], () => [])) {
+        if (stat in flat) c.push(key, step, flat[stat], t);
+      }
+    } else if (kind === "loader_stats" || kind === "patch_metrics") {
+      scheduleTables();
+    }
+  }
+  if (msg.findings !== S.findings) loadFindings(S.run, S.gen);
+  setLive(msg.live);
+  requestDraw();
+}
+
+function requestDraw() {
+  if (S.flushing) { S.again = true; return; }
+  S.flushing = true;
+  requestAnimationFrame(async () => {
+    const gen = S.gen;
+    try {
+      for (const c of [...S.charts.values()]) {
+        if (!c.dirty()) continue;
+        const times = await c.flush();
+        if (gen !== S.gen) break;
+        const now = Date.now();
+        for (const t of times) S.latency.push(now - t * 1000);
+      }
+      if (S.latency.length > 200000) S.latency.splice(0, 100000);
+    } finally {
+      S.flushing = false;
+      if (S.again) { S.again = false; requestDraw(); }
+    }
+  });
+}
+
+// -- tables and panels ----------------------------------------------------------------------
+const STAT_ORDER = ["count", "min", "max", "mean", "std", "nan", "inf"];
+const PARTS = ["real", "imag", "abs", "angle"];
+
+function statRows(data) {
+  const rows = [], top = {}, info = [];
+  for (const [k, v] of Object.entries(data || {})) {
+    if (v === null || typeof v === "number") top[k] = v;
+    else if (v && typeof v === "object" && !Array.isArray(v)) rows.push([k, Object.fromEntries(flatten(v))]);
+    else info.push(k + "=" + (Array.isArray(v) ? JSON.stringify(v) : String(v)));
+  }
+  rows.sort((a, b) => (PARTS.indexOf(a[0]) + 99) % 99 - (PARTS.indexOf(b[0]) + 99) % 99);
+  if (Object.keys(top).length) rows.unshift(["", top]);
+  return {rows, info: info.join("; ")};
+}
+
+function statTable(records) {
+  const built = records.map(r => ({r, ...statRows(r.data)}));
+  const cols = [...new Set(built.flatMap(b => b.rows.flatMap(([, s]) => Object.keys(s))))];
+  cols.sort((a, b) => ((STAT_ORDER.indexOf(a) + 99) % 99 - (STAT_ORDER.indexOf(b) + 99) % 99) || a.localeCompare(b));
+  const head = el("tr", {}, el("th", {class: "name"}, "field"), el("th", {class: "name"}, "part"),
+    ...cols.map(c => el("th", {}, c)), el("th", {class: "name"}, "info"));
+  const body = [];
+  for (const {r, rows, info} of built) {
+    for (const [part, stats] of (rows.length ? rows : [["", {}]])) {
+      body.push(el("tr", {}, el("td", {class: "name"}, r.name), el("td", {class: "name"}, part),
+        ...cols.map(c => el("td", {class: /nan|inf/.test(c) && stats[c] > 0 ? "bad" : ""}, fmt(stats[c]))),
+        el("td", {class: "name"}, info)));
+    }
+  }
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+async function loadTables(run, gen) {
+  const [loader, patch] = await Promise.all([api(`/api/runs/${enc(run)}/records/loader_stats`),
+    api(`/api/runs/${enc(run)}/records/patch_metrics`)]);
+  if (gen !== S.gen) return;
+  const first = new Map();  // the first record of each field is the first batch
+  for (const r of loader) if (!first.has(r.name)) first.set(r.name, r);
+  const rs = [...first.values()];
+  $("loader-caption").textContent = rs.length ? `first record of each field: step ${fmt(rs[0].step)}, ` +
+    `epoch ${fmt(rs[0].epoch)}, rank ${rs[0].rank} (${loader.length} records in all)` : "no loader records yet";
+  $("loader").replaceChildren(rs.length ? statTable(rs) : "");
+  const latest = new Map();
+  for (const r of patch) latest.set(r.name, r);
+  const rows = [];
+  for (const r of latest.values()) for (const [k, v] of flatten(r.data)) rows.push([r.name, k, v]);
+  const scaling = rows.filter(([, k]) => /scal/i.test(k)).map(([n, k, v]) => `${n}: ${k} = ${fmt(v)}`);
+  $("patch-scaling").textContent = latest.size ? "Scaling: " + (scaling.join("; ") ||
+    "not stated by the sender") : "";
+  $("patch").replaceChildren(rows.length ? el("table", {},
+    el("thead", {}, el("tr", {}, el("th", {class: "name"}, "name"), el("th", {class: "name"}, "metric"), el("th", {}, "value"))),
+    el("tbody", {}, ...rows.map(([n, k, v]) => el("tr", {}, el("td", {class: "name"}, n),
+      el("td", {class: "name"}, k), el("td", {}, fmt(v)))))) : el("p", {class: "muted"}, "no patch metrics yet"));
+}
+
+function scheduleTables() {
+  if (S.tablesTimer) return;
+  S.tablesTimer = setTimeout(() => { S.tablesTimer = null; loadTables(S.run, S.gen).catch(showError); }, 500);
+}
+
+async function loadFindings(run, gen) {
+  S.findings = -2;  // a fetch is on its way; the next SSE count refreshes again if different
+  const list = await api(`/api/runs/${enc(run)}/findings`);
+  if (gen !== S.gen) return;
+  S.findings = list.length;
+  $("findings").replaceChildren(...(list.length ? list.map(f => {
+    const sev = f.severity || f.level || "info";
+    const title = f.title || f.rule || f.code || f.id || "finding";
+    const msg = f.message || f.detail || f.summary || "";
+    const rest = Object.fromEntries(Object.entries(f).filter(([k]) =>
+      !["severity", "level", "title", "rule", "code", "id", "message", "detail", "summary"].includes(k)));
+    return el("div", {class: "finding " + String(sev).toLowerCase()}, el("span", {class: "sev"}, sev),
+      el("span", {class: "title"}, title), msg ? el("div", {}, msg) : null,
+      Object.keys(rest).length ? el("pre", {}, JSON.stringify(rest, null, 1)) : null);
+  }) : [el("p", {class: "muted"}, "nothing flagged")]));
+}
+
+function kvTable(obj) {
+  const scalars = [], tables = [];
+  for (const [k, v] of Object.entries(obj || {})) {
+    const rows = v && typeof v === "object" && !Array.isArray(v) ? Object.entries(v) : null;
+    if (rows && rows.length && rows.every(([, r]) => r && typeof r === "object" && !Array.isArray(r))) tables.push([k, rows]);
+    else scalars.push(...(rows ? flatten(v, k + ".") : [[k, Array.isArray(v) ? JSON.stringify(v) : v]]));
+  }
+  const parts = [el("p", {class: "muted small"}, scalars.map(([k, v]) => `${k}: ${fmt(v)}`).join(" · "))];
+  for (const [k, rows] of tables) {
+    const cols = [...new Set(rows.flatMap(([, r]) => flatten(r).map(([c]) => c)))];
+    parts.push(el("table", {}, el("thead", {}, el("tr", {}, el("th", {class: "name"}, k), ...cols.map(c => el("th", {}, c)))),
+      el("tbody", {}, ...rows.map(([n, r]) => { const f = Object.fromEntries(flatten(r));
+        return el("tr", {}, el("td", {class: "name"}, n), ...cols.map(c =>
+          el("td", {class: /gap|drop|dup|reject/.test(c) && f[c] > 0 ? "bad" : ""}, fmt(f[c])))); }))));
+  }
+  return parts;
+}
+
+// -- runs, health, navigation ---------------------------------------------------------------
+async function refreshRuns() {
+  S.runs = await api("/api/runs");
+  $("runs").replaceChildren(...S.runs.slice().reverse().map(r => {
+    const li = el("li", {class: r.run === S.run ? "selected" : ""}, el("span", {class: "dot" + (r.live ? " live" : "")}),
+      r.run, el("span", {class: "sub"}, `${r.records} records · ${r.findings} findings${r.live ? " · live" : ""}`));
+    li.addEventListener("click", () => go(r.run, S.cmp === r.run ? null : S.cmp));
+    return li;
+  }));
+  const sel = $("compare");
+  const want = [""].concat(S.runs.map(r => r.run).filter(r => r !== S.run));
+  if ([...sel.options].map(o => o.value).join("\n") !== want.join("\n")) {
+    sel.replaceChildren(...want.map(r => el("option", {value: r}, r || "(none)")));
+  }
+  sel.value = S.cmp || "";
+  if (!S.run && S.runs.length) go((S.runs.find(r => r.live) || S.runs[S.runs.length - 1]).run, null);
+}
+
+async function refreshHealth() {
+  const h = await api("/api/health");
+  $("health").replaceChildren(...flatten(h).map(([k, v]) =>
+    el("span", {class: "chip" + (/gap|drop|reject|dup|error|degraded|lost/.test(k) && v && v !== "ok" ? " warn" : "")},
+      k, el("b", {}, fmt(v)))));
+}
+
+function setLive(live) {
+  $("run-live").textContent = live ? "live" : "finished";
+  $("run-live").className = "badge" + (live ? " live" : "");
+}
+
+function go(run, cmp) {
+  location.hash = new URLSearchParams(Object.entries({run, ...(cmp ? {cmp} : {})})).toString();
+}
+
+async function openRun() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  const run = h.get("run"), cmp = h.get("cmp") || null;
+  if (!run) return;
+  const gen = ++S.gen;
+  if (S.es) S.es.close();
+  for (const c of S.charts.values()) c.purge();
+  S.charts = new Map();
+  S.colors = new Map();
+  S.run = run; S.cmp = cmp; S.findings = -1;
+  $("activations").replaceChildren();
+  $("empty").hidden = true;
+  $("run").hidden = false;
+  $("run-title").textContent = run;
+  const summary = await api(`/api/runs/${enc(run)}`);
+  const manifest = await api(`/api/runs/${enc(run)}/manifest`);
+  if (gen !== S.gen) return;
+  setLive(summary.live);
+  $("run-meta").textContent = `${summary.records} records · ranks ${summary.ranks.join(", ")}` +
+    (cmp ? ` · overlaid (dotted): ${cmp}` : "");
+  $("manifest").replaceChildren(...kvTable(manifest));
+  $("loss-log").checked = false;
+  refreshRuns().catch(showError);
+  const cursor = await loadSeries(run, "", gen);
+  if (cmp && gen === S.gen) await loadSeries(cmp, "cmp", gen).catch(showError);
+  if (gen !== S.gen) return;
+  requestDraw();
+  loadFindings(run, gen).catch(showError);
+  loadTables(run, gen).catch(showError);
+  const es = S.es = new EventSource(`/api/runs/${enc(run)}/live?cursor=${cursor}`);
+  es.onmessage = (ev) => { if (gen === S.gen) onLive(JSON.parse(ev.data)); };
+}
+
+function showError(e) { console.error("tensortap:", e); }
+
+window.addEventListener("hashchange", () => openRun().catch(showError));
+document.addEventListener("DOMContentLoaded", () => {
+  $("compare").addEventListener("change", (e) => go(S.run, e.target.value || null));
+  $("loss-log").addEventListener("change", (e) => S.charts.get("metrics")?.setLog(e.target.checked));
+  openRun().catch(showError);
+  refreshRuns().catch(showError);
+  refreshHealth().catch(showError);
+  setInterval(() => refreshRuns().catch(showError), 2000);
+  setInterval(() => refreshHealth().catch(showError), 2000);
+});

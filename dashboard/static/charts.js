@@ -1,0 +1,134 @@
+"use strict";
+// Small helpers shared by the page: DOM building that never parses data as HTML, number
+// formatting, and a plotly chart that takes live points in batches.
+
+// Every string from the wire goes through textContent (el) or, for plotly, plotlyText:
+// plotly reads a small HTML subset in trace names and titles, and decodes entities, so an
+// entity-escaped name is shown literally.
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function plotlyText(s) {
+  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "—";
+  if (typeof v === "boolean") return v ? "true" : "false";
+  if (typeof v !== "number") return String(v);
+  if (Number.isInteger(v) && Math.abs(v) < 1e15) return String(v);
+  const a = Math.abs(v);
+  return (a !== 0 && (a < 1e-3 || a >= 1e6)) ? v.toExponential(3) : v.toPrecision(5);
+}
+
+// {"a": {"b": 1}, "c": "x"} -> [["a.b", 1], ["c", "x"]]
+function flatten(obj, prefix = "", out = []) {
+  for (const [k, v] of Object.entries(obj || {})) {
+    if (v && typeof v === "object" && !Array.isArray(v)) flatten(v, prefix + k + ".", out);
+    else out.push([prefix + k, Array.isArray(v) ? JSON.stringify(v) : v]);
+  }
+  return out;
+}
+
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
+  "#db2777", "#4b5563", "#65a30d"];
+const MAX_LIVE_POINTS = 20000; // per trace; older points scroll off while live
+
+// A plotly chart whose traces are keyed by a string. New traces and new points are queued
+// and drawn together by flush(): one plotly call per chart per frame, not one per record.
+class Chart {
+  constructor(div, layout) {
+    this.div = div;
+    this.layout = layout;
+    this.keys = new Map();   // trace key -> trace index
+    this.specs = [];         // index -> {stat, ...}
+    this.newTraces = [];
+    this.pending = new Map(); // index -> {x: [], y: []}
+    this.times = [];         // wire times (s) of the points queued, for the latency figure
+    this.drawn = false;
+  }
+
+  has(key) { return this.keys.has(key); }
+  spec(key) { return this.specs[this.keys.get(key)]; }
+
+  // spec: {label, stat, color, dash, visible}; x, y: initial points
+  add(key, spec, x = [], y = []) {
+    if (this.keys.has(key)) return this.keys.get(key);
+    const i = this.specs.length;
+    this.keys.set(key, i);
+    this.specs.push(spec);
+    this.newTraces.push({
+      type: "scatter", mode: "lines", name: plotlyText(spec.label), x, y,
+      line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"},
+      visible: spec.visible === undefined ? true : spec.visible,
+      hovertemplate: "%{y:.4g} @ step %{x}<extra>" + plotlyText(spec.label) + "</extra>",
+    });
+    return i;
+  }
+
+  push(key, x, y, t) {
+    const i = this.keys.get(key);
+    let p = this.pending.get(i);
+    if (!p) this.pending.set(i, p = {x: [], y: []});
+    p.x.push(x);
+    p.y.push(y);
+    this.times.push(t);
+  }
+
+  dirty() { return this.newTraces.length > 0 || this.pending.size > 0 || !this.drawn; }
+
+  // Draw what is queued; resolves with the wire times of the points it drew.
+  async flush() {
+    const times = this.times;
+    this.times = [];
+    if (!this.drawn) {
+      const traces = this.newTraces;
+      this.newTraces = [];
+      this.drawn = true;
+      const layout = {...this.layout, showlegend: this.layout.showlegend ?? traces.length <= 14};
+      await Plotly.newPlot(this.div, traces, layout, {displaylogo: false, responsive: true});
+    } else if (this.newTraces.length) {
+      const traces = this.newTraces;
+      this.newTraces = [];
+      await Plotly.addTraces(this.div, traces);
+    }
+    if (this.pending.size) {
+      const idx = [...this.pending.keys()];
+      const xs = idx.map(i => this.pending.get(i).x);
+      const ys = idx.map(i => this.pending.get(i).y);
+      this.pending = new Map();
+      await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx, MAX_LIVE_POINTS);
+    }
+    return times;
+  }
+
+  setLog(on) {
+    if (this.drawn) Plotly.relayout(this.div, {"yaxis.type": on ? "log" : "linear"});
+    this.layout.yaxis = {...this.layout.yaxis, type: on ? "log" : "linear"};
+  }
+
+  purge() { Plotly.purge(this.div); }
+}
+
+function chartLayout(title, {log = false, legend} = {}) {
+  return {
+    title: {text: plotlyText(title), font: {size: 13}, x: 0.01},
+    margin: {l: 55, r: 10, t: 32, b: 36},
+    xaxis: {title: {text: "step"}, zeroline: false},
+    yaxis: {type: log ? "log" : "linear", exponentformat: "e"},
+    legend: {font: {size: 10}},
+    showlegend: legend,
+    hovermode: "closest",
+    paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+  };
+}

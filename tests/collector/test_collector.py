@@ -1,0 +1,209 @@
+"""The end-to-end telemetry path: real sender -> real collector subprocess -> JSONL."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import zmq
+
+from client_hooks.sender import Sender
+from collector.wire import Record, encode
+from tests.procs import CollectorProc, manifest, read_jsonl, run_records, wait_for, ROOT
+
+
+def rec(seq: int, run: str = "r1", rank: int = 0, kind: str = "metrics", name: str = "loss", **kw) -> bytes:
+    return encode(Record(v=1, run=run, rank=rank, world=1, seq=seq, t=time.time(), kind=kind,
+                         name=name, step=seq, data=kw.get("data", {"value": float(seq)})))
+
+
+def push_socket(endpoint: str):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 2000)
+    s.connect(endpoint)
+    return s
+
+
+def test_collector_writes_every_record_a_sender_sends(tmp_path):
+    col = CollectorProc(str(tmp_path))
+    try:
+        s = Sender(col.endpoint, "run-a", rank=0, batch=64)
+        n = 5000
+        for i in range(n):
+            s.send("metrics", "loss", {"value": i * 0.5}, step=i)
+            if i % 500 == 0:
+                s.send("gradients", "layer.0", {"norm": 1.0, "mean": 0.0}, step=i)
+        s.close()
+        run_dir = tmp_path / "run-a"
+        assert wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) == n)
+    finally:
+        assert col.stop() == 0
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["data"]["value"] for r in lines] == [i * 0.5 for i in range(n)]
+    assert len(read_jsonl(run_dir / "gradients.jsonl")) == 10
+    m = manifest(run_dir)["ranks"]["0"]
+    assert m["gaps"] == 0 and m["duplicates"] == 0
+    assert m["written"] == m["received"] == n + 10 + 2  # + hello and bye
+    assert m["dropped_by_sender"] == 0 and m["sent_by_sender"] == n + 11  # bye counts what came before it
+    names = [e["name"] for e in read_jsonl(run_dir / "events.jsonl")]
+    assert names == ["hello", "bye"]
+
+
+def test_single_record_frames_are_written_as_they_arrived(tmp_path):
+    col = CollectorProc(str(tmp_path))
+    try:
+        sock = push_socket(col.endpoint)
+        frames = [rec(i) for i in range(3)]
+        for f in frames:
+            sock.send(f)
+        sock.close()
+        path = tmp_path / "r1" / "metrics.jsonl"
+        assert wait_for(lambda: len(read_jsonl(path)) == 3)
+    finally:
+        col.stop()
+    assert path.read_bytes() == b"".join(f + b"\n" for f in frames)
+
+
+def test_a_sequence_gap_and_a_duplicate_are_counted_exactly(tmp_path):
+    col = CollectorProc(str(tmp_path))
+    try:
+        sock = push_socket(col.endpoint)
+        for seq in [0, 1, 2, 5, 6, 6, 7, 3, 10]:  # withheld: 3,4 (3 arrives late: a duplicate by order), 8, 9
+            sock.send(rec(seq))
+        sock.close()
+        run_dir = tmp_path / "r1"
+        assert wait_for(lambda: manifest(run_dir)["ranks"]["0"]["received"] == 9
+                        if (run_dir / "manifest.json").exists() else False)
+    finally:
+        col.stop()
+    m = manifest(run_dir)["ranks"]["0"]
+    assert m["gaps"] == 4  # 3, 4, 8, 9
+    assert m["duplicates"] == 2  # the second 6 and the late 3
+    assert m["written"] == 7
+    assert [r["seq"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 5, 6, 7, 10]
+
+
+def test_bad_frames_are_quarantined_and_the_collector_keeps_serving(tmp_path):
+    out = tmp_path / "out"
+    col = CollectorProc(str(out), extra=["--max-frame", "4096"])
+    try:
+        sock = push_socket(col.endpoint)
+        sock.send(b"\x00\xffgarbage")
+        sock.send(b'{"v":1,"run":"r1","rank":"zero","world":1,"seq":0,"t":1,"kind":"metrics","name":"x"}')
+        sock.send(rec(0, data={"blob": "x" * 5000}))  # over --max-frame
+        sock.send(b'{"v":1,"run":"../../etc","rank":0,"world":1,"seq":0,"t":1,"kind":"metrics","name":"x","data":{}}')
+        sock.send(b'{"v":1,"run":"r1","rank":0,"world":1,"seq":0,"t":1,"kind":"nope","name":"x","data":{}}')
+        sock.send(rec(0))  # a good record after all that
+        sock.close()
+        assert wait_for(lambda: len(read_jsonl(out / "r1" / "metrics.jsonl")) == 1)
+    finally:
+        assert col.stop() == 0
+    rejected = read_jsonl(out / "r1" / "rejected.jsonl") + read_jsonl(out / "_rejected.jsonl")
+    reasons = " | ".join(r["reason"] for r in rejected)
+    assert len(rejected) == 5, reasons
+    assert "malformed JSON" in reasons and "exceeds" in reasons and "$.run" in reasons
+    assert "$.rank" in reasons and "$.kind" in reasons
+    # nothing escaped the artifact root
+    assert not (tmp_path / "etc").exists() and not os.path.exists(tmp_path.parent / "etc" / "metrics.jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["_rejected.jsonl", "r1"]
+    # frames naming a usable run are quarantined in its folder; the rest (no run, a bad run
+    # id, too large to look inside) at the root
+    assert manifest(out / "r1")["rejected"] == 2 == len(read_jsonl(out / "r1" / "rejected.jsonl"))
+
+
+def test_a_killed_collector_restarts_and_the_sender_resumes_with_exact_gap_counts(tmp_path):
+    """SIGKILL mid-stream, a torn last line, restart on the same port: the sender (another
+    process, never restarted) resumes, every line parses, gaps equal what is missing."""
+    col = CollectorProc(str(tmp_path))
+    port = col.zmq_port
+    code = f"""
+import time, sys
+from client_hooks.sender import Sender
+s = Sender({col.endpoint!r}, "crash", rank=0, batch=16)
+t0 = time.monotonic(); i = 0
+while time.monotonic() - t0 < 4.0:
+    s.send("metrics", "loss", {{"value": float(i)}}, step=i); i += 1
+    time.sleep(0.0005)
+s.flush(3.0); s.close(2.0)
+print(s.sent, s.dropped)
+"""
+    sender = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE)
+    time.sleep(1.2)
+    col.kill()
+    path = tmp_path / "crash" / "metrics.jsonl"
+    with open(path, "ab") as f:  # what a crash in the middle of a write would leave
+        f.write(b'{"v":1,"run":"crash","rank":0,"wor')
+    time.sleep(0.5)
+    col2 = CollectorProc(str(tmp_path), zmq_port=port)
+    try:
+        out, _ = sender.communicate(timeout=30)
+    finally:
+        col2.stop()
+    sent, dropped = map(int, out.split())
+    lines = read_jsonl(path)  # raises if any line does not parse
+    rejected = read_jsonl(tmp_path / "crash" / "rejected.jsonl")
+    assert any("torn" in r["reason"] for r in rejected)
+    seqs = sorted(r["seq"] for r in run_records(tmp_path / "crash"))
+    assert len(seqs) == len(set(seqs))
+    m = manifest(tmp_path / "crash")["ranks"]["0"]
+    missing = (max(seqs) + 1) - len(seqs)
+    assert m["gaps"] == missing
+    assert m["written"] == len(seqs)
+    # the sender's `sent` includes its bye; the bye reports what was sent before it
+    assert m["sent_by_sender"] == sent - 1 and m["dropped_by_sender"] == dropped
+    # the sender kept going after the restart: its last records (bye included) are on disk
+    assert max(seqs) + 1 == sent
+    assert len([s for s in seqs if s > sent * 0.8]) > 0
+
+
+def test_a_process_whose_collector_is_down_exits_within_two_seconds(tmp_path):
+    from tests.procs import free_port
+    code = f"""
+import time, sys
+from client_hooks.sender import Sender
+s = Sender("tcp://127.0.0.1:{free_port()}", "nobody", rank=0)
+for i in range(20000):
+    s.send("metrics", "loss", {{"value": float(i)}}, step=i)
+print("done", flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "done"
+    t0 = time.monotonic()
+    p.wait(10)
+    assert time.monotonic() - t0 <= 2.0
+    assert p.returncode == 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_bad_cli_arguments_give_one_line_and_a_nonzero_exit(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        ["collect", "--zmq", "tcp//nonsense", "--out", str(tmp_path)],
+        ["collect", "--zmq", "tcp://127.0.0.1:99999", "--out", str(tmp_path)],
+        ["collect", "--http", "localhost", "--out", str(tmp_path)],
+        ["collect", "--out", str(tmp_path / "afile" / "sub")],
+        ["collect", "--zmq", "tcp://0.0.0.0:5557", "--out", str(tmp_path)],
+        ["collect", "--http", "0.0.0.0:8050", "--out", str(tmp_path)],
+        ["report", str(tmp_path / "missing")],
+        ["replay", str(tmp_path / "missing"), "--to", "tcp://127.0.0.1:1"],
+    ]
+    for args in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], (args, r.stderr)
+
+
+def test_an_address_in_use_is_a_one_line_error(tmp_path):
+    col = CollectorProc(str(tmp_path))
+    try:
+        r = _cli("collect", "--zmq", col.endpoint, "--http", "off", "--out", str(tmp_path))
+    finally:
+        col.stop()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

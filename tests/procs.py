@@ -1,0 +1,86 @@
+"""Test helpers: real collector subprocesses on free ports, JSONL readers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CollectorProc:
+    """`python -m collector collect` in a subprocess; waits for its ready file."""
+
+    def __init__(self, out: str, zmq_port: int | None = None, http: bool = False,
+                 extra: list[str] | None = None, env: dict | None = None) -> None:
+        self.out = out
+        self.zmq_port = zmq_port or free_port()
+        self.ready = os.path.join(out, f".ready-{self.zmq_port}-{time.monotonic_ns()}")
+        os.makedirs(out, exist_ok=True)
+        http_arg = "127.0.0.1:0" if http else "off"
+        cmd = [sys.executable, "-m", "collector", "collect", "--zmq", f"tcp://127.0.0.1:{self.zmq_port}",
+               "--http", http_arg, "--out", out, "--ready-file", self.ready, "--quiet", *(extra or [])]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.ready):
+            if self.proc.poll() is not None:
+                raise RuntimeError("collector exited: " + self.proc.stderr.read().decode())
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("collector did not become ready")
+            time.sleep(0.02)
+        with open(self.ready) as f:
+            info = json.load(f)
+        os.unlink(self.ready)
+        self.endpoint, self.http = info["zmq"], info["http"]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f]
+
+
+def run_records(run_dir: str, kinds=("loader_stats", "activations", "gradients", "metrics", "events")) -> list[dict]:
+    out = []
+    for k in kinds:
+        out += read_jsonl(os.path.join(run_dir, k + ".jsonl"))
+    return out
+
+
+def manifest(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    return pred()
