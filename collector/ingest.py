@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Optional
 
 from collector.store import RunFiles, atomic_write_json, rejected_line
-from collector.wire import MAX_FRAME_BYTES, STREAM_FILES, WireError, decode, valid_run_id
+from collector.wire import MAX_FRAME_BYTES, STREAM_FILES, WireError, decode, encode, encode_lines, valid_run_id
 
 import msgspec
 
@@ -54,6 +54,32 @@ class BytesQueue:
             return item
 
 
+class Pending:
+    """Lines waiting for the writer for one (run, kind): raw single-record frames as they
+    arrived, batched records encoded together (one encode_lines call) when sealed."""
+
+    __slots__ = ("buf", "recs", "counts")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.recs: list = []
+        self.counts: Counter = Counter()
+
+    def add_line(self, raw: bytes, rank: int) -> None:
+        if self.recs:
+            self.seal()  # keep arrival order
+        self.buf += raw
+        self.buf += b"\n"
+        self.counts[rank] += 1
+
+    def seal(self) -> None:
+        if self.recs:
+            self.buf += encode_lines(self.recs)
+            for r in self.recs:
+                self.counts[r.rank] += 1
+            self.recs = []
+
+
 def reason_class(msg: str) -> str:
     return msg.split(":", 1)[0] if ":" in msg else msg.split(" of ")[0]
 
@@ -87,19 +113,18 @@ class Ingest:
         return rf
 
     def frame(self, frame: bytes) -> None:
-        """Validate one frame and account for its records (the hot path)."""
+        """Validate one frame and account for its records (the hot path, ~1 us a record)."""
         self.frames += 1
         try:
-            recs = decode(frame, self.max_frame)
+            recs, raw = decode(frame, self.max_frame)
         except WireError as e:
             self.reject(frame, str(e))
             return
         runs, pending, index = self.runs, self.pending, self.index
-        for rec, line in recs:
+        for rec in recs:
             rf = runs.get(rec.run) or self.open_run(rec.run)
             st = rf.ranks.get(rec.rank) or rf.rank(rec.rank)
             st.received += 1
-            self.records += 1
             seq, exp = rec.seq, st.expected
             if seq != exp:
                 if seq < exp:  # already seen (ZeroMQ keeps order per connection)
@@ -113,16 +138,17 @@ class Ingest:
                 self.event(st, rec)
             index.add(rec)
             if kind == "patch_metrics":  # one small JSON document, latest per name
-                self.queue.put(("patch", rec.run, rec.name, rec.rank, line), len(line), self.stop)
+                self.queue.put(("patch", rec.run, rec.name, rec.rank, encode(rec)), 512, self.stop)
                 continue
-            key = (rec.run, kind)
-            p = pending.get(key)
+            p = pending.get((rec.run, kind))
             if p is None:
-                p = pending[key] = [bytearray(), Counter()]
-            p[0] += line
-            p[0] += b"\n"
-            p[1][rec.rank] += 1
-            self.pending_bytes += len(line) + 1
+                p = pending[(rec.run, kind)] = Pending()
+            if raw is not None:
+                p.add_line(raw, rec.rank)
+            else:
+                p.recs.append(rec)
+        self.records += len(recs)
+        self.pending_bytes += len(frame)
         if self.pending_bytes >= HANDOFF_BYTES:
             self.handoff()
 
@@ -157,7 +183,8 @@ class Ingest:
         """Move pending lines to the writer (may wait while the queue is full)."""
         pending, self.pending = self.pending, {}
         for (run, kind), p in pending.items():
-            self.queue.put(("lines", run, kind, p), len(p[0]), self.stop)
+            p.seal()
+            self.queue.put(("lines", run, kind, (p.buf, p.counts)), len(p.buf), self.stop)
         self.pending_bytes = 0
         self.last_handoff = time.monotonic()
 

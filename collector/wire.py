@@ -33,9 +33,10 @@ STREAM_FILES = {
 Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics"]
 
 # A run id names a folder: it cannot start with a dot and holds no separator, so no record
-# can write outside its run folder ("../../etc" is rejected, not rewritten).
+# can write outside its run folder ("../../etc" is rejected, not rewritten). The pattern is
+# checked once per distinct run id (a regex per record would double the decode cost).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-RunId = Annotated[str, msgspec.Meta(pattern=RUN_ID_PATTERN)]
+RunId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Rank = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 World = Annotated[int, msgspec.Meta(ge=1, le=65536)]
@@ -75,13 +76,19 @@ class WireError(ValueError):
 
 _encoder = msgspec.json.Encoder()
 _decode_one = msgspec.json.Decoder(Record).decode
-_decode_batch = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_batch = msgspec.json.Decoder(list[Record]).decode
 _run_id_re = re.compile(RUN_ID_PATTERN)
+_good_runs: set[str] = set()  # run ids that passed the pattern (bounded below)
 
 
 def encode(record: Union[Record, list[Record]]) -> bytes:
     """Encode one record (a single-record frame) or a list of them (a batched frame)."""
     return _encoder.encode(record)
+
+
+def encode_lines(records: list[Record]) -> bytes:
+    """Records as JSONL (each line ends in a newline), in one call."""
+    return _encoder.encode_lines(records)
 
 
 def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list[tuple[bytes, int]]:
@@ -101,16 +108,21 @@ def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list
     return frames
 
 
-def _one(raw: bytes) -> tuple[Record, bytes]:
-    rec = _decode_one(raw)
-    # JSON may legally hold a newline in whitespace; a JSONL line may not: re-encode then.
-    if b"\n" in raw or b"\r" in raw:
-        raw = _encoder.encode(rec)
-    return rec, raw
+def valid_run_id(run: str) -> bool:
+    if run in _good_runs:
+        return True
+    if not _run_id_re.match(run):
+        return False
+    if len(_good_runs) > 100_000:
+        _good_runs.clear()
+    _good_runs.add(run)
+    return True
 
 
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> list[tuple[Record, bytes]]:
-    """Validate a frame; return its records each with one JSONL line's bytes (no newline).
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record], Optional[bytes]]:
+    """Validate a frame: (records, raw line). The raw line is the frame itself when it is a
+    single record that can be written to JSONL as it arrived (no newline inside), else None
+    and the caller encodes the records (`encode_lines`).
 
     Raises WireError with a short reason. A batch is all-or-nothing: one bad record rejects
     the frame, so a frame is always either fully written or fully quarantined.
@@ -118,22 +130,23 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> list[tuple[Record,
     if len(frame) > max_bytes:
         raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        head = frame.lstrip()[:1]
-        if head == b"[":
-            raws = _decode_batch(frame)
-            if not raws:
+        if frame[:1] == b"[" or frame.lstrip()[:1] == b"[":
+            recs = _decode_batch(frame)
+            if not recs:
                 raise WireError("empty batch")
-            if len(raws) > MAX_BATCH:
-                raise WireError(f"batch of {len(raws)} records exceeds {MAX_BATCH}")
-            return [_one(bytes(r)) for r in raws]
-        return [_one(bytes(frame))]
+            if len(recs) > MAX_BATCH:
+                raise WireError(f"batch of {len(recs)} records exceeds {MAX_BATCH}")
+            raw = None
+        else:
+            recs = [_decode_one(frame)]
+            raw = None if (b"\n" in frame or b"\r" in frame) else frame
     except msgspec.ValidationError as e:
         raise WireError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
         raise WireError(f"malformed JSON: {e}") from None
     except RecursionError:
         raise WireError("nesting too deep") from None
-
-
-def valid_run_id(run: str) -> bool:
-    return bool(_run_id_re.match(run))
+    for r in recs:
+        if r.run not in _good_runs and not valid_run_id(r.run):
+            raise WireError(f"invalid record: run id {r.run[:64]!r} does not match {RUN_ID_PATTERN} - at `$.run`")
+    return recs, raw

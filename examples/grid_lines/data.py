@@ -41,7 +41,7 @@ class DataConfig:
     blur_sigma: float = 1.0   # Gaussian blur of the lines (pixels)
     amp_floor: float = 0.3    # amplitude of the empty background
     phase_gain: float = 0.5   # phase (rad) per unit of amplitude above the floor
-    photons: float = 1e6      # expected photons per pattern for a unit-amplitude object
+    photons: float = 1e9      # expected photons per pattern for a unit-amplitude object
     poisson: bool = False     # add Poisson noise to the intensity
     seed: int = 0
 

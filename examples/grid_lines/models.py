@@ -115,8 +115,8 @@ def build_generator(arch: str, channels: int, classic_init: bool = False) -> nn.
 
 
 def combine(out: torch.Tensor) -> torch.Tensor:
-    """(B, 2C, N, N) real -> (B, C, N, N) complex object re + i*im."""
-    re, im = out.chunk(2, dim=1)
+    """(B, 2C, N, N) real -> (B, C, N, N) complex object tanh(re) + i*tanh(im)."""
+    re, im = torch.tanh(out).chunk(2, dim=1)  # |re|, |im| < 1: a transmission object
     return torch.complex(re, im)
 
 

@@ -1,0 +1,165 @@
+"""TapCallback: the Lightning front door; same options and streams as Tap, rank-aware."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from lightning.pytorch.callbacks import Callback
+
+from client_hooks import session
+
+
+class TapCallback(Callback):
+    """Gated, sync-free telemetry for a Lightning fit; inert unless the gate variable is "1".
+
+        trainer = L.Trainer(callbacks=[TapCallback(gate="DEBUG_FNO_LOSS")])
+
+    Records the streams described in `client_hooks.Tap` (same keys), from every rank, each
+    record carrying the rank and world size:
+    - loader_stats: the fields of the first `first_n` train batches of each epoch (after
+      transfer to the device), split "train"; "train_loader"/"val_loader" -> {"present",
+      "length"} (length in batches, None when unknown).
+    - activations: module outputs (module paths relative to `watch`, default the
+      LightningModule) and whatever the module passes to `record()`.
+    - gradients: per layer and "_total", read in `on_before_optimizer_step` (after backward
+      and the DDP all-reduce, before gradient clipping); update_ratio measured across the
+      optimizer step (weights again in `on_train_batch_end`).
+    - metrics: "loss" from training_step's output every step; at the end of each train and
+      validation epoch, every scalar in `trainer.callback_metrics` under its logged name.
+    - events: "fit_start", "fit_end", "epoch_start"/"epoch_end" {"epoch"}.
+
+    Arguments: gate, run, first_n, every_n_steps, activations, inputs, gradients,
+    all_leaves, pairs as for Tap; watch: submodule path of the LightningModule to measure;
+    log_batches: whether capture steps log the batch's fields. Raises ValueError at once for
+    invalid options. Rank 0 resolves the run and the collector in __init__ (starting the
+    embedded collector when TENSORTAP_ENDPOINT is unset) so that DDP ranks started later
+    inherit both through the environment; with torchrun, set TENSORTAP_ENDPOINT yourself.
+    From inside the LightningModule: `callback.record(name, tensor, pair=None)`.
+    """
+
+    def __init__(self, gate: str = session.DEFAULT_GATE, *, run: Optional[str] = None,
+                 first_n: int = 1, every_n_steps: Optional[int] = None, activations=None,
+                 inputs: bool = False, gradients=None, all_leaves: bool = False,
+                 pairs: Optional[dict] = None, watch: Optional[str] = None,
+                 log_batches: bool = True):
+        self.enabled = session.enabled(gate)
+        self._engine = None
+        self._run, self._watch, self._log_batches = run, watch, log_batches
+        self._val_logged = False
+        if not self.enabled:
+            return
+        from client_hooks.engine import Options
+
+        self._opts = Options(first_n=first_n, every_n_steps=every_n_steps, activations=activations,
+                             inputs=inputs, gradients=gradients, all_leaves=all_leaves,
+                             pairs=dict(pairs or {}))
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("RANK", 0)) == 0:
+            self._run = session.resolve(run).run  # writes run + endpoint into os.environ
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.enabled or self._engine is not None:
+            return
+        from client_hooks.engine import Engine
+
+        run = self._run or os.environ.get("TENSORTAP_RUN")
+        sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
+        self._engine = Engine(sender, self._opts)
+        model = pl_module.get_submodule(self._watch) if self._watch else pl_module
+        self._engine.watch(model, param_hooks=False)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine.sender.flush(2.0)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._engine is not None:
+            self._engine.event("fit_start", {"world": trainer.world_size}, trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._engine is not None:
+            self._engine.event("fit_end", {}, trainer.global_step, trainer.current_epoch)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        e = self._engine
+        if e is None:
+            return
+        n = trainer.num_training_batches
+        e.send_now("loader_stats", "train_loader", {"present": trainer.train_dataloader is not None,
+                                                    "length": _int_or_none(n)})
+        if trainer.val_dataloaders is not None:
+            self._log_val(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._engine is not None and not self._val_logged:
+            self._log_val(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        e = self._engine
+        if e is not None:
+            e.new_epoch(trainer.current_epoch)
+            e.event("epoch_start", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        e = self._engine
+        if e is None:
+            return
+        if not self._val_logged:  # validation never ran in this epoch: there is none
+            e.send_now("loader_stats", "val_loader", {"present": False, "length": None})
+            self._val_logged = True
+        e.metrics(dict(trainer.callback_metrics), trainer.global_step, trainer.current_epoch)
+        e.event("epoch_end", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._engine is not None and not trainer.sanity_checking:
+            self._engine.metrics(dict(trainer.callback_metrics), trainer.global_step, trainer.current_epoch)
+
+    # -- per step ---------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        e = self._engine
+        if e is not None and e.begin_step(trainer.global_step, trainer.current_epoch):
+            if self._log_batches:
+                e.log_batch(batch, "train", batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._engine is not None:
+            self._engine.grads_ready()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        e = self._engine
+        if e is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            e.metrics({"loss": loss}, e.step, e.epoch)
+        e.end_step()
+
+    # -- called from the LightningModule ----------------------------------------------------
+    def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
+        """Activation stats of a value that is no module's output (only on capture steps)."""
+        if self._engine is not None:
+            self._engine.record(name, tensor, pair, always)
+
+    def patch_metrics(self, pred_amp, target_amp, scale=None, scale_note: Optional[str] = None,
+                      name: str = "patch_metrics") -> None:
+        """See Tap.patch_metrics."""
+        e = self._engine
+        if e is not None:
+            e.patch(pred_amp, target_amp, scale, scale_note, name, e.step, e.epoch)
+
+    def _log_val(self, trainer) -> None:
+        loaders = trainer.val_dataloaders
+        n = trainer.num_val_batches
+        total = sum(n) if isinstance(n, (list, tuple)) else n
+        self._engine.send_now("loader_stats", "val_loader",
+                              {"present": loaders is not None, "length": _int_or_none(total)})
+        self._val_logged = True
+
+
+def _int_or_none(n) -> Optional[int]:
+    try:
+        return int(n) if n is not None and n != float("inf") else None
+    except (TypeError, ValueError, OverflowError):
+        return None

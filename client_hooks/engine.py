@@ -1,0 +1,257 @@
+"""The capture engine behind both front doors (Tap, TapCallback); exists only when gated on.
+
+Step life cycle (training thread):
+    begin_step -> [forward hooks, record(), log_batch()] -> grads_ready -> end_step
+A capture step (cadence: first `first_n` batches of every epoch, and every `every_n_steps`-th
+step) attaches hooks at begin_step and removes them at end_step, where the step's vectors go
+to the host in one copy. Every public method swallows its errors: one warning per kind.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from client_hooks import hooks as _hooks
+from client_hooks import stats
+from client_hooks.capture import Capture
+from client_hooks.fields import walk
+
+
+@dataclass
+class Options:
+    """Capture options shared by Tap and TapCallback (see Tap's docstring)."""
+    first_n: int = 1
+    every_n_steps: Optional[int] = None
+    activations: Any = None
+    inputs: bool = False
+    gradients: Any = None
+    all_leaves: bool = False
+    pairs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.first_n < 0 or (self.every_n_steps is not None and self.every_n_steps < 1):
+            raise ValueError("tensortap: first_n must be >= 0 and every_n_steps >= 1 or None")
+        for name, spec in self.pairs.items():
+            kind = spec if isinstance(spec, str) else spec[0]
+            if kind not in stats.PAIR_KINDS:
+                raise ValueError(f"tensortap: pairs[{name!r}] must be one of {stats.PAIR_KINDS}")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(kind: str, err: BaseException) -> None:
+    if kind in _warned:
+        return
+    _warned.add(kind)
+    try:
+        warnings.warn(f"tensortap: {kind} telemetry failed ({err!r}); training goes on, "
+                      f"further {kind} errors are not reported", RuntimeWarning, stacklevel=3)
+    except Exception:  # a warnings filter set to "error" must not reach training either
+        pass
+
+
+def guarded(kind: str):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # telemetry never raises into the training loop
+                warn_once(kind, e)
+                return None
+        return inner
+    return wrap
+
+
+class Engine:
+    def __init__(self, sender, opts: Options):
+        self.sender, self.opts = sender, opts
+        self.step: Optional[int] = None
+        self.epoch: Optional[int] = None
+        self.batch_in_epoch = 0
+        self.capturing = False
+        self.capture = Capture()
+        self._hooks: Optional[_hooks.Hooks] = None
+        self._model: Optional[nn.Module] = None
+        self._layers: list[tuple[str, list[nn.Parameter]]] = []
+        self._grad_vecs: dict[str, torch.Tensor] = {}
+        self._before: dict[str, list[torch.Tensor]] = {}
+        self._total: Optional[torch.Tensor] = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def watch(self, model: nn.Module, param_hooks: bool) -> None:
+        """param_hooks: find the end of backward by itself (plain PyTorch); Lightning says so."""
+        o = self.opts
+        self._model = model
+        self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
+        targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
+        params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
+        self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
+                                   self.grads_ready if param_hooks else None)
+
+    def new_epoch(self, epoch: Optional[int]) -> None:
+        self.epoch, self.batch_in_epoch = epoch, 0
+
+    def is_capture_step(self) -> bool:
+        o = self.opts
+        if self.batch_in_epoch < o.first_n:
+            return True
+        return bool(o.every_n_steps) and self.step is not None and self.step % o.every_n_steps == 0
+
+    # -- step ------------------------------------------------------------------------------
+    @guarded("step")
+    def begin_step(self, step: Optional[int] = None, epoch: Optional[int] = None) -> bool:
+        if self.capturing:
+            self.end_step()
+        if epoch is not None and epoch != self.epoch:
+            self.new_epoch(epoch)
+        self.step = step if step is not None else (0 if self.step is None else self.step + 1)
+        self.capturing = self.is_capture_step()
+        self.batch_in_epoch += 1
+        if self.capturing:
+            self.capture = Capture(self.step, self.epoch)
+            self._grad_vecs, self._before, self._total = {}, {}, None
+            if self._hooks is not None:
+                self._hooks.attach()
+        return self.capturing
+
+    @guarded("gradients")
+    def grads_ready(self) -> None:
+        """Gradients are complete and not yet clipped: summarise them, snapshot the weights."""
+        if not self.capturing:
+            return
+        for name, ps in self._layers:
+            grads = [p.grad for p in ps if p.grad is not None]
+            if grads:
+                self._grad_vecs[name] = stats.grad_stats_vector(grads, ps)
+                self._before[name] = [p.detach().clone() for p in ps]
+        all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+        if all_grads:
+            self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    @guarded("step")
+    def end_step(self) -> None:
+        """Update ratios, then one copy of the whole step to the host; removes the hooks."""
+        if not self.capturing:
+            return
+        self.capturing = False
+        if self._hooks is not None:
+            self._hooks.detach()
+        if not self._grad_vecs and self._layers:
+            self.capturing = True  # backward end was not seen (unused params): read grads now
+            self.grads_ready()
+            self.capturing = False
+        for name, ps in self._layers:
+            vec = self._grad_vecs.get(name)
+            if vec is None:
+                continue
+            delta = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(ps, self._before[name])])
+            ratio = (delta / vec[8].to(delta.dtype)).reshape(1).to(vec.dtype)
+            count = sum(p.numel() * (2 if p.is_complex() else 1) for p in ps if p.grad is not None)
+            self.capture.add("gradients", name, torch.cat([vec, ratio]), _grad_decoder(count), 500)
+        if self._total is not None:
+            self.capture.add("gradients", "_total", self._total.to(torch.float64),
+                             lambda v: {"norm": v[0]}, 64)
+        self._grad_vecs, self._before, self._total = {}, {}, None
+        self.capture.flush(self.sender)
+
+    # -- values ----------------------------------------------------------------------------
+    def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
+                   cap: Optional[Capture] = None) -> None:
+        """Queue the stats of one tensor (or {"value": x} for a scalar) into a capture."""
+        extra, cap = extra or {}, cap or self.capture
+        if not isinstance(value, torch.Tensor):
+            cap.add(kind, name, None, lambda v, x=value: {"value": x, **extra}, 128)
+            return
+        pair = self.opts.pairs.get(name)
+        t, shape, dt = value.detach(), list(value.shape), stats.dtype_name(value.dtype)
+        if pair is not None:
+            kind_, dim = (pair, 1) if isinstance(pair, str) else pair
+            t = stats.as_complex(t, kind_, dim)
+            shape = list(t.shape)
+        is_c = t.is_complex()
+        vec = stats.tensor_stats_vector(t)
+
+        def decode(v, shape=shape, dt=dt, is_c=is_c):
+            return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
+        cap.add(kind, name, vec, decode, 600 if is_c else 300)
+
+    @guarded("activations")
+    def on_output(self, name: str, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self.add_tensor("activations", name, output)
+            return
+        for sub, leaf in walk(output, root=""):
+            if isinstance(leaf, torch.Tensor):
+                self.add_tensor("activations", f"{name}.{sub}", leaf)
+
+    @guarded("activations")
+    def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
+        if not (self.capturing or always):
+            return
+        if pair is not None:
+            self.opts.pairs.setdefault(name, pair)
+        if self.capturing:
+            self.add_tensor("activations", name, tensor)
+            return
+        cap = Capture(self.step, self.epoch)  # outside a capture step: its own copy, sent now
+        self.add_tensor("activations", name, tensor, cap=cap)
+        cap.flush(self.sender)
+
+    @guarded("loader_stats")
+    def log_batch(self, batch, split: str, batch_idx: Optional[int]) -> None:
+        """Field stats into this capture step, or (outside one) into a capture sent now."""
+        extra = {"split": split, "batch": batch_idx if batch_idx is not None else self.batch_in_epoch - 1}
+        cap = self.capture if self.capturing else Capture(self.step, self.epoch)
+        for name, leaf in walk(batch):
+            self.add_tensor("loader_stats", name, leaf, extra, cap)
+        if not self.capturing:
+            cap.flush(self.sender)
+
+    @guarded("loader_stats")
+    def send_now(self, kind: str, name: str, data: dict) -> None:
+        self.sender.send(kind, name, data, self.step, self.epoch)
+
+    @guarded("metrics")
+    def metrics(self, values: dict, step: Optional[int], epoch: Optional[int]) -> None:
+        """{name: tensor or number}: one small capture, sent now (every step is fine)."""
+        cap = Capture(step, epoch)
+        for name, v in values.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    continue
+                cap.add("metrics", name, v.detach().reshape(1).to(torch.float64),
+                        lambda x: {"value": x[0]}, 64)
+            elif isinstance(v, (int, float)):
+                cap.add("metrics", name, None, lambda x, v=v: {"value": float(v)}, 64)
+        cap.flush(self.sender)
+
+    @guarded("patch_metrics")
+    def patch(self, pred, target, scale, note, name, step, epoch) -> None:
+        vec = stats.patch_vector(pred, target, scale)
+        count = pred.numel()
+        cap = Capture(step, epoch)
+        cap.add("patch_metrics", name, vec, lambda v: stats.patch_dict(v, count, scale is not None, note))
+        cap.flush(self.sender)
+
+    @guarded("events")
+    def event(self, name: str, data: dict, step=None, epoch=None) -> None:
+        self.sender.send("events", name, data, step, epoch)
+
+    def close(self) -> None:
+        self.end_step()
+        if self._hooks is not None:
+            self._hooks.detach()
+
+
+def _grad_decoder(count: int):
+    def decode(v):
+        ratio = v[9]
+        return stats.grad_stats_dict(v[:9], count, ratio if ratio == ratio else None)
+    return decode

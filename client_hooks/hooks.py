@@ -1,0 +1,107 @@
+"""Which modules to watch, and the hooks that exist only during a capture step.
+
+`Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets and,
+for plain PyTorch, a post-accumulate-grad hook on every trainable parameter; `detach()`
+removes every one of them. Between capture steps the model carries no tensortap hook.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+Targets = Union[None, str, Sequence[str]]
+
+
+def _own_params(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+
+
+def activation_targets(model: nn.Module, names: Targets, all_leaves: bool) -> list[tuple[str, nn.Module]]:
+    """None: the model's direct children; a list of module paths; all_leaves: every leaf."""
+    if all_leaves:
+        return leaf_modules(model) or [("model", model)]
+    if names is None:
+        return list(model.named_children()) or [("model", model)]
+    if isinstance(names, str):
+        names = [names]
+    return [(n, model.get_submodule(n)) for n in names]
+
+
+def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[tuple[str, list[nn.Parameter]]]:
+    """Layers whose gradients are summarised, as (module path, its trainable parameters).
+
+    None: the first and last modules owning parameters (in registration order) of the model;
+    a submodule path: the same inside that submodule (paths stay relative to the model);
+    "all" (or all_leaves): every module owning parameters; a list: those modules (recursive)."""
+    if spec == "all" or (spec is None and all_leaves):
+        return [(n or "model", _own_params(m)) for n, m in model.named_modules() if _own_params(m)]
+    if spec is None or isinstance(spec, str):
+        root = model if spec is None else model.get_submodule(spec)
+        prefix = "" if spec is None else spec + "."
+        owners = [(prefix + n if n else spec or "model", _own_params(m))
+                  for n, m in root.named_modules() if _own_params(m)]
+        return owners[:1] + owners[-1:] if len(owners) > 1 else owners
+    out = []
+    for n in spec:
+        ps = [p for p in model.get_submodule(n).parameters() if p.requires_grad]
+        out.append((n, ps))
+    return [(n, ps) for n, ps in out if ps]
+
+
+OnTensor = Callable[[str, object], None]
+
+
+class Hooks:
+    """Registered only around capture steps; every callback swallows its own errors."""
+
+    def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
+                 on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,
+                 on_grads_ready: Optional[Callable[[], None]] = None):
+        self._targets, self._inputs = act_targets, inputs
+        self._on_output = on_output
+        self._params = params or []
+        self._on_grads_ready = on_grads_ready
+        self._handles: list = []
+        self._seen = 0
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        for path, mod in self._targets:
+            self._handles.append(mod.register_forward_hook(self._fwd(path)))
+            if self._inputs:
+                self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
+        if self._on_grads_ready is not None:
+            self._seen = 0
+            for p in self._params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad))
+
+    def detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    def _fwd(self, path: str):
+        def hook(module, args, output):
+            self._on_output(f"{path}:output", output)
+        return hook
+
+    def _pre(self, path: str):
+        def hook(module, args):
+            self._on_output(f"{path}:input", args[0] if len(args) == 1 else args)
+        return hook
+
+    def _grad(self, p: torch.Tensor) -> None:
+        # autograd thread (CUDA) or the training thread (CPU): counts params whose grad is in
+        self._seen += 1
+        if self._seen == len(self._params):
+            self._seen = 0  # a second backward (gradient accumulation) recomputes; last wins
+            self._on_grads_ready()

@@ -1,0 +1,205 @@
+"""Tap: the plain-PyTorch front door. Inert (no hook, socket, thread or zmq) unless gated on."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from client_hooks import session
+
+
+class Tap:
+    """Gated, sync-free telemetry for a plain PyTorch loop.
+
+    With the gate variable (`gate`, default "TENSORTAP") unset or not "1", every method
+    returns at once and nothing is registered, opened or imported.
+
+        tap = Tap(gate="DEBUG_FNO_LOSS")
+        tap.watch(model, optimizer=opt)          # nothing is hooked yet
+        tap.log_loaders(train=train_loader, val=val_loader)
+        for epoch in range(E):
+            tap.epoch_start(epoch)
+            for i, batch in enumerate(train_loader):
+                tap.log_batch(batch, epoch=epoch, batch_idx=i)  # a step begins here
+                x = scale(batch["images"]); tap.record("model_input", x)
+                loss = loss_fn(model(x), batch["target"])
+                loss.backward(); opt.step(); opt.zero_grad()
+                tap.log_loss(loss)
+            tap.epoch_end(epoch)
+        tap.close()                               # or `with Tap(...) as tap:`
+
+Streams (kind: name -> data; every record carries step and epoch):
+- loader_stats: field path ("images", "meta.coords_relative") -> tensor stats (see
+  client_hooks.stats) + {"split", "batch"}; scalars -> {"value", "split", "batch"};
+  "train_loader"/"val_loader" -> {"present": bool, "length": int or None}.
+- activations: f"{module path}:output" (":input" with inputs=True) and record() names ->
+  tensor stats; complex (or a declared pair) -> real/imag/abs/angle stats.
+- gradients: module path -> {"count", "mean", "std", "norm", "max_abs", "nan", "inf",
+  "zero_frac", "weight_norm", "update_ratio"}; "_total" -> {"norm"} (all parameters, before
+  any clipping: read when the last parameter's gradient has been accumulated).
+  update_ratio = ||w_after - w_before|| / ||w_before||, measured across the optimizer step:
+  w_before is read when backward ends, w_after at the end of the capture step (the
+  optimizer's step post-hook when `watch(..., optimizer=)` is given, otherwise the next
+  log_batch, step_end() or close()). Complex gradients count as (re, im) pairs of reals.
+- metrics: "loss" (or the name given) -> {"value"}, every step.
+- patch_metrics: see patch_metrics().
+- events: "epoch_start"/"epoch_end" -> {"epoch"}.
+
+Cadence: a step is a capture step for the first `first_n` train batches of every epoch and
+every `every_n_steps`-th step; only then are hooks attached (from log_batch to the step's
+end) and activations, gradients and loader stats measured. `record()` outside a capture
+step does nothing unless `always=True`.
+
+Arguments: activations: module paths whose outputs are measured (default: the model's direct
+children); inputs: also their inputs; gradients: None (first and last parameter-owning
+modules), a submodule path (first and last inside it), "all", or a list of module paths;
+all_leaves: every leaf module's output and every layer's gradients; pairs: {record name:
+"real_imag" | "amp_phase" | (kind, dim)} declares two-channel outputs as complex.
+Costs on the training thread: small reductions on the tensor's device and one non-blocking
+copy per capture step; values are read and sent by the sender thread. Telemetry errors are
+turned into one RuntimeWarning per kind and never raised.
+"""
+
+    def __init__(self, gate: str = session.DEFAULT_GATE, *, run: Optional[str] = None,
+                 rank: Optional[int] = None, world: Optional[int] = None, first_n: int = 1,
+                 every_n_steps: Optional[int] = None, activations=None, inputs: bool = False,
+                 gradients=None, all_leaves: bool = False, pairs: Optional[dict] = None):
+        self.enabled = session.enabled(gate)
+        self._engine = None
+        self._optimizer = None
+        self._opt_handle = None
+        self._split_seen: dict[str, int] = {}
+        if not self.enabled:
+            return
+        from client_hooks.engine import Engine, Options  # torch is imported only when on
+
+        opts = Options(first_n=first_n, every_n_steps=every_n_steps, activations=activations,
+                       inputs=inputs, gradients=gradients, all_leaves=all_leaves,
+                       pairs=dict(pairs or {}))
+        rank, world = _rank_world(rank, world)
+        self.sender = session.open_sender(run, rank=rank, world=world)
+        self._engine = Engine(self.sender, opts)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def watch(self, model, optimizer=None):
+        """Choose the modules and layers to measure (no hook is registered now); returns model."""
+        if self._engine is not None:
+            self._engine.watch(model, param_hooks=True)
+            self._optimizer = optimizer
+        return model
+
+    def log_loaders(self, train=None, val=None, **others) -> None:
+        """loader_stats "train_loader"/"val_loader" (and f"{key}_loader"): present, length."""
+        if self._engine is None:
+            return
+        for key, loader in {"train": train, "val": val, **others}.items():
+            self._engine.send_now("loader_stats", f"{key}_loader", _presence(loader))
+
+    # -- per step -------------------------------------------------------------------------
+    def log_batch(self, batch: Any, split: str = "train", step: Optional[int] = None,
+                  epoch: Optional[int] = None, batch_idx: Optional[int] = None) -> None:
+        """A train batch begins a step (a capture step attaches the hooks and logs the batch's
+        fields); other splits log their first `first_n` batches of each epoch."""
+        e = self._engine
+        if e is None:
+            return
+        if split == "train":
+            if e.begin_step(step, epoch) and self._optimizer is not None:
+                self._opt_handle = self._optimizer.register_step_post_hook(self._after_opt_step)
+            if e.capturing:
+                e.log_batch(batch, split, batch_idx)
+            return
+        n = self._split_seen.get(split, 0)
+        self._split_seen[split] = n + 1
+        if n < e.opts.first_n:
+            e.log_batch(batch, split, batch_idx if batch_idx is not None else n)
+
+    def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
+        """Activation stats of a value that is no module's output ("model_input", "x_combined").
+        pair: "real_imag" | "amp_phase" | (kind, dim) for a two-channel real tensor."""
+        if self._engine is not None:
+            self._engine.record(name, tensor, pair, always)
+
+    def log_metric(self, name: str, value, step: Optional[int] = None,
+                   epoch: Optional[int] = None) -> None:
+        """metrics: name -> {"value"}; a tensor is read on the sender thread."""
+        e = self._engine
+        if e is not None:
+            e.metrics({name: value}, e.step if step is None else step, e.epoch if epoch is None else epoch)
+
+    def log_loss(self, loss, step: Optional[int] = None, epoch: Optional[int] = None) -> None:
+        self.log_metric("loss", loss, step, epoch)
+
+    def patch_metrics(self, pred_amp, target_amp, scale=None, scale_note: Optional[str] = None,
+                      name: str = "patch_metrics", step: Optional[int] = None,
+                      epoch: Optional[int] = None) -> None:
+        """patch_metrics: {"mae", "mse", "count", "scaling" (a sentence), "scale_applied",
+        "optimal_scale", "mae_after_optimal_scale", "mse_after_optimal_scale"} of predicted vs
+        target amplitude (complex inputs: their abs). `scale` (float or 0-d tensor), when
+        given, multiplies the prediction before comparing; `scale_note` says why/how. The
+        optimal scale s minimises ||s * pred - target|| (least squares) for the compared pred."""
+        e = self._engine
+        if e is not None:
+            e.patch(pred_amp, target_amp, scale, scale_note, name,
+                    e.step if step is None else step, e.epoch if epoch is None else epoch)
+
+    def step_end(self) -> None:
+        """End the current capture step now (otherwise: optimizer step, next batch or close)."""
+        if self._engine is not None:
+            self._end()
+
+    def epoch_start(self, epoch: int) -> None:
+        if self._engine is not None:
+            self._engine.new_epoch(epoch)
+            self._split_seen.clear()
+            self._engine.event("epoch_start", {"epoch": epoch}, self._engine.step, epoch)
+
+    def epoch_end(self, epoch: int) -> None:
+        if self._engine is not None:
+            self._end()
+            self._engine.event("epoch_end", {"epoch": epoch}, self._engine.step, epoch)
+
+    # -- end ------------------------------------------------------------------------------
+    def _after_opt_step(self, optimizer, args, kwargs) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        self._engine.end_step()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Finish the step, remove every hook, wait (bounded) until the records are sent."""
+        if self._engine is None:
+            return
+        self._end()
+        self._engine.close()
+        self.sender.flush(timeout)
+
+    def __enter__(self) -> "Tap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _presence(loader) -> dict:
+    if loader is None:
+        return {"present": False, "length": None}
+    try:
+        length = len(loader)
+    except TypeError:
+        length = None
+    return {"present": True, "length": length}
+
+
+def _rank_world(rank: Optional[int], world: Optional[int]) -> tuple[int, int]:
+    if rank is None or world is None:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized()
+        r = dist.get_rank() if on else int(os.environ.get("RANK", 0))
+        w = dist.get_world_size() if on else int(os.environ.get("WORLD_SIZE", 1))
+        rank = r if rank is None else rank
+        world = w if world is None else world
+    return rank, world

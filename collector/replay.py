@@ -1,0 +1,112 @@
+"""`tensortap replay RUN_DIR --to ENDPOINT [--speed X | --max] [--run ID]`.
+
+Re-sends a stored run into a live collector, one Sender per original rank, with the
+original pacing (scaled by `speed`, or none with `--max`) and the original wall times `t`,
+steps, epochs and payloads. The copy gets a new run id unless one is given. The original
+lifecycle events (hello, bye, drops) are not re-sent: each Sender makes its own, and its
+hello names the source run (`replay_of`). Sequence numbers are the new senders' own.
+
+Unlike training, replay may wait: when a sender's queue is nearly full it pauses instead of
+dropping, so the copy holds every record.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from typing import Optional
+
+from collector.load import LoadStats, run_records
+from collector.wire import valid_run_id
+
+LIFECYCLE = frozenset({"hello", "bye", "drops"})  # events a Sender sends by itself
+QUEUE_BYTES = 32 << 20
+_NBYTES = 256  # per-record queue charge (an estimate; the bound only needs to be consistent)
+
+
+class ReplayError(ValueError):
+    """Bad input for replay; the message is one line saying what is expected."""
+
+
+def _lifecycle(rec) -> bool:
+    return rec.kind == "events" and rec.name in LIFECYCLE
+
+
+def _wait_for_room(sender) -> None:
+    # replay is not training: wait for the sender thread rather than drop
+    while sender.stats()["queued_bytes"] + _NBYTES + 160 > QUEUE_BYTES * 0.9:
+        time.sleep(0.001)
+
+
+def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possible: bool = False,
+           run: Optional[str] = None, drain_timeout: float = 120.0) -> dict:
+    """Re-send the run stored in `run_dir` to the collector at `endpoint`.
+
+    Returns {"run", "source", "records", "ranks", "seconds", "sent", "dropped", "skipped_lines"}:
+    records is what was re-sent (lifecycle events excluded), sent/dropped the senders' counts
+    (hello and bye included). Raises ReplayError for an empty or unreadable folder, a bad
+    run id or speed."""
+    from client_hooks.sender import Sender  # the ZeroMQ side; kept out of `import collector`
+
+    if not os.path.isdir(run_dir):
+        raise ReplayError(f"no such run folder: {run_dir!r}")
+    if not as_fast_as_possible and not speed > 0:
+        raise ReplayError(f"speed must be > 0, got {speed}")
+    stats = LoadStats()
+    recs = run_records(run_dir, stats)
+    if not recs:
+        raise ReplayError(f"no records in {run_dir!r} (expected *.jsonl files written by `tensortap collect`)")
+    source = recs[0].run
+    run = run or f"{source[:100]}-replay-{secrets.token_hex(3)}"
+    if not valid_run_id(run):
+        raise ReplayError(f"bad run id {run!r}: letters, digits, '_', '.', '-'; up to 128 characters")
+    hellos = {r.rank: r.data for r in recs if r.kind == "events" and r.name == "hello"}
+    worlds = {r.rank: r.world for r in recs}
+    body = [r for r in recs if not _lifecycle(r)]
+    senders = {}
+    try:
+        for rank, world in sorted(worlds.items()):
+            senders[rank] = Sender(endpoint, run, rank=rank, world=world, max_queue_bytes=QUEUE_BYTES,
+                                   hello={**hellos.get(rank, {}), "replay_of": source})
+    except Exception as e:  # zmq.ZMQError: a malformed endpoint
+        for sender in senders.values():
+            sender.close(timeout=0.1)
+        raise ReplayError(f"cannot connect to {endpoint!r}: {e}") from None
+    start = time.monotonic()
+    try:
+        t0 = body[0].t if body else 0.0
+        for rec in body:
+            if not as_fast_as_possible:
+                ahead = start + (rec.t - t0) / speed - time.monotonic()
+                if ahead > 0.001:
+                    time.sleep(ahead)
+            sender = senders[rec.rank]
+            _wait_for_room(sender)
+            sender.send(rec.kind, rec.name, rec.data, step=rec.step, epoch=rec.epoch,
+                        nbytes=_NBYTES, t=rec.t)
+        for sender in senders.values():
+            sender.flush(timeout=drain_timeout)
+    finally:
+        for sender in senders.values():
+            sender.close(timeout=5.0)
+    return {"run": run, "source": source, "records": len(body), "ranks": len(senders),
+            "seconds": round(time.monotonic() - start, 3),
+            "sent": sum(s.sent for s in senders.values()),
+            "dropped": sum(s.dropped for s in senders.values()),
+            "skipped_lines": stats.torn + stats.bad}
+
+
+def replay_main(args) -> int:
+    """CLI entry: args.run_dir, args.to, args.speed, args.max, args.run. One line out."""
+    try:
+        res = replay(args.run_dir, args.to, speed=args.speed, as_fast_as_possible=args.max,
+                     run=args.run)
+    except ReplayError as e:
+        print(f"tensortap replay: error: {e}", file=sys.stderr)
+        return 2
+    pacing = "as fast as possible" if args.max else f"at {args.speed:g}x"
+    print(f"tensortap replay: {res['records']} records of {res['source']} -> run {res['run']} at "
+          f"{args.to}, {pacing}, {res['ranks']} rank(s), {res['seconds']:.2f} s, "
+          f"{res['dropped']} dropped, {res['skipped_lines']} unreadable lines skipped")
+    return 1 if res["dropped"] else 0

@@ -1,0 +1,123 @@
+"""The sender: never blocks, drops newest and counts, reconnects, bounded close."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import zmq
+
+from client_hooks.sender import Sender
+from collector.wire import decode
+from tests.procs import ROOT, CollectorProc, free_port, manifest, read_jsonl, wait_for
+
+
+def test_send_never_blocks_and_drops_the_newest_when_the_queue_is_full():
+    port = free_port()  # nobody listens: every frame waits, the queue fills
+    s = Sender(f"tcp://127.0.0.1:{port}", "full", max_queue_bytes=64 * 1024)
+    worst = 0.0
+    accepted = []
+    for i in range(5000):
+        t0 = time.perf_counter()
+        accepted.append(s.send("metrics", "loss", {"value": float(i)}, step=i))
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.05  # generous: no call waits on the network (p99 is in bench/)
+    # the first records fit, then everything newer is dropped
+    first_drop = accepted.index(False)
+    assert first_drop > 10 and not any(accepted[first_drop:])
+    assert s.dropped == accepted.count(False)
+    t0 = time.monotonic()
+    s.close(timeout=0.5)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_records_reach_a_pull_socket_with_consecutive_seqs():
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    s = Sender(f"tcp://127.0.0.1:{port}", "seqs", rank=3, world=4, batch=7)
+    for i in range(100):
+        s.send("gradients", f"layer{i % 3}", {"norm": float(i)}, step=i, epoch=0)
+    s.close()
+    recs = []
+    while pull.poll(1000):
+        recs += decode(pull.recv())[0]
+    pull.close()
+    assert [r.seq for r in recs] == list(range(102))
+    assert recs[0].name == "hello" and recs[-1].name == "bye"
+    assert recs[-1].data == {"sent": 101, "dropped": 0}
+    assert {r.rank for r in recs} == {3} and {r.world for r in recs} == {4}
+
+
+def test_a_payload_that_fails_on_the_sender_thread_is_dropped_and_counted(recwarn):
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    s = Sender(f"tcp://127.0.0.1:{port}", "bad", batch=1)
+    s.send("metrics", "ok", {"value": 1.0})
+    s.send("metrics", "broken", lambda: 1 / 0)
+    s.send("metrics", "ok2", lambda: {"value": 2.0})
+    s.close()
+    names = []
+    while pull.poll(500):
+        names += [r.name for r in decode(pull.recv())[0]]
+    pull.close()
+    assert names == ["hello", "ok", "ok2", "bye"]
+    assert s.dropped == 1
+    assert any("could not be read" in str(w.message) for w in recwarn)
+
+
+def test_the_sender_reconnects_by_itself_when_the_collector_restarts(tmp_path):
+    col = CollectorProc(str(tmp_path))
+    s = Sender(col.endpoint, "reconn", batch=8)
+    for i in range(50):
+        s.send("metrics", "loss", {"value": float(i)}, step=i)
+    assert s.flush(5)
+    col.stop()
+    col2 = CollectorProc(str(tmp_path), zmq_port=col.zmq_port)
+    try:
+        t0 = time.monotonic()
+        i = 50
+        # keep sending until the new collector has something: that is the resume time
+        while not wait_for(lambda: len(read_jsonl(tmp_path / "reconn" / "metrics.jsonl")) > 50, 0.05):
+            s.send("metrics", "loss", {"value": float(i)}, step=i)
+            i += 1
+            assert time.monotonic() - t0 < 5
+        resumed = time.monotonic() - t0
+        s.close()
+    finally:
+        col2.stop()
+    assert resumed < 1.0
+    m = manifest(tmp_path / "reconn")["ranks"]["0"]
+    lines = read_jsonl(tmp_path / "reconn" / "metrics.jsonl")
+    seqs = sorted(r["seq"] for r in lines + read_jsonl(tmp_path / "reconn" / "events.jsonl"))
+    assert m["gaps"] == seqs[-1] + 1 - len(seqs)  # whatever was lost is counted exactly
+
+
+def test_the_embedded_default_starts_a_collector_and_stops_it_cleanly(tmp_path):
+    code = """
+import os
+from client_hooks import session
+s = session.open_sender(rank=0)
+for i in range(100):
+    s.send("metrics", "loss", {"value": float(i)}, step=i)
+print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTAP")}
+    env["TENSORTAP_OUT"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    run, endpoint = r.stdout.split()
+    assert endpoint.startswith("tcp://127.0.0.1:")
+    assert "dashboard at http://127.0.0.1:" in r.stderr
+    run_dir = tmp_path / run
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 100
+    m = manifest(run_dir)["ranks"]["0"]
+    assert m["closed"] and m["gaps"] == 0 and m["written"] == 102
+    # the collector subprocess is gone: its port is free again
+    ctx = zmq.Context.instance()
+    probe = ctx.socket(zmq.PULL)
+    probe.bind(endpoint)
+    probe.close()

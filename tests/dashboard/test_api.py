@@ -1,0 +1,250 @@
+"""The dashboard's JSON API: every endpoint, unknown runs and series, bad parameters, the
+Host and token guards, and live updates over a real socket."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import httpx
+import pytest
+
+from collector.index import Index
+from dashboard.app import create_app
+from tests.dashboard.conftest import XSS, fill_run, rec, serve
+
+
+@contextlib.contextmanager
+def client_for(app):
+    """A real uvicorn server on a free loopback port, and an HTTP client for it.
+    (starlette's TestClient warns about its httpx; warnings are errors here.)"""
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def client(index):
+    with client_for(create_app(index)) as c:
+        yield c
+
+
+def test_health_returns_the_collectors_counters(client):
+    r = client.get("/api/health")
+    assert r.status_code == 200
+    assert r.json()["received"] == 10 and r.json()["status"] == "ok"
+
+
+def test_runs_lists_each_run_with_its_summary(client, index):
+    fill_run(index, "run-b", t0=time.time() - 5)
+    runs = client.get("/api/runs").json()
+    assert [r["run"] for r in runs] == ["run-a", "run-b"]
+    a = runs[0]
+    assert a["records"] == index.get("run-a").count and a["ranks"] == [0] and a["findings"] == 1
+    assert a["live"] is False  # its rank said bye
+    assert client.get("/api/runs/run-a").json() == a
+
+
+def test_a_run_that_is_sending_is_marked_live(client, index):
+    index.add(rec("run-live", "metrics", "loss", {"value": 1.0}, step=0))
+    assert client.get("/api/runs/run-live").json()["live"] is True
+
+
+def test_manifest_streams_and_findings_of_a_run(client):
+    assert client.get("/api/runs/run-a/manifest").json()["ranks"]["0"]["gaps"] == 0
+    streams = client.get("/api/runs/run-a/streams").json()
+    assert {s["name"] for s in streams["gradients"]} == {"enc.0", "dec.3"}
+    grad = next(s for s in streams["gradients"] if s["name"] == "enc.0")
+    assert grad["points"] == 20 and {"mean", "std", "norm"} <= set(grad["stats"])
+    x = next(s for s in streams["activations"] if s["name"] == "x_combined")
+    assert "abs.mean" in x["stats"] and "angle.std" in x["stats"]
+    assert client.get("/api/runs/run-a/findings").json()[0]["rule"] == "flat_loss"
+
+
+def test_series_pages_with_since_and_limit(client):
+    q = {"kind": "metrics", "name": "loss", "stat": "value"}
+    full = client.get("/api/runs/run-a/series", params=q).json()
+    assert full["total"] == 20 and full["step"] == list(range(20))
+    assert full["value"][3] == pytest.approx(0.25)
+    page = client.get("/api/runs/run-a/series", params={**q, "since": 5, "limit": 4}).json()
+    assert page["step"] == [5, 6, 7, 8] and page["next"] == 9
+    assert page["value"] == full["value"][5:9]
+
+
+def test_series_nan_and_inf_come_back_as_null(client, index):
+    index.add(rec("run-a", "metrics", "loss", {"value": math.nan}, step=20))
+    index.add(rec("run-a", "metrics", "loss", {"value": math.inf}, step=21))
+    r = client.get("/api/runs/run-a/series", params={"kind": "metrics", "name": "loss",
+                                                     "stat": "value", "since": 20})
+    assert r.status_code == 200 and r.json()["value"] == [None, None]
+    assert "NaN" not in r.text and "Infinity" not in r.text
+
+
+def test_kind_series_returns_every_layer_decimated(client, index):
+    fill_run(index, "long", steps=500)
+    r = client.get("/api/runs/long/kind/gradients", params={"stat": ["norm", "mean"], "points": 100})
+    body = r.json()
+    assert set(body["series"]) == {"enc.0", "dec.3"} and body["cursor"] == index.get("long").count
+    row = body["series"]["enc.0"]
+    assert 100 <= len(row["step"]) <= 101 and row["step"][0] == 0 and row["step"][-1] == 499
+    assert len(row["norm"]) == len(row["step"]) and row["norm"][-1] == pytest.approx(0.1 / 500)
+    assert "std" not in row
+
+
+def test_records_of_small_kinds_are_full_records(client):
+    loader = client.get("/api/runs/run-a/records/loader_stats").json()
+    assert [r["name"] for r in loader] == ["images", "probe", "val_loader"]
+    assert loader[1]["data"]["imag"]["mean"] == -0.1 and loader[1]["data"]["dtype"] == "complex64"
+    patch = client.get("/api/runs/run-a/records/patch_metrics").json()
+    assert patch[-1]["data"]["scaling"] == "none (raw amplitude)"
+    assert [e["name"] for e in client.get("/api/runs/run-a/records/events").json()] == ["hello", "bye"]
+
+
+@pytest.mark.parametrize("path", ["/api/runs/nope", "/api/runs/nope/manifest", "/api/runs/nope/streams",
+                                  "/api/runs/nope/findings", "/api/runs/nope/records/events",
+                                  "/api/runs/nope/kind/metrics?stat=value", "/api/runs/nope/live",
+                                  "/api/runs/nope/series?kind=metrics&name=loss&stat=value"])
+def test_unknown_run_is_404(client, path):
+    r = client.get(path)
+    assert r.status_code == 404 and "unknown run" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("params,what", [({"name": "nope", "stat": "value"}, "unknown series"),
+                                         ({"name": "loss", "stat": "nope"}, "no statistic")])
+def test_unknown_series_or_stat_is_404(client, params, what):
+    r = client.get("/api/runs/run-a/series", params={"kind": "metrics", **params})
+    assert r.status_code == 404 and what in r.json()["detail"]
+
+
+@pytest.mark.parametrize("path", [
+    "/api/runs/run-a/series?kind=bogus&name=loss&stat=value",  # unknown kind
+    "/api/runs/run-a/series?kind=metrics&stat=value",  # name missing
+    "/api/runs/run-a/series?kind=metrics&name=loss&stat=value&since=-1",
+    "/api/runs/run-a/series?kind=metrics&name=loss&stat=value&since=abc",
+    "/api/runs/run-a/series?kind=metrics&name=loss&stat=value&limit=0",
+    "/api/runs/run-a/series?kind=metrics&name=loss&stat=value&limit=100001",
+    "/api/runs/run-a/series?kind=metrics&name=&stat=value",
+    "/api/runs/run-a/kind/metrics",  # stat missing
+    "/api/runs/run-a/kind/bogus?stat=value",
+    "/api/runs/run-a/kind/metrics?stat=value&points=1",
+    "/api/runs/run-a/records/gradients",  # not a small kind
+    "/api/runs/run-a/live?cursor=-2",
+    "/api/runs/run-a/live?kinds=bogus",
+    "/api/runs/a%20b/manifest",  # not a run id
+    "/api/runs/.hidden/streams",
+])
+def test_bad_parameters_are_422(client, path):
+    r = client.get(path)
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("path", ["/api/runs/..%2F..%2Fetc/manifest", "/api/runs/x/../../etc/passwd",
+                                  "/static/..%2F..%2Fapp.py", "/static/%2e%2e/app.py"])
+def test_path_traversal_finds_nothing(client, path):
+    r = client.get(path)
+    assert r.status_code in (404, 422) and "import" not in r.text
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ["/api/health", "/api/runs", "/api/runs/{run}", "/api/runs/{run}/manifest",
+              "/api/runs/{run}/streams", "/api/runs/{run}/series", "/api/runs/{run}/kind/{kind}",
+              "/api/runs/{run}/records/{kind}", "/api/runs/{run}/findings", "/api/runs/{run}/live"]:
+        assert p in paths, p
+    assert client.get("/docs").status_code == 200
+
+
+def test_page_and_local_plotly_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/plotly.min.js" in page.text
+    assert "cdn" not in page.text.lower()
+    js = client.get("/static/plotly.min.js")
+    assert js.status_code == 200 and b"plotly.js v" in js.content[:200]
+    for f in ["app.js", "charts.js", "style.css"]:
+        assert client.get("/static/" + f).status_code == 200
+    assert client.get("/static/nope.js").status_code == 404
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8050", "127.0.0.1.evil.example", "10.0.0.1:8050"])
+def test_non_loopback_host_header_is_refused(index, host):
+    with client_for(create_app(index)) as c:
+        r = c.get("/api/runs", headers={"host": host})
+    assert r.status_code == 421
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8050", "localhost:8050", "[::1]:8050", "localhost"])
+def test_loopback_host_header_is_served(index, host):
+    with client_for(create_app(index)) as c:
+        assert c.get("/api/runs", headers={"host": host}).status_code == 200
+
+
+def test_token_is_required_when_configured(index):
+    with client_for(create_app(index, token="s3cret", loopback_only=False)) as c:
+        assert c.get("/api/runs", headers={"host": "dash.example"}).status_code == 401
+        assert c.get("/api/runs", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/api/runs", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        page = c.get("/?token=s3cret")  # the page's link: sets a cookie for its scripts
+        assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
+        assert c.get("/static/app.js").status_code == 200  # the cookie is sent now
+        c.cookies.clear()
+        assert c.get("/static/app.js").status_code == 401
+
+
+def test_serving_beyond_loopback_without_a_token_is_refused(index):
+    with pytest.raises(ValueError, match="token"):
+        create_app(index, loopback_only=False)
+
+
+def _sse_events(url: str, want: int, timeout: float = 10.0) -> list[dict]:
+    events = []
+    with httpx.Client(timeout=timeout) as c, c.stream("GET", url) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if sum(len(e["items"]) for e in events) >= want:
+                    break
+    return events
+
+
+def test_live_stream_sends_new_records_of_the_run(index):
+    index.add(rec("run-live", "metrics", "loss", {"value": 3.0}, step=0))
+    with serve(create_app(index)) as url:
+        cursor = index.get("run-live").count
+
+        def push_later():
+            time.sleep(0.3)
+            for i in range(1, 4):
+                index.add(rec("run-live", "gradients", XSS, {"norm": float(i)}, step=i))
+
+        import threading
+        threading.Thread(target=push_later, daemon=True).start()
+        t0 = time.monotonic()
+        events = _sse_events(f"{url}/api/runs/run-live/live?cursor={cursor}", want=3)
+        items = [it for e in events for it in e["items"]]
+        assert [(it[1], it[2], it[4], it[6]["norm"]) for it in items] == [
+            ("gradients", XSS, i, float(i)) for i in range(1, 4)]
+        assert time.monotonic() - t0 < 2.0
+        assert events[-1]["cursor"] == index.get("run-live").count and events[-1]["live"] is True
+        # a reconnect with Last-Event-ID resumes after what was seen
+        index.add(rec("run-live", "metrics", "loss", {"value": 9.0}, step=9))
+        with httpx.Client(timeout=10) as c, c.stream("GET", f"{url}/api/runs/run-live/live",
+                                                     headers={"last-event-id": str(cursor + 3)}) as r:
+            data = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+        assert [(it[1], it[6]["value"]) for it in data["items"]] == [("metrics", 9.0)]
+
+
+def test_live_stream_filters_kinds(index):
+    with serve(create_app(index)) as url:
+        cursor = index.get("run-a").count
+        index.add(rec("run-a", "gradients", "enc.0", {"norm": 1.0}, step=99))
+        index.add(rec("run-a", "metrics", "loss", {"value": 0.5}, step=99))
+        events = _sse_events(f"{url}/api/runs/run-a/live?cursor={cursor}&kinds=metrics", want=1)
+        assert [it[1] for e in events for it in e["items"]] == ["metrics"]
+
+
+def test_empty_index_answers_without_errors():
+    with client_for(create_app(Index())) as c:
+        assert c.get("/api/runs").json() == []
+        assert c.get("/api/health").json() == {}
