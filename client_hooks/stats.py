@@ -77,15 +77,18 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
     return out
 
 
-def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(moments, nfinite, nnan, finite mask or None when all finite) for parts of `x`."""
+def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Optional[torch.Tensor]]:
+    """(moments, [nnan, ninf, nfinite], finite mask or None when all finite) for parts of x.
+
+    Complex: an element can be both NaN and Inf (nan+infj), so the counts are separate."""
     if x.device.type == "cpu":
         fast = _fast_moments(parts)
         if fast is not None:
             z = torch.zeros((), dtype=parts[0].dtype)
-            return fast, z + x.numel(), z, None
+            return fast, [z, z, z + x.numel()], None
     fin = torch.isfinite(x)
-    return _masked_moments(parts, fin), fin.sum(), torch.isnan(x).sum(), fin
+    counts = [torch.isnan(x).sum(), torch.isinf(x).sum(), fin.sum()]
+    return _masked_moments(parts, fin), counts, fin
 
 
 def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
@@ -102,11 +105,8 @@ def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
     else:
         x = x.to(acc_dtype(x.dtype))
         parts = [x]
-    moments, nfin, nnan, _ = _moments(parts, x)
-    n = x.numel()
-    ninf = n - nfin - nnan
-    head = [nnan, ninf, nfin]
-    return torch.stack([v.to(out_dt) for v in head + moments])
+    moments, counts, _ = _moments(parts, x)
+    return torch.stack([v.to(out_dt) for v in counts + moments])
 
 
 def _part(vals: list[float], ok: bool) -> dict:
@@ -157,8 +157,7 @@ def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) ->
     """[nan, inf, nfinite, mean, std, norm, max_abs, nzero, weight_norm] of a layer's gradients
     (all its parameters' grads as one flat real vector; complex as (re, im) pairs)."""
     g = _flat_real(grads)
-    (mn, mx, mean, std), nfin, nnan, fin = _moments([g], g)
-    ninf = g.numel() - nfin - nnan
+    (mn, mx, mean, std), (nnan, ninf, nfin), fin = _moments([g], g)
     gz = g if fin is None else torch.where(fin, g, 0)
     norm = torch.linalg.vector_norm(gz)
     max_abs = torch.maximum(mn.abs(), mx.abs())

@@ -1,0 +1,132 @@
+"""The page in a real browser (Debian's Chromium driven by Playwright): it loads a run, a
+live record pushed through a real collector appears in a chart, a finding appears in the
+panel, and a hostile layer name renders as text. Saves test-artifacts/dashboard.png."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from collector.index import Index
+from dashboard.app import create_app
+from tests.dashboard.conftest import REPO, XSS, collector_process, fill_run, rec, serve
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium on PATH "
+                                 "(apt-get install chromium); Playwright's own download is not used")]
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page that records script errors, CSP violations and dialogs (none may happen)."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.problems = []
+    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
+    pg.on("console", lambda m: m.type == "error" and pg.problems.append(f"console: {m.text}"))
+    pg.on("dialog", lambda d: (pg.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    yield pg
+    ctx.close()
+
+
+def chart_has(page, chart_id: str, x, timeout_ms: int = 10_000) -> None:
+    page.wait_for_function(
+        """([id, x]) => { const d = document.getElementById(id);
+             return !!(d && d.data && d.data.some(t => Array.from(t.x).includes(x))); }""",
+        arg=[chart_id, x], timeout=timeout_ms)
+
+
+def test_page_shows_a_run_and_a_new_finding_appears(page):
+    index = Index(health=lambda: {"status": "ok", "received": 120, "written": 120, "rejected": 0,
+                                  "gaps": 2, "dropped_by_sender": 0, "queue_bytes": 0})
+    fill_run(index, "before-fix", steps=40, t0=time.time() - 100)
+    fill_run(index, "after-fix", steps=40, t0=time.time() - 50)
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=after-fix&cmp=before-fix")
+        chart_has(page, "chart-metrics", 39)
+        chart_has(page, "chart-grad-norm", 39)
+        page.wait_for_selector("#findings .finding")
+        assert "loss barely moves" in page.inner_text("#findings")
+        loader = page.inner_text("#loader")
+        for word in ("images", "probe", "real", "imag", "abs", "val_loader", "complex64"):
+            assert word in loader
+        assert "none (raw amplitude)" in page.inner_text("#patch-scaling")
+        assert "gaps" in page.inner_text("#health")
+        names = page.evaluate("document.getElementById('chart-metrics').data.map(t => t.name)")
+        assert names == ["loss", "cmp · loss"]  # the overlay run, drawn dotted
+        assert page.evaluate("document.getElementById('chart-grad-norm').layout.yaxis.type") == "log"
+        # the collector's diagnosis adds a finding: the open page shows it without a reload
+        index.get("after-fix").findings = index.get("after-fix").findings + [
+            {"rule": "dead_gradients", "severity": "error", "message": "dec.3 gradient is zero"}]
+        page.wait_for_function("document.getElementById('findings').innerText.includes('dec.3 gradient is zero')",
+                               timeout=5_000)
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        page.screenshot(path=os.path.join(ARTIFACTS, "dashboard.png"), full_page=True)
+    assert page.problems == []
+
+
+def test_hostile_names_render_as_text(page):
+    index = Index()
+    run = "xss-run"
+    index.add(rec(run, "gradients", XSS, {"mean": 0.1, "std": 0.2, "norm": 0.3}, step=0))
+    index.add(rec(run, "activations", XSS, {"mean": 0.1, "std": 0.2}, step=0))
+    index.add(rec(run, "loader_stats", XSS, {"mean": 1.0, "note": XSS}, step=0))
+    index.add(rec(run, "metrics", "loss", {"value": 1.0}, step=0))
+    index.get(run).findings = [{"rule": XSS, "message": XSS, "evidence": {XSS: XSS}}]
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run={run}")
+        chart_has(page, "chart-grad-norm", 0)
+        page.wait_for_selector("#loader td")
+        page.wait_for_selector("#findings .finding")
+        assert page.evaluate("document.querySelectorAll('img').length") == 0
+        assert page.evaluate("document.querySelector('#loader td.name').textContent") == XSS
+        assert XSS in page.inner_text("#findings")
+        legend = page.evaluate("[...document.querySelectorAll('#chart-grad-norm .legendtext')].map(e => e.textContent)")
+        assert legend == [XSS]
+        titles = page.evaluate("[...document.querySelectorAll('#activations .gtitle')].map(e => e.textContent)")
+        assert titles == ["activation: " + XSS]
+    assert page.problems == []
+
+
+def test_live_record_from_a_sender_appears_in_the_chart(page, tmp_path):
+    from client_hooks.sender import Sender
+
+    with collector_process(str(tmp_path)) as info:
+        sender = Sender(info["zmq"], "live-run", batch=16)
+        try:
+            for step in range(5):
+                sender.send("metrics", "loss", {"value": 1.0 / (step + 1)}, step=step)
+                sender.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1}, step=step)
+            sender.flush()
+            page.goto(f"{info['http']}#run=live-run")
+            chart_has(page, "chart-metrics", 4)
+            page.wait_for_selector("#runs .dot.live")
+            time.sleep(0.3)  # the page is now following the live stream
+            t0 = time.monotonic()
+            sender.send("metrics", "loss", {"value": 0.123}, step=777)
+            sender.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.05}, step=777)
+            chart_has(page, "chart-metrics", 777, timeout_ms=5_000)
+            chart_has(page, "chart-grad-norm", 777, timeout_ms=5_000)
+            assert time.monotonic() - t0 < 2.0
+            y = page.evaluate("(() => { const t = document.getElementById('chart-metrics').data[0];"
+                              " return t.y[Array.from(t.x).indexOf(777)]; })()")
+            assert y == pytest.approx(0.123)
+        finally:
+            sender.close()
+    assert page.problems == []
