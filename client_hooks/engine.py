@@ -165,7 +165,7 @@ class Engine:
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
                    cap: Optional[Capture] = None) -> None:
         """Queue the stats of one tensor (or {"value": x} for a scalar) into a capture."""
-        extra, cap = extra or {}, cap or self.capture
+        extra, cap = extra or {}, (self.capture if cap is None else cap)
         if not isinstance(value, torch.Tensor):
             cap.add(kind, name, None, lambda v, x=value: {"value": x, **extra}, 128)
             return

@@ -4,6 +4,9 @@
 - `TENSORTAP_ENDPOINT`: collector to push to; unset: start an embedded collector subprocess.
 - `TENSORTAP_OUT`: artifact root (default `.artifacts/debug_fno_loss`).
 - `TENSORTAP_RUN`: run id (default: timestamp plus a short random suffix).
+- `TENSORTAP_CURVE_SERVER_KEY` (the collector's .pub file or its Z85 key) and
+  `TENSORTAP_CURVE_CLIENT_KEY` (this client's .key file from `tensortap keys`): for a
+  CURVE-authenticated remote collector.
 
 Resolving writes the run id and endpoint back into os.environ so that processes started
 later (DDP ranks launched by Lightning, dataloader workers) join the same run and collector.
@@ -111,6 +114,7 @@ def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, **kw):
     from client_hooks.sender import Sender
 
     session = resolve(run)
+    kw = {**curve_options(), **kw}
     key = (session.run, session.endpoint, rank)
     with _lock:
         s = _senders.get(key)
@@ -118,3 +122,21 @@ def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, **kw):
             s = Sender(session.endpoint, session.run, rank=rank, world=world, **kw)
             _senders[key] = s
     return s
+
+
+def curve_options() -> dict:
+    """Sender keyword arguments for CURVE, from the environment (empty when not set)."""
+    server = os.environ.get("TENSORTAP_CURVE_SERVER_KEY")
+    if not server:
+        return {}
+    if os.path.exists(server):
+        with open(server, "rb") as f:
+            server_key = f.read().strip()
+    else:
+        server_key = server.encode()
+    opts = {"curve_server_key": server_key}
+    client = os.environ.get("TENSORTAP_CURVE_CLIENT_KEY")
+    if client:
+        from collector.security import read_keypair
+        opts["curve_keypair"] = read_keypair(client)
+    return opts

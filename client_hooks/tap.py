@@ -64,7 +64,7 @@ turned into one RuntimeWarning per kind and never raised.
                  every_n_steps: Optional[int] = None, activations=None, inputs: bool = False,
                  gradients=None, all_leaves: bool = False, pairs: Optional[dict] = None):
         self.enabled = session.enabled(gate)
-        self._engine = None
+        self._eng = None
         self._optimizer = None
         self._opt_handle = None
         self._split_seen: dict[str, int] = {}
@@ -75,9 +75,22 @@ turned into one RuntimeWarning per kind and never raised.
         opts = Options(first_n=first_n, every_n_steps=every_n_steps, activations=activations,
                        inputs=inputs, gradients=gradients, all_leaves=all_leaves,
                        pairs=dict(pairs or {}))
-        rank, world = _rank_world(rank, world)
-        self.sender = session.open_sender(run, rank=rank, world=world)
-        self._engine = Engine(self.sender, opts)
+        self._make = lambda: Engine(session.open_sender(run, *_rank_world(rank, world)), opts)
+
+    @property
+    def _engine(self):
+        """Created at first use (not in __init__) so that a Tap built before
+        torch.distributed is initialised still learns its rank and world size."""
+        if self._eng is None and self.enabled:
+            try:
+                self._eng = self._make()
+                self.sender = self._eng.sender
+            except Exception as e:  # no collector: training goes on without telemetry
+                from client_hooks.engine import warn_once
+
+                warn_once("session", e)
+                self.enabled = False
+        return self._eng
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model, optimizer=None):
@@ -170,7 +183,7 @@ turned into one RuntimeWarning per kind and never raised.
 
     def close(self, timeout: float = 2.0) -> None:
         """Finish the step, remove every hook, wait (bounded) until the records are sent."""
-        if self._engine is None:
+        if self._eng is None:
             return
         self._end()
         self._engine.close()
@@ -198,7 +211,7 @@ def _rank_world(rank: Optional[int], world: Optional[int]) -> tuple[int, int]:
         import torch.distributed as dist
 
         on = dist.is_available() and dist.is_initialized()
-        r = dist.get_rank() if on else int(os.environ.get("RANK", 0))
+        r = dist.get_rank() if on else int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
         w = dist.get_world_size() if on else int(os.environ.get("WORLD_SIZE", 1))
         rank = r if rank is None else rank
         world = w if world is None else world

@@ -50,6 +50,9 @@ class Collector:
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
+        from collector import faults
+
+        faults.install()  # no-op unless a TENSORTAP_FAULT_* variable is set (tests)
         if self.cfg.zmq:
             self.ingest = Ingest(self.cfg.out, self.index, max_frame=self.cfg.max_frame,
                                  queue_bytes=self.cfg.queue_bytes, on_run_changed=self._changed.add)

@@ -12,7 +12,7 @@ async function api(path) {
 
 // State, exposed for tests and the benchmark (window.__tt.latency: ms from wire t to drawn).
 const S = {run: null, cmp: null, gen: 0, charts: new Map(), es: null, findings: -1,
-  latency: [], flushing: false, runs: []};
+  latency: [], waiting: [], flushing: false, runs: []};
 window.__tt = S;
 
 // Which statistic each chart draws: the first of these a series has (exact, then by suffix).
@@ -56,7 +56,7 @@ function place(kind, name, stats, prefix, x, y) {
   const dash = prefix ? "dot" : "solid";
   const out = [];  // [chart, key, stat] where this series goes
   if (kind === "metrics") {
-    const c = chartFor("metrics", "loss and metrics", {});
+    const c = chartFor("metrics", "", {});
     const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, "value");
     if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
   } else if (kind === "gradients") {
@@ -78,22 +78,33 @@ function place(kind, name, stats, prefix, x, y) {
   return out;
 }
 
+// The statistics each kind's charts draw, and how many points per series to fetch.
+const NEED = {
+  metrics: [(st) => [pick(st, "value")], 2000],
+  gradients: [(st) => GRAD_CHARTS.map(([, want]) => pick(st, want)), 1000],
+  activations: [(st) => actStats(st), 1000],
+};
+
 async function loadSeries(run, prefix, gen) {
   const streams = await api(`/api/runs/${enc(run)}/streams`);
-  let cursor = Infinity;
-  for (const kind of ["metrics", "gradients", "activations"]) {
-    const list = streams[kind] || [];
-    if (!list.length) continue;
-    const stats = [...new Set(list.flatMap(s => s.stats))];
+  const kinds = Object.keys(NEED).filter(k => (streams[k] || []).length);
+  const results = await Promise.all(kinds.map(kind => {
+    const [need, points] = NEED[kind];
+    const stats = [...new Set(streams[kind].flatMap(s => need(s.stats)).filter(Boolean))];
     const q = stats.map(s => "stat=" + enc(s)).join("&");
-    const res = await api(`/api/runs/${enc(run)}/kind/${kind}?${q}&points=2000`);
-    if (gen !== S.gen) return null;
+    return stats.length ? api(`/api/runs/${enc(run)}/kind/${kind}?${q}&points=${points}`) : null;
+  }));
+  if (gen !== S.gen) return null;
+  let cursor = Infinity;
+  kinds.forEach((kind, k) => {
+    const res = results[k];
+    if (!res) return;
     cursor = Math.min(cursor, res.cursor);
-    for (const s of list) {
+    for (const s of streams[kind]) {
       const row = res.series[s.name];
       if (row) place(kind, s.name, s.stats, prefix, () => row.step, (st) => row[st] || []);
     }
-  }
+  });
   return cursor === Infinity ? 0 : cursor;
 }
 
@@ -101,9 +112,12 @@ function onLive(msg) {
   for (const [, kind, name, , step, t, flat] of msg.items) {
     if (kind === "metrics" || kind === "gradients" || kind === "activations") {
       const stats = Object.keys(flat);
+      let seen = false;
       for (const [c, key, stat] of place(kind, name, stats, "", () => [], () => [])) {
-        if (stat in flat) c.push(key, step, flat[stat], t);
+        if (stat in flat) c.push(key, step, flat[stat]);
+        seen = seen || c.visible;
       }
+      if (seen) S.waiting.push(t);
     } else if (kind === "loader_stats" || kind === "patch_metrics") {
       scheduleTables();
     }
@@ -113,26 +127,40 @@ function onLive(msg) {
   requestDraw();
 }
 
+// Draw what arrived, once per animation frame at most; charts out of view less often
+// (Chart.due). The latency figure (window.__tt.latency) is per record drawn in a visible
+// chart: from its wire time t to the end of the frame that drew it.
+const MIN_FRAME_MS = 80;  // at most ~12 redraws a second: a redraw costs the same for 1 or 500 points
+
 function requestDraw() {
   if (S.flushing) { S.again = true; return; }
   S.flushing = true;
-  requestAnimationFrame(async () => {
-    const gen = S.gen;
-    try {
-      for (const c of [...S.charts.values()]) {
-        if (!c.dirty()) continue;
-        const times = await c.flush();
-        if (gen !== S.gen) break;
-        const now = Date.now();
-        for (const t of times) S.latency.push(now - t * 1000);
-      }
-      if (S.latency.length > 200000) S.latency.splice(0, 100000);
-    } finally {
-      S.flushing = false;
-      if (S.again) { S.again = false; requestDraw(); }
-    }
-  });
+  const wait = Math.max(0, (S.lastDraw || 0) + MIN_FRAME_MS - performance.now());
+  setTimeout(() => requestAnimationFrame(draw), wait);
 }
+
+async function draw() {
+  const gen = S.gen, times = S.waiting, now0 = S.lastDraw = performance.now();
+  S.waiting = [];
+  let deferred = false;
+  try {
+    for (const c of [...S.charts.values()]) {
+      if (c.due(now0)) await c.flush(); else deferred = deferred || c.dirty();
+    }
+    if (gen === S.gen) {
+      const now = Date.now();
+      for (const t of times) S.latency.push(now - t * 1000);
+      if (S.latency.length > 200000) S.latency.splice(0, 100000);
+    }
+  } finally {
+    S.flushing = false;
+    if (S.again) { S.again = false; requestDraw(); }
+    else if (deferred && !S.hiddenTimer) {
+      S.hiddenTimer = setTimeout(() => { S.hiddenTimer = null; requestDraw(); }, 500);
+    }
+  }
+}
+Chart.onVisible = requestDraw;
 
 // -- tables and panels ----------------------------------------------------------------------
 const STAT_ORDER = ["count", "min", "max", "mean", "std", "nan", "inf"];
@@ -273,7 +301,7 @@ async function openRun() {
   for (const c of S.charts.values()) c.purge();
   S.charts = new Map();
   S.colors = new Map();
-  S.run = run; S.cmp = cmp; S.findings = -1;
+  S.run = run; S.cmp = cmp; S.findings = -1; S.waiting = [];
   $("activations").replaceChildren();
   $("empty").hidden = true;
   $("run").hidden = false;

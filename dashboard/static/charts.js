@@ -28,7 +28,7 @@ function fmt(v) {
   if (typeof v !== "number") return String(v);
   if (Number.isInteger(v) && Math.abs(v) < 1e15) return String(v);
   const a = Math.abs(v);
-  return (a !== 0 && (a < 1e-3 || a >= 1e6)) ? v.toExponential(3) : v.toPrecision(5);
+  return (a !== 0 && (a < 1e-3 || a >= 1e6)) ? v.toExponential(3) : String(Number(v.toPrecision(5)));
 }
 
 // {"a": {"b": 1}, "c": "x"} -> [["a.b", 1], ["c", "x"]]
@@ -42,7 +42,10 @@ function flatten(obj, prefix = "", out = []) {
 
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
   "#db2777", "#4b5563", "#65a30d"];
-const MAX_LIVE_POINTS = 20000; // per trace; older points scroll off while live
+// Points per trace kept while live: past it a trace is thinned 2:1 (the whole history stays
+// visible at half the resolution), so the cost of a redraw stays bounded.
+const LIVE_CAP = 2000;
+const HIDDEN_MS = 2000;
 
 // A plotly chart whose traces are keyed by a string. New traces and new points are queued
 // and drawn together by flush(): one plotly call per chart per frame, not one per record.
@@ -54,9 +57,17 @@ class Chart {
     this.specs = [];         // index -> {stat, ...}
     this.newTraces = [];
     this.pending = new Map(); // index -> {x: [], y: []}
-    this.times = [];         // wire times (s) of the points queued, for the latency figure
+    this.lengths = [];       // index -> points in the trace
     this.drawn = false;
+    this.visible = true;     // in the viewport (an IntersectionObserver keeps this)
+    this.flushedAt = 0;
+    Chart.observer.observe(div);
+    div.__chart = this;
   }
+
+  // Charts outside the viewport are redrawn every HIDDEN_MS only (and at once when they
+  // scroll into view): a redraw costs the same whether anyone sees it or not.
+  due(now) { return this.dirty() && (this.visible || now - this.flushedAt >= HIDDEN_MS); }
 
   has(key) { return this.keys.has(key); }
   spec(key) { return this.specs[this.keys.get(key)]; }
@@ -67,6 +78,7 @@ class Chart {
     const i = this.specs.length;
     this.keys.set(key, i);
     this.specs.push(spec);
+    this.lengths.push(x.length);
     this.newTraces.push({
       type: "scatter", mode: "lines", name: plotlyText(spec.label), x, y,
       line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"},
@@ -76,21 +88,19 @@ class Chart {
     return i;
   }
 
-  push(key, x, y, t) {
+  push(key, x, y) {
     const i = this.keys.get(key);
     let p = this.pending.get(i);
     if (!p) this.pending.set(i, p = {x: [], y: []});
     p.x.push(x);
     p.y.push(y);
-    this.times.push(t);
   }
 
   dirty() { return this.newTraces.length > 0 || this.pending.size > 0 || !this.drawn; }
 
-  // Draw what is queued; resolves with the wire times of the points it drew.
+  // Draw what is queued.
   async flush() {
-    const times = this.times;
-    this.times = [];
+    this.flushedAt = performance.now();
     if (!this.drawn) {
       const traces = this.newTraces;
       this.newTraces = [];
@@ -107,9 +117,26 @@ class Chart {
       const xs = idx.map(i => this.pending.get(i).x);
       const ys = idx.map(i => this.pending.get(i).y);
       this.pending = new Map();
-      await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx, MAX_LIVE_POINTS);
+      const full = [];
+      idx.forEach((i, k) => { this.lengths[i] += xs[k].length; if (this.lengths[i] > LIVE_CAP) full.push(i); });
+      if (full.length) return this.thin(idx, xs, ys, full);
+      await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx);
     }
-    return times;
+  }
+
+  // Append and thin 2:1 (keeping the newest point) in one redraw.
+  async thin(idx, xs, ys, full) {
+    const data = this.div.data, set = {x: [], y: []};
+    idx.forEach((i, k) => {
+      let x = Array.from(data[i].x).concat(xs[k]), y = Array.from(data[i].y).concat(ys[k]);
+      if (full.includes(i)) {
+        const keep = (_, j) => j % 2 === 0 || j === x.length - 1;
+        x = x.filter(keep); y = y.filter(keep);
+      }
+      this.lengths[i] = x.length;
+      set.x.push(x); set.y.push(y);
+    });
+    await Plotly.restyle(this.div, set, idx);
   }
 
   setLog(on) {
@@ -117,13 +144,22 @@ class Chart {
     this.layout.yaxis = {...this.layout.yaxis, type: on ? "log" : "linear"};
   }
 
-  purge() { Plotly.purge(this.div); }
+  purge() { Chart.observer.unobserve(this.div); Plotly.purge(this.div); }
 }
+Chart.onVisible = () => {};
+Chart.observer = new IntersectionObserver((entries) => {
+  let shown = false;
+  for (const e of entries) {
+    const c = e.target.__chart;
+    if (c) { shown = shown || (e.isIntersecting && !c.visible); c.visible = e.isIntersecting; }
+  }
+  if (shown) Chart.onVisible();
+});
 
 function chartLayout(title, {log = false, legend} = {}) {
   return {
-    title: {text: plotlyText(title), font: {size: 13}, x: 0.01},
-    margin: {l: 55, r: 10, t: 32, b: 36},
+    title: title ? {text: plotlyText(title), font: {size: 13}, x: 0.01} : undefined,
+    margin: {l: 55, r: 10, t: title ? 32 : 10, b: 36},
     xaxis: {title: {text: "step"}, zeroline: false},
     yaxis: {type: log ? "log" : "linear", exponentformat: "e"},
     legend: {font: {size: 10}},

@@ -159,3 +159,16 @@ def test_patch_metrics_match_numpy_and_expose_a_pure_scale_mismatch():
     d2 = stats.patch_dict(stats.patch_vector(pred, target, 0.5).tolist(), pred.numel(), True, "rms")
     assert d2["mae"] == pytest.approx(0, abs=1e-6) and d2["scale_applied"] is True
     assert "multiplied by 0.5" in d2["scaling"] and "rms" in d2["scaling"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=2, max_side=9), elements=_values()), st.data())
+def test_the_masked_path_used_on_accelerators_matches_numpy_too(a, data):
+    from unittest import mock
+
+    im = data.draw(hnp.arrays(np.float32, a.shape, elements=_values()))
+    with mock.patch.object(stats, "_fast_moments", lambda parts: None):
+        check_real(torch.from_numpy(a))
+        z = np.empty(a.shape, np.complex64)
+        z.real, z.imag = a, im
+        check_complex(z, computed(torch.from_numpy(z)))

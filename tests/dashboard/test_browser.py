@@ -52,6 +52,11 @@ def chart_has(page, chart_id: str, x, timeout_ms: int = 10_000) -> None:
         arg=[chart_id, x], timeout=timeout_ms)
 
 
+def leave(page) -> None:
+    """Close the page's live stream before its server stops (else the stop waits for it)."""
+    page.goto("about:blank")
+
+
 def test_page_shows_a_run_and_a_new_finding_appears(page):
     index = Index(health=lambda: {"status": "ok", "received": 120, "written": 120, "rejected": 0,
                                   "gaps": 2, "dropped_by_sender": 0, "queue_bytes": 0})
@@ -74,10 +79,11 @@ def test_page_shows_a_run_and_a_new_finding_appears(page):
         # the collector's diagnosis adds a finding: the open page shows it without a reload
         index.get("after-fix").findings = index.get("after-fix").findings + [
             {"rule": "dead_gradients", "severity": "error", "message": "dec.3 gradient is zero"}]
-        page.wait_for_function("document.getElementById('findings').innerText.includes('dec.3 gradient is zero')",
-                               timeout=5_000)
+        page.wait_for_function("() => document.getElementById('findings').innerText"
+                               ".includes('dec.3 gradient is zero')", timeout=5_000)
         os.makedirs(ARTIFACTS, exist_ok=True)
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard.png"), full_page=True)
+        leave(page)
     assert page.problems == []
 
 
@@ -101,6 +107,7 @@ def test_hostile_names_render_as_text(page):
         assert legend == [XSS]
         titles = page.evaluate("[...document.querySelectorAll('#activations .gtitle')].map(e => e.textContent)")
         assert titles == ["activation: " + XSS]
+        leave(page)
     assert page.problems == []
 
 
@@ -127,6 +134,7 @@ def test_live_record_from_a_sender_appears_in_the_chart(page, tmp_path):
             y = page.evaluate("(() => { const t = document.getElementById('chart-metrics').data[0];"
                               " return t.y[Array.from(t.x).indexOf(777)]; })()")
             assert y == pytest.approx(0.123)
+            leave(page)
         finally:
             sender.close()
     assert page.problems == []

@@ -1,0 +1,180 @@
+"""Dashboard benchmark (not a timed test). Three figures, written as Markdown to stdout:
+
+1. hook -> page latency at a steady 10k records/s: a Sender (the hooks' transport) pushes
+   loss, per-layer gradients and activations into a real `tensortap collect` subprocess; the
+   page (Debian's Chromium via Playwright) follows the run live and notes, for every record
+   it draws, Date.now() minus the record's wire time t (stamped at send). Goal p99 <= 200 ms.
+2. time for the page to show a run of 50 layers x 5,000 steps (every chart drawn), from
+   navigation start, cold (first visit) and warm (plotly.min.js cached). Goal < 2 s.
+3. API series query on that run: one (kind, name, stat) of 5,000 points. Goal < 50 ms.
+
+    .venv/bin/python bench/dashboard.py [--seconds 10] [--rate 10000] [--layers 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from collector.index import Index  # noqa: E402
+from collector.wire import Record  # noqa: E402
+from dashboard.app import create_app  # noqa: E402
+from tests.dashboard.conftest import collector_process, serve  # noqa: E402
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def live_latency(browser, seconds: float, rate: int, layers: int) -> dict:
+    from client_hooks.sender import Sender
+
+    per_step = 1 + layers + 3  # loss, gradients, three activations
+    with tempfile.TemporaryDirectory() as out, collector_process(out) as info:
+        sender = Sender(info["zmq"], "live", batch=256, max_queue_bytes=256 << 20)
+        sender.send("metrics", "loss", {"value": 1.0}, step=0)
+        sender.flush()
+        time.sleep(0.3)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{info['http']}#run=live")
+        page.wait_for_function("() => !!(window.__tt && window.__tt.es && window.__tt.es.readyState === 1)")
+        step, sent, start = 1, 0, time.perf_counter()
+        warm_until = start + 2.0  # the first 2 s are discarded (charts created, JIT warm-up)
+        cleared = False
+        while (now := time.perf_counter()) < start + seconds:
+            if not cleared and now >= warm_until:
+                page.evaluate("() => { window.__tt.latency.length = 0; }")
+                cleared, sent_at_clear = True, sent
+            due = int((now - start) * rate)
+            while sent < due:
+                sender.send("metrics", "loss", {"value": 1.0 / step}, step=step)
+                for j in range(layers):
+                    sender.send("gradients", f"layer.{j}", {"mean": 1e-4, "std": 1e-3, "norm": 0.1 / step,
+                                                            "max_abs": 0.01, "nan": 0, "inf": 0}, step=step)
+                for a in ("model_input", "generator_output", "x_combined"):
+                    sender.send("activations", a, {"mean": 0.1, "std": 1.0, "min": -2.0, "max": 2.0}, step=step)
+                sent += per_step
+                step += 1
+            time.sleep(0.005)
+        sent_measured = sent - sent_at_clear
+        time.sleep(1.0)  # let the last records arrive
+        lat = page.evaluate("() => window.__tt.latency.slice()")
+        page.goto("about:blank")
+        page.close()
+        dropped = sender.dropped
+        sender.close()
+    return {"rate": rate, "seconds": seconds - 2.0, "sent": sent_measured, "drawn": len(lat),
+            "dropped": dropped, "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
+            "max": max(lat), "layers": layers}
+
+
+def big_index(layers: int, steps: int) -> Index:
+    index = Index(health=lambda: {"status": "ok"})
+    t0 = time.time() - steps
+    seq = 0
+    for step in range(steps):
+        t = t0 + step * 0.1
+        recs = [("metrics", "loss", {"value": 1.0 / (step + 1)})]
+        recs += [("gradients", f"layer.{j}", {"mean": 1e-4 * (j + 1), "std": 1e-3, "norm": 0.1 / (step + 1),
+                                              "max_abs": 0.01, "nan": 0, "inf": 0}) for j in range(layers)]
+        recs += [("activations", a, {"mean": 0.1, "std": 1.0, "min": -2.0, "max": 2.0})
+                 for a in ("model_input", "generator_output", "x_combined")]
+        for kind, name, data in recs:
+            index.add(Record(v=1, run="big", rank=0, world=1, seq=seq, t=t, kind=kind, name=name,
+                             step=step, data=data))
+            seq += 1
+    index.add(Record(v=1, run="big", rank=0, world=1, seq=seq, t=t0 + steps, kind="events", name="bye"))
+    return index
+
+
+def page_load(browser, url: str, layers: int, repeats: int) -> dict:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    done = ("([n]) => { const ids = ['chart-metrics', 'chart-grad-mean', 'chart-grad-std', 'chart-grad-norm'];"
+            " return ids.every(id => { const d = document.getElementById(id); return d && d.data; })"
+            " && document.getElementById('chart-grad-norm').data.length === n"
+            " && document.querySelectorAll('#activations .main-svg').length >= 3; }")
+    times = []
+    for _ in range(repeats):
+        page = ctx.new_page()
+        page.goto("about:blank")
+        t0 = time.perf_counter()
+        page.goto(f"{url}/#run=big")
+        page.wait_for_function(done, arg=[layers], polling=10, timeout=60_000)
+        times.append((time.perf_counter() - t0) * 1000)
+        page.goto("about:blank")
+        page.close()
+    ctx.close()
+    return {"cold": times[0], "warm": statistics.median(times[1:]) if len(times) > 1 else None,
+            "all": times}
+
+
+def api_query(url: str, n: int = 100) -> dict:
+    out = {}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for label, path, params in [
+            ("series (5,000 points)", "/api/runs/big/series",
+             {"kind": "gradients", "name": "layer.25", "stat": "norm"}),
+            ("kind/gradients, 50 layers x 3 stats, <= 2,000 points each", "/api/runs/big/kind/gradients",
+             {"stat": ["mean", "std", "norm"], "points": 2000}),
+        ]:
+            c.get(path, params=params).raise_for_status()
+            ms = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = c.get(path, params=params)
+                ms.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200
+            out[label] = {"p50": pct(ms, 50), "p99": pct(ms, 99), "bytes": len(r.content)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=12.0)
+    ap.add_argument("--rate", type=int, default=10_000)
+    ap.add_argument("--layers", type=int, default=20, help="gradient layers in the live test")
+    ap.add_argument("--big-layers", type=int, default=50)
+    ap.add_argument("--big-steps", type=int, default=5_000)
+    ap.add_argument("--repeats", type=int, default=4)
+    a = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
+        live = live_latency(browser, a.seconds, a.rate, a.layers)
+        t0 = time.perf_counter()
+        index = big_index(a.big_layers, a.big_steps)
+        fill_s = time.perf_counter() - t0
+        with serve(create_app(index)) as url:
+            load = page_load(browser, url, a.big_layers, a.repeats)
+            api = api_query(url)
+        browser.close()
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, no GPU; load average at end "
+          f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}")
+    print(f"\n1. hook -> page at {live['rate']} records/s ({live['layers']} gradient layers + loss + 3 "
+          f"activations per step), {live['seconds']:.0f} s measured: {live['sent']} sent, "
+          f"{live['drawn']} drawn, {live['dropped']} dropped by the sender; latency ms "
+          f"p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, p99 {live['p99']:.0f}, max {live['max']:.0f}")
+    print(f"\n2. page shows {a.big_layers} layers x {a.big_steps} steps "
+          f"({a.big_steps * (a.big_layers + 4)} records; index filled in {fill_s:.1f} s): cold "
+          f"{load['cold']:.0f} ms, warm median {load['warm']:.0f} ms (all: "
+          f"{', '.join(f'{x:.0f}' for x in load['all'])})")
+    for label, r in api.items():
+        print(f"\n3. API {label}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['bytes']} bytes")
+
+
+if __name__ == "__main__":
+    main()

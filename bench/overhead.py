@@ -1,0 +1,201 @@
+"""Step-time overhead of tensortap's client hooks on a 4-layer FNO, variants side by side.
+
+    python bench/overhead.py --device cpu --steps 400
+    python bench/overhead.py --device cuda --steps 2000 --width 64 --modes 16 --batch 64
+
+Variants, alternated round by round in one process (each round = one "epoch" of
+--epoch-steps steps per variant, the order rotated every round):
+  none         no tensortap at all
+  gate_off     every Tap call made, gate variable unset (must cost nothing)
+  default      gate on, default cadence: first batch of each epoch + loss every step
+  every_step   gate on, every step: every leaf module's output and every layer's gradients
+  naive_item   reference: the same statistics read with one .item() per statistic, every step
+Prints a markdown table (median step time over rounds; ratio to `none`) and the device.
+The collector is a real `python -m collector collect` subprocess (an in-process ZeroMQ PULL
+drain if it cannot start). torch.cuda.synchronize() is only called around a round's timing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from client_hooks import Tap  # noqa: E402
+
+VARIANTS = ("none", "gate_off", "default", "every_step", "naive_item")
+
+
+def build_fno(width: int, modes: int) -> nn.Module:
+    from examples.grid_lines.models import FNOGenerator  # the demo's model
+
+    return FNOGenerator(channels=1, width=width, modes=modes, depth=4)
+
+
+def start_collector(tmp: str) -> tuple[str, object]:
+    """Real collector subprocess; falls back to a PULL socket drained by a thread."""
+    ready = os.path.join(tmp, "ready.json")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "collector", "collect", "--zmq", "tcp://127.0.0.1:0",
+                                 "--http", "off", "--out", os.path.join(tmp, "runs"), "--ready-file", ready,
+                                 "--quiet"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(ready) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(ready):
+            time.sleep(0.05)
+            with open(ready) as f:
+                return json.load(f)["zmq"], proc
+        proc.kill()
+    except OSError:
+        pass
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    threading.Thread(target=lambda: [sock.recv() for _ in iter(int, 1)], daemon=True).start()
+    return f"tcp://127.0.0.1:{port}", None
+
+
+class NaiveItem:
+    """The reference: hooks on every leaf and parameter, one .item() per statistic."""
+
+    def __init__(self, model: nn.Module):
+        self.sink: list = []
+        for m in model.modules():
+            if not any(True for _ in m.children()):
+                m.register_forward_hook(lambda mod, a, out: self._stats(out))
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: self._stats(p.grad, grad=True))
+
+    def _stats(self, t: torch.Tensor, grad: bool = False) -> None:
+        t = t.detach().float()
+        d = {"min": t.min().item(), "max": t.max().item(), "mean": t.mean().item(),
+             "std": t.std().item(), "nan": torch.isnan(t).sum().item(), "inf": torch.isinf(t).sum().item()}
+        if grad:
+            d["norm"] = t.norm().item()
+        self.sink.append(d)
+        del self.sink[:-100]
+
+
+def make_variant(name: str, base: nn.Module, device: str, lr: float):
+    model = copy.deepcopy(base).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    tap = None
+    if name == "gate_off":
+        os.environ.pop("TENSORTAP_BENCH_OFF", None)
+        tap = Tap(gate="TENSORTAP_BENCH_OFF")
+    elif name == "default":
+        tap = Tap(gate="TENSORTAP_BENCH_ON", pairs={"x_combined": "real_imag"})
+    elif name == "every_step":
+        tap = Tap(gate="TENSORTAP_BENCH_ON", every_n_steps=1, all_leaves=True, gradients="all",
+                  pairs={"x_combined": "real_imag"})
+    elif name == "naive_item":
+        NaiveItem(model)
+    if tap is not None:
+        tap.watch(model, optimizer=opt)
+    return {"model": model, "opt": opt, "tap": tap, "step": 0, "epoch": 0, "times": []}
+
+
+def run_epoch(v: dict, batches: list, device: str) -> float:
+    model, opt, tap = v["model"], v["opt"], v["tap"]
+    if device == "cuda":
+        torch.cuda.synchronize()  # timing only, outside any hook
+    t0 = time.perf_counter()
+    if tap is not None:
+        tap.epoch_start(v["epoch"])
+    for i, (x, y) in enumerate(batches):
+        if tap is not None:
+            tap.log_batch({"images": x, "target": y}, epoch=v["epoch"], batch_idx=i)
+            tap.record("model_input", x)
+        out = model(x)
+        if tap is not None:
+            tap.record("x_combined", out)
+        loss = (out - y).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if tap is not None:
+            tap.log_loss(loss)
+        v["step"] += 1
+    if tap is not None:
+        tap.epoch_end(v["epoch"])
+    if device == "cuda":
+        torch.cuda.synchronize()  # timing only
+    v["epoch"] += 1
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=400, help="timed steps per variant")
+    ap.add_argument("--epoch-steps", type=int, default=50, help="steps per epoch (= per round)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--modes", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint, proc = start_collector(tmp)
+        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="bench-overhead")
+        base = build_fno(a.width, a.modes)
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(a.batch, 1, a.size, a.size, generator=g).to(a.device),
+                    torch.randn(a.batch, 2, a.size, a.size, generator=g).to(a.device))
+                   for _ in range(a.epoch_steps)]
+        variants = {n: make_variant(n, base, a.device, 1e-4) for n in VARIANTS}
+        rounds = max(1, a.steps // a.epoch_steps)
+        for r in range(a.warmup + rounds):
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            for n in order:
+                t = run_epoch(variants[n], batches, a.device)
+                if r >= a.warmup:
+                    variants[n]["times"].append(t)
+        for v in variants.values():
+            if v["tap"] is not None:
+                v["tap"].close()
+        sender = getattr(variants["every_step"]["tap"], "sender", None)
+        print_table(a, variants, rounds, sender)
+        from client_hooks import session
+
+        for s in list(session._senders.values()):
+            s.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def print_table(a, variants: dict, rounds: int, sender) -> None:
+    dev = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    print(f"device: {dev}; torch {torch.__version__}")
+    print(f"FNO width {a.width}, modes {a.modes}, depth 4, batch {a.batch}, {a.size}x{a.size}; "
+          f"{rounds} rounds x {a.epoch_steps} steps per variant (1 epoch = {a.epoch_steps} steps)\n")
+    base = statistics.median(variants["none"]["times"])
+    print("| variant | median step (ms) | ratio vs none | min ratio over rounds |")
+    print("| --- | --- | --- | --- |")
+    for n in VARIANTS:
+        ts = variants[n]["times"]
+        per_round = [t / b for t, b in zip(ts, variants["none"]["times"])]
+        print(f"| {n} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.3f}x | "
+              f"{min(per_round):.3f}x |")
+    if sender is not None:
+        print(f"\nsender (every_step + default share one): {sender.stats()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""A small Lightning fit used by the tests, run as a subprocess (DDP re-runs this file).
+
+python tests/client_hooks/lightning_app.py [--model cnn|transformer] [--ddp] [--epochs N]
+Prints one JSON line "RESULT {...}" on rank 0: hook counts left on the model, whether zmq
+was imported, tensortap threads and open sockets of this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from client_hooks import Tap, TapCallback  # noqa: E402
+
+
+class Fields(Dataset):
+    def __init__(self, n, model):
+        g = torch.Generator().manual_seed(0)
+        self.model = model
+        self.x = torch.randn(n, 1, 8, 8, generator=g) if model == "cnn" else torch.randn(n, 5, 16, generator=g)
+        self.probe = torch.randn(n, 4, 4, dtype=torch.cfloat, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"images": self.x[i], "probe": self.probe[i], "meta": {"scale": 1.5, "idx": i}}
+
+
+class Module(L.LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        if model == "cnn":
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+        else:
+            self.net = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        out = self.net(batch["images"])
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, TapCallback):
+                cb.record("x_combined", torch.complex(out, out.flip(-1)))
+                cb.patch_metrics(out.abs(), batch["images"].abs())
+        loss = out.pow(2).mean()
+        self.log("train_mse", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.net(batch["images"]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def hook_counts(model):
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    for p in model.parameters():
+        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
+    return n
+
+
+def open_sockets():
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.readlink(f"/proc/self/fd/{f}").startswith("socket:") for f in fds
+               if os.path.exists(f"/proc/self/fd/{f}"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--ddp", action="store_true")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--plain-tap", action="store_true", help="also build (and close) a Tap")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    module = Module(a.model)
+    cb = TapCallback(gradients="all")
+    tap = Tap() if a.plain_tap else None  # the other front door, also inert when gated off
+    if tap is not None:
+        tap.watch(module)
+    trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=2 if a.ddp else 1,
+                        strategy="ddp" if a.ddp else "auto", callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    data = Fields(16, a.model)
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    if tap is not None:
+        tap.close()
+    if trainer.global_rank == 0:
+        res = {"hooks": hook_counts(module), "zmq": "zmq" in sys.modules,
+               "threads": [t.name for t in threading.enumerate() if "tensortap" in t.name],
+               "sockets": open_sockets() if not a.ddp else None, "rank": trainer.global_rank}
+        print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

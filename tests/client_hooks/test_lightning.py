@@ -1,0 +1,48 @@
+"""TapCallback: gate off leaves no trace; gate on, single process and 2-rank DDP on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+APP = os.path.join(os.path.dirname(__file__), "lightning_app.py")
+
+
+def run_app(env_extra: dict, *args: str, timeout: float = 240) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTAP")}
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, APP, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("gate_value", [None, "0", "true"])
+def test_gate_off_a_full_fit_leaves_no_hook_no_zmq_no_thread_no_socket(gate_value):
+    env = {} if gate_value is None else {"TENSORTAP": gate_value}
+    res = run_app(env, "--plain-tap")
+    assert res == {"hooks": 0, "zmq": False, "threads": [], "sockets": 0, "rank": 0}
+
+
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_gate_on_a_fit_sends_every_stream_and_removes_its_hooks(pull, model):
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+                   "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--model", model)
+    assert res["hooks"] == 0
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    kinds = {r["kind"] for r in pull.records}
+    assert {"loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics"} <= kinds
+    names = {(r["kind"], r["name"]) for r in pull.records}
+    assert {("loader_stats", "images"), ("loader_stats", "probe"), ("loader_stats", "meta.scale"),
+            ("loader_stats", "train_loader"), ("loader_stats", "val_loader"),
+            ("activations", "x_combined"), ("gradients", "_total"), ("metrics", "loss"),
+            ("metrics", "val_loss"), ("events", "fit_start"), ("events", "fit_end")} <= names
+    assert len(pull.find("metrics", "loss")) == 8  # 2 epochs x 4 batches
+    assert [r["epoch"] for r in pull.find("loader_stats", "images")] == [0, 1]
+    assert pull.find("loader_stats", "val_loader")[0]["data"] == {"present": True, "length": 2}
+    probe = pull.find("loader_stats", "probe")[0]["data"]
+    assert set(probe) >= {"real", "imag", "abs", "angle"} and probe["split"] == "train"

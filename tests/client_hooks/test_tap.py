@@ -1,0 +1,158 @@
+"""Tap (plain PyTorch) with the gate on, against a real ZeroMQ PULL socket."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client_hooks import Tap
+
+
+def hook_counts(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    for p in model.parameters():
+        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
+    return n
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+
+def train(tap, model, epochs=2, batches=3, make_batch=None, every_hook=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tap.watch(model, optimizer=opt)
+    make_batch = make_batch or (lambda: {"images": torch.randn(2, 1, 8, 8), "target": torch.randn(2, 3)})
+    seen = []
+    for ep in range(epochs):
+        tap.epoch_start(ep)
+        for i in range(batches):
+            b = make_batch()
+            tap.log_batch(b, epoch=ep, batch_idx=i)
+            seen.append(hook_counts(model))
+            out = model(b["images"])
+            loss = (out - b["target"]).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tap.log_loss(loss)
+        tap.epoch_end(ep)
+    return seen
+
+
+def test_hooks_exist_only_during_the_first_batch_of_each_epoch(pull):
+    model = small_cnn()
+    with Tap() as tap:
+        seen = train(tap, model)
+    assert [c > 0 for c in seen] == [True, False, False, True, False, False]
+    assert hook_counts(model) == 0
+
+
+def test_the_four_streams_and_patch_metrics_arrive_with_step_and_epoch(pull):
+    model = small_cnn()
+    with Tap() as tap:
+        tap.log_loaders(train=[0] * 3, val=None)
+        train(tap, model)
+        tap.patch_metrics(torch.rand(4, 4), torch.rand(4, 4))
+    assert pull.wait_for(lambda r: any(x["kind"] == "patch_metrics" for x in r))
+    names = {(r["kind"], r["name"]) for r in pull.records}
+    for key in [("loader_stats", "images"), ("loader_stats", "train_loader"), ("loader_stats", "val_loader"),
+                ("activations", "0:output"), ("activations", "4:output"), ("gradients", "0"),
+                ("gradients", "4"), ("gradients", "_total"), ("metrics", "loss"),
+                ("events", "epoch_start"), ("events", "epoch_end")]:
+        assert key in names, key
+    assert len(pull.find("metrics", "loss")) == 6
+    assert [r["epoch"] for r in pull.find("loader_stats", "images")] == [0, 1]
+    assert [r["step"] for r in pull.find("gradients", "_total")] == [0, 3]
+    assert pull.find("loader_stats", "val_loader")[0]["data"] == {"present": False, "length": None}
+
+
+def test_gradient_records_equal_numpy_and_update_ratio_spans_the_optimizer_step(pull):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 5), torch.randn(8, 2)
+    with Tap() as tap:
+        tap.watch(model, optimizer=opt)
+        tap.log_batch({"x": x}, epoch=0)
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+        first = model[0]
+        g = np.concatenate([first.weight.grad.numpy().ravel(), first.bias.grad.numpy().ravel()]).astype(np.float64)
+        w0 = np.concatenate([first.weight.detach().numpy().ravel(), first.bias.detach().numpy().ravel()]).astype(np.float64)
+        opt.step()
+        w1 = np.concatenate([first.weight.detach().numpy().ravel(), first.bias.detach().numpy().ravel()]).astype(np.float64)
+    assert pull.wait_for(lambda r: len([x for x in r if x["kind"] == "gradients"]) == 3)
+    d = pull.find("gradients", "0")[0]["data"]
+    assert d["count"] == g.size and d["nan"] == 0 and d["inf"] == 0
+    assert d["mean"] == pytest.approx(g.mean(), rel=1e-5, abs=1e-8)
+    assert d["std"] == pytest.approx(g.std(), rel=1e-5)
+    assert d["norm"] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+    assert d["max_abs"] == pytest.approx(np.abs(g).max(), rel=1e-6)
+    assert d["weight_norm"] == pytest.approx(np.linalg.norm(w0), rel=1e-5)
+    assert d["update_ratio"] == pytest.approx(np.linalg.norm(w1 - w0) / np.linalg.norm(w0), rel=1e-4)
+    assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(total, rel=1e-5)
+
+
+def test_record_names_and_pairs_and_cadence_every_n_steps(pull):
+    model = nn.Linear(4, 4)
+    with Tap(first_n=0, every_n_steps=2, pairs={"obj": "real_imag"}) as tap:
+        tap.watch(model)
+        for step in range(5):
+            tap.log_batch({"x": torch.randn(2, 4)})
+            out = model(torch.randn(2, 4))
+            tap.record("obj", torch.randn(2, 2, 3))
+            tap.record("model_input", torch.randn(3), always=True)
+            out.sum().backward()
+    assert pull.wait_for(lambda r: len([x for x in r if x["name"] == "model_input"]) == 5)
+    assert [r["step"] for r in pull.find("activations", "obj")] == [0, 2, 4]
+    assert set(pull.find("activations", "obj")[0]["data"]) >= {"real", "imag", "abs", "angle"}
+
+
+def test_telemetry_errors_warn_once_and_never_reach_the_training_loop(pull, monkeypatch):
+    from client_hooks import engine, stats
+
+    monkeypatch.setattr(engine, "_warned", set())
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(stats, "tensor_stats_vector", boom)
+    model = small_cnn()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap() as tap:
+            train(tap, model, epochs=2)
+    messages = [str(x.message) for x in w]
+    assert sum("activations telemetry failed" in m for m in messages) == 1
+    assert sum("loader_stats telemetry failed" in m for m in messages) == 1
+    assert pull.wait_for(lambda r: len([x for x in r if x["name"] == "loss"]) == 6)
+    assert hook_counts(model) == 0
+
+
+def test_a_transformer_block_from_torch_nn_works_unchanged(pull):
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    with Tap(all_leaves=True, inputs=True) as tap:
+        tap.watch(layer, optimizer=opt)
+        for i in range(2):
+            x = torch.randn(3, 5, 16)
+            tap.log_batch(x, epoch=0, batch_idx=i)
+            layer(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: any(x["name"] == "_total" for x in r))
+    grads = {r["name"] for r in pull.find("gradients")}
+    assert {"self_attn", "linear1", "linear2", "norm1", "norm2", "_total"} <= grads
+    acts = {r["name"] for r in pull.find("activations")}
+    assert {"linear1:output", "linear1:input", "norm2:output"} <= acts
+    assert pull.find("loader_stats", "batch")[0]["data"]["shape"] == [3, 5, 16]
+    assert hook_counts(layer) == 0
