@@ -127,8 +127,8 @@ def api_query(url: str, n: int = 100) -> dict:
         for label, path, params in [
             ("series (5,000 points)", "/api/runs/big/series",
              {"kind": "gradients", "name": "layer.25", "stat": "norm"}),
-            ("kind/gradients, 50 layers x 3 stats, <= 2,000 points each", "/api/runs/big/kind/gradients",
-             {"stat": ["mean", "std", "norm"], "points": 2000}),
+            ("kind/gradients as the page asks (every layer, 3 stats, <= 600 points each)",
+             "/api/runs/big/kind/gradients", {"stat": ["mean", "std", "norm"], "points": 600}),
         ]:
             c.get(path, params=params).raise_for_status()
             ms = []

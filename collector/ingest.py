@@ -171,7 +171,7 @@ class Ingest:
         run = None
         try:  # quarantine in the run's folder when the frame names a usable run
             run = msgspec.json.decode(frame[: self.max_frame], type=_RunOnly).run
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except Exception:  # garbage: msgspec errors, bad UTF-8, nesting
             pass
         if run is None or not valid_run_id(run):
             run = None

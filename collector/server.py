@@ -131,7 +131,14 @@ class Collector:
         ing, sock = self.ingest, self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        recv, frame, again = sock.recv, ing.frame, zmq.Again
+        recv, again = sock.recv, zmq.Again
+
+        def frame(data: bytes) -> None:
+            try:
+                ing.frame(data)
+            except Exception as e:  # a bug must cost one frame, never the collector
+                ing.reject(data, f"internal error: {e!r}")
+
         while not self.stop.is_set():
             if poller.poll(50):
                 for _ in range(4096):

@@ -146,6 +146,8 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
         raise WireError(f"malformed JSON: {e}") from None
     except RecursionError:
         raise WireError("nesting too deep") from None
+    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 in object keys
+        raise WireError(f"malformed JSON: invalid UTF-8 at byte {e.start}") from None
     for r in recs:
         if r.run not in _good_runs and not valid_run_id(r.run):
             raise WireError(f"invalid record: run id {r.run[:64]!r} does not match {RUN_ID_PATTERN} - at `$.run`")

@@ -81,8 +81,8 @@ function place(kind, name, stats, prefix, x, y) {
 // The statistics each kind's charts draw, and how many points per series to fetch.
 const NEED = {
   metrics: [(st) => [pick(st, "value")], 2000],
-  gradients: [(st) => GRAD_CHARTS.map(([, want]) => pick(st, want)), 1000],
-  activations: [(st) => actStats(st), 1000],
+  gradients: [(st) => GRAD_CHARTS.map(([, want]) => pick(st, want)), 600],
+  activations: [(st) => actStats(st), 600],
 };
 
 async function loadSeries(run, prefix, gen) {
@@ -122,7 +122,7 @@ function onLive(msg) {
       scheduleTables();
     }
   }
-  if (msg.findings !== S.findings) loadFindings(S.run, S.gen);
+  if (msg.findings !== S.findings && S.findings !== -2) loadFindings(S.run, S.gen).catch(showError);
   setLive(msg.live);
   requestDraw();
 }
@@ -225,7 +225,8 @@ function scheduleTables() {
 
 async function loadFindings(run, gen) {
   S.findings = -2;  // a fetch is on its way; the next SSE count refreshes again if different
-  const list = await api(`/api/runs/${enc(run)}/findings`);
+  let list;
+  try { list = await api(`/api/runs/${enc(run)}/findings`); } catch (e) { S.findings = -1; throw e; }
   if (gen !== S.gen) return;
   S.findings = list.length;
   $("findings").replaceChildren(...(list.length ? list.map(f => {
