@@ -2,7 +2,7 @@
 
 Key files (made by `tensortap keys PREFIX`): PREFIX.key holds the public key and the secret
 key (Z85, one per line, mode 0600); PREFIX.pub holds the public key only. An allow-list file
-holds one client public key per line ('#' comments allowed). A client whose key is not
+holds one client public key per line (lines starting with '#' are comments). A client whose key is not
 listed is refused during the handshake: none of its frames reach the collector.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ def read_allow_list(path: str) -> set[bytes]:
     keys = set()
     with open(path, "rb") as f:
         for ln in f.read().splitlines():
-            ln = ln.split(b"#", 1)[0].strip()
-            if ln:
+            ln = ln.strip()  # '#' is a Z85 character: only whole lines can be comments
+            if ln and not ln.startswith(b"#"):
                 if len(ln) != 40:
                     raise ValueError(f"{path}: {ln[:50]!r} is not a Z85 public key (40 characters)")
                 keys.add(ln)
@@ -47,10 +47,8 @@ class _AllowList:
     def __init__(self, keys: set[bytes]) -> None:
         self.keys = keys
 
-    def callback(self, domain, key: bytes) -> bool:
-        import zmq.utils.z85
-
-        return zmq.utils.z85.encode(key) in self.keys
+    def callback(self, domain, key: bytes) -> bool:  # key: the client's public key, Z85
+        return key in self.keys
 
 
 def enable_curve(ctx, sock, secret_file: str, allow_file: str):

@@ -189,9 +189,7 @@ class Collector:
         if getattr(self, "auth", None) is not None:
             self.auth.stop()
         if getattr(self, "ctx", None) is not None:
-            if getattr(self, "sock", None) is not None and not self.sock.closed:
-                self.sock.close(linger=0)
-            self.ctx.term()
+            self.ctx.destroy(linger=0)  # closes whatever a failed start left open
         if self._http_server is not None:
             self._http_server.should_exit = True
             if "tensortap-http" in threads:

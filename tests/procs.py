@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,15 +31,16 @@ class CollectorProc:
         http_arg = "127.0.0.1:0" if http else "off"
         cmd = [sys.executable, "-m", "collector", "collect", "--zmq", f"tcp://127.0.0.1:{self.zmq_port}",
                "--http", http_arg, "--out", out, "--ready-file", self.ready, "--quiet", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # output to a file, not a pipe: a pipe nobody reads can fill and stall the collector
+        self.log = tempfile.NamedTemporaryFile(prefix="tensortap-collector-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.ready):
-            if self.proc.poll() is not None:
-                raise RuntimeError("collector exited: " + self.proc.stderr.read().decode())
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("collector did not become ready")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+                self.proc.wait()
+                raise RuntimeError("collector did not become ready: " + self.output())
             time.sleep(0.02)
         with open(self.ready) as f:
             info = json.load(f)
@@ -49,9 +51,12 @@ class CollectorProc:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         rc = self.proc.wait(timeout)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.log.close()
         return rc
+
+    def output(self) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode(errors="replace")[-4000:]
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

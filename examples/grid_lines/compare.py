@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-epochs", type=int, default=None)
     p.add_argument("--torch-loss-mode", default="mae", choices=("mae", "poisson"))
     p.add_argument("--inject", default=None, choices=INJECTS)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-objects", type=int, default=3, help="synthetic objects (last = val)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
     p.add_argument("--every-n-steps", type=int, default=4, help="telemetry capture cadence")
@@ -147,7 +147,7 @@ def train_one(a, arch: str, run: str, loaders) -> dict:
         module.telemetry = Telemetry(cb, a.every_n_steps)
     trainer = L.Trainer(max_epochs=a.epochs, max_steps=a.max_steps, accelerator="cpu",
                         devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=4,
                         callbacks=[cb] if cb is not None else [], log_every_n_steps=1)
     t0 = time.perf_counter()
     trainer.fit(module, *loaders)

@@ -36,7 +36,7 @@ class DataConfig:
     gridsize: int = 1         # g: g*g patches per sample
     object_size: int = 128    # side of each synthetic object (pixels)
     n_objects: int = 3        # objects; patches are split train/val by object
-    step: int = 4             # patch grid stride (pixels)
+    step: int = 8             # patch grid stride (pixels)
     n_lines: int = 40         # line segments per object
     blur_sigma: float = 1.0   # Gaussian blur of the lines (pixels)
     amp_floor: float = 0.3    # amplitude of the empty background

@@ -66,7 +66,7 @@ class SpectralBlock(nn.Module):
 class FNOGenerator(nn.Module):
     """Lifting 1x1 convs -> `depth` spectral blocks -> projection to (re, im) per channel."""
 
-    def __init__(self, channels: int = 1, width: int = 32, modes: int = 12, depth: int = 4,
+    def __init__(self, channels: int = 1, width: int = 16, modes: int = 8, depth: int = 4,
                  classic_init: bool = False):
         super().__init__()
         self.lift = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GELU(), nn.Conv2d(width, width, 1))
@@ -81,7 +81,7 @@ class FNOGenerator(nn.Module):
 class HybridGenerator(nn.Module):
     """U-FNO: spectral blocks in a U-Net (two 2x downsamplings, skips by concatenation)."""
 
-    def __init__(self, channels: int = 1, width: int = 16, modes: int = 12,
+    def __init__(self, channels: int = 1, width: int = 8, modes: int = 8,
                  classic_init: bool = False):
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width

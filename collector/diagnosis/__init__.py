@@ -1,0 +1,44 @@
+"""Diagnosis: rules over a run's stat streams -> findings (torch-free).
+
+    diagnose(records_by_kind) -> [{"rule", "severity", "evidence", "hint"}, ...]
+    load_run(run_dir) -> {kind: [record, ...]}
+    write_findings(run_dir) -> findings (also written to run_dir/findings.json, atomically)
+
+Rules and thresholds: docs/DIAGNOSIS.md. Judged from statistics alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from collector.diagnosis import gradients, values
+from collector.diagnosis.load import load_run
+
+__all__ = ["diagnose", "load_run", "write_findings"]
+
+_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
+    """All findings for one run's records, most severe first."""
+    r = records_by_kind
+    grads, acts = r.get("gradients", []), r.get("activations", [])
+    found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads)
+             + gradients.update_ratios(grads) + values.activations(acts) + values.input_range(acts)
+             + values.scale_mismatch(r.get("patch_metrics", [])) + values.loss_plateau(r.get("metrics", [])))
+    return sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"]))
+
+
+def write_findings(run_dir: str) -> list[dict]:
+    """Diagnose a stored run and write run_dir/findings.json (tmp file + rename)."""
+    records = load_run(run_dir)
+    findings = diagnose(records)
+    doc = {"v": 1, "run": os.path.basename(os.path.normpath(run_dir)), "t": time.time(),
+           "records": {k: len(v) for k, v in records.items()}, "findings": findings}
+    path = os.path.join(run_dir, "findings.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+    return findings

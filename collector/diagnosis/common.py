@@ -1,0 +1,68 @@
+"""Helpers shared by the rules: findings, finite numbers, per-name series, medians."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+SEVERITIES = ("high", "medium", "low")
+
+
+def finding(rule: str, severity: str, evidence: dict, hint: str) -> dict:
+    assert severity in SEVERITIES
+    return {"rule": rule, "severity": severity, "evidence": evidence, "hint": hint}
+
+
+def num(x: Any) -> Optional[float]:
+    """A finite float, or None (missing, null, NaN, Inf, non-numeric)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def median(xs: Iterable[float]) -> Optional[float]:
+    v = sorted(xs)
+    if not v:
+        return None
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
+
+
+def by_name(records: list[dict]) -> dict[str, list[dict]]:
+    """Records grouped by name, each list in (step, seq) order; names in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if isinstance(r.get("data"), dict) and isinstance(r.get("name"), str):
+            groups.setdefault(r["name"], []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: (r.get("step") if isinstance(r.get("step"), int) else -1,
+                              r.get("seq") if isinstance(r.get("seq"), int) else 0))
+    return groups
+
+
+def components(data: dict) -> dict[str, dict]:
+    """The real-valued stat blocks of a tensor-stats payload: {"": data} for a real tensor,
+    {"real": ..., "imag": ..., "abs": ...} for a complex one (angle is left out: bounded by pi)."""
+    subs = {k: data[k] for k in ("real", "imag", "abs") if isinstance(data.get(k), dict)}
+    return subs or {"": data}
+
+
+def max_abs(s: dict) -> Optional[float]:
+    lo, hi = num(s.get("min")), num(s.get("max"))
+    if lo is None or hi is None:
+        return None
+    return max(abs(lo), abs(hi))
+
+
+def rms(s: dict) -> Optional[float]:
+    m, sd = num(s.get("mean")), num(s.get("std"))
+    if m is None or sd is None:
+        return None
+    return math.sqrt(m * m + sd * sd)
+
+
+def sig(x: Optional[float]) -> Optional[float]:
+    """Round to 4 significant digits for evidence (keeps findings.json readable)."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.4g}")

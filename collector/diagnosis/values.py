@@ -1,0 +1,181 @@
+"""Rules over tensor values and scalars: NaN/Inf anywhere, dead / saturated activations, a
+collapsed output, extreme model-input range, prediction/target scale mismatch, loss plateau.
+
+Judged on the latest capture of each activation (what the model does now), on every
+record for NaN/Inf. Thresholds are module constants (docs/DIAGNOSIS.md)."""
+from __future__ import annotations
+
+import math
+
+from collector.diagnosis.common import by_name, components, finding, max_abs, median, num, rms, sig
+
+DEAD_ABS = 1e-6          # an activation whose |values| all stay below this is dead
+SAT_BOUND = 1.0          # tanh/sin-like range [-1, 1] (sigmoid [0, 1] is inside it)
+SAT_TOUCH = 0.99         # ... whose values reach the bound
+SAT_RMS = 0.9            # ... with an RMS this close to the bound: mass piled at +-1
+COLLAPSE_ABS = 1e-6      # output std below this (absolute) ...
+COLLAPSE_REL = 1e-3      # ... or below this fraction of |mean|: collapsed
+OUTPUT_NAMES = ("generator_output", "x_combined")
+INPUT_NAMES = ("model_input",)
+INPUT_RMS_HIGH = 1e2     # model-input RMS above this (or below INPUT_RMS_LOW): not normalised
+INPUT_RMS_LOW = 1e-3
+INPUT_PEAK_RATIO = 1e3   # max|x| / RMS above this: a few values dominate (medium)
+SCALE_FAR = 2.0          # optimal scale outside [1/2, 2] ...
+SCALE_GAIN = 0.5         # ... and MAE after it below half the raw MAE: scale mismatch (high)
+SCALE_VERY_FAR = 4.0     # optimal scale outside [1/4, 4] ...
+SCALE_GAIN_WEAK = 0.8    # ... and MAE after it below 80% of the raw MAE: high as well;
+                         # far with MAE below 80% only: medium
+PLATEAU_MIN_POINTS = 8   # fewer loss values than this: no verdict
+PLATEAU_REL = 0.05       # whole run: first-quarter mean -> last-quarter mean decrease below 5%
+RECENT_REL = 0.01        # last third of the run: decrease below 1% (low)
+
+
+def nonfinite(records_by_kind: dict[str, list[dict]]) -> list[dict]:
+    """Any NaN/Inf count in tensor or gradient stats, or a non-finite scalar metric."""
+    hits, total = [], 0
+    for kind in ("loader_stats", "activations", "gradients"):
+        for r in records_by_kind.get(kind, []):
+            d = r.get("data") if isinstance(r.get("data"), dict) else {}
+            nan, inf = num(d.get("nan")) or 0, num(d.get("inf")) or 0
+            if nan or inf:
+                total += 1
+                hits.append({"kind": kind, "name": r.get("name"), "step": r.get("step"),
+                             "nan": int(nan), "inf": int(inf)})
+    for r in records_by_kind.get("metrics", []):
+        d = r.get("data") if isinstance(r.get("data"), dict) else {}
+        if "value" in d and num(d["value"]) is None and not isinstance(d["value"], str):
+            total += 1
+            hits.append({"kind": "metrics", "name": r.get("name"), "step": r.get("step"),
+                         "value": d["value"] if d["value"] is None else str(d["value"])})
+    if not total:
+        return []
+    hits.sort(key=lambda h: (h["step"] if isinstance(h["step"], int) else -1))
+    return [finding("nonfinite", "high", {"records": total, "first": hits[:10]},
+                    f"NaN/Inf first seen in {hits[0]['kind']} {hits[0]['name']!r} at step "
+                    f"{hits[0]['step']}: check the loss (log/sqrt/divide), learning rate, input")]
+
+
+def activations(records: list[dict]) -> list[dict]:
+    """Dead, saturated and collapsed activations, from each name's latest capture."""
+    dead, sat, collapsed = {}, {}, {}
+    for name, series in by_name(records).items():
+        last = series[-1]
+        d, step = last["data"], last.get("step")
+        if name in INPUT_NAMES:
+            continue
+        for part, s in components(d).items():
+            key = f"{name}.{part}" if part else name
+            ma, r, sd, m = max_abs(s), rms(s), num(s.get("std")), num(s.get("mean"))
+            if ma is None:
+                continue
+            if ma < DEAD_ABS:
+                dead[key] = {"max_abs": sig(ma), "step": step}
+                continue
+            lo, hi = num(s.get("min")), num(s.get("max"))
+            if part != "abs" and lo >= -SAT_BOUND and hi <= SAT_BOUND and ma >= SAT_TOUCH \
+                    and r is not None and r >= SAT_RMS:
+                sat[key] = {"min": sig(lo), "max": sig(hi), "rms": sig(r), "step": step}
+            if name in OUTPUT_NAMES and sd is not None and m is not None \
+                    and (sd < COLLAPSE_ABS or sd < COLLAPSE_REL * abs(m)):
+                collapsed[key] = {"std": sig(sd), "mean": sig(m), "step": step}
+    out = []
+    if dead:
+        sev = "high" if any(k.split(".")[0] in OUTPUT_NAMES for k in dead) else "medium"
+        out.append(finding("dead_activation", sev, {"tensors": dead, "threshold": DEAD_ABS},
+                           "these activations are all ~0: dead units (ReLU), zero init, or a "
+                           "multiplication by ~0 upstream"))
+    if sat:
+        out.append(finding("saturated_activation", "high", {"tensors": sat, "rms_threshold": SAT_RMS},
+                           "values sit at the +-1 bounds of a tanh/sigmoid-like output, where its "
+                           "gradient is ~0: normalise the input or scale the pre-activation"))
+    if collapsed:
+        out.append(finding("collapsed_output", "high", {"tensors": collapsed,
+                                                        "abs_threshold": COLLAPSE_ABS,
+                                                        "rel_threshold": COLLAPSE_REL},
+                           "the output has ~no spread (the same value everywhere): the model "
+                           "ignores its input"))
+    return out
+
+
+def input_range(records: list[dict]) -> list[dict]:
+    """Model input not normalised (RMS far from 1) or dominated by a few huge values."""
+    out = []
+    for name, series in by_name(records).items():
+        if name not in INPUT_NAMES:
+            continue
+        for part, s in components(series[-1]["data"]).items():
+            ma, r = max_abs(s), rms(s)
+            if ma is None or r is None:
+                continue
+            ratio = ma / r if r > 0 else math.inf
+            ev = {"tensor": f"{name}.{part}" if part else name, "max_abs": sig(ma), "rms": sig(r),
+                  "mean": sig(num(s.get("mean"))), "std": sig(num(s.get("std"))),
+                  "peak_to_rms": sig(ratio), "step": series[-1].get("step")}
+            if r > INPUT_RMS_HIGH or r < INPUT_RMS_LOW:
+                out.append(finding("input_range", "high", ev,
+                                   f"model input RMS {r:.3g} is far from 1: normalise it (e.g. "
+                                   "divide by its RMS) before the network"))
+            elif ratio > INPUT_PEAK_RATIO:
+                out.append(finding("input_range", "medium", ev,
+                                   f"a few input values are {ratio:.3g}x the RMS (e.g. a central "
+                                   "peak): consider a log/sqrt or per-sample scaling"))
+    return out
+
+
+def scale_mismatch(records: list[dict]) -> list[dict]:
+    """Prediction vs target off by a scale: optimal scale far from 1 and the error after it
+    clearly lower than the raw error (latest patch-metrics record of each name)."""
+    out = []
+    for name, series in by_name(records).items():
+        d = series[-1]["data"]
+        s, mae, mae_s = num(d.get("optimal_scale")), num(d.get("mae")), num(d.get("mae_after_optimal_scale"))
+        if s is None or mae is None or mae_s is None or mae <= 0:
+            continue
+        far = s <= 0 or s > SCALE_FAR or s < 1 / SCALE_FAR
+        very_far = s <= 0 or s > SCALE_VERY_FAR or s < 1 / SCALE_VERY_FAR
+        if not far or mae_s >= SCALE_GAIN_WEAK * mae:
+            continue
+        sev = "high" if mae_s < SCALE_GAIN * mae or very_far else "medium"
+        out.append(finding("scale_mismatch", sev,
+                           {"name": name, "optimal_scale": sig(s), "mae": sig(mae),
+                            "mae_after_optimal_scale": sig(mae_s),
+                            "mae_reduction": sig(1 - mae_s / mae), "scaling": d.get("scaling"),
+                            "step": series[-1].get("step")},
+                           f"the prediction is off by ~{s:.3g}x: look for a unit or gain error "
+                           "(intensity vs amplitude, a stray broadcast, a missing scale constant)"))
+    return out
+
+
+def loss_plateau(records: list[dict]) -> list[dict]:
+    """No relative decrease of the loss: over the whole run (high), or lately (low)."""
+    series = by_name(records).get("loss", [])
+    per_step: dict[int, list[float]] = {}
+    for r in series:
+        v, st = num(r["data"].get("value")), r.get("step")
+        if v is not None and isinstance(st, int):
+            per_step.setdefault(st, []).append(v)  # ranks: averaged per step
+    steps = sorted(per_step)
+    vals = [sum(per_step[s]) / len(per_step[s]) for s in steps]
+    n = len(vals)
+    if n < PLATEAU_MIN_POINTS:
+        return []
+    k = max(2, n // 4)
+    head, tail = sum(vals[:k]) / k, sum(vals[-k:]) / k
+    rel = (head - tail) / abs(head) if head else 0.0
+    ev = {"steps": [steps[0], steps[-1]], "points": n, "window": k, "first_mean": sig(head),
+          "last_mean": sig(tail), "relative_decrease": sig(rel), "threshold": PLATEAU_REL}
+    if rel < PLATEAU_REL:
+        return [finding("loss_plateau", "high", ev,
+                        f"the loss barely moved over {n} steps ({rel:+.1%}): see the other "
+                        "findings for why (gradients, scale, inputs)")]
+    recent = vals[-max(PLATEAU_MIN_POINTS, n // 3):]
+    j = max(2, len(recent) // 3)
+    h2, t2 = median(recent[:j]), median(recent[-j:])
+    rel2 = (h2 - t2) / abs(h2) if h2 else 0.0
+    if rel2 < RECENT_REL:
+        ev.update({"recent_points": len(recent), "recent_relative_decrease": sig(rel2),
+                   "recent_threshold": RECENT_REL})
+        return [finding("loss_plateau", "low", ev,
+                        f"the loss stopped falling over the last {len(recent)} steps: "
+                        "a learning-rate decay or more capacity may help")]
+    return []

@@ -1,0 +1,351 @@
+"""The diagnosis rules on synthetic stat streams (no training): each rule fires on its
+pattern with evidence, stays quiet on a healthy stream, and respects its thresholds."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from collector.diagnosis import diagnose, load_run, write_findings
+from collector.diagnosis import gradients as G
+from collector.diagnosis import values as V
+
+LAYERS = ["lift.0", "blocks.0.spectral", "blocks.1.spectral", "project.2"]
+
+
+def rec(kind, name, data, step=0, seq=0):
+    return {"v": 1, "run": "r", "rank": 0, "world": 1, "seq": seq, "t": 0.0, "kind": kind,
+            "name": name, "step": step, "epoch": 0, "data": data}
+
+
+def stats(mean=0.0, std=1.0, lo=-3.0, hi=3.0, nan=0, inf=0):
+    return {"count": 100, "nan": nan, "inf": inf, "min": lo, "max": hi, "mean": mean, "std": std,
+            "shape": [100], "dtype": "float32"}
+
+
+def grad(norm=0.1, ratio=1e-3, zero_frac=0.0, wn=1.0, nan=0):
+    return {"count": 100, "mean": 0.0, "std": norm / 10, "norm": norm, "max_abs": norm,
+            "nan": nan, "inf": 0, "zero_frac": zero_frac, "weight_norm": wn, "update_ratio": ratio}
+
+
+def grad_stream(norms=None, ratios=None, steps=(0, 4, 8), **kw):
+    norms, ratios = norms or {}, ratios or {}
+    out = []
+    for st in steps:
+        for L in LAYERS:
+            out.append(rec("gradients", L, grad(norms.get(L, 0.1), ratios.get(L, 1e-3), **kw), st))
+        out.append(rec("gradients", "_total", {"norm": 0.2}, st))
+    return out
+
+
+def loss_stream(values):
+    return [rec("metrics", "loss", {"value": v}, step=i) for i, v in enumerate(values)]
+
+
+def healthy():
+    return {
+        "gradients": grad_stream(),
+        "activations": [rec("activations", "model_input", stats(0.35, 0.94, 0.0, 8.1)),
+                        rec("activations", "generator_output", stats(-0.2, 0.3, -1.5, 1.2)),
+                        rec("activations", "x_combined", {"count": 10, "nan": 0, "inf": 0,
+                            "real": stats(0.3, 0.1, -0.2, 0.8), "imag": stats(0.1, 0.1, -0.3, 0.4),
+                            "abs": stats(0.4, 0.1, 0.0, 0.9), "angle": stats(0.1, 0.2, -3, 3)})],
+        "metrics": loss_stream([1.0 * 0.97 ** i for i in range(40)]),
+        "patch_metrics": [rec("patch_metrics", "patch_metrics",
+                              {"mae": 0.2, "mse": 0.05, "count": 10, "scaling": "none",
+                               "scale_applied": False, "optimal_scale": 0.9,
+                               "mae_after_optimal_scale": 0.19, "mse_after_optimal_scale": 0.05})],
+        "loader_stats": [rec("loader_stats", "images", stats(1.0, 2.0, 0.0, 50.0))],
+        "events": [],
+    }
+
+
+def rules(findings, severity=None):
+    return {f["rule"] for f in findings if severity is None or f["severity"] == severity}
+
+
+def one(findings, rule):
+    got = [f for f in findings if f["rule"] == rule]
+    assert len(got) == 1, findings
+    return got[0]
+
+
+def test_a_healthy_stream_gives_no_finding():
+    assert diagnose(healthy()) == []
+
+
+def test_an_empty_run_gives_no_finding_and_no_error():
+    assert diagnose({}) == []
+    assert diagnose({"gradients": [], "metrics": [rec("metrics", "loss", {"value": 1.0})]}) == []
+
+
+def test_every_finding_has_rule_severity_evidence_and_a_one_line_hint():
+    r = healthy()
+    r["gradients"] = grad_stream(norms={"lift.0": 1e-7}, ratios={"project.2": 0.0})
+    r["metrics"] = loss_stream([1.0] * 20)
+    found = diagnose(r)
+    assert len(found) >= 3
+    for f in found:
+        assert set(f) == {"rule", "severity", "evidence", "hint"}
+        assert f["severity"] in ("high", "medium", "low")
+        assert isinstance(f["evidence"], dict) and f["evidence"]
+        assert "\n" not in f["hint"] and 0 < len(f["hint"]) < 200
+        json.dumps(f, allow_nan=False)
+    assert [f["severity"] for f in found] == sorted((f["severity"] for f in found),
+                                                    key=["high", "medium", "low"].index)
+
+
+@pytest.mark.parametrize("first_norm,severity", [(0.1 * 0.99e-3, "high"), (0.1 * 1.01e-3, "medium"),
+                                                 (0.1 * 0.99e-2, "medium"), (0.1 * 1.01e-2, None)])
+def test_vanishing_gradients_fire_on_the_first_to_last_ratio_at_their_thresholds(first_norm, severity):
+    found = G.gradient_flow(grad_stream(norms={"lift.0": first_norm}))
+    if severity is None:
+        assert "vanishing_gradients" not in rules(found)
+        return
+    f = one(found, "vanishing_gradients")
+    assert f["severity"] == severity
+    ev = f["evidence"]
+    assert ev["first_layer"] == "lift.0" and ev["last_layer"] == "project.2"
+    assert math.isclose(ev["ratio_first_to_last"], first_norm / 0.1, rel_tol=1e-3)
+    assert ev["steps"] == [0, 4, 8] and set(ev["by_layer"]) == set(LAYERS)
+
+
+@pytest.mark.parametrize("first_norm,severity", [(0.1 * 1.01e3, "high"), (0.1 * 0.99e3, "medium"),
+                                                 (0.1 * 0.99e2, None)])
+def test_exploding_gradients_fire_on_the_first_to_last_ratio_at_their_thresholds(first_norm, severity):
+    found = G.gradient_flow(grad_stream(norms={"lift.0": first_norm}))
+    if severity is None:
+        assert "exploding_gradients" not in rules(found)
+    else:
+        f = one(found, "exploding_gradients")
+        assert f["severity"] == severity and f["evidence"]["first_layer"] == "lift.0"
+
+
+def test_a_huge_absolute_gradient_norm_is_exploding_even_with_a_flat_profile():
+    found = G.gradient_flow(grad_stream(norms={L: 2e4 for L in LAYERS}))
+    f = one(found, "exploding_gradients")
+    assert f["severity"] == "high" and set(f["evidence"]["layers"]) == set(LAYERS)
+    assert G.gradient_flow(grad_stream(norms={L: 0.9e4 for L in LAYERS})) == []
+
+
+def test_a_vanishing_total_gradient_is_named_even_when_layers_agree():
+    stream = [r for r in grad_stream(norms={L: 1e-10 for L in LAYERS}) if r["name"] != "_total"]
+    stream += [rec("gradients", "_total", {"norm": 2e-10}, 0)]
+    f = one(G.gradient_flow(stream), "vanishing_gradients")
+    assert f["evidence"]["total_norm_max"] == 2e-10
+
+
+def test_a_layer_with_zero_gradient_in_every_capture_is_named_no_gradient():
+    stream = [r for r in grad_stream() if r["name"] != "blocks.1.spectral"]
+    stream += [rec("gradients", "blocks.1.spectral", grad(0.0, None, zero_frac=1.0), s) for s in (0, 4)]
+    f = one(G.dead_parameters(stream), "no_gradient")
+    assert list(f["evidence"]["layers"]) == ["blocks.1.spectral"]
+    # one capture with a gradient is enough to clear it
+    stream.append(rec("gradients", "blocks.1.spectral", grad(1e-3, 1e-3), 8))
+    assert G.dead_parameters(stream) == []
+
+
+def test_weights_with_gradients_that_never_change_are_frozen_parameters():
+    found = G.dead_parameters(grad_stream(ratios={"project.2": 0.0, "lift.0": 0.0}))
+    f = one(found, "frozen_parameters")
+    assert f["severity"] == "high" and set(f["evidence"]["layers"]) == {"project.2", "lift.0"}
+    assert f["evidence"]["layers"]["lift.0"]["grad_norm_median"] == 0.1
+    # a single nonzero update means the optimizer does reach the layer
+    s = grad_stream(ratios={"lift.0": 0.0})
+    s.append(rec("gradients", "lift.0", grad(0.1, 1e-4), 12))
+    assert G.dead_parameters(s) == []
+
+
+@pytest.mark.parametrize("ratio,rule,severity", [
+    (0.99e-6, "update_ratio_small", "medium"), (1.01e-6, None, None),
+    (0.099, None, None), (0.11, "update_ratio_large", "medium"), (0.51, "update_ratio_large", "high")])
+def test_update_to_weight_ratio_thresholds(ratio, rule, severity):
+    found = G.update_ratios(grad_stream(ratios={"blocks.0.spectral": ratio}))
+    if rule is None:
+        assert found == []
+    else:
+        f = one(found, rule)
+        assert f["severity"] == severity
+        assert list(f["evidence"]["layers"]) == ["blocks.0.spectral"]
+        assert math.isclose(f["evidence"]["layers"]["blocks.0.spectral"]["update_ratio_median"], ratio, rel_tol=1e-3)
+
+
+def test_one_early_capture_with_a_huge_update_ratio_is_enough_for_update_ratio_large():
+    s = grad_stream(ratios={"blocks.0.spectral": 0.01}, steps=(4, 8, 12, 16))
+    s.append(rec("gradients", "blocks.0.spectral", grad(0.1, 0.84), 0))
+    f = one(G.update_ratios(s), "update_ratio_large")
+    ev = f["evidence"]["layers"]["blocks.0.spectral"]
+    assert f["severity"] == "high" and ev["update_ratio_max"] == 0.84 and ev["step_of_max"] == 0
+    assert ev["update_ratio_median"] == 0.01
+
+
+def test_nan_or_inf_anywhere_is_high_with_the_first_occurrence():
+    r = healthy()
+    r["gradients"].append(rec("gradients", "project.2", grad(nan=3), step=12))
+    r["activations"].append(rec("activations", "x_combined", {**stats(), "inf": 2}, step=8))
+    f = one(diagnose(r), "nonfinite")
+    assert f["severity"] == "high" and f["evidence"]["records"] == 2
+    assert f["evidence"]["first"][0] == {"kind": "activations", "name": "x_combined", "step": 8, "nan": 0, "inf": 2}
+    assert "step 8" in f["hint"]
+    only_loss = healthy()
+    only_loss["metrics"].append(rec("metrics", "loss", {"value": None}, step=41))
+    assert one(diagnose(only_loss), "nonfinite")["evidence"]["first"][0]["name"] == "loss"
+
+
+def test_an_all_zero_activation_is_dead_and_a_tiny_but_live_one_is_not():
+    found = V.activations([rec("activations", "blocks:output", stats(0, 0, -0.9e-6, 0.9e-6))])
+    f = one(found, "dead_activation")
+    assert f["severity"] == "medium" and "blocks:output" in f["evidence"]["tensors"]
+    assert V.activations([rec("activations", "blocks:output", stats(0, 1e-6, -1.1e-6, 1e-6))]) == []
+    out = V.activations([rec("activations", "generator_output", stats(0, 0, 0, 0))])
+    assert one(out, "dead_activation")["severity"] == "high"
+
+
+def test_values_piled_at_the_tanh_bounds_are_saturated():
+    sat = {"count": 10, "nan": 0, "inf": 0, "real": stats(0.1, 0.99, -1.0, 1.0),
+           "imag": stats(0.0, 0.3, -0.9, 0.9), "abs": stats(1.2, 0.1, 0.5, 1.41)}
+    f = one(V.activations([rec("activations", "x_combined", sat, step=20)]), "saturated_activation")
+    assert list(f["evidence"]["tensors"]) == ["x_combined.real"] and f["evidence"]["tensors"]["x_combined.real"]["step"] == 20
+    # spread across the range (RMS 0.89) or not touching the bound: not saturated
+    assert V.activations([rec("activations", "a", stats(0.0, 0.89, -1.0, 1.0))]) == []
+    assert V.activations([rec("activations", "a", stats(0.95, 0.01, 0.9, 0.98))]) == []
+    # unbounded values are never called saturated
+    assert V.activations([rec("activations", "a", stats(5.0, 0.1, 4.0, 6.0))]) == []
+
+
+def test_only_the_latest_capture_of_an_activation_is_judged():
+    s = [rec("activations", "a", stats(0, 0, 0, 0), step=0), rec("activations", "a", stats(), step=8)]
+    assert V.activations(s) == []
+    assert rules(V.activations(list(reversed(s)))) == set()  # order in the file does not matter
+
+
+def test_an_output_with_no_spread_is_collapsed():
+    f = one(V.activations([rec("activations", "generator_output", stats(0.5, 4e-4, 0.499, 0.501), 30)]),
+            "collapsed_output")
+    assert f["evidence"]["tensors"]["generator_output"] == {"std": 4e-4, "mean": 0.5, "step": 30}
+    assert V.activations([rec("activations", "generator_output", stats(0.5, 6e-4, 0.49, 0.51))]) == []
+    assert rules(V.activations([rec("activations", "generator_output", stats(0.0, 0.9e-6, -2e-6, 2e-6))])) \
+        == {"collapsed_output"}
+    # a hidden layer with no spread is not "the output"
+    assert V.activations([rec("activations", "blocks:output", stats(0.5, 1e-7, 0.4999, 0.5001))]) == []
+
+
+@pytest.mark.parametrize("mean,std,hi,severity", [
+    (50.0, 90.0, 1e4, "high"), (40.0, 90.0, 900.0, None), (1e-4, 5e-4, 1e-2, "high"),
+    (0.3, 0.9, 1.2e3, "medium"), (0.3, 0.9, 0.9e3, None)])
+def test_model_input_far_from_unit_scale_or_peaky_is_an_input_range_finding(mean, std, hi, severity):
+    found = V.input_range([rec("activations", "model_input", stats(mean, std, 0.0, hi), 0)])
+    if severity is None:
+        assert found == []
+    else:
+        f = one(found, "input_range")
+        assert f["severity"] == severity
+        assert f["evidence"]["max_abs"] == hi and f["evidence"]["tensor"] == "model_input"
+
+
+def pm(scale, mae, mae_s):
+    return [rec("patch_metrics", "patch_metrics", {"mae": mae, "mse": mae ** 2, "count": 5,
+            "scaling": "none", "scale_applied": False, "optimal_scale": scale,
+            "mae_after_optimal_scale": mae_s, "mse_after_optimal_scale": mae_s ** 2}, step=40)]
+
+
+@pytest.mark.parametrize("scale,mae_s,severity", [
+    (16.0, 0.05, "high"), (0.06, 0.05, "high"), (2.01, 0.099, "high"), (1.99, 0.01, None),
+    (0.51, 0.01, None), (3.9, 0.101, "medium"), (3.9, 0.159, "medium"), (3.9, 0.161, None),
+    (4.1, 0.159, "high"), (0.24, 0.15, "high"), (16.0, 0.161, None), (-0.5, 0.05, "high")])
+def test_scale_mismatch_needs_a_far_scale_and_a_clearly_lower_scaled_error(scale, mae_s, severity):
+    found = V.scale_mismatch(pm(scale, 0.2, mae_s))
+    assert (rules(found) == {"scale_mismatch"}) is (severity is not None)
+    if severity:
+        assert found[0]["severity"] == severity
+        ev = found[0]["evidence"]
+        assert ev["optimal_scale"] == scale and ev["mae"] == 0.2 and ev["step"] == 40
+
+
+@pytest.mark.parametrize("values,severity", [
+    ([1.0] * 20, "high"),
+    ([1.0 - 0.002 * i for i in range(20)], "high"),      # ~3% over the run
+    ([1.0 - 0.004 * i for i in range(20)], None),        # ~6%: decreasing
+    ([1.0 * 0.9 ** i for i in range(10)] + [0.35] * 20, "low"),
+    ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], None),         # too few points for a verdict
+    ([1.0 + 0.01 * i for i in range(20)], "high"),       # rising is not decreasing
+])
+def test_loss_plateau_over_the_run_and_lately(values, severity):
+    found = V.loss_plateau(loss_stream(values))
+    if severity is None:
+        assert found == []
+    else:
+        f = one(found, "loss_plateau")
+        assert f["severity"] == severity and f["evidence"]["points"] == len(values)
+
+
+def test_losses_of_several_ranks_are_averaged_per_step():
+    flat = [{**rec("metrics", "loss", {"value": 1.0}, step=i), "rank": r} for i in range(20) for r in (0, 1)]
+    assert one(V.loss_plateau(flat), "loss_plateau")["evidence"]["points"] == 20
+    falling = [rec("metrics", "loss", {"value": 1.0 - 0.02 * i}, step=i) for i in range(20)]
+    assert V.loss_plateau(falling + [r for r in flat if r["rank"] == 1]) == []  # mean falls ~15%
+
+
+def write_run(tmp_path, records, torn=True):
+    run = tmp_path / "run-1"
+    run.mkdir()
+    for kind, fname in (("gradients", "gradients.jsonl"), ("metrics", "metrics.jsonl"),
+                        ("activations", "activations.jsonl"), ("loader_stats", "loader_stats.jsonl")):
+        with open(run / fname, "w") as f:
+            for r in records.get(kind, []):
+                f.write(json.dumps(r) + "\n")
+            if torn and kind == "metrics":
+                f.write('{"v":1,"run":"run-1","kind":"metrics","name":"loss","da')
+    with open(run / "patch_metrics.json", "w") as f:
+        json.dump({r["name"]: r for r in records.get("patch_metrics", [])}, f)
+    return run
+
+
+def test_load_run_reads_every_stream_and_skips_a_torn_last_line(tmp_path):
+    r = healthy()
+    run = write_run(tmp_path, r)
+    got = load_run(str(run))
+    assert len(got["gradients"]) == len(r["gradients"])
+    assert len(got["metrics"]) == len(r["metrics"])  # the torn line is skipped
+    assert got["patch_metrics"][0]["data"]["optimal_scale"] == 0.9
+    assert got["events"] == []
+    assert load_run(str(tmp_path / "missing")) == {k: [] for k in got}
+
+
+def test_write_findings_writes_findings_json_atomically(tmp_path):
+    r = healthy()
+    r["metrics"] = loss_stream([2.0] * 30)
+    run = write_run(tmp_path, r)
+    found = write_findings(str(run))
+    doc = json.loads((run / "findings.json").read_text())
+    assert doc["findings"] == found and rules(found) == {"loss_plateau"}
+    assert doc["run"] == "run-1" and doc["records"]["metrics"] == 30
+    assert sorted(os.listdir(run)) == sorted(["gradients.jsonl", "metrics.jsonl", "activations.jsonl",
+                                              "loader_stats.jsonl", "patch_metrics.json", "findings.json"])
+
+
+def test_report_prints_text_and_json_without_a_collector(tmp_path, capsys):
+    from collector.diagnosis.report import report_main
+
+    r = healthy()
+    r["gradients"] = grad_stream(ratios={L: 0.0 for L in LAYERS})
+    run = write_run(tmp_path, r)
+    assert report_main(argparse.Namespace(run_dir=str(run), json=False)) == 0
+    text = capsys.readouterr().out
+    assert "[HIGH] frozen_parameters:" in text and "evidence:" in text
+    assert report_main(argparse.Namespace(run_dir=str(run), json=True)) == 0
+    assert rules(json.loads(capsys.readouterr().out)) == {"frozen_parameters"}
+
+
+def test_the_diagnosis_package_imports_no_torch_lightning_or_web_stack():
+    code = ("import sys, collector.diagnosis, collector.diagnosis.report; "
+            "bad = [m for m in ('torch', 'lightning', 'fastapi', 'uvicorn') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,60 @@
+"""Remote endpoints need authentication: CURVE with an allow-list for ZeroMQ, a token for
+the web view."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from client_hooks.sender import Sender
+from collector.security import read_keypair
+from tests.procs import ROOT, CollectorProc, read_jsonl, wait_for
+
+
+def keys(tmp_path, name: str) -> tuple[bytes, bytes]:
+    r = subprocess.run([sys.executable, "-m", "collector", "keys", str(tmp_path / name)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "wrote" in r.stdout
+    return read_keypair(str(tmp_path / (name + ".key")))
+
+
+def test_only_allow_listed_curve_clients_deliver_records(tmp_path):
+    server_pub, _ = keys(tmp_path, "server")
+    good = keys(tmp_path, "good")
+    bad = keys(tmp_path, "bad")
+    (tmp_path / "allowed").write_bytes(b"# training nodes\n" + good[0] + b"\n")
+    col = CollectorProc(str(tmp_path / "out"), extra=["--curve-secret", str(tmp_path / "server.key"),
+                                                      "--allow-keys", str(tmp_path / "allowed")])
+    try:
+        s_bad = Sender(col.endpoint, "intruder", curve_server_key=server_pub, curve_keypair=bad)
+        s_plain = Sender(col.endpoint, "plain")  # no CURVE at all
+        s_good = Sender(col.endpoint, "trusted", curve_server_key=server_pub, curve_keypair=good)
+        for i in range(20):
+            for s in (s_bad, s_plain, s_good):
+                s.send("metrics", "loss", {"value": float(i)}, step=i)
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "out" / "trusted" / "metrics.jsonl")) == 20)
+        time.sleep(1.0)  # give the refused ones every chance to (wrongly) arrive
+        for s in (s_bad, s_plain, s_good):
+            s.close(timeout=0.3)
+    finally:
+        col.stop()
+    assert not (tmp_path / "out" / "intruder").exists()
+    assert not (tmp_path / "out" / "plain").exists()
+    assert s_bad.sent == 0 and s_plain.sent == 0  # the handshake never completed
+
+
+def test_the_web_view_with_a_token_refuses_requests_without_it(tmp_path):
+    col = CollectorProc(str(tmp_path), http=True, extra=["--token", "s3cret"])
+    try:
+        try:
+            urllib.request.urlopen(col.http + "api/health", timeout=5)
+            raise AssertionError("a request without the token was served")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+        req = urllib.request.Request(col.http + "api/health", headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+    finally:
+        col.stop()

@@ -1,0 +1,220 @@
+"""The grid-lines demo: its data and physics are right, and with the gate on each injected
+fault is named by the diagnosis from real telemetry (collector subprocess, real ZeroMQ),
+while the healthy run's loss falls and gets no high-severity finding."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from collector.diagnosis import diagnose, load_run
+from examples.grid_lines.data import DataConfig, make_probe, make_samples
+from examples.grid_lines.models import INJECTS, PhysicsLayer, amplitude_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = DataConfig(N=32, n_objects=2, object_size=64, step=16, n_lines=10)
+
+
+# -- data and physics ------------------------------------------------------------------------
+@pytest.mark.parametrize("g", [1, 2])
+def test_batches_carry_every_field_with_the_documented_shapes(g):
+    cfg = DataConfig(**{**SMALL.__dict__, "gridsize": g, "object_size": 80})
+    s = make_samples(cfg)[0]
+    C, N = g * g, cfg.N
+    assert s["images"].shape == (C, N, N) and s["images"].dtype == torch.float32
+    assert s["amp"].shape == s["phase"].shape == (C, N, N)
+    assert s["coords_relative"].shape == (C, 2)
+    assert torch.allclose(s["coords_relative"].sum(0), torch.zeros(2))
+    assert s["rms_scaling_constant"].shape == s["physics_scaling_constant"].shape == (1, 1, 1)
+    assert s["probe"].shape == (N, N) and s["probe"].is_complex()
+
+
+def test_diffraction_is_the_scaled_fft_amplitude_of_probe_times_patch():
+    s = make_samples(SMALL)[3]
+    obj = (s["amp"] * np.exp(1j * s["phase"].numpy())).numpy()
+    probe = s["probe"].numpy()
+    ps = float(s["physics_scaling_constant"])
+    expect = ps * np.sqrt(np.abs(np.fft.fft2(probe * obj)) ** 2 / SMALL.N ** 2)
+    np.testing.assert_allclose(s["images"].numpy(), expect, rtol=1e-4, atol=1e-3 * expect.max())
+    # Parseval: the counts add up to photons * mean |P O|^2 / mean |P|^2 over the disk
+    counts = (s["images"].double() ** 2).sum().item()
+    assert counts == pytest.approx(ps ** 2 * (np.abs(probe * obj) ** 2).sum(), rel=1e-4)
+    # the rms constant makes the model input unit-RMS
+    x = s["images"] * s["rms_scaling_constant"]
+    assert x.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_object_and_probe_are_physical():
+    samples = make_samples(SMALL)
+    amp = torch.stack([s["amp"] for s in samples])
+    assert amp.min() >= SMALL.amp_floor - 1e-5 and amp.max() <= 1 + 1e-5 and amp.std() > 0.05
+    probe = make_probe(32)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    disk = np.hypot(xx, yy) <= 8
+    assert (probe.abs() ** 2).numpy()[disk].mean() == pytest.approx(1.0, rel=0.05)
+    assert probe.abs()[0, 0] < 1e-3  # apodised: nothing at the corners
+    assert probe.angle().std() > 0.5  # the defocus phase is there
+
+
+def test_the_physics_layer_reproduces_the_data_and_the_amp_gain_bug_multiplies_by_the_batch():
+    batch = torch.utils.data.default_collate(make_samples(SMALL)[:4])
+    obj = torch.polar(batch["amp"], batch["phase"])
+    args = (obj, batch["probe"], batch["physics_scaling_constant"])
+    pred = PhysicsLayer()(*args)
+    torch.testing.assert_close(pred, batch["images"], rtol=1e-4, atol=1e-3)
+    rms = batch["rms_scaling_constant"]
+    assert amplitude_loss(pred, batch["images"], rms, "mae").item() < 1e-4
+    torch.testing.assert_close(PhysicsLayer(amp_gain_bug=True)(*args), 4 * pred)
+    assert amplitude_loss(pred, batch["images"], rms, "mae", units_bug=True).item() > 1.0
+    pois = amplitude_loss(pred, batch["images"], rms, "poisson")
+    assert pois < amplitude_loss(1.1 * pred, batch["images"], rms, "poisson")
+
+
+def test_bad_command_line_values_give_one_line_errors(capsys):
+    from examples.grid_lines.compare import main
+
+    for argv in (["--architectures", "cnn"], ["--inject", "nope"], ["--N", "30"], ["--lr", "0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("compare: error:") and err.count("\n") == 1, err
+
+
+# -- the demo with real telemetry ------------------------------------------------------------
+CONFIGS = ["none", *INJECTS]
+DEMO = ["--N", "32", "--gridsize", "1", "--architectures", "fno", "--torch-epochs", "1",
+        "--max-steps", "32", "--every-n-steps", "4"]
+DRIVER = """
+import os, sys
+from examples.grid_lines.compare import main
+out, configs = sys.argv[1], sys.argv[2:]
+for c in configs:
+    os.environ["TENSORTAP_RUN"] = c
+    if c == "gate-off":
+        os.environ.pop("DEBUG_FNO_LOSS")
+    extra = [] if c in ("none", "gate-off") else ["--inject", c]
+    assert main(%r + ["--output-dir", os.path.join(out, c)] + extra) == 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """All configurations trained with the gate on into one collector, then the collector
+    stopped; yields (artifact root, output root)."""
+    tmp = tmp_path_factory.mktemp("grid")
+    art, out = tmp / "art", tmp / "out"
+    port = free_port()
+    coll = subprocess.Popen([sys.executable, "-m", "collector", "collect", "--zmq",
+                             f"tcp://127.0.0.1:{port}", "--http", "off", "--out", str(art)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)
+        env = {**os.environ, "DEBUG_FNO_LOSS": "1", "TENSORTAP_ENDPOINT": f"tcp://127.0.0.1:{port}",
+               "TENSORTAP_OUT": str(art), "PYTHONWARNINGS": "ignore"}
+        p = subprocess.run([sys.executable, "-c", DRIVER % (DEMO,), str(out), *CONFIGS, "gate-off"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
+    finally:
+        coll.send_signal(signal.SIGTERM)
+        coll.wait(15)
+    yield art, out
+
+
+def losses(out, config):
+    res = json.loads((out / config / "metrics.json").read_text())["results"]["fno"]
+    return res["losses"]
+
+
+def relative_decrease(values):
+    k = max(2, len(values) // 4)
+    head, tail = np.mean(values[:k]), np.mean(values[-k:])
+    return (head - tail) / head
+
+
+def findings(art, config):
+    return diagnose(load_run(str(art / f"{config}-fno")))
+
+
+def by_rule(found):
+    return {f["rule"]: f for f in found}
+
+
+def test_the_gate_on_demo_writes_the_telemetry_bundle_and_gate_off_writes_none(demo):
+    art, out = demo
+    run = art / "none-fno"
+    for f in ("loader_stats.jsonl", "activations.jsonl", "gradients.jsonl", "metrics.jsonl",
+              "events.jsonl", "patch_metrics.json", "manifest.json"):
+        assert (run / f).is_file(), f
+    recs = load_run(str(run))
+    names = {r["name"] for r in recs["activations"]}
+    assert {"model_input", "generator_output", "x_combined"} <= names
+    assert {"images", "coords_relative", "rms_scaling_constant", "physics_scaling_constant",
+            "probe"} <= {r["name"] for r in recs["loader_stats"]}
+    pm = recs["patch_metrics"][0]["data"]
+    assert pm["scale_applied"] is False and "optimal_scale" in pm
+    assert not (art / "gate-off-fno").exists()  # the gate off run reached no collector
+    assert json.loads((out / "gate-off" / "metrics.json").read_text())["results"]["fno"]["run"] is None
+
+
+def test_the_healthy_run_decreases_and_has_no_high_severity_finding(demo):
+    art, out = demo
+    assert relative_decrease(losses(out, "none")) > 0.1
+    assert [f for f in findings(art, "none") if f["severity"] == "high"] == []
+
+
+def test_frozen_generator_gives_a_flat_loss_named_loss_plateau(demo):
+    art, out = demo
+    assert abs(relative_decrease(losses(out, "frozen-generator"))) < 0.05
+    plateau = by_rule(findings(art, "frozen-generator"))["loss_plateau"]
+    assert plateau["severity"] == "high" and plateau["evidence"]["relative_decrease"] < 0.05
+
+
+def test_raw_input_loss_stays_far_above_the_healthy_one(demo):
+    _, out = demo
+    raw, ok = losses(out, "raw-input"), losses(out, "none")
+    assert relative_decrease(raw) < 0.15
+    assert np.mean(raw[-8:]) > 3 * np.mean(ok[-8:])
+
+
+def test_frozen_generator_is_named_frozen_parameters_for_every_generator_layer(demo):
+    art, _ = demo
+    f = by_rule(findings(art, "frozen-generator"))["frozen_parameters"]
+    assert f["severity"] == "high"
+    assert {"lift.0", "project.2", "blocks.0.spectral"} <= set(f["evidence"]["layers"])
+    assert all(v["grad_norm_median"] > 0 for v in f["evidence"]["layers"].values())
+
+
+def test_raw_input_is_named_input_range_and_saturated_output(demo):
+    art, _ = demo
+    rules = by_rule(findings(art, "raw-input"))
+    assert rules["input_range"]["severity"] == "high" and rules["input_range"]["evidence"]["rms"] > 100
+    assert any(k.startswith("x_combined") for k in rules["saturated_activation"]["evidence"]["tensors"])
+
+
+def test_spectral_init_is_named_update_ratio_large_on_the_spectral_layers(demo):
+    art, _ = demo
+    f = by_rule(findings(art, "spectral-init"))["update_ratio_large"]
+    assert f["severity"] == "high"
+    assert f["evidence"]["layers"] and all("spectral" in k for k in f["evidence"]["layers"])
+
+
+@pytest.mark.parametrize("config", ["amp-gain", "loss-units"])
+def test_gain_and_unit_errors_are_named_scale_mismatch(demo, config):
+    art, _ = demo
+    f = by_rule(findings(art, config))["scale_mismatch"]
+    ev = f["evidence"]
+    assert f["severity"] == "high" and (ev["optimal_scale"] > 2 or ev["optimal_scale"] < 0.5)
+    assert ev["mae_after_optimal_scale"] < 0.5 * ev["mae"]
