@@ -2,7 +2,7 @@
 
 Key files (made by `tensortap keys PREFIX`): PREFIX.key holds the public key and the secret
 key (Z85, one per line, mode 0600); PREFIX.pub holds the public key only. An allow-list file
-holds one client public key per line (lines starting with '#' are comments). A client whose key is not
+holds one client public key per line ('#' lines not 40 characters long are comments). A client whose key is not
 listed is refused during the handshake: none of its frames reach the collector.
 """
 from __future__ import annotations
@@ -35,8 +35,9 @@ def read_allow_list(path: str) -> set[bytes]:
     keys = set()
     with open(path, "rb") as f:
         for ln in f.read().splitlines():
-            ln = ln.strip()  # '#' is a Z85 character: only whole lines can be comments
-            if ln and not ln.startswith(b"#"):
+            ln = ln.strip()
+            # '#' is also a Z85 character: a comment is a '#' line that is not a key's length
+            if ln and not (ln.startswith(b"#") and len(ln) != 40):
                 if len(ln) != 40:
                     raise ValueError(f"{path}: {ln[:50]!r} is not a Z85 public key (40 characters)")
                 keys.add(ln)
