@@ -39,7 +39,7 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def live_latency(browser, seconds: float, rate: int, layers: int) -> dict:
+def live_latency(browser, seconds: float, rate: int, layers: int, height: int) -> dict:
     from client_hooks.sender import Sender
 
     per_step = 1 + layers + 3  # loss, gradients, three activations
@@ -48,7 +48,7 @@ def live_latency(browser, seconds: float, rate: int, layers: int) -> dict:
         sender.send("metrics", "loss", {"value": 1.0}, step=0)
         sender.flush()
         time.sleep(0.3)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": height})
         page.goto(f"{info['http']}#run=live")
         page.wait_for_function("() => !!(window.__tt && window.__tt.es && window.__tt.es.readyState === 1)")
         step, sent, start = 1, 0, time.perf_counter()
@@ -78,7 +78,7 @@ def live_latency(browser, seconds: float, rate: int, layers: int) -> dict:
         sender.close()
     return {"rate": rate, "seconds": seconds - 2.0, "sent": sent_measured, "drawn": len(lat),
             "dropped": dropped, "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
-            "max": max(lat), "layers": layers}
+            "max": max(lat), "layers": layers, "height": height}
 
 
 def big_index(layers: int, steps: int) -> Index:
@@ -97,6 +97,11 @@ def big_index(layers: int, steps: int) -> Index:
                              step=step, data=data))
             seq += 1
     index.add(Record(v=1, run="big", rank=0, world=1, seq=seq, t=t0 + steps, kind="events", name="bye"))
+    for step in range(10):  # a small run to switch from
+        index.add(Record(v=1, run="small", rank=0, world=1, seq=step, t=t0 + step, kind="gradients",
+                         name="layer.0", step=step, data={"mean": 0.0, "std": 1.0, "norm": 1.0}))
+        index.add(Record(v=1, run="small", rank=0, world=1, seq=100 + step, t=t0 + step, kind="metrics",
+                         name="loss", step=step, data={"value": 1.0}))
     return index
 
 
@@ -116,9 +121,24 @@ def page_load(browser, url: str, layers: int, repeats: int) -> dict:
         times.append((time.perf_counter() - t0) * 1000)
         page.goto("about:blank")
         page.close()
+    # switching to the run in a page that is already open (plotly.min.js already compiled)
+    page = ctx.new_page()
+    page.goto(f"{url}/#run=small")
+    page.wait_for_function("() => { const d = document.getElementById('chart-metrics'); return d && d.data; }")
+    switch = []
+    for _ in range(repeats):
+        for run in ("big", "small"):
+            t0 = time.perf_counter()
+            page.evaluate("(r) => { location.hash = 'run=' + r; }", run)
+            page.wait_for_function(done if run == "big" else
+                                   "() => document.getElementById('chart-grad-norm').data?.length === 1",
+                                   arg=[layers] if run == "big" else None, polling=10, timeout=60_000)
+            if run == "big":
+                switch.append((time.perf_counter() - t0) * 1000)
+    page.goto("about:blank")
     ctx.close()
     return {"cold": times[0], "warm": statistics.median(times[1:]) if len(times) > 1 else None,
-            "all": times}
+            "all": times, "switch": statistics.median(switch), "switch_all": switch}
 
 
 def api_query(url: str, n: int = 100) -> dict:
@@ -154,7 +174,8 @@ def main() -> None:
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
-        live = live_latency(browser, a.seconds, a.rate, a.layers)
+        # 1000 px: the loss chart and the three gradient charts in view; 600 px: the loss only
+        lives = [live_latency(browser, a.seconds, a.rate, a.layers, h) for h in (1000, 600)]
         t0 = time.perf_counter()
         index = big_index(a.big_layers, a.big_steps)
         fill_s = time.perf_counter() - t0
@@ -164,14 +185,17 @@ def main() -> None:
         browser.close()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, no GPU; load average at end "
           f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}")
-    print(f"\n1. hook -> page at {live['rate']} records/s ({live['layers']} gradient layers + loss + 3 "
-          f"activations per step), {live['seconds']:.0f} s measured: {live['sent']} sent, "
-          f"{live['drawn']} drawn, {live['dropped']} dropped by the sender; latency ms "
-          f"p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, p99 {live['p99']:.0f}, max {live['max']:.0f}")
+    for live in lives:
+        print(f"\n1. hook -> page at {live['rate']} records/s ({live['layers']} gradient layers + loss + 3 "
+              f"activations per step), 1400x{live['height']} viewport, {live['seconds']:.0f} s measured: "
+              f"{live['sent']} sent, {live['drawn']} drawn in a visible chart, {live['dropped']} dropped "
+              f"by the sender; latency ms p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, "
+              f"p99 {live['p99']:.0f}, max {live['max']:.0f}")
     print(f"\n2. page shows {a.big_layers} layers x {a.big_steps} steps "
           f"({a.big_steps * (a.big_layers + 4)} records; index filled in {fill_s:.1f} s): cold "
           f"{load['cold']:.0f} ms, warm median {load['warm']:.0f} ms (all: "
-          f"{', '.join(f'{x:.0f}' for x in load['all'])})")
+          f"{', '.join(f'{x:.0f}' for x in load['all'])}); switching to it in an open page: median "
+          f"{load['switch']:.0f} ms (all: {', '.join(f'{x:.0f}' for x in load['switch_all'])})")
     for label, r in api.items():
         print(f"\n3. API {label}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['bytes']} bytes")
 

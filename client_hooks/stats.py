@@ -45,18 +45,21 @@ def _out_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
 
 
-def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor) -> list[torch.Tensor]:
-    """(min, max, mean, std) of each 1-D tensor in `parts` over the elements where `fin`."""
-    cnt = fin.sum().clamp(min=1)
+def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Tensor) -> list[torch.Tensor]:
+    """(min, max, mean, std) of each 1-D tensor in `parts` over the elements where `fin`.
+
+    Non-finite elements are replaced by the finite mean: that leaves min, max and every
+    deviation from the mean unchanged, so one var_mean and one aminmax do the rest (few
+    kernels: on an accelerator their launch cost is what a capture costs)."""
+    cnt = nfin.clamp(min=1).to(parts[0].dtype)
+    scale = fin.numel() / cnt
     out = []
     for x in parts:
-        xz = torch.where(fin, x, 0)
-        mean = xz.sum() / cnt
-        d = torch.where(fin, x - mean, 0)
-        std = torch.sqrt((d * d).sum() / cnt)
-        mn = torch.where(fin, x, math.inf).amin()
-        mx = torch.where(fin, x, -math.inf).amax()
-        out += [mn, mx, mean, std]
+        mean = torch.where(fin, x, 0).sum() / cnt
+        xr = torch.where(fin, x, mean)
+        var, _ = torch.var_mean(xr, correction=0)
+        mn, mx = torch.aminmax(xr)
+        out += [mn, mx, mean, (var * scale).sqrt()]
     return out
 
 
@@ -87,8 +90,12 @@ def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Op
             z = torch.zeros((), dtype=parts[0].dtype)
             return fast, [z, z, z + x.numel()], None
     fin = torch.isfinite(x)
-    counts = [torch.isnan(x).sum(), torch.isinf(x).sum(), fin.sum()]
-    return _masked_moments(parts, fin), counts, fin
+    nfin = fin.sum(dtype=torch.float64)
+    nnan = torch.isnan(x).sum(dtype=torch.float64)
+    # real: an element is NaN, Inf or finite, so Inf = n - NaN - finite (one kernel less)
+    ninf = torch.isinf(x).sum(dtype=torch.float64) if x.is_complex() else x.numel() - nnan - nfin
+    counts = [nnan, ninf, nfin]
+    return _masked_moments(parts, fin, nfin), counts, fin
 
 
 def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,7 @@ def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
         x = x.to(acc_dtype(x.dtype))
         parts = [x]
     moments, counts, _ = _moments(parts, x)
-    return torch.stack([v.to(out_dt) for v in counts + moments])
+    return torch.cat([torch.stack(counts).to(out_dt), torch.stack(moments).to(out_dt)])
 
 
 def _part(vals: list[float], ok: bool) -> dict:
@@ -158,8 +165,7 @@ def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) ->
     (all its parameters' grads as one flat real vector; complex as (re, im) pairs)."""
     g = _flat_real(grads)
     (mn, mx, mean, std), (nnan, ninf, nfin), fin = _moments([g], g)
-    gz = g if fin is None else torch.where(fin, g, 0)
-    norm = torch.linalg.vector_norm(gz)
+    norm = (nfin * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements
     max_abs = torch.maximum(mn.abs(), mx.abs())
     nzero = (g == 0).sum()
     wnorm = torch.nn.utils.get_total_norm([w.detach() for w in weights])

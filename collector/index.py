@@ -139,6 +139,7 @@ class RunIndex:
         if s is None:
             return None
         n = len(s.step)
+        since = min(since, n)
         end = min(n, since + limit)
         col = s.column(stat)
         return {"kind": kind, "name": name, "stat": stat, "since": since, "next": end,

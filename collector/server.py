@@ -104,7 +104,9 @@ class Collector:
         lsock.bind((host, int(port)))
         bound_port = lsock.getsockname()[1]
         self.http_url = f"http://{host}:{bound_port}/"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        # an open page holds a server-sent-events stream: give it 1 s, not forever, at shutdown
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=1)
         self._http_server = uvicorn.Server(config)
         self._spawn("tensortap-http", lambda: self._http_server.run(sockets=[lsock]))
         deadline = time.monotonic() + 15

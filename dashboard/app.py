@@ -17,14 +17,15 @@ from typing import Any, Optional
 
 import msgspec
 from fastapi import FastAPI, Header, HTTPException, Path as PathParam, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from dashboard import metrics
 from dashboard.security import Guard
 
 STATIC = Path(__file__).parent / "static"
 RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # collector.wire.RUN_ID_PATTERN
-SSE_INTERVAL_S = 0.05  # how often a live stream looks for new records (latency floor)
+SSE_INTERVAL_S = 0.025  # how often a live stream looks for new records (latency floor)
 SSE_HEARTBEAT_S = 1.0  # a quiet stream still writes this often, so a gone client is noticed
 SSE_MAX_S = 600.0  # then the stream ends; EventSource reconnects with Last-Event-ID
 
@@ -146,7 +147,19 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     @app.get("/api/health", summary="Collector counters (received, written, rejected, gaps, "
              "dropped, queue bytes, ...)", response_model=dict[str, Any])
     async def health() -> Response:
-        return _json(index.health())
+        try:
+            return _json(index.health())
+        except Exception as e:  # the collector's counters must not take the view down
+            raise HTTPException(503, f"health unavailable: {e!r}") from None
+
+    @app.get("/metrics", summary="The collector's counters in Prometheus text format",
+             response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        try:
+            text = metrics.render(index.health())
+        except Exception as e:
+            raise HTTPException(503, f"metrics unavailable: {e!r}") from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/api/runs", summary="All runs, oldest first; `live` while a rank is sending",
              response_model=list[RunSummary])
@@ -175,7 +188,7 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     async def series(run: str = RunId, kind: Kind = Query(...),
                      name: str = Query(..., min_length=1, max_length=256),
                      stat: str = Query(..., min_length=1, max_length=256),
-                     since: int = Query(0, ge=0), limit: int = Query(10_000, ge=1, le=100_000)) -> Response:
+                     since: int = Query(0, ge=0, le=2**62), limit: int = Query(10_000, ge=1, le=100_000)) -> Response:
         ri = get_run(run)
         stats = ri.series_stats(kind.value, name)
         if stats is None:
@@ -211,13 +224,13 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
                                     "description": "events `data: {cursor, items: [[i, kind, "
                                     "name, rank, step, t, stats], ...], findings, live, records}`"}})
     async def live(request: Request, run: str = RunId,
-                   cursor: int = Query(-1, ge=-1, description="-1: from now on"),
+                   cursor: int = Query(-1, ge=-1, le=2**62, description="-1: from now on"),
                    kinds: Optional[list[Kind]] = Query(None, description="only these kinds"),
                    last_event_id: Optional[str] = Header(None)) -> StreamingResponse:
         ri = get_run(run)
         if last_event_id is not None and last_event_id.isdigit():  # EventSource reconnect
             cursor = int(last_event_id)
-        if cursor < 0:
+        if cursor < 0 or cursor > ri.count:  # a cursor from before a restart: from now on
             cursor = ri.count
         wanted = {k.value for k in kinds} if kinds else None
         return StreamingResponse(_live_events(ri, cursor, wanted), media_type="text/event-stream",

@@ -189,3 +189,33 @@ def test_eight_ranks_at_ten_thousand_records_a_second_arrive_without_gaps(tmp_pa
         assert r["written"] == res["sent"]
     assert m["totals"]["written"] == total
     assert_exact_accounting(run_dir, 8)
+
+
+def test_self_telemetry_is_in_health_and_in_prometheus_metrics(tmp_path):
+    import zmq
+
+    col = CollectorProc(str(tmp_path), http=True)
+    try:
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(col.endpoint)
+        sock.send(b"not json")
+        sock.send(b'{"v":1,"run":"m","rank":0,"world":1,"seq":3,"t":1,"kind":"metrics","name":"x","data":{}}')
+        sock.close()
+        assert wait_for(lambda: health(col)["written"] == 1)
+        h = health(col)
+        with urllib.request.urlopen(col.http + "metrics", timeout=5) as r:
+            text = r.read().decode()
+            ctype = r.headers["content-type"]
+    finally:
+        col.stop()
+    assert h["rejected_by_reason"] == {"malformed JSON": 1} and h["gaps"] == 3
+    for key in ("received", "written", "rejected", "gaps", "duplicates", "dropped_by_sender",
+                "queue_bytes", "fsync_ms_last", "write_failed"):
+        assert key in h
+    assert ctype.startswith("text/plain")
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines["tensortap_records_written_total"] == "1"
+    assert lines["tensortap_records_gap_total"] == "3"
+    assert lines['tensortap_frames_rejected_by_reason_total{reason="malformed JSON"}'] == "1"
+    assert lines["tensortap_degraded"] == "0"
