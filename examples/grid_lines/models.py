@@ -115,10 +115,9 @@ def build_generator(arch: str, channels: int, classic_init: bool = False) -> nn.
 
 
 def combine(out: torch.Tensor) -> torch.Tensor:
-    """(B, 2C, N, N) real -> (B, C, N, N) complex object amp * exp(i * phase), PtychoPINN-style
-    bounded heads: amp = sigmoid(a) in (0, 1), phase = pi * tanh(b) in (-pi, pi)."""
-    a, b = out.chunk(2, dim=1)
-    return torch.polar(torch.sigmoid(a), math.pi * torch.tanh(b))
+    """(B, 2C, N, N) real -> (B, C, N, N) complex object tanh(re) + i*tanh(im)."""
+    re, im = torch.tanh(out).chunk(2, dim=1)  # |re|, |im| < 1: a transmission object
+    return torch.complex(re, im)
 
 
 class PhysicsLayer(nn.Module):
