@@ -54,7 +54,16 @@ class TapCallback(Callback):
                              inputs=inputs, gradients=gradients, all_leaves=all_leaves,
                              pairs=dict(pairs or {}))
         if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("RANK", 0)) == 0:
-            self._run = session.resolve(run).run  # writes run + endpoint into os.environ
+            try:
+                self._run = session.resolve(run).run  # writes run + endpoint into os.environ
+            except Exception as e:  # no collector: the fit goes on without telemetry
+                self._give_up(e)
+
+    def _give_up(self, err: Exception) -> None:
+        from client_hooks.engine import warn_once
+
+        warn_once("session", err)
+        self.enabled = False
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -63,7 +72,10 @@ class TapCallback(Callback):
         from client_hooks.engine import Engine
 
         run = self._run or os.environ.get("TENSORTAP_RUN")
-        sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
+        try:
+            sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
+        except Exception as e:
+            return self._give_up(e)
         self._engine = Engine(sender, self._opts)
         model = pl_module.get_submodule(self._watch) if self._watch else pl_module
         self._engine.watch(model, param_hooks=False)

@@ -114,7 +114,8 @@ class Sender:
                     data = data()  # e.g. waits on a CUDA event, then reads a pinned buffer
                 except Exception as e:  # telemetry never raises into training
                     self._warn_once("payload", f"tensortap: a statistic could not be read ({e!r}); dropping it")
-                    self.dropped += 1
+                    with self._lock:  # send() updates it too, from the training thread
+                        self.dropped += 1
                     continue
             recs.append(Record(v=1, run=self.run, rank=self.rank, world=self.world, seq=0, t=t,
                                kind=kind, name=name, step=step, epoch=epoch, data=data))
@@ -134,7 +135,8 @@ class Sender:
                 # give back the unsent seqs: what never left is 'dropped', not a gap
                 lost = len(recs) - done
                 self._seq = first + done
-                self.dropped += lost
+                with self._lock:
+                    self.dropped += lost
                 return
             done += n
             self.sent += n
@@ -204,7 +206,8 @@ class Sender:
             self._send_records(self._records(self._take()), deadline)
         left = len(self._queue)
         self._queue.clear()
-        self.dropped += left
+        with self._lock:
+            self.dropped += left
         bye = self._records([self._event("bye")])
         self._send_records(bye, max(deadline, time.monotonic() + 0.2))
         linger_s = max(0.3, deadline + 0.5 - time.monotonic())

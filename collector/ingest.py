@@ -137,8 +137,9 @@ class Ingest:
             if kind == "events":
                 self.event(st, rec)
             index.add(rec)
-            if kind == "patch_metrics":  # one small JSON document, latest per name
-                self.queue.put(("patch", rec.run, rec.name, rec.rank, encode(rec)), 512, self.stop)
+            if kind == "patch_metrics":  # one small JSON document, latest per name and rank
+                key = rec.name if rec.rank == 0 else f"{rec.name}@rank{rec.rank}"
+                self.queue.put(("patch", rec.run, key, rec.rank, encode(rec)), 512, self.stop)
                 continue
             p = pending.get((rec.run, kind))
             if p is None:

@@ -20,6 +20,20 @@ from collector.index import Index
 from collector.ingest import RCVHWM, Ingest
 
 DIAGNOSE_S = 5.0
+# Live diagnosis re-reads a run's files: only for runs up to this size (the demo's are
+# ~1 MB); larger ones get a note and `tensortap report RUN_DIR` on demand.
+DIAGNOSE_MAX_BYTES = 32 << 20
+
+
+TOO_LARGE = {"rule": "not_diagnosed", "severity": "low", "evidence": {"max_bytes": DIAGNOSE_MAX_BYTES},
+             "hint": "run too large for live diagnosis; run `tensortap report RUN_DIR`"}
+
+
+def run_bytes(run_dir: str) -> int:
+    try:
+        return sum(e.stat().st_size for e in os.scandir(run_dir) if e.name.endswith(".jsonl"))
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -171,8 +185,12 @@ class Collector:
         except ImportError:
             return
         for run in changed:
+            run_dir = os.path.join(self.cfg.out, run)
+            if run_bytes(run_dir) > DIAGNOSE_MAX_BYTES:
+                self.index.run(run).findings = [TOO_LARGE]
+                continue
             try:
-                findings = write_findings(os.path.join(self.cfg.out, run))
+                findings = write_findings(run_dir)
                 self.index.run(run).findings = findings
             except Exception as e:  # a rule bug must not take the collector down
                 print(f"tensortap collector: diagnosis of {run} failed: {e!r}", file=sys.stderr)
