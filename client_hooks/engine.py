@@ -80,8 +80,11 @@ class Engine:
         self._hooks: Optional[_hooks.Hooks] = None
         self._model: Optional[nn.Module] = None
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
-        self._grad_vecs: dict[str, torch.Tensor] = {}
-        self._before: dict[str, list[torch.Tensor]] = {}
+        self._wparams: list[nn.Parameter] = []  # every watched layer's parameters, layer by layer
+        self._widx: dict = {}  # device -> layer index of each entry of _wparams (for index_add_)
+        self._grad_vecs: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (moments, count)
+        self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
+        self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._total: Optional[torch.Tensor] = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -90,6 +93,8 @@ class Engine:
         o = self.opts
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
+        self._wparams = [p for _, ps in self._layers for p in ps]
+        self._widx = {}
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
@@ -116,24 +121,47 @@ class Engine:
         self.batch_in_epoch += 1
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)
-            self._grad_vecs, self._before, self._total = {}, {}, None
+            self._reset_grads()
             if self._hooks is not None:
                 self._hooks.attach()
         return self.capturing
 
+    def _reset_grads(self) -> None:
+        self._grad_vecs, self._wnorms, self._before, self._total = {}, [], [], None
+
     @guarded("gradients")
     def grads_ready(self) -> None:
-        """Gradients are complete and not yet clipped: summarise them, snapshot the weights."""
+        """Gradients are complete and not yet clipped: summarise them, snapshot the weights.
+
+        Per layer: one moments vector of its flat gradient (two kernels on CUDA with Triton).
+        For all layers at once: one foreach norm of the weights and one foreach copy (the
+        snapshot for update_ratio); the total gradient norm is one more foreach norm."""
         if not self.capturing:
             return
-        for name, ps in self._layers:
+        self._grad_vecs = {}
+        for i, (name, ps) in enumerate(self._layers):
             grads = [p.grad for p in ps if p.grad is not None]
             if grads:
-                self._grad_vecs[name] = stats.grad_stats_vector(grads, ps)
-                self._before[name] = [p.detach().clone() for p in ps]
+                count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
+                self._grad_vecs[i] = (stats.grad_moments_vector(grads), count)
+        if self._grad_vecs:
+            ws = [p.detach() for p in self._wparams]
+            self._wnorms = list(torch._foreach_norm(ws))
+            self._before = list(torch._foreach_mul(ws, 1.0))  # exact copies, one foreach launch
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    def _layer_norms(self, norms: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter norms -> per-layer norms (sqrt of the layer's sum of squares), (L,)."""
+        dev = norms[0].device
+        out_dt = torch.float32 if dev.type == "mps" else torch.float64
+        idx = self._widx.get(dev)
+        if idx is None:
+            idx = torch.tensor([i for i, (_, ps) in enumerate(self._layers) for _ in ps], device=dev)
+            self._widx[dev] = idx
+        sq = torch.stack([n.to(dev, out_dt) for n in norms]).square_()
+        return torch.zeros(len(self._layers), dtype=out_dt, device=dev).index_add_(0, idx, sq).sqrt_()
 
     @guarded("step")
     def end_step(self) -> None:
@@ -147,19 +175,28 @@ class Engine:
             self.capturing = True  # backward end was not seen (unused params): read grads now
             self.grads_ready()
             self.capturing = False
-        for name, ps in self._layers:
-            vec = self._grad_vecs.get(name)
-            if vec is None:
-                continue
-            delta = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(ps, self._before[name])])
-            ratio = (delta / vec[8].to(delta.dtype)).reshape(1).to(vec.dtype)
-            count = sum(p.numel() * (2 if p.is_complex() else 1) for p in ps if p.grad is not None)
-            self.capture.add("gradients", name, torch.cat([vec, ratio]), _grad_decoder(count), 500)
+        if self._grad_vecs:
+            self._add_gradients()
         if self._total is not None:
             self.capture.add("gradients", "_total", self._total.to(torch.float64),
                              lambda v: {"norm": v[0]}, 64)
-        self._grad_vecs, self._before, self._total = {}, {}, None
+        self._reset_grads()
         self.capture.flush(self.sender)
+
+    def _add_gradients(self) -> None:
+        """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record."""
+        ws = [p.detach() for p in self._wparams]
+        torch._foreach_sub_(self._before, ws)  # before - after, in place
+        wn = self._layer_norms(self._wnorms)
+        dn = self._layer_norms(list(torch._foreach_norm(self._before)))
+        keys = sorted(self._grad_vecs)
+        rows = torch.stack([self._grad_vecs[i][0] for i in keys])
+        cols = torch.stack([wn, dn / wn], 1)
+        if len(keys) != len(self._layers):
+            cols = cols[torch.tensor(keys, device=cols.device)]
+        mat = torch.cat([rows, cols.to(rows.device, rows.dtype)], 1)
+        for r, i in enumerate(keys):
+            self.capture.add("gradients", self._layers[i][0], mat[r], _grad_decoder(self._grad_vecs[i][1]), 500)
 
     # -- values ----------------------------------------------------------------------------
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
@@ -252,6 +289,6 @@ class Engine:
 
 def _grad_decoder(count: int):
     def decode(v):
-        ratio = v[9]
-        return stats.grad_stats_dict(v[:9], count, ratio if ratio == ratio else None)
+        ratio = v[11]
+        return stats.grad_stats_dict(v[:11], count, ratio if ratio == ratio else None)
     return decode

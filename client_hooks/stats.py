@@ -16,9 +16,12 @@ Complex tensor (or a declared two-channel pair, see `as_complex`):
 An element is finite when both its parts are; nan counts elements with a NaN part, inf those
 with an infinite part (NumPy's isnan/isinf on complex).
 
-Cost: on CPU, two fused reductions (aminmax, var_mean) when every element is finite, plus a
-masked pass only when one is not (CPU ops are synchronous, so looking at the result costs no
-device wait). On an accelerator the masked path always runs (no host read is allowed there).
+Cost: on CPU, aminmax first; when every element is finite, a sum and a sum of squared
+deviations (no var_mean: its CPU Welford kernel is ~15x slower than two cascade sums); a
+masked pass only when an element is not finite (CPU ops are synchronous, so looking at the
+result costs no device wait). On CUDA with Triton, a real tensor costs two kernel launches
+(client_hooks.fused: per-block partials, then a Chan merge); otherwise (complex, integer, no
+Triton, other accelerators) the masked torch path runs (no host read is allowed there).
 """
 from __future__ import annotations
 
@@ -45,11 +48,25 @@ def _out_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
 
 
+def _mean_std(x: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, population std) of 1-D `x` taken as `n` elements (x already zero where ignored
+    is NOT assumed: callers pass the values to average). Two passes, exact to rounding.
+
+    CPU: sum, then the sum of squared deviations (torch's CPU sum is a cascade sum, so this is
+    as accurate as var_mean and ~15x faster than its Welford kernel); elsewhere one var_mean."""
+    if x.device.type == "cpu":
+        mean = x.sum() / n
+        d = x - mean
+        return mean, (d.mul_(d).sum() / n).sqrt()
+    var, mean = torch.var_mean(x, correction=0)
+    return mean, var.sqrt()
+
+
 def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Tensor) -> list[torch.Tensor]:
     """(min, max, mean, std) of each 1-D tensor in `parts` over the elements where `fin`.
 
     Non-finite elements are replaced by the finite mean: that leaves min, max and every
-    deviation from the mean unchanged, so one var_mean and one aminmax do the rest (few
+    deviation from the mean unchanged, so one mean/std and one aminmax do the rest (few
     kernels: on an accelerator their launch cost is what a capture costs)."""
     cnt = nfin.clamp(min=1).to(parts[0].dtype)
     scale = fin.numel() / cnt
@@ -57,9 +74,9 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
     for x in parts:
         mean = torch.where(fin, x, 0).sum() / cnt
         xr = torch.where(fin, x, mean)
-        var, _ = torch.var_mean(xr, correction=0)
+        _, std = _mean_std(xr, xr.numel())
         mn, mx = torch.aminmax(xr)
-        out += [mn, mx, mean, (var * scale).sqrt()]
+        out += [mn, mx, mean, std * scale.sqrt()]
     return out
 
 
@@ -67,28 +84,28 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
     """Unmasked (min, max, mean, std) per part, or None when an element is not finite.
 
     CPU only: finite min and max of every part imply every element is finite (NaN propagates
-    through aminmax, +-Inf becomes the max/min)."""
-    out, ends = [], []
-    for x in parts:
-        mn, mx = torch.aminmax(x)
-        var, mean = torch.var_mean(x, correction=0)
-        out += [mn, mx, mean, var.sqrt()]
-        ends += [mn, mx]
-    # host read of a CPU scalar (training thread): CPU kernels already ran, nothing to wait for
-    if not bool(torch.isfinite(torch.stack(ends)).all()):
+    through aminmax, +-Inf becomes the max/min). The extremes are looked at first, so a
+    tensor with a non-finite element costs one pass before the masked path."""
+    ext = [torch.aminmax(x) for x in parts]
+    # host read of CPU scalars (training thread): CPU kernels already ran, nothing to wait for
+    if not all(math.isfinite(v) for v in torch.stack([e for mm in ext for e in mm]).tolist()):
         return None
+    out = []
+    for x, (mn, mx) in zip(parts, ext):
+        mean, std = _mean_std(x, x.numel())
+        out += [mn, mx, mean, std]
     return out
 
 
 def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Optional[torch.Tensor]]:
     """(moments, [nnan, ninf, nfinite], finite mask or None when all finite) for parts of x.
 
-    Complex: an element can be both NaN and Inf (nan+infj), so the counts are separate."""
+    Complex: an element can be both NaN and Inf (nan+infj), so the counts are separate.
+    All finite (CPU fast path): the counts are plain Python numbers."""
     if x.device.type == "cpu":
         fast = _fast_moments(parts)
         if fast is not None:
-            z = torch.zeros((), dtype=parts[0].dtype)
-            return fast, [z, z, z + x.numel()], None
+            return fast, [0, 0, x.numel()], None
     fin = torch.isfinite(x)
     nfin = fin.sum(dtype=torch.float64)
     nnan = torch.isnan(x).sum(dtype=torch.float64)
@@ -98,6 +115,67 @@ def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Op
     return _masked_moments(parts, fin, nfin), counts, fin
 
 
+def _vec(vals: list, out_dt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One 1-D tensor of scalar tensors and Python numbers (the numbers need no kernel)."""
+    if all(isinstance(v, torch.Tensor) for v in vals):
+        return torch.stack(vals).to(out_dt)
+    pieces, run = [], []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            run.append(v)
+            continue
+        if run:
+            pieces.append(torch.stack(run).to(out_dt))
+            run = []
+        pieces.append(torch.tensor([float(v)], dtype=out_dt, device=device))
+    if run:
+        pieces.append(torch.stack(run).to(out_dt))
+    return torch.cat(pieces)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_fused_state: dict = {}  # "mod": the Triton module, or "off": why it is not used
+
+
+def _fused(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """CUDA + Triton: [nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] of real
+    1-D `x` in two kernel launches (client_hooks.fused); None where it does not apply.
+    Triton is imported here, lazily, on the first CUDA tensor only (never on CPU)."""
+    if x.device.type != "cuda" or x.dtype not in _FLOATS or x.numel() == 0 or "off" in _fused_state:
+        return None
+    mod = _fused_state.get("mod")
+    if mod is None:
+        try:
+            from client_hooks import fused as mod
+        except Exception as e:  # no Triton: the torch path
+            _fused_state["off"] = repr(e)
+            return None
+        _fused_state["mod"] = mod
+    try:
+        return mod.stats10(x)
+    except Exception as e:  # a Triton failure must not cost the statistics: torch path for good
+        _fused_state["off"] = repr(e)
+        return None
+
+
+def _real10(x: torch.Tensor, extra: bool) -> torch.Tensor:
+    """Real 1-D x (any dtype): [nan, inf, nfinite, min, max, mean, std] and, with `extra`,
+    + [nzero, norm, max_abs]; norm and max_abs are over the finite elements."""
+    f = _fused(x)
+    if f is not None:
+        return f if extra else f[:7]
+    out_dt = _out_dtype(x.device)
+    x = x.to(acc_dtype(x.dtype))
+    (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x)
+    vals = [nnan, ninf, nfin, mn, mx, mean, std]
+    if extra:
+        nzero = x.numel() - torch.count_nonzero(x)  # NaN counts as non-zero, as it should
+        nf = nfin if isinstance(nfin, torch.Tensor) else torch.tensor(float(nfin), dtype=torch.float64)
+        norm = (nf * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements
+        vals += [nzero, norm, torch.maximum(mn.abs(), mx.abs())]
+    return _vec(vals, out_dt, x.device)
+
+
 def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
     """Real: [nan, inf, nfinite, min, max, mean, std]; complex: [nan, inf, nfinite] + 4 x
     (min, max, mean, std) for real, imag, abs, angle. Empty input: an empty vector."""
@@ -105,15 +183,13 @@ def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
     out_dt = _out_dtype(x.device)
     if x.numel() == 0:
         return torch.empty(0, dtype=out_dt, device=x.device)
-    if x.is_complex():
-        x = x.to(torch.complex128 if x.dtype == torch.complex128 else torch.complex64)
-        ri = torch.view_as_real(x)
-        parts = [ri[:, 0], ri[:, 1], x.abs(), x.angle()]
-    else:
-        x = x.to(acc_dtype(x.dtype))
-        parts = [x]
+    if not x.is_complex():
+        return _real10(x, extra=False)
+    x = x.to(torch.complex128 if x.dtype == torch.complex128 else torch.complex64)
+    ri = torch.view_as_real(x)
+    parts = [ri[:, 0], ri[:, 1], x.abs(), x.angle()]
     moments, counts, _ = _moments(parts, x)
-    return torch.cat([torch.stack(counts).to(out_dt), torch.stack(moments).to(out_dt)])
+    return _vec(counts + moments, out_dt, x.device)
 
 
 def _part(vals: list[float], ok: bool) -> dict:
@@ -152,37 +228,41 @@ def as_complex(t: torch.Tensor, pair: str, dim: int = 1) -> torch.Tensor:
 # -- gradients ------------------------------------------------------------------------------
 GRAD_KEYS = ("count", "mean", "std", "norm", "max_abs", "nan", "inf", "zero_frac",
              "weight_norm", "update_ratio")
+# a layer's gradient vector: grad_moments_vector's 10 values, then weight_norm (11 in all)
+GRAD_VEC = ("nan", "inf", "nfinite", "min", "max", "mean", "std", "nzero", "norm", "max_abs",
+            "weight_norm")
 
 
 def _flat_real(ts: list[torch.Tensor]) -> torch.Tensor:
     flat = [torch.view_as_real(g).reshape(-1) if g.is_complex() else g.reshape(-1) for g in ts]
-    x = flat[0] if len(flat) == 1 else torch.cat(flat)
-    return x.detach().to(acc_dtype(x.dtype))
+    return (flat[0] if len(flat) == 1 else torch.cat(flat)).detach()
+
+
+def grad_moments_vector(grads: list[torch.Tensor]) -> torch.Tensor:
+    """[nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] of a layer's gradients
+    (all its parameters' grads as one flat real vector; complex as (re, im) pairs); moments,
+    norm and max_abs over the finite elements."""
+    return _real10(_flat_real(grads), extra=True)
 
 
 def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    """[nan, inf, nfinite, mean, std, norm, max_abs, nzero, weight_norm] of a layer's gradients
-    (all its parameters' grads as one flat real vector; complex as (re, im) pairs)."""
-    g = _flat_real(grads)
-    (mn, mx, mean, std), (nnan, ninf, nfin), fin = _moments([g], g)
-    norm = (nfin * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements
-    max_abs = torch.maximum(mn.abs(), mx.abs())
-    nzero = (g == 0).sum()
+    """grad_moments_vector + [weight_norm] (the layout GRAD_VEC). The engine computes the
+    weight norms of all layers at once instead (one foreach norm)."""
+    g = grad_moments_vector(grads)
     wnorm = torch.nn.utils.get_total_norm([w.detach() for w in weights])
-    out_dt = _out_dtype(g.device)
-    vals = [nnan, ninf, nfin, mean, std, norm, max_abs, nzero, wnorm]
-    return torch.stack([v.to(out_dt) for v in vals])
+    return torch.cat([g, wnorm.reshape(1).to(g.dtype)])
 
 
 def grad_stats_dict(vals: list[float], count: int, update_ratio: Optional[float]) -> dict:
-    """The gradients payload (sender thread). Statistics are over finite gradient elements."""
+    """The gradients payload (sender thread) from GRAD_VEC values. Statistics are over finite
+    gradient elements."""
     nan, inf, nfin = int(vals[0]), int(vals[1]), int(vals[2])
     ok = nfin > 0
     f = (lambda v: float(v) if ok else None)
-    return {"count": count, "mean": f(vals[3]), "std": f(vals[4]), "norm": f(vals[5]),
-            "max_abs": f(vals[6]), "nan": nan, "inf": inf,
+    return {"count": count, "mean": f(vals[5]), "std": f(vals[6]), "norm": f(vals[8]),
+            "max_abs": f(vals[9]), "nan": nan, "inf": inf,
             "zero_frac": (vals[7] / count) if count else None,
-            "weight_norm": float(vals[8]), "update_ratio": update_ratio}
+            "weight_norm": float(vals[10]), "update_ratio": update_ratio}
 
 
 # -- patch metrics --------------------------------------------------------------------------

@@ -10,15 +10,7 @@ import torch
 from torch import nn
 
 from client_hooks import Tap
-
-
-def hook_counts(model: nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-    for p in model.parameters():
-        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
-    return n
+from tests.client_hooks.lightning_app import hook_counts
 
 
 def small_cnn():
