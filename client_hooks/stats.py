@@ -26,6 +26,7 @@ Triton, other accelerators) the masked torch path runs (no host read is allowed 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -80,20 +81,33 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
     return out
 
 
-def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
-    """Unmasked (min, max, mean, std) per part, or None when an element is not finite.
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
+    """Unmasked (min, max, mean, std) per part as Python floats, or None when an element is
+    not finite.
 
     CPU only: finite min and max of every part imply every element is finite (NaN propagates
-    through aminmax, +-Inf becomes the max/min). The extremes are looked at first, so a
-    tensor with a non-finite element costs one pass before the masked path."""
-    ext = [torch.aminmax(x) for x in parts]
-    # host read of CPU scalars (training thread): CPU kernels already ran, nothing to wait for
-    if not all(math.isfinite(v) for v in torch.stack([e for mm in ext for e in mm]).tolist()):
+    through aminmax, +-Inf becomes the max/min). Host reads of CPU scalars cost no device wait
+    (CPU kernels have already run), so the scalar arithmetic is done in Python float64 rather
+    than as a dozen tiny tensor ops. Per part: aminmax, a sum, and the sum of squared
+    deviations (x - mean)^2 (torch's CPU sum is a cascade sum: var_mean's accuracy at a
+    fraction of its Welford kernel's time)."""
+    ext = torch.stack([e for x in parts for e in torch.aminmax(x)]).tolist()
+    if not all(math.isfinite(v) for v in ext):
         return None
+    sums = torch.stack([x.sum() for x in parts]).tolist()
     out = []
-    for x, (mn, mx) in zip(parts, ext):
-        mean, std = _mean_std(x, x.numel())
-        out += [mn, mx, mean, std]
+    for i, x in enumerate(parts):
+        n = x.numel()
+        mean = sums[i] / n
+        d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
+        m2 = d.mul_(d).sum().item()
+        if x.dtype == torch.float32:
+            m2 = max(0.0, m2 - n * (_f32(mean) - mean) ** 2)
+        out += [ext[2 * i], ext[2 * i + 1], mean, math.sqrt(m2 / n)]
     return out
 
 
@@ -119,6 +133,8 @@ def _vec(vals: list, out_dt: torch.dtype, device: torch.device) -> torch.Tensor:
     """One 1-D tensor of scalar tensors and Python numbers (the numbers need no kernel)."""
     if all(isinstance(v, torch.Tensor) for v in vals):
         return torch.stack(vals).to(out_dt)
+    if not any(isinstance(v, torch.Tensor) for v in vals):
+        return torch.tensor([float(v) for v in vals], dtype=out_dt, device=device)
     pieces, run = [], []
     for v in vals:
         if isinstance(v, torch.Tensor):
@@ -168,7 +184,10 @@ def _real10(x: torch.Tensor, extra: bool) -> torch.Tensor:
     x = x.to(acc_dtype(x.dtype))
     (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x)
     vals = [nnan, ninf, nfin, mn, mx, mean, std]
-    if extra:
+    if extra and not isinstance(std, torch.Tensor):  # CPU, all finite: Python floats
+        nzero = x.numel() - torch.count_nonzero(x).item()
+        vals += [nzero, math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
+    elif extra:
         nzero = x.numel() - torch.count_nonzero(x)  # NaN counts as non-zero, as it should
         nf = nfin if isinstance(nfin, torch.Tensor) else torch.tensor(float(nfin), dtype=torch.float64)
         norm = (nf * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements

@@ -40,45 +40,87 @@ def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[st
 
 
 class Series:
-    __slots__ = ("step", "t", "stats", "n", "stride")
+    """One (kind, name) series, row-major: rows = [step, t, v_0 .. v_k-1, step, t, ...] with
+    v_j the statistic keys[j]. A payload whose keys are already its flat numeric statistics
+    (gradients, metrics) is appended with one array construction; others are flattened."""
+
+    __slots__ = ("keys", "col", "width", "rows", "sig", "n", "stride")
 
     def __init__(self) -> None:
-        self.step = array("d")
-        self.t = array("d")
-        self.stats: dict[str, array] = {}
+        self.keys: list[str] = []
+        self.col: dict[str, int] = {}  # stat -> index in a row (2 + j)
+        self.width = 2
+        self.rows = array("d")
+        self.sig: Optional[tuple] = None  # payload keys that take the fast path
         self.n = 0  # points appended so far (before thinning)
         self.stride = 1  # keep every stride-th point once thinned
 
-    def add(self, step: float, t: float, flat: dict[str, float]) -> None:
+    def add(self, step: float, t: float, data: dict) -> None:
         self.n += 1
         if self.n % self.stride:
             return
-        i = len(self.step)
-        self.step.append(step)
-        self.t.append(t)
-        for k, v in flat.items():
-            col = self.stats.get(k)
-            if col is None:
-                col = self.stats[k] = array("d", [math.nan]) * i
-            elif len(col) < i:  # a stat missing from earlier records
-                col.extend([math.nan] * (i - len(col)))
-            col.append(v)
-        if len(self.step) >= MAX_POINTS:
+        if self.sig is not None and tuple(data) == self.sig:
+            vals = [step, t, *data.values()]
+            if None in vals:
+                vals = [math.nan if v is None else v for v in vals]
+            try:
+                self.rows.extend(array("d", vals))
+            except TypeError:  # a value of another type this time: flatten it
+                self._add_flat(step, t, data)
+        else:
+            self._add_flat(step, t, data)
+        if len(self.rows) >= MAX_POINTS * self.width:
             self._thin()
 
+    def _add_flat(self, step: float, t: float, data: dict) -> None:
+        flat = flatten(data)
+        if not self.keys and self.sig is None:
+            self.sig = tuple(data) if list(data) == list(flat) else ()
+        new = [k for k in flat if k not in self.col]
+        if new:
+            self._widen(new)
+        row = [math.nan] * self.width
+        row[0], row[1] = step, t
+        for k, v in flat.items():
+            row[self.col[k]] = v
+        self.rows.extend(array("d", row))
+
+    def _widen(self, new: list[str]) -> None:
+        """New statistics: every earlier row gets NaN for them (rare: schema changes)."""
+        old_w, rows = self.width, self.rows
+        w = old_w + len(new)
+        out = array("d")
+        pad = array("d", [math.nan] * len(new))
+        for i in range(0, len(rows), old_w):
+            out.extend(rows[i:i + old_w])
+            out.extend(pad)
+        for k in new:
+            self.col[k] = 2 + len(self.keys)
+            self.keys.append(k)
+        self.rows, self.width = out, w
+        if self.sig and set(self.sig) != set(self.keys):
+            self.sig = ()
+
     def _thin(self) -> None:
-        self.step = self.step[::2]
-        self.t = self.t[::2]
-        self.stats = {k: c[::2] for k, c in self.stats.items()}
+        w, rows, out = self.width, self.rows, array("d")
+        for i in range(0, len(rows), 2 * w):
+            out.extend(rows[i:i + w])
+        self.rows = out
         self.stride *= 2
 
-    def column(self, stat: str) -> array:
-        col = self.stats.get(stat)
-        if col is None:
-            return array("d")
-        if len(col) < len(self.step):
-            col.extend([math.nan] * (len(self.step) - len(col)))
-        return col
+    def snapshot(self) -> tuple[array, int, dict[str, int], int]:
+        """(rows, width, stat -> row index, points), consistent for a reader thread."""
+        rows, w = self.rows, self.width
+        col = dict(self.col)
+        if w != self.width:  # widened meanwhile: take it again
+            return self.snapshot()
+        return rows, w, col, len(rows) // w
+
+    def points(self) -> int:
+        return len(self.rows) // self.width
+
+    def stats(self) -> list[str]:
+        return sorted(self.col)
 
 
 class RunIndex:
@@ -116,10 +158,10 @@ class RunIndex:
                 self.dropped_series += 1
                 return
             s = self.series[key] = Series()
-        flat = flatten(rec.data)
         step = rec.step if rec.step is not None else s.n
-        s.add(step, rec.t, flat)
-        self.recent.append((self.count, kind, rec.name, rec.rank, step, rec.t, flat))
+        s.add(step, rec.t, rec.data)
+        # the payload as it came: flattened only if a live view asks (`since`)
+        self.recent.append((self.count, kind, rec.name, rec.rank, step, rec.t, rec.data))
 
     # -- reads ----------------------------------------------------------------------------
     def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:
@@ -129,7 +171,7 @@ class RunIndex:
     def streams(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = collections.defaultdict(list)
         for (kind, name), s in list(self.series.items()):
-            out[kind].append({"name": name, "points": len(s.step), "stats": sorted(s.stats)})
+            out[kind].append({"name": name, "points": s.points(), "stats": s.stats()})
         return dict(out)
 
     def get_series(self, kind: str, name: str, stat: str, since: int = 0,
@@ -138,18 +180,20 @@ class RunIndex:
         s = self.series.get((kind, name))
         if s is None:
             return None
-        n = len(s.step)
+        rows, w, col, n = s.snapshot()
         since = min(since, n)
         end = min(n, since + limit)
-        col = s.column(stat)
+        lo, hi = since * w, end * w
+        j = col.get(stat)
+        values = rows[lo + j:hi:w] if j is not None else [math.nan] * (end - since)
         return {"kind": kind, "name": name, "stat": stat, "since": since, "next": end,
-                "total": n, "step": s.step[since:end].tolist(), "t": s.t[since:end].tolist(),
-                "value": [None if v != v else v for v in col[since:end]]}
+                "total": n, "step": rows[lo:hi:w].tolist(), "t": rows[lo + 1:hi:w].tolist(),
+                "value": [None if v != v else v for v in values]}
 
     def series_stats(self, kind: str, name: str) -> Optional[list[str]]:
         """Statistic names of one series; None when (kind, name) is unknown."""
         s = self.series.get((kind, name))
-        return None if s is None else sorted(s.stats)
+        return None if s is None else s.stats()
 
     def kind_series(self, kind: str, stats: Iterable[str], points: int = 2_000) -> dict[str, dict]:
         """Every series of one kind, each stat decimated to at most ~`points` (every k-th point
@@ -159,18 +203,16 @@ class RunIndex:
         for (k, name), s in list(self.series.items()):
             if k != kind:
                 continue
-            steps, ts, cols = s.step, s.t, s.stats  # one snapshot: thinning swaps these objects
-            n = min(len(steps), len(ts))
+            rows, w, col, n = s.snapshot()
             stride = max(1, -(-n // max(1, points)))
             keep = list(range(0, n, stride))
             if n and keep[-1] != n - 1:
                 keep.append(n - 1)  # the newest point too
-            row = {"step": [steps[i] for i in keep], "t": [ts[i] for i in keep]}
+            row = {"step": [rows[i * w] for i in keep], "t": [rows[i * w + 1] for i in keep]}
             for stat in stats:
-                col = cols.get(stat)
-                if col is not None:
-                    m = len(col)
-                    row[stat] = [col[i] if i < m else math.nan for i in keep]
+                j = col.get(stat)
+                if j is not None:
+                    row[stat] = [rows[i * w + j] for i in keep]
             out[name] = row
         return out
 
@@ -184,6 +226,7 @@ class RunIndex:
         """Recent records after `cursor` (for live updates): (new cursor, [(i, kind, name,
         rank, step, t, flat_stats), ...]). Older than the ring: starts at the ring's oldest."""
         items = [it for it in list(self.recent) if it[0] > cursor][:limit]
+        items = [(*it[:6], flatten(it[6])) for it in items]
         return (items[-1][0] if items else max(cursor, 0)), items
 
 
