@@ -185,7 +185,20 @@ def main(argv=None) -> int:
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
     os.replace(tmp, os.path.join(a.output_dir, "metrics.json"))
+    print(f"metrics: {os.path.join(a.output_dir, 'metrics.json')}", flush=True)
+    telemetry_note([r["run"] for r in results.values() if r["run"]])
     return 0
+
+
+def telemetry_note(runs: list[str]) -> None:
+    """Where the telemetry went and how to look at it once training (and the embedded
+    collector with its live view) has ended."""
+    if not runs:
+        return
+    root = os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")
+    for run in runs:
+        print(f"telemetry: {os.path.join(root, run)}   (diagnosis: tensortap report {os.path.join(root, run)})")
+    print(f"view the stored runs in the browser: tensortap serve {root}", flush=True)
 
 
 if __name__ == "__main__":
