@@ -6,6 +6,7 @@ manifests, diagnose, stop the web server.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -67,6 +68,11 @@ class Collector:
         from collector import faults
 
         faults.install()  # no-op unless a TENSORTAP_FAULT_* variable is set (tests)
+        # The ingest path allocates ~10 objects a record and the index keeps many alive:
+        # with the default thresholds the cyclic GC rescans them every few hundred records
+        # (measured: batched ingest 4.7 -> 2.5 us a record). Objects from start-up are frozen.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         if self.cfg.zmq:
             self.ingest = Ingest(self.cfg.out, self.index, max_frame=self.cfg.max_frame,
                                  queue_bytes=self.cfg.queue_bytes, on_run_changed=self._changed.add)

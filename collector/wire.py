@@ -130,7 +130,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
     if len(frame) > max_bytes:
         raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        if frame[:1] == b"[" or frame.lstrip()[:1] == b"[":
+        if frame.startswith(b"[") or frame.lstrip().startswith(b"["):
             recs = _decode_batch(frame)
             if not recs:
                 raise WireError("empty batch")
