@@ -141,7 +141,7 @@ def speed(device: str) -> None:
             print(f"speed {path:5s} {name}: {wall * 1e6:.0f} us/call wall, {cpu * 1e6:.0f} us/call host")
 
 
-def launches(device: str, steps: int = 5) -> None:
+def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batch: int = 64) -> None:
     """GPU kernels per training step, demo FNO (width 64, modes 16, batch 64), none vs every_step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import overhead as B
@@ -151,10 +151,10 @@ def launches(device: str, steps: int = 5) -> None:
         endpoint, proc = B.start_collector(tmp)
         os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="fused-check")
         torch.manual_seed(0)
-        base = B.build_fno(64, 16)
+        base = B.build_fno(width, modes)
         g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(64, 1, 64, 64, generator=g).to(device),
-                    torch.randn(64, 2, 64, 64, generator=g).to(device)) for _ in range(steps)]
+        batches = [(torch.randn(batch, 1, 64, 64, generator=g).to(device),
+                    torch.randn(batch, 2, 64, 64, generator=g).to(device)) for _ in range(steps)]
         for name in ("none", "every_step"):
             v = B.make_variant(name, base, device, 1e-4)
             B.run_epoch(v, batches, device)  # warm-up (Triton compiles here)

@@ -18,7 +18,7 @@ import time
 from array import array
 from typing import Any, Iterable, Optional
 
-MAX_POINTS = 20_000
+MAX_POINTS = 10_000
 MAX_SERIES = 4_096
 RECENT = 20_000
 FULL_KINDS = ("loader_stats", "patch_metrics", "events")
