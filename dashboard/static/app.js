@@ -133,7 +133,7 @@ function onLive(msg) {
 // A plotly redraw costs about the same for 1 or 500 new points, so redraws are spaced: at
 // least MIN_FRAME_MS apart, and the page spends at most about half its time drawing (a busy
 // main thread would leave server-sent events queued, which is worse for latency).
-const MIN_FRAME_MS = 50;
+const MIN_FRAME_MS = 30;
 
 function requestDraw() {
   if (S.flushing) { S.again = true; return; }

@@ -44,7 +44,7 @@ const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2
   "#db2777", "#4b5563", "#65a30d"];
 // Points per trace kept while live: past it a trace is thinned 2:1 (the whole history stays
 // visible at half the resolution), so the cost of a redraw stays bounded.
-const LIVE_CAP = 2000;
+const LIVE_CAP = 300;
 const HIDDEN_MS = 2000;
 
 // A plotly chart whose traces are keyed by a string. New traces and new points are queued
