@@ -147,30 +147,33 @@ def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batc
     import overhead as B
     from torch.profiler import ProfilerActivity, profile
 
+    acts = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]  # CPU: dry run
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = B.start_collector(tmp)
-        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="fused-check")
-        torch.manual_seed(0)
-        base = B.build_fno(width, modes)
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(batch, 1, 64, 64, generator=g).to(device),
-                    torch.randn(batch, 2, 64, 64, generator=g).to(device)) for _ in range(steps)]
-        for name in ("none", "every_step"):
-            v = B.make_variant(name, base, device, 1e-4)
-            B.run_epoch(v, batches, device)  # warm-up (Triton compiles here)
-            with profile(activities=[ProfilerActivity.CUDA]) as p:
-                B.run_epoch(v, batches, device)
-            n = sum(e.count for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-            print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies)")
-            if v["tap"] is not None:
-                v["tap"].close()
-        from client_hooks import session
+        try:
+            os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="fused-check")
+            torch.manual_seed(0)
+            base = B.build_fno(width, modes)
+            g = torch.Generator().manual_seed(1)
+            batches = [(torch.randn(batch, 1, 64, 64, generator=g).to(device),
+                        torch.randn(batch, 2, 64, 64, generator=g).to(device)) for _ in range(steps)]
+            for name in ("none", "every_step"):
+                v = B.make_variant(name, base, device, 1e-4)
+                B.run_epoch(v, batches, device)  # warm-up (Triton compiles here)
+                with profile(activities=acts) as p:
+                    B.run_epoch(v, batches, device)
+                n = sum(e.count for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+                print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies)")
+                if v["tap"] is not None:
+                    v["tap"].close()
+            from client_hooks import session
 
-        for s in list(session._senders.values()):
-            s.close()
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+            for s in list(session._senders.values()):
+                s.close()
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
 
 
 def main() -> None:

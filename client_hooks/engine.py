@@ -153,15 +153,21 @@ class Engine:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
 
     def _layer_norms(self, norms: list[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter norms -> per-layer norms (sqrt of the layer's sum of squares), (L,)."""
+        """Per-parameter norms (k lists of len(_wparams), concatenated) -> per-layer norms
+        (sqrt of each layer's sum of squares), shape (k * L,): one stack, one index_add_."""
         dev = norms[0].device
         out_dt = torch.float32 if dev.type == "mps" else torch.float64
-        idx = self._widx.get(dev)
+        k = len(norms) // len(self._wparams)
+        idx = self._widx.get((dev, k))
         if idx is None:
-            idx = torch.tensor([i for i, (_, ps) in enumerate(self._layers) for _ in ps], device=dev)
-            self._widx[dev] = idx
-        sq = torch.stack([n.to(dev, out_dt) for n in norms]).square_()
-        return torch.zeros(len(self._layers), dtype=out_dt, device=dev).index_add_(0, idx, sq).sqrt_()
+            per = [i for i, (_, ps) in enumerate(self._layers) for _ in ps]
+            idx = torch.tensor([j * len(self._layers) + i for j in range(k) for i in per], device=dev)
+            self._widx[(dev, k)] = idx
+        if all(n.dtype == norms[0].dtype and n.device == dev for n in norms):
+            sq = torch.stack(norms).to(out_dt).square_()
+        else:  # mixed dtypes or devices: one conversion each
+            sq = torch.stack([n.to(dev, out_dt) for n in norms]).square_()
+        return torch.zeros(k * len(self._layers), dtype=out_dt, device=dev).index_add_(0, idx, sq).sqrt_()
 
     @guarded("step")
     def end_step(self) -> None:
@@ -187,8 +193,7 @@ class Engine:
         """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record."""
         ws = [p.detach() for p in self._wparams]
         torch._foreach_sub_(self._before, ws)  # before - after, in place
-        wn = self._layer_norms(self._wnorms)
-        dn = self._layer_norms(list(torch._foreach_norm(self._before)))
+        wn, dn = self._layer_norms(self._wnorms + list(torch._foreach_norm(self._before))).chunk(2)
         keys = sorted(self._grad_vecs)
         rows = torch.stack([self._grad_vecs[i][0] for i in keys])
         cols = torch.stack([wn, dn / wn], 1)
