@@ -76,7 +76,9 @@ def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possib
     start = time.monotonic()
     try:
         t0 = body[0].t if body else 0.0
-        for rec in body:
+        from tqdm import tqdm  # a progress bar on a terminal only
+
+        for rec in tqdm(body, unit="rec", desc="replay", disable=not sys.stderr.isatty(), leave=False):
             if not as_fast_as_possible:
                 ahead = start + (rec.t - t0) / speed - time.monotonic()
                 if ahead > 0.001:
