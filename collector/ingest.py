@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Optional
 
-from collector.store import RunFiles, atomic_write_json, rejected_line
+from collector.store import REJECTED_CAP_BYTES, RunFiles, atomic_write_json, rejected_line
 from collector.wire import MAX_FRAME_BYTES, STREAM_FILES, WireError, decode, encode, encode_lines, valid_run_id
 
 import msgspec
@@ -217,7 +217,7 @@ class Ingest:
             else:
                 rf = self.runs[run]
                 rf.rejected += 1
-                if rf.rejected_bytes + len(line) <= 16 << 20:
+                if rf.rejected_bytes + len(line) <= REJECTED_CAP_BYTES:
                     self._write(rf.fd("rejected.jsonl"), line)
                     rf.rejected_bytes += len(line)
                 self._dirty.add(run)
@@ -275,7 +275,7 @@ class Ingest:
         self._root_rejects += 1
         path = os.path.join(self.root, "_rejected.jsonl")
         try:
-            if os.path.exists(path) and os.path.getsize(path) > 16 << 20:
+            if os.path.exists(path) and os.path.getsize(path) + len(line) > REJECTED_CAP_BYTES:
                 return
             with open(path, "ab") as f:
                 f.write(line)

@@ -23,7 +23,8 @@ import msgspec
 
 from collector.wire import STREAM_FILES
 
-REJECTED_CAP_BYTES = 16 << 20  # per rejected.jsonl; beyond it, frames are only counted
+# per rejected.jsonl; beyond it, frames are only counted (TENSORTAP_REJECTED_CAP, bytes)
+REJECTED_CAP_BYTES = int(os.environ.get("TENSORTAP_REJECTED_CAP", 16 << 20))
 HEAD_CHARS = 200  # how much of a rejected frame is kept, as text
 
 
@@ -102,9 +103,9 @@ class RunFiles:
         self.ranks: dict[int, RankState] = {}
         self.patch: dict[str, dict] = {}
         self.rejected = 0
-        self.rejected_bytes = 0
         self.created = time.time()
-        self.dirty = False
+        rej = os.path.join(self.dir, "rejected.jsonl")
+        self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
         self._recover()
 
     def _recover(self) -> None:
@@ -116,6 +117,7 @@ class RunFiles:
                 with open(mpath, "rb") as f:
                     old = msgspec.json.decode(f.read())
                 self.created = old.get("created", self.created)
+                self.rejected = old.get("rejected", 0)
             except (msgspec.DecodeError, OSError):
                 old = {}
         seen: dict[int, list[int]] = {}

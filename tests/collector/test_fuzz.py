@@ -135,3 +135,32 @@ def test_a_real_collector_survives_a_burst_of_fuzzed_frames(tmp_path_factory, sa
             for f in d.iterdir():
                 if f.suffix == ".jsonl":
                     read_jsonl(f)  # every stored line parses
+
+
+def test_rejected_files_stop_growing_at_their_cap_but_every_frame_is_counted(tmp_path):
+    cap = 4096
+    col = CollectorProc(str(tmp_path / "out"), http=True, env={"TENSORTAP_REJECTED_CAP": str(cap)})
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(col.endpoint)
+    n = 200
+    try:
+        for i in range(n):
+            sock.send(b"garbage frame %d " % i + b"x" * 300)  # no run id: the root file
+            sock.send(b'{"v":1,"run":"capped","rank":"bad","seq":%d}' % i)  # the run's file
+        sock.close()
+
+        def counted():
+            with urllib.request.urlopen(col.http + "api/health", timeout=5) as r:
+                return json.load(r)["rejected"] == 2 * n
+        assert wait_for(counted, 15)
+    finally:
+        assert col.stop() == 0
+    root_log = tmp_path / "out" / "_rejected.jsonl"
+    run_log = tmp_path / "out" / "capped" / "rejected.jsonl"
+    for log in (root_log, run_log):
+        assert 0 < log.stat().st_size <= cap
+        assert len(read_jsonl(log)) < n  # capped, and what is there parses
+    m = json.loads((tmp_path / "out" / "capped" / "manifest.json").read_text())
+    assert m["rejected"] == n  # counted even when no longer written
