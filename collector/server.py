@@ -61,6 +61,7 @@ class Collector:
         self.http_url: Optional[str] = None
         self.zmq_endpoint: Optional[str] = None
         self._changed: set[str] = set()
+        self._diagnosed: dict[str, tuple[float, float]] = {}  # run -> (last start, seconds)
         self._http_server = None
 
     # -- start ----------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class Collector:
         gc.set_threshold(50_000, 20, 100)
         if self.cfg.zmq:
             self.ingest = Ingest(self.cfg.out, self.index, max_frame=self.cfg.max_frame,
-                                 queue_bytes=self.cfg.queue_bytes, on_run_changed=self._changed.add)
+                                 queue_bytes=self.cfg.queue_bytes,
+                                 on_run_changed=lambda run: self._changed.add(run))  # the current set
             self.index.health = self.ingest.health
             self._bind_zmq()
             self._spawn("tensortap-ingest", self._ingest_loop)
@@ -184,22 +186,34 @@ class Collector:
             self.diagnose()
 
     def diagnose(self, runs=None) -> None:
-        """Re-run the rules on runs that changed; findings.json + the index. Never raises."""
-        changed, self._changed = (set(runs) if runs is not None else self._changed), set()
+        """Re-run the rules on runs that changed; findings.json + the index. Never raises.
+
+        Live (runs=None), a run is diagnosed again only after DIAGNOSE_S and at least 20x
+        its last diagnosis took: re-reading a growing run must not take a core from the
+        training next to it. At shutdown (runs given) every run is diagnosed once more."""
+        final = runs is not None
+        changed, self._changed = (set(runs) if final else self._changed), set()
         try:
             from collector.diagnosis import write_findings
         except ImportError:
             return
+        now = time.monotonic()
         for run in changed:
+            last_t, took = self._diagnosed.get(run, (-1e9, 0.0))
+            if not final and now - last_t < max(DIAGNOSE_S, 20 * took):
+                self._changed.add(run)  # not yet: next round
+                continue
             run_dir = os.path.join(self.cfg.out, run)
             if run_bytes(run_dir) > DIAGNOSE_MAX_BYTES:
                 self.index.run(run).findings = [TOO_LARGE]
                 continue
+            t0 = time.monotonic()
             try:
                 findings = write_findings(run_dir)
                 self.index.run(run).findings = findings
             except Exception as e:  # a rule bug must not take the collector down
                 print(f"tensortap collector: diagnosis of {run} failed: {e!r}", file=sys.stderr)
+            self._diagnosed[run] = (t0, time.monotonic() - t0)
 
     # -- stop -----------------------------------------------------------------------------
     def shutdown(self) -> None:

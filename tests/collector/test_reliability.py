@@ -219,3 +219,29 @@ def test_self_telemetry_is_in_health_and_in_prometheus_metrics(tmp_path):
     assert lines["tensortap_records_gap_total"] == "3"
     assert lines['tensortap_frames_rejected_by_reason_total{reason="malformed JSON"}'] == "1"
     assert lines["tensortap_degraded"] == "0"
+
+
+def test_findings_follow_a_live_run_after_the_first_diagnosis(tmp_path):
+    """The collector re-diagnoses a run as records keep arriving (not only once)."""
+    from client_hooks.sender import Sender
+
+    col = CollectorProc(str(tmp_path), http=True)
+
+    def findings():
+        with urllib.request.urlopen(col.http + "api/runs/live-run/findings", timeout=5) as r:
+            return json.load(r)
+
+    try:
+        s = Sender(col.endpoint, "live-run")
+        for i in range(5):
+            s.send("gradients", "layer.0", {"nan": 0, "inf": 0, "norm": 1.0, "mean": 0.0}, step=i)
+        assert s.flush(5)
+        time.sleep(6.5)  # one diagnosis round has seen the healthy records
+        assert not [f for f in findings() if f["rule"] == "nonfinite"]
+        s.send("gradients", "layer.0", {"nan": 7, "inf": 0, "norm": None, "mean": None}, step=5)
+        s.flush(5)
+        hit = wait_for(lambda: [f for f in findings() if f["rule"] == "nonfinite"], 15, 0.25)
+        s.close()
+    finally:
+        col.stop()
+    assert hit and hit[0]["evidence"]["first"][0]["step"] == 5
