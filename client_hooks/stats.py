@@ -95,16 +95,16 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
     than as a dozen tiny tensor ops. Per part: aminmax, a sum, and the sum of squared
     deviations (x - mean)^2 (torch's CPU sum is a cascade sum: var_mean's accuracy at a
     fraction of its Welford kernel's time)."""
-    ext = torch.stack([e for x in parts for e in torch.aminmax(x)]).tolist()
+    ext = torch.stack([e for x in parts for e in torch.aminmax(x)]).tolist()  # CPU tensors, training thread: no device wait
     if not all(math.isfinite(v) for v in ext):
         return None
-    sums = torch.stack([x.sum() for x in parts]).tolist()
+    sums = torch.stack([x.sum() for x in parts]).tolist()  # CPU, training thread: no device wait
     out = []
     for i, x in enumerate(parts):
         n = x.numel()
         mean = sums[i] / n
         d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
-        m2 = d.mul_(d).sum().item()
+        m2 = d.mul_(d).sum().item()  # CPU, training thread: no device wait
         if x.dtype == torch.float32:
             m2 = max(0.0, m2 - n * (_f32(mean) - mean) ** 2)
         out += [ext[2 * i], ext[2 * i + 1], mean, math.sqrt(m2 / n)]
@@ -185,7 +185,7 @@ def _real10(x: torch.Tensor, extra: bool) -> torch.Tensor:
     (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x)
     vals = [nnan, ninf, nfin, mn, mx, mean, std]
     if extra and not isinstance(std, torch.Tensor):  # CPU, all finite: Python floats
-        nzero = x.numel() - torch.count_nonzero(x).item()
+        nzero = x.numel() - torch.count_nonzero(x).item()  # CPU only (this branch), no device wait
         vals += [nzero, math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
     elif extra:
         nzero = x.numel() - torch.count_nonzero(x)  # NaN counts as non-zero, as it should
