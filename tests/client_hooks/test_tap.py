@@ -1,7 +1,6 @@
 """Tap (plain PyTorch) with the gate on, against a real ZeroMQ PULL socket."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np

@@ -142,7 +142,7 @@ print(s.sent, s.dropped)
     finally:
         col2.stop()
     sent, dropped = map(int, out.split())
-    lines = read_jsonl(path)  # raises if any line does not parse
+    read_jsonl(path)  # raises if any line does not parse
     rejected = read_jsonl(tmp_path / "crash" / "rejected.jsonl")
     assert any("torn" in r["reason"] for r in rejected)
     seqs = sorted(r["seq"] for r in run_records(tmp_path / "crash"))

@@ -3,7 +3,6 @@ frame ends up either written or in rejected.jsonl."""
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 
