@@ -19,14 +19,11 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
-import psutil
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.procs import CollectorProc  # noqa: E402
+from tests.procs import CollectorProc, PeakRSS  # noqa: E402
 
 
 def _payload(i: int) -> dict:
@@ -77,16 +74,7 @@ def health(url: str) -> dict:
 def run_mode(kind: str, batch: int, total: int, senders: int) -> dict:
     out = tempfile.mkdtemp(prefix="tt-bench-")
     col = CollectorProc(out, http=True)
-    proc = psutil.Process(col.proc.pid)
-    peak = [proc.memory_info().rss]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = PeakRSS(col.proc.pid)
     go = mp.Event()
     target = raw_sender if kind == "raw" else client_sender
     per = total // senders
@@ -108,12 +96,12 @@ def run_mode(kind: str, batch: int, total: int, senders: int) -> dict:
     dt = time.perf_counter() - t0
     for p in ps:
         p.join(30)
-    done.set()
+    peak = rss.stop()
     h = health(col.http)
     col.stop()
     return {"mode": f"{kind} {'single' if batch == 1 else f'batch {batch}'}", "records": h["written"],
             "seconds": dt, "rate": h["written"] / dt, "gaps": h["gaps"], "rejected": h["rejected"],
-            "peak_rss_mib": peak[0] / 2**20}
+            "peak_rss_mib": peak / 2**20}
 
 
 def main() -> None:

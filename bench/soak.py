@@ -13,14 +13,11 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
-
-import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.collector.test_reliability import finish, start_senders  # noqa: E402
-from tests.procs import CollectorProc, manifest, wait_for  # noqa: E402
+from tests.procs import CollectorProc, PeakRSS, manifest, wait_for  # noqa: E402
 
 
 def main() -> None:
@@ -31,15 +28,8 @@ def main() -> None:
     a = ap.parse_args()
     out = tempfile.mkdtemp(prefix="tt-soak-")
     col = CollectorProc(out, http=True)
-    proc = psutil.Process(col.proc.pid)
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.5)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = PeakRSS(col.proc.pid, interval=0.5)
+    proc = rss.proc
     cpu0 = proc.cpu_times()
     t0 = time.monotonic()
     senders = start_senders(col.endpoint, "soak", a.ranks, rate=a.rate / a.ranks, seconds=a.seconds)
@@ -49,7 +39,7 @@ def main() -> None:
     time.sleep(1.5)
     wall = time.monotonic() - t0
     cpu1 = proc.cpu_times()
-    stop.set()
+    peak = rss.stop()
     m = manifest(run_dir)
     col.stop()
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
@@ -59,7 +49,7 @@ def main() -> None:
                "dropped_by_sender": m["totals"]["dropped_by_sender"],
                "rate": round(sent / a.seconds), "collector_cpu_s": round(cpu, 1),
                "collector_cpu_pct": round(100 * cpu / wall, 1),
-               "collector_peak_rss_mib": round(peak[0] / 2**20, 1),
+               "collector_peak_rss_mib": round(peak / 2**20, 1),
                "worst_enqueue_p99_ms": round(max(r["p99_ms"] for r in results), 4)}
     print(json.dumps(summary, indent=1))
 

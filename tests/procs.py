@@ -89,3 +89,30 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
             return v
         time.sleep(interval)
     return pred()
+
+
+class PeakRSS:
+    """Samples a process's resident memory on a thread; `.peak` (bytes) until `.stop()`."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._interval = interval
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except Exception:  # the process ended
+                return
+            time.sleep(self._interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        return self.peak

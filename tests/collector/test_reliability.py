@@ -6,14 +6,12 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
-import psutil
 import pytest
 
-from tests.procs import ROOT, CollectorProc, manifest, read_jsonl, run_records, wait_for
+from tests.procs import ROOT, CollectorProc, PeakRSS, manifest, read_jsonl, run_records, wait_for
 
 FANIN_S = float(os.environ.get("TENSORTAP_FANIN_S", "60"))
 
@@ -99,16 +97,7 @@ def test_a_flood_against_stalled_disk_writes_keeps_memory_bounded_and_senders_un
     flag.write_text("1")
     col = CollectorProc(str(tmp_path / "out"), http=True,
                         env={"TENSORTAP_FAULT_STALL_WRITES": str(flag)})
-    proc = psutil.Process(col.proc.pid)
-    peak = [0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = PeakRSS(col.proc.pid)
     senders = start_senders(col.endpoint, "flood", 4, rate=0, seconds=5, batch=256,
                             queue_bytes=8 << 20)
     time.sleep(6)  # the senders run into the stalled collector
@@ -118,10 +107,10 @@ def test_a_flood_against_stalled_disk_writes_keeps_memory_bounded_and_senders_un
     assert wait_for(lambda: health(col)["queue_bytes"] == 0 and all(
         manifest(run_dir)["ranks"][str(r)]["closed"] for r in range(4)), 30, 0.2)
     time.sleep(1.2)  # one more manifest sync
-    stop.set()
+    peak = rss.stop()
     h = health(col)
     col.stop()
-    assert peak[0] <= 256 * 2**20, f"collector peak RSS {peak[0] / 2**20:.0f} MiB"
+    assert peak <= 256 * 2**20, f"collector peak RSS {peak / 2**20:.0f} MiB"
     for res in results:
         assert res["p99_ms"] < 1.0, res  # the training thread never waited on the collector
         assert res["dropped"] > 0, res  # the flood did overflow: drops happened and are counted
