@@ -58,7 +58,13 @@ def _mean_std(x: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cpu":
         mean = x.sum() / n
         d = x - mean
-        return mean, (d.mul_(d).sum() / n).sqrt()
+        m2 = d.mul_(d).sum()
+        m2f = float(m2)  # CPU scalar: no device wait
+        if x.dtype == torch.float32 and x.numel() and m2f in (0.0, math.inf):
+            mn, mx = torch.stack(torch.aminmax(x)).tolist()  # only in this rare case
+            if _degenerate(m2f, mn, mx):
+                return mean, torch.tensor(math.sqrt(_m2_float64(x, float(mean)) / n), dtype=x.dtype)
+        return mean, (m2 / n).sqrt()
     var, mean = torch.var_mean(x, correction=0)
     return mean, var.sqrt()
 
@@ -79,6 +85,18 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
         mn, mx = torch.aminmax(xr)
         out += [mn, mx, mean, std * scale.sqrt()]
     return out
+
+
+def _degenerate(m2: float, mn: float, mx: float) -> bool:
+    """A float32 sum of squared deviations that underflowed to 0 (all deviations < ~1e-19)
+    or overflowed to inf (deviations > ~1e19) while the values do differ."""
+    return (m2 == 0.0 and mx > mn) or m2 == math.inf
+
+
+def _m2_float64(x: torch.Tensor, mean: float) -> float:
+    """The same sum in float64 (rare: only for the degenerate case above)."""
+    d = x.double() - mean
+    return float(d.mul_(d).sum())  # CPU, training thread: no device wait
 
 
 def _f32(v: float) -> float:
@@ -106,7 +124,10 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
         d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
         m2 = d.mul_(d).sum().item()  # CPU, training thread: no device wait
         if x.dtype == torch.float32:
-            m2 = max(0.0, m2 - n * (_f32(mean) - mean) ** 2)
+            if _degenerate(m2, ext[2 * i], ext[2 * i + 1]):
+                m2 = _m2_float64(x, mean)
+            else:
+                m2 = max(0.0, m2 - n * (_f32(mean) - mean) ** 2)
         out += [ext[2 * i], ext[2 * i + 1], mean, math.sqrt(m2 / n)]
     return out
 
