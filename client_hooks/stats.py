@@ -61,7 +61,7 @@ def _mean_std(x: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
         m2 = d.mul_(d).sum()
         m2f = float(m2)  # CPU scalar: no device wait
         if x.dtype == torch.float32 and x.numel() and m2f in (0.0, math.inf):
-            mn, mx = torch.stack(torch.aminmax(x)).tolist()  # only in this rare case
+            mn, mx = torch.stack(torch.aminmax(x)).tolist()  # CPU, training thread, rare case: no wait
             if _degenerate(m2f, mn, mx):
                 return mean, torch.tensor(math.sqrt(_m2_float64(x, float(mean)) / n), dtype=x.dtype)
         return mean, (m2 / n).sqrt()
