@@ -249,10 +249,6 @@ class Index:
     def add(self, rec) -> None:
         self.run(rec.run).add(rec)
 
-    def add_all(self, recs: Iterable) -> None:
-        for rec in recs:
-            self.add(rec)
-
     def get(self, run: str) -> Optional[RunIndex]:
         return self.runs.get(run)
 

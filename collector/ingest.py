@@ -101,7 +101,6 @@ class Ingest:
         self.started = time.time()
         self.stop = threading.Event()
         self.on_run_changed = on_run_changed or (lambda run: None)
-        self._root_rejects = 0
         self._dirty: set[str] = set()
 
     # -- ingest thread --------------------------------------------------------------------
@@ -215,11 +214,7 @@ class Ingest:
             if run is None:
                 self._write_root_reject(line)
             else:
-                rf = self.runs[run]
-                rf.rejected += 1
-                if rf.rejected_bytes + len(line) <= REJECTED_CAP_BYTES:
-                    self._write(rf.fd("rejected.jsonl"), line)
-                    rf.rejected_bytes += len(line)
+                self.runs[run].add_rejected(line, self._write)
                 self._dirty.add(run)
             return
         if item[0] == "patch":
@@ -272,7 +267,6 @@ class Ingest:
         return False
 
     def _write_root_reject(self, line: bytes) -> None:
-        self._root_rejects += 1
         path = os.path.join(self.root, "_rejected.jsonl")
         try:
             if os.path.exists(path) and os.path.getsize(path) + len(line) > REJECTED_CAP_BYTES:

@@ -176,10 +176,13 @@ class RunFiles:
         return fd
 
     def reject_line(self, reason: str, frame: bytes, **extra) -> None:
+        self.add_rejected(rejected_line(reason, frame, **extra))
+
+    def add_rejected(self, line: bytes, write=os.write) -> None:
+        """Count one quarantined frame; append its line while rejected.jsonl is under the cap."""
         self.rejected += 1
-        line = rejected_line(reason, frame, **extra)
         if self.rejected_bytes + len(line) <= REJECTED_CAP_BYTES:
-            os.write(self.fd("rejected.jsonl"), line)
+            write(self.fd("rejected.jsonl"), line)
             self.rejected_bytes += len(line)
 
     def manifest(self) -> dict:
