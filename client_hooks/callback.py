@@ -25,7 +25,8 @@ class TapCallback(Callback):
       and the DDP all-reduce, before gradient clipping); update_ratio measured across the
       optimizer step (weights again in `on_train_batch_end`).
     - metrics: "loss" from training_step's output every step; at the end of each train and
-      validation epoch, every scalar in `trainer.callback_metrics` under its logged name.
+      validation epoch, every scalar in `trainer.callback_metrics` under its logged name
+      (except "loss", which the per-step stream already has).
     - events: "fit_start", "fit_end", "epoch_start"/"epoch_end" {"epoch"}.
 
     Arguments: gate, run, first_n, every_n_steps, activations, inputs, gradients,
@@ -121,12 +122,12 @@ class TapCallback(Callback):
         if not self._val_logged:  # validation never ran in this epoch: there is none
             e.send_now("loader_stats", "val_loader", {"present": False, "length": None})
             self._val_logged = True
-        e.metrics(dict(trainer.callback_metrics), trainer.global_step, trainer.current_epoch)
+        e.metrics(_epoch_metrics(trainer), trainer.global_step, trainer.current_epoch)
         e.event("epoch_end", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._engine is not None and not trainer.sanity_checking:
-            self._engine.metrics(dict(trainer.callback_metrics), trainer.global_step, trainer.current_epoch)
+            self._engine.metrics(_epoch_metrics(trainer), trainer.global_step, trainer.current_epoch)
 
     # -- per step ---------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -168,6 +169,12 @@ class TapCallback(Callback):
         self._engine.send_now("loader_stats", "val_loader",
                               {"present": loaders is not None, "length": _int_or_none(total)})
         self._val_logged = True
+
+
+def _epoch_metrics(trainer) -> dict:
+    """trainer.callback_metrics without "loss": the per-step stream already has every step's
+    loss, and resending the last one at global_step would add a step that never ran."""
+    return {k: v for k, v in trainer.callback_metrics.items() if k != "loss"}
 
 
 def _int_or_none(n) -> Optional[int]:

@@ -52,6 +52,7 @@ class Module(L.LightningModule):
                 cb.patch_metrics(out.abs(), batch["images"].abs())
         loss = out.pow(2).mean()
         self.log("train_mse", loss, on_step=True, on_epoch=True)
+        self.log("loss", loss, on_step=True)  # also the per-step stream's name
         return loss
 
     def validation_step(self, batch, batch_idx):
