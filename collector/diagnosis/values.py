@@ -5,6 +5,7 @@ Judged on the latest capture of each activation (what the model does now), on ev
 record for NaN/Inf. Thresholds are module constants (docs/DIAGNOSIS.md)."""
 from __future__ import annotations
 
+import bisect
 import math
 
 from collector.diagnosis.common import by_name, components, finding, max_abs, median, num, rms, sig
@@ -26,8 +27,9 @@ SCALE_VERY_FAR = 4.0     # optimal scale outside [1/4, 4] ...
 SCALE_GAIN_WEAK = 0.8    # ... and MAE after it below 80% of the raw MAE: high as well;
                          # far with MAE below 80% only: medium
 PLATEAU_MIN_POINTS = 8   # fewer loss values than this: no verdict
-PLATEAU_REL = 0.05       # whole run: first-quarter mean -> last-quarter mean decrease below 5%
-RECENT_REL = 0.01        # last third of the run: decrease below 1% (low)
+PLATEAU_REL = 0.05       # last half of the run: first-third -> last-third median decrease below 5%
+PLATEAU_CONSISTENT = 0.75  # ... or a late value is below an early one in fewer than 75% of pairs
+RECENT_REL = 0.01        # last third of the run: the same below 1% (low)
 
 
 def nonfinite(records_by_kind: dict[str, list[dict]]) -> list[dict]:
@@ -147,7 +149,11 @@ def scale_mismatch(records: list[dict]) -> list[dict]:
 
 
 def loss_plateau(records: list[dict]) -> list[dict]:
-    """No relative decrease of the loss: over the whole run (high), or lately (low)."""
+    """No decrease of the loss over the last half of the run (high), or over its last third
+    (low). The first and last third of the window are compared by their medians (a spike at
+    either end does not decide the verdict) and by how consistently the late values lie below
+    the early ones (a noisy loss whose medians drift is not progress). A fast drop in the
+    first steps (a gain being absorbed) does not hide a loss that has been flat ever since."""
     series = by_name(records).get("loss", [])
     per_step: dict[int, list[float]] = {}
     for r in series:
@@ -159,23 +165,49 @@ def loss_plateau(records: list[dict]) -> list[dict]:
     n = len(vals)
     if n < PLATEAU_MIN_POINTS:
         return []
+    w = max(PLATEAU_MIN_POINTS, n // 2)
+    head, tail, rel = _thirds(vals[-w:])
+    below = _fraction_below(vals[-w:])
     k = max(2, n // 4)
-    head, tail = sum(vals[:k]) / k, sum(vals[-k:]) / k
-    rel = (head - tail) / abs(head) if head else 0.0
-    ev = {"steps": [steps[0], steps[-1]], "points": n, "window": k, "first_mean": sig(head),
-          "last_mean": sig(tail), "relative_decrease": sig(rel), "threshold": PLATEAU_REL}
-    if rel < PLATEAU_REL:
+    run_rel = _decrease(sum(vals[:k]) / k, sum(vals[-k:]) / k)
+    ev = {"steps": [steps[-w], steps[-1]], "points": n, "window": w, "first_median": sig(head),
+          "last_median": sig(tail), "relative_decrease": sig(rel), "threshold": PLATEAU_REL,
+          "late_below_early": sig(below), "consistency_threshold": PLATEAU_CONSISTENT,
+          "run_relative_decrease": sig(run_rel)}
+    if rel < PLATEAU_REL or below < PLATEAU_CONSISTENT:
         return [finding("loss_plateau", "high", ev,
-                        f"the loss barely moved over {n} steps ({rel:+.1%}): see the other "
-                        "findings for why (gradients, scale, inputs)")]
-    recent = vals[-max(PLATEAU_MIN_POINTS, n // 3):]
-    j = max(2, len(recent) // 3)
-    h2, t2 = median(recent[:j]), median(recent[-j:])
-    rel2 = (h2 - t2) / abs(h2) if h2 else 0.0
+                        f"the loss has not fallen over the last {w} of {n} steps ({rel:+.1%}; "
+                        f"{run_rel:+.1%} over the whole run): see the other findings for why "
+                        "(gradients, scale, inputs)")]
+    recent = max(PLATEAU_MIN_POINTS, n // 3)
+    _, _, rel2 = _thirds(vals[-recent:])
     if rel2 < RECENT_REL:
-        ev.update({"recent_points": len(recent), "recent_relative_decrease": sig(rel2),
+        ev.update({"recent_points": recent, "recent_relative_decrease": sig(rel2),
                    "recent_threshold": RECENT_REL})
         return [finding("loss_plateau", "low", ev,
-                        f"the loss stopped falling over the last {len(recent)} steps: "
+                        f"the loss stopped falling over the last {recent} steps: "
                         "a learning-rate decay or more capacity may help")]
     return []
+
+
+def _thirds(window: list[float]) -> tuple[float, float, float]:
+    """Median of the first and of the last third of `window`, and the relative decrease."""
+    j = max(3, len(window) // 3)  # 3 or more values: a single spike is never the median
+    head, tail = median(window[:j]), median(window[-j:])
+    return head, tail, _decrease(head, tail)
+
+
+def _fraction_below(window: list[float]) -> float:
+    """Of all (early, late) pairs from the first and last third of `window`, the fraction in
+    which the late value is lower (ties count half): 0.5 for noise around a flat level, 1.0
+    for a loss that fell throughout. Sorted early values and bisection: O(j log j)."""
+    j = max(3, len(window) // 3)
+    early = sorted(window[:j])
+    late = window[-j:]
+    wins = sum((len(early) - bisect.bisect_right(early, v)) + 0.5 * (bisect.bisect_right(early, v)
+               - bisect.bisect_left(early, v)) for v in late)
+    return wins / (len(early) * len(late))
+
+
+def _decrease(head: float, tail: float) -> float:
+    return (head - tail) / abs(head) if head else 0.0

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-loss-mode", default="mae", choices=("mae", "poisson"))
     p.add_argument("--inject", default=None, choices=INJECTS)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--n-objects", type=int, default=3, help="synthetic objects (last = val)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
     p.add_argument("--every-n-steps", type=int, default=4, help="telemetry capture cadence")

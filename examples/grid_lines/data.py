@@ -9,13 +9,16 @@ Physics (all tensors float32 / complex64):
   neighbouring patches form one sample (C = g*g channels);
 - diffraction amplitude A = sqrt(|FFT(P * O_k)|^2 / N^2) (unshifted FFT, so the DC peak is at
   [0, 0]); observed images = physics_scaling_constant * A, in sqrt(photon counts), with
-  optional Poisson noise on the intensity.
+  optional Poisson noise on the intensity;
+- a multi-exposure scan: each pattern is recorded with one of `exposures` (x1, x10, x100 by
+  default, drawn at random), so physics_scaling_constant differs per pattern by up to 10x
+  and the rms-normalised model input does not show it.
 
 A batch is a dict of the fields the training and telemetry read:
   images                   (B, C, N, N) float, observed diffraction amplitude (sqrt counts)
   coords_relative          (B, C, 2)    float, patch offsets from the group centre (pixels)
   rms_scaling_constant     (B, 1, 1, 1) float, 1 / rms(images) per sample: model input scale
-  physics_scaling_constant (B, 1, 1, 1) float, sqrt(photons per unit |P O|^2): amplitude units
+  physics_scaling_constant (B, 1, 1, 1) float, sqrt(photons * exposure per unit |P O|^2)
   probe                    (B, N, N)    complex, the probe (the same for every sample)
   amp, phase               (B, C, N, N) float, ground-truth object amplitude / phase (rad)
 """
@@ -36,13 +39,14 @@ class DataConfig:
     gridsize: int = 1         # g: g*g patches per sample
     object_size: int = 128    # side of each synthetic object (pixels)
     n_objects: int = 3        # objects; patches are split train/val by object
-    step: int = 8             # patch grid stride (pixels)
+    step: int = 2             # patch grid stride (pixels)
     n_lines: int = 40         # line segments per object
     blur_sigma: float = 1.0   # Gaussian blur of the lines (pixels)
     amp_floor: float = 0.3    # amplitude of the empty background
     phase_gain: float = 0.5   # phase (rad) per unit of amplitude above the floor
     photons: float = 1e9      # expected photons per pattern for a unit-amplitude object
     poisson: bool = False     # add Poisson noise to the intensity
+    exposures: tuple = (1.0, 10.0, 100.0)  # multi-exposure scan: each pattern takes one at random
     seed: int = 0
 
 
@@ -115,12 +119,15 @@ def make_samples(cfg: DataConfig) -> list[dict]:
     centre = torch.tensor(offsets, dtype=torch.float32).mean(0)
     coords = torch.tensor(offsets, dtype=torch.float32) - centre  # (C, 2)
     # sqrt(photons per unit |P O|^2): a unit object gives `photons` counts per pattern
-    ps = math.sqrt(cfg.photons / probe.abs().pow(2).sum().item())
+    ps0 = math.sqrt(cfg.photons / probe.abs().pow(2).sum().item())
     samples = []
     for k in range(cfg.n_objects):
         obj = lines_object(cfg.object_size, cfg.n_lines, cfg.blur_sigma, cfg.amp_floor,
                            cfg.phase_gain, gen)
         for (y, x) in _patch_grid(cfg):
+            # the exposure scales the counts: ps = sqrt(photons * exposure / sum |P|^2)
+            e = cfg.exposures[int(torch.randint(len(cfg.exposures), (), generator=gen))]
+            ps = ps0 * math.sqrt(e)
             patch = torch.stack([obj[y + dy:y + dy + N, x + dx:x + dx + N] for dy, dx in offsets])
             images = ps * diffraction_amplitude(patch, probe)  # (C, N, N)
             if cfg.poisson:

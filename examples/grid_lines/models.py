@@ -8,7 +8,9 @@ layer predicts the diffraction amplitude from it (see data.py for the forward mo
 `inject` names a deliberate fault (for the flat-loss demo); None trains the healthy model:
   spectral-init     spectral weights uniform in [0, 1/(in*out)) (the classic FNO default)
   loss-units        the MAE compares predicted intensity with observed amplitude
-  amp-gain          a broadcast multiplies the predicted amplitude by the batch size
+  amp-gain          a broadcast multiplies the predicted amplitude by the sum of the batch's
+                    scaling constants instead of the sample's own: ~ the batch size, and
+                    (with a multi-exposure scan) a different factor per pattern
   raw-input         the model sees the raw counts (no rms scaling): the DC peak dominates
   frozen-generator  the generator's parameters are left out of the optimiser
 """
@@ -133,7 +135,7 @@ class PhysicsLayer(nn.Module):
         amp = torch.fft.fft2(probe[:, None] * obj).abs() / obj.shape[-1]
         if self.amp_gain_bug:
             # the bug: ps indexed as (B, 1, 1, 1, 1) against amp[None] broadcasts to
-            # (B, B, C, N, N) and the sum over the wrong axis multiplies by ~B
+            # (B, B, C, N, N); the sum over the wrong axis gives sample i sum_j ps_j, ~B ps_i
             return (amp[None] * ps.view(-1, 1, 1, 1, 1)).sum(0)
         return ps * amp
 
@@ -159,7 +161,7 @@ class GridLinesModule(L.LightningModule):
     the ground-truth amplitude. It is None when the gate is off: nothing extra runs then."""
 
     def __init__(self, arch: str = "fno", channels: int = 1, loss_mode: str = "mae",
-                 inject: Optional[str] = None, lr: float = 2e-3):
+                 inject: Optional[str] = None, lr: float = 1e-2):
         super().__init__()
         if inject is not None and inject not in INJECTS:
             raise ValueError(f"unknown inject {inject!r}; expected one of {', '.join(INJECTS)}")

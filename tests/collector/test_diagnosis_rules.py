@@ -267,11 +267,19 @@ def test_scale_mismatch_needs_a_far_scale_and_a_clearly_lower_scaled_error(scale
         assert ev["optimal_scale"] == scale and ev["mae"] == 0.2 and ev["step"] == 40
 
 
+NOISY_TAIL = [1.0] * 20 + [1.026, 0.719, 1.063, 0.977, 0.829, 0.691, 1.105, 0.905, 1.025, 1.102,
+                          1.017, 1.118, 0.851, 1.051, 0.87, 1.113, 1.081, 0.688, 0.704, 0.741]
+
+
 @pytest.mark.parametrize("values,severity", [
     ([1.0] * 20, "high"),
-    ([1.0 - 0.002 * i for i in range(20)], "high"),      # ~3% over the run
-    ([1.0 - 0.004 * i for i in range(20)], None),        # ~6%: decreasing
-    ([1.0 * 0.9 ** i for i in range(10)] + [0.35] * 20, "low"),
+    ([1.0 - 0.006 * i for i in range(20)], "high"),      # last half: medians fall 4.5%
+    ([1.0 - 0.007 * i for i in range(20)], None),        # last half: 5.3%, still decreasing
+    ([0.9 ** i for i in range(10)] + [0.35] * 20, "high"),  # a fast drop, then flat ever since
+    ([1.0 - 0.02 * i for i in range(20)] + [0.6] * 10, "low"),  # fell until the last third
+    ([1.0 - 0.005 * i for i in range(39)] + [5.0], None),  # one spike at the end decides nothing
+    ([1.0 - 0.02 * (i % 2) - 0.001 * i for i in range(40)], "high"),  # noise over a 2% drift
+    (NOISY_TAIL, "high"),  # last-half medians fall 11%, but late < early in only half the pairs
     ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], None),         # too few points for a verdict
     ([1.0 + 0.01 * i for i in range(20)], "high"),       # rising is not decreasing
 ])
@@ -282,6 +290,12 @@ def test_loss_plateau_over_the_run_and_lately(values, severity):
     else:
         f = one(found, "loss_plateau")
         assert f["severity"] == severity and f["evidence"]["points"] == len(values)
+
+
+def test_a_noisy_tail_is_a_plateau_by_consistency_not_by_medians():
+    ev = one(V.loss_plateau(loss_stream(NOISY_TAIL)), "loss_plateau")["evidence"]
+    assert ev["relative_decrease"] > 0.05 and ev["late_below_early"] == 0.5
+    assert ev["steps"] == [20, 39] and ev["window"] == 20
 
 
 def test_losses_of_several_ranks_are_averaged_per_step():

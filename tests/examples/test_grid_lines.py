@@ -1,6 +1,10 @@
 """The grid-lines demo: its data and physics are right, and with the gate on each injected
 fault is named by the diagnosis from real telemetry (collector subprocess, real ZeroMQ),
-while the healthy run's loss falls and gets no high-severity finding."""
+while the healthy run's loss falls and gets no high-severity finding.
+
+"Flat" is judged here, independently of the diagnosis code, on the last half of the run
+(the first steps may absorb a gain): the median of its last third is within 5% of the
+median of its first third, or late values lie below early ones in fewer than 3 of 4 pairs."""
 from __future__ import annotations
 
 import json
@@ -65,14 +69,20 @@ def test_the_object_and_probe_are_physical():
 
 
 def test_the_physics_layer_reproduces_the_data_and_the_amp_gain_bug_multiplies_by_the_batch():
-    batch = torch.utils.data.default_collate(make_samples(SMALL)[:4])
+    samples = make_samples(SMALL)
+    ps0 = float(samples[0]["physics_scaling_constant"])
+    exposures = {round(float(s["physics_scaling_constant"]) ** 2 / ps0 ** 2, 3) for s in samples}
+    assert len(exposures) == 3 and {e / min(exposures) for e in exposures} == {1.0, 10.0, 100.0}
+    batch = torch.utils.data.default_collate(samples[:4])
     obj = torch.polar(batch["amp"], batch["phase"])
     args = (obj, batch["probe"], batch["physics_scaling_constant"])
     pred = PhysicsLayer()(*args)
     torch.testing.assert_close(pred, batch["images"], rtol=1e-4, atol=1e-3)
     rms = batch["rms_scaling_constant"]
     assert amplitude_loss(pred, batch["images"], rms, "mae").item() < 1e-4
-    torch.testing.assert_close(PhysicsLayer(amp_gain_bug=True)(*args), 4 * pred)
+    # the bug: each sample gets the sum of the batch's 4 scaling constants instead of its own
+    ps = batch["physics_scaling_constant"]
+    torch.testing.assert_close(PhysicsLayer(amp_gain_bug=True)(*args), ps.sum() / ps * pred)
     assert amplitude_loss(pred, batch["images"], rms, "mae", units_bug=True).item() > 1.0
     pois = amplitude_loss(pred, batch["images"], rms, "poisson")
     assert pois < amplitude_loss(1.1 * pred, batch["images"], rms, "poisson")
@@ -89,8 +99,9 @@ def test_bad_command_line_values_give_one_line_errors(capsys):
 
 # -- the demo with real telemetry ------------------------------------------------------------
 CONFIGS = ["none", *INJECTS]
-DEMO = ["--N", "32", "--gridsize", "1", "--architectures", "fno", "--torch-epochs", "1",
-        "--max-steps", "32", "--every-n-steps", "4"]
+DEMO = ["--N", "64", "--gridsize", "1", "--architectures", "fno", "--torch-epochs", "1",
+        "--max-steps", "240", "--every-n-steps", "4"]
+FLAT = [c for c in INJECTS if c != "spectral-init"]  # see docs/DIAGNOSIS.md for spectral-init
 DRIVER = """
 import os, sys
 from examples.grid_lines.compare import main
@@ -100,7 +111,8 @@ for c in configs:
     if c == "gate-off":
         os.environ.pop("DEBUG_FNO_LOSS")
     extra = [] if c in ("none", "gate-off") else ["--inject", c]
-    assert main(%r + ["--output-dir", os.path.join(out, c)] + extra) == 0
+    short = ["--max-steps", "16"] if c == "gate-off" else []  # only checks that nothing is sent
+    assert main(%r + ["--output-dir", os.path.join(out, c)] + extra + short) == 0
 """
 
 
@@ -138,10 +150,20 @@ def losses(out, config):
     return res["losses"]
 
 
-def relative_decrease(values):
-    k = max(2, len(values) // 4)
-    head, tail = np.mean(values[:k]), np.mean(values[-k:])
-    return (head - tail) / head
+def last_half(values):
+    """(median decrease, fraction of (early, late) pairs with late < early) between the first
+    and the last third of the last half of the run."""
+    w = np.asarray(values[len(values) // 2:])
+    j = len(w) // 3
+    early, late = w[:j], w[-j:]
+    med = (np.median(early) - np.median(late)) / np.median(early)
+    below = (late[None, :] < early[:, None]).mean() + 0.5 * (late[None, :] == early[:, None]).mean()
+    return med, below
+
+
+def is_flat(values):
+    med, below = last_half(values)
+    return med < 0.05 or below < 0.75
 
 
 def findings(art, config):
@@ -171,22 +193,23 @@ def test_the_gate_on_demo_writes_the_telemetry_bundle_and_gate_off_writes_none(d
 
 def test_the_healthy_run_decreases_and_has_no_high_severity_finding(demo):
     art, out = demo
-    assert relative_decrease(losses(out, "none")) > 0.1
+    ok = losses(out, "none")
+    med, below = last_half(ok)
+    assert not is_flat(ok) and med > 0.08 and below > 0.8, (med, below)  # still falling late
+    assert np.median(ok[-40:]) < 0.8 * np.median(ok[:40])  # and over the whole run
     assert [f for f in findings(art, "none") if f["severity"] == "high"] == []
 
 
-def test_frozen_generator_gives_a_flat_loss_named_loss_plateau(demo):
+@pytest.mark.parametrize("config", FLAT)
+def test_the_fault_gives_a_flat_loss_far_above_the_healthy_one_named_loss_plateau(demo, config):
     art, out = demo
-    assert abs(relative_decrease(losses(out, "frozen-generator"))) < 0.05
-    plateau = by_rule(findings(art, "frozen-generator"))["loss_plateau"]
-    assert plateau["severity"] == "high" and plateau["evidence"]["relative_decrease"] < 0.05
-
-
-def test_raw_input_loss_stays_far_above_the_healthy_one(demo):
-    _, out = demo
-    raw, ok = losses(out, "raw-input"), losses(out, "none")
-    assert relative_decrease(raw) < 0.15
-    assert np.mean(raw[-8:]) > 3 * np.mean(ok[-8:])
+    bad, ok = losses(out, config), losses(out, "none")
+    assert is_flat(bad), last_half(bad)
+    assert np.median(bad[-60:]) > 1.5 * np.median(ok[-60:])
+    plateau = by_rule(findings(art, config))["loss_plateau"]
+    ev = plateau["evidence"]
+    assert plateau["severity"] == "high" and ev["points"] == len(bad) == 240
+    assert ev["relative_decrease"] < 0.05 or ev["late_below_early"] < 0.75
 
 
 def test_frozen_generator_is_named_frozen_parameters_for_every_generator_layer(demo):
@@ -216,8 +239,10 @@ def test_gain_and_unit_errors_are_named_scale_mismatch(demo, config):
     art, _ = demo
     f = by_rule(findings(art, config))["scale_mismatch"]
     ev = f["evidence"]
-    assert f["severity"] == "high" and (ev["optimal_scale"] > 2 or ev["optimal_scale"] < 0.5)
-    assert ev["mae_after_optimal_scale"] < 0.5 * ev["mae"]
+    # the predicted amplitude is ~25x too large; a unit error is not a pure gain (intensity
+    # vs amplitude), so rescaling removes much, not all, of the error
+    assert f["severity"] == "high" and (ev["optimal_scale"] > 4 or ev["optimal_scale"] < 0.25)
+    assert ev["mae_after_optimal_scale"] < 0.7 * ev["mae"]
 
 
 def test_the_demo_artifacts_validate_against_the_protocol_and_report_works_offline(demo):
