@@ -9,6 +9,7 @@ to the host in one copy. Every public method swallows its errors: one warning pe
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -86,6 +87,7 @@ class Engine:
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._total: Optional[torch.Tensor] = None
+        self._covers_all = False
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -94,6 +96,8 @@ class Engine:
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
         self._wparams = [p for _, ps in self._layers for p in ps]
+        # every trainable parameter in a watched layer: the total norm comes from the layers'
+        self._covers_all = {id(p) for p in self._wparams} >= {id(p) for p in model.parameters() if p.requires_grad}
         self._widx = {}
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
@@ -135,7 +139,8 @@ class Engine:
 
         Per layer: one moments vector of its flat gradient (two kernels on CUDA with Triton).
         For all layers at once: one foreach norm of the weights and one foreach copy (the
-        snapshot for update_ratio); the total gradient norm is one more foreach norm."""
+        snapshot for update_ratio). The total gradient norm comes from the layers' norms when
+        the watched layers hold every trainable parameter, else from one more foreach norm."""
         if not self.capturing:
             return
         self._grad_vecs = {}
@@ -148,6 +153,10 @@ class Engine:
             ws = [p.detach() for p in self._wparams]
             self._wnorms = list(torch._foreach_norm(ws))
             self._before = list(torch._foreach_mul(ws, 1.0))  # exact copies, one foreach launch
+        if self._covers_all:
+            if self._grad_vecs:
+                self._total = _total_norm(torch.stack([v for v, _ in self._grad_vecs.values()]))
+            return
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
@@ -290,6 +299,16 @@ class Engine:
         self.end_step()
         if self._hooks is not None:
             self._hooks.detach()
+
+
+def _total_norm(vecs: torch.Tensor) -> torch.Tensor:
+    """The norm of all gradients from per-layer GRAD_VEC rows (nan, inf, ..., norm at 8; norm
+    over finite elements): sqrt of the sum of squares, NaN if any element is NaN, else inf if
+    any is infinite (what clip_grad_norm_ would see). Shape (1,), on the rows' device."""
+    v = vecs.double()
+    total = v[:, 8].square().sum().sqrt()
+    total = torch.where(v[:, 1].sum() > 0, math.inf, total)
+    return torch.where(v[:, 0].sum() > 0, math.nan, total).reshape(1)
 
 
 def _grad_decoder(count: int):

@@ -103,6 +103,18 @@ def _f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+_DOT_CHUNK = 1 << 18     # BLAS dot accumulates in the input dtype: chunks keep it ~1e-6
+_SQ_SAFE = (1e-15, 1e14)  # |x| range where float32 squares neither lose digits nor overflow
+
+
+def _sum_squares(x: torch.Tensor) -> float:
+    """sum(x**2) of a CPU 1-D tensor: one read, no temporary (dot per chunk, partial sums
+    added in Python float64). CPU only: the reads need no device wait."""
+    n = x.numel()
+    return sum(float(torch.dot(x[i:i + _DOT_CHUNK], x[i:i + _DOT_CHUNK]))  # CPU, no wait
+               for i in range(0, n, _DOT_CHUNK))
+
+
 def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
     """Unmasked (min, max, mean, std) per part as Python floats, or None when an element is
     not finite.
@@ -110,26 +122,46 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
     CPU only: finite min and max of every part imply every element is finite (NaN propagates
     through aminmax, +-Inf becomes the max/min). Host reads of CPU scalars cost no device wait
     (CPU kernels have already run), so the scalar arithmetic is done in Python float64 rather
-    than as a dozen tiny tensor ops. Per part: aminmax, a sum, and the sum of squared
-    deviations (x - mean)^2 (torch's CPU sum is a cascade sum: var_mean's accuracy at a
-    fraction of its Welford kernel's time)."""
+    than as a dozen tiny tensor ops. Per part, three reads and no temporary: aminmax, a sum
+    (torch's CPU sum is a cascade sum) and the sum of squares (`_sum_squares`); the sum of
+    squared deviations is sum(x^2) - n mean^2. Where that subtraction would cancel (|mean|
+    not small against the spread) or the squares leave float32's safe range, the deviations
+    are summed instead (x - mean, in float64 for extreme ranges): var_mean's accuracy at a
+    fraction of its Welford kernel's time."""
     ext = torch.stack([e for x in parts for e in torch.aminmax(x)]).tolist()  # CPU tensors, training thread: no device wait
     if not all(math.isfinite(v) for v in ext):
         return None
     sums = torch.stack([x.sum() for x in parts]).tolist()  # CPU, training thread: no device wait
     out = []
     for i, x in enumerate(parts):
-        n = x.numel()
+        n, mn, mx = x.numel(), ext[2 * i], ext[2 * i + 1]
         mean = sums[i] / n
-        d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
-        m2 = d.mul_(d).sum().item()  # CPU, training thread: no device wait
-        if x.dtype == torch.float32:
-            if _degenerate(m2, ext[2 * i], ext[2 * i + 1]):
-                m2 = _m2_float64(x, mean)
-            else:
-                m2 = max(0.0, m2 - n * (_f32(mean) - mean) ** 2)
-        out += [ext[2 * i], ext[2 * i + 1], mean, math.sqrt(m2 / n)]
+        amax = max(abs(mn), abs(mx))
+        safe = x.dtype == torch.float64 or (_SQ_SAFE[0] <= amax <= _SQ_SAFE[1]) or amax == 0.0
+        m2 = None
+        if safe:
+            sq = _sum_squares(x)
+            if n * mean * mean <= 0.5 * sq:  # cancellation costs at most one bit
+                m2 = max(0.0, sq - n * mean * mean)
+        if m2 is None:
+            m2 = _deviations_m2(x, mean, mn, mx)
+        out += [mn, mx, mean, math.sqrt(m2 / n)]
     return out
+
+
+def _deviations_m2(x: torch.Tensor, mean: float, mn: float, mx: float) -> float:
+    """sum((x - mean)^2) on CPU: in x's dtype, corrected for the mean's rounding to it, or in
+    float64 when float32 squares would underflow or overflow."""
+    dmax = max(mx - mean, mean - mn)  # the largest |deviation|
+    if x.dtype == torch.float32 and dmax > 0 and not _SQ_SAFE[0] <= dmax <= _SQ_SAFE[1]:
+        return _m2_float64(x, mean)
+    d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
+    m2 = d.mul_(d).sum().item()  # CPU, training thread: no device wait
+    if x.dtype == torch.float32:
+        if _degenerate(m2, mn, mx):
+            return _m2_float64(x, mean)
+        return max(0.0, m2 - x.numel() * (_f32(mean) - mean) ** 2)
+    return m2
 
 
 def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Optional[torch.Tensor]]:

@@ -1,6 +1,7 @@
 """Tap (plain PyTorch) with the gate on, against a real ZeroMQ PULL socket."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -91,6 +92,29 @@ def test_gradient_records_equal_numpy_and_update_ratio_spans_the_optimizer_step(
     assert d["weight_norm"] == pytest.approx(np.linalg.norm(w0), rel=1e-5)
     assert d["update_ratio"] == pytest.approx(np.linalg.norm(w1 - w0) / np.linalg.norm(w0), rel=1e-4)
     assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("gradients", [None, "all", ["0"]])  # the first two hold every parameter
+def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull, gradients):
+    """From the layers' norms when they hold every parameter, else one norm of all grads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    totals = []
+    with Tap(every_n_steps=1, gradients=gradients) as tap:
+        tap.watch(model)
+        for bad in (None, math.inf, math.nan):
+            x = torch.randn(8, 5)
+            if bad is not None:
+                x[0, 0] = bad
+            tap.log_batch({"x": x}, epoch=0)
+            model(x).pow(2).mean().backward()
+            totals.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e30).item())
+            model.zero_grad()
+    assert pull.wait_for(lambda r: len([x for x in r if x["name"] == "_total"]) == 3)
+    got = [r["data"]["norm"] for r in pull.find("gradients", "_total")]
+    assert got[0] == pytest.approx(totals[0], rel=1e-5) and math.isfinite(got[0])
+    for g, t in zip(got[1:], totals[1:]):  # NaN/inf travel as null or as the value itself
+        assert (g is None and not math.isfinite(t)) or g == t or (math.isnan(t) and g != g), (g, t)
 
 
 def test_record_names_and_pairs_and_cadence_every_n_steps(pull):
