@@ -70,6 +70,9 @@ def guarded(kind: str):
     return wrap
 
 
+SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
+
+
 class Engine:
     def __init__(self, sender, opts: Options):
         self.sender, self.opts = sender, opts
@@ -86,6 +89,7 @@ class Engine:
         self._grad_vecs: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (moments, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
+        self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Optional[torch.Tensor] = None
         self._covers_all = False
 
@@ -152,7 +156,7 @@ class Engine:
         if self._grad_vecs:
             ws = [p.detach() for p in self._wparams]
             self._wnorms = list(torch._foreach_norm(ws))
-            self._before = list(torch._foreach_mul(ws, 1.0))  # exact copies, one foreach launch
+            self._before = self._snapshot(ws)
         if self._covers_all:
             if self._grad_vecs:
                 self._total = _total_norm(torch.stack([v for v, _ in self._grad_vecs.values()]))
@@ -160,6 +164,21 @@ class Engine:
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    def _snapshot(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Exact copies of the watched weights, one foreach launch. With captures at least
+        every SNAPSHOT_KEEP_EVERY steps the buffers are kept and refilled: fresh allocations
+        cost more than the copy (3.4 ms against 0.14 ms for the demo FNO's 2.4M weights on
+        CPU). Rarer captures allocate them each time, so that between captures the model
+        does not carry a second copy of its watched weights."""
+        n = self.opts.every_n_steps
+        if not (n and n <= SNAPSHOT_KEEP_EVERY):
+            return list(torch._foreach_mul(ws, 1.0))
+        if len(self._snap) != len(ws) or any(b.shape != w.shape or b.dtype != w.dtype or b.device != w.device
+                                            for b, w in zip(self._snap, ws)):
+            self._snap = [torch.empty_like(w) for w in ws]
+        torch._foreach_copy_(self._snap, ws)
+        return self._snap
 
     def _layer_norms(self, norms: list[torch.Tensor]) -> torch.Tensor:
         """Per-parameter norms (k lists of len(_wparams), concatenated) -> per-layer norms
@@ -297,6 +316,7 @@ class Engine:
 
     def close(self) -> None:
         self.end_step()
+        self._snap = []
         if self._hooks is not None:
             self._hooks.detach()
 

@@ -94,6 +94,31 @@ def test_gradient_records_equal_numpy_and_update_ratio_spans_the_optimizer_step(
     assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.parametrize("every", [1, 10])  # kept snapshot buffers (every step) or fresh ones
+def test_update_ratio_of_every_captured_step_spans_that_step(pull, every):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    want = []
+    with Tap(first_n=0, every_n_steps=every) as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(3 * every):
+            x = torch.randn(8, 5)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x).pow(2).mean().backward()
+            w0 = [p.detach().clone() for p in model[2].parameters()]
+            opt.step()
+            opt.zero_grad()
+            if step % every == 0:
+                d = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model[2].parameters(), w0)])
+                want.append((step, (d.norm() / torch.cat([b.reshape(-1) for b in w0]).norm()).item()))
+    assert pull.wait_for(lambda r: len([x for x in r if x["name"] == "2"]) == 3)
+    got = [(r["step"], r["data"]["update_ratio"]) for r in pull.find("gradients", "2")]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4)
+
+
 @pytest.mark.parametrize("gradients", [None, "all", ["0"]])  # the first two hold every parameter
 def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull, gradients):
     """From the layers' norms when they hold every parameter, else one norm of all grads."""
