@@ -130,9 +130,17 @@ class Engine:
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)
             self._reset_grads()
-            if self._hooks is not None:
+            if self._hooks is not None and not self._hooks.attached:
                 self._hooks.attach()
+        elif self._hooks is not None and self._hooks.attached:
+            self._hooks.detach()  # kept by end_step for a capture that did not come
         return self.capturing
+
+    def _next_step_captures(self) -> bool:
+        """Whether the step after this one will capture (every_n_steps, the same epoch)."""
+        o = self.opts
+        nxt = (self.step or 0) + 1
+        return self.batch_in_epoch < o.first_n or bool(o.every_n_steps) and nxt % o.every_n_steps == 0
 
     def _reset_grads(self) -> None:
         self._grad_vecs, self._wnorms, self._before, self._total = {}, [], [], None
@@ -203,8 +211,8 @@ class Engine:
         if not self.capturing:
             return
         self.capturing = False
-        if self._hooks is not None:
-            self._hooks.detach()
+        if self._hooks is not None and not self._next_step_captures():
+            self._hooks.detach()  # else kept: re-registering every module's hook costs each step
         if not self._grad_vecs and self._layers:
             self.capturing = True  # backward end was not seen (unused params): read grads now
             self.grads_ready()
@@ -254,6 +262,8 @@ class Engine:
 
     @guarded("activations")
     def on_output(self, name: str, output) -> None:
+        if not self.capturing:  # hooks kept between two capture steps (e.g. validation)
+            return
         if isinstance(output, torch.Tensor):
             self.add_tensor("activations", name, output)
             return

@@ -58,7 +58,8 @@ OnTensor = Callable[[str, object], None]
 
 
 class Hooks:
-    """Registered only around capture steps; every callback swallows its own errors."""
+    """Registered only around capture steps (kept from one capture step to the next when
+    they follow each other); every callback swallows its own errors."""
 
     def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,

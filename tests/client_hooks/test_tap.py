@@ -47,6 +47,15 @@ def test_hooks_exist_only_during_the_first_batch_of_each_epoch(pull):
     assert hook_counts(model) == 0
 
 
+@pytest.mark.parametrize("every,pattern", [(1, [True] * 6), (2, [True, False] * 3)])
+def test_hooks_stay_between_consecutive_capture_steps_only(pull, every, pattern):
+    model = small_cnn()
+    with Tap(first_n=0, every_n_steps=every) as tap:
+        seen = train(tap, model)
+    assert [c > 0 for c in seen] == pattern
+    assert hook_counts(model) == 0
+
+
 def test_the_four_streams_and_patch_metrics_arrive_with_step_and_epoch(pull):
     model = small_cnn()
     with Tap() as tap:
