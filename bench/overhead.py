@@ -3,16 +3,21 @@
     python bench/overhead.py --device cpu --steps 400
     python bench/overhead.py --device cuda --steps 2000 --width 64 --modes 16 --batch 64
 
-Variants, alternated round by round in one process (each round = one "epoch" of
---epoch-steps steps per variant, the order rotated every round):
+Variants, side by side in one process; each round is one "epoch" of --epoch-steps steps
+per variant. --interleave step (the CPU default) alternates the variants step by step (the
+order rotated every step), so load drift on a shared machine hits each variant alike;
+--interleave epoch (the CUDA default) runs whole epochs in turn, the order rotated every
+round, with one device sync around each epoch's timing so the GPU pipeline stays full:
   none         no tensortap at all
   gate_off     every Tap call made, gate variable unset (must cost nothing)
   default      gate on, default cadence: first batch of each epoch + loss every step
   every_step   gate on, every step: every leaf module's output and every layer's gradients
   naive_item   reference: the same statistics read with one .item() per statistic, every step
-Prints a markdown table (median step time over rounds; ratio to `none`, also as the median of\nper-round ratios, which resists a machine whose load drifts) and the device.
+Prints a markdown table and the device: median step (or epoch-mean) time; ratio to `none` of
+the medians and of the means (the mean carries a once-an-epoch capture; the median does not);
+median and middle half of the paired ratios (same step or round, adjacent in time).
 The collector is a real `python -m collector collect` subprocess (an in-process ZeroMQ PULL
-drain if it cannot start). torch.cuda.synchronize() is only called around a round's timing.
+drain if it cannot start).
 """
 from __future__ import annotations
 
@@ -109,32 +114,48 @@ def make_variant(name: str, base: nn.Module, device: str, lr: float):
     return {"model": model, "opt": opt, "tap": tap, "step": 0, "epoch": 0, "times": []}
 
 
-def run_epoch(v: dict, batches: list, device: str) -> float:
+def run_step(v: dict, batches: list, i: int, device: str) -> float:
+    """One training step of variant `v` (epoch_start before the first, epoch_end after the
+    last batch of an epoch, both inside the timing); returns its seconds."""
     model, opt, tap = v["model"], v["opt"], v["tap"]
+    x, y = batches[i]
     if device == "cuda":
         torch.cuda.synchronize()  # timing only, outside any hook
     t0 = time.perf_counter()
-    if tap is not None:
+    if tap is not None and i == 0:
         tap.epoch_start(v["epoch"])
-    for i, (x, y) in enumerate(batches):
-        if tap is not None:
-            tap.log_batch({"images": x, "target": y}, epoch=v["epoch"], batch_idx=i)
-            tap.record("model_input", x)
-        out = model(x)
-        if tap is not None:
-            tap.record("x_combined", out)
-        loss = (out - y).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if tap is not None:
-            tap.log_loss(loss)
-        v["step"] += 1
     if tap is not None:
-        tap.epoch_end(v["epoch"])
+        tap.log_batch({"images": x, "target": y}, epoch=v["epoch"], batch_idx=i)
+        tap.record("model_input", x)
+    out = model(x)
+    if tap is not None:
+        tap.record("x_combined", out)
+    loss = (out - y).abs().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if tap is not None:
+        tap.log_loss(loss)
+        if i == len(batches) - 1:
+            tap.epoch_end(v["epoch"])
     if device == "cuda":
         torch.cuda.synchronize()  # timing only
-    v["epoch"] += 1
+    v["step"] += 1
+    if i == len(batches) - 1:
+        v["epoch"] += 1
+    return time.perf_counter() - t0
+
+
+def run_epoch(v: dict, batches: list, device: str) -> float:
+    """Mean step time of one epoch of variant `v` (CUDA: one sync around the whole epoch, so
+    the device pipeline stays full as in real training)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(len(batches)):
+        run_step(v, batches, i, "cpu")  # "cpu": no per-step sync inside the epoch's timing
+    if device == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / len(batches)
 
 
@@ -148,7 +169,11 @@ def main() -> None:
     ap.add_argument("--modes", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--interleave", choices=["step", "epoch"], default=None,
+                    help="alternate variants step by step (default on CPU: the VM's load drifts "
+                    "faster than an epoch) or epoch by epoch (default on CUDA: no sync per step)")
     a = ap.parse_args()
+    a.interleave = a.interleave or ("epoch" if a.device == "cuda" else "step")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = start_collector(tmp)
@@ -162,10 +187,18 @@ def main() -> None:
         rounds = max(1, a.steps // a.epoch_steps)
         for r in range(a.warmup + rounds):
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-            for n in order:
-                t = run_epoch(variants[n], batches, a.device)
-                if r >= a.warmup:
-                    variants[n]["times"].append(t)
+            if a.interleave == "epoch":
+                for n in order:
+                    t = run_epoch(variants[n], batches, a.device)
+                    if r >= a.warmup:
+                        variants[n]["times"].append(t)
+                continue
+            for i in range(len(batches)):  # step by step: drift hits every variant alike
+                k = i % len(order)
+                for n in order[k:] + order[:k]:
+                    t = run_step(variants[n], batches, i, a.device)
+                    if r >= a.warmup:
+                        variants[n]["times"].append(t)
         for v in variants.values():
             if v["tap"] is not None:
                 v["tap"].close()
@@ -183,16 +216,21 @@ def main() -> None:
 def print_table(a, variants: dict, rounds: int, sender) -> None:
     dev = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     print(f"device: {dev}; torch {torch.__version__}")
+    unit = "step" if a.interleave == "step" else "round"
     print(f"FNO width {a.width}, modes {a.modes}, depth 4, batch {a.batch}, {a.size}x{a.size}; "
-          f"{rounds} rounds x {a.epoch_steps} steps per variant (1 epoch = {a.epoch_steps} steps)\n")
+          f"{rounds} rounds x {a.epoch_steps} steps per variant (1 epoch = {a.epoch_steps} steps), "
+          f"variants alternated {unit} by {unit}\n")
     base = statistics.median(variants["none"]["times"])
-    print("| variant | median step (ms) | ratio of medians | median of per-round ratios |")
-    print("| --- | --- | --- | --- |")
+    mean0 = statistics.fmean(variants["none"]["times"])
+    print(f"| variant | median {'step' if unit == 'step' else 'round'} (ms) | ratio of medians | ratio of means | "
+          f"median of per-{unit} ratios | middle half of per-{unit} ratios |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for n in VARIANTS:
         ts = variants[n]["times"]
-        per_round = [t / b for t, b in zip(ts, variants["none"]["times"])]  # same round, adjacent
+        paired = sorted(t / b for t, b in zip(ts, variants["none"]["times"]))  # same step/round
+        q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
         print(f"| {n} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.3f}x | "
-              f"{statistics.median(per_round):.3f}x |")
+              f"{statistics.fmean(ts) / mean0:.3f}x | {statistics.median(paired):.3f}x | {q1:.3f}-{q3:.3f}x |")
     if sender is not None:
         print(f"\nsender (every_step + default share one): {sender.stats()}")
 

@@ -51,9 +51,10 @@ _ring = _HostRing()
 class _Readback:
     """The host side of one copy; read once, on the sender thread."""
 
-    def __init__(self, host: torch.Tensor, event, slot: Optional[int]):
+    def __init__(self, host: Optional[torch.Tensor], event, slot: Optional[int],
+                 vals: Optional[list] = None):
         self._host, self._event, self._slot = host, event, slot
-        self._vals: Optional[list] = None
+        self._vals: Optional[list] = vals  # given: values that were host floats already
 
     def values(self) -> list:
         if self._vals is None:
@@ -85,9 +86,9 @@ class Capture:
         self.step, self.epoch = step, epoch
         self._entries: dict[tuple[str, str], tuple] = {}  # (kind, name) -> entry; last wins
 
-    def add(self, kind: str, name: str, vec: Optional[torch.Tensor], decode: Decode,
-            nbytes: int = 400) -> None:
-        """vec: a 1-D device tensor (or None for a payload that needs no device value)."""
+    def add(self, kind: str, name: str, vec, decode: Decode, nbytes: int = 400) -> None:
+        """vec: a 1-D device tensor, a list of Python floats (values already on the host:
+        nothing to copy), or None for a payload that needs no device value."""
         self._entries[(kind, name)] = (vec, decode, nbytes)
 
     def has(self, kind: str, name: str) -> bool:
@@ -101,13 +102,19 @@ class Capture:
         entries, self._entries = self._entries, {}
         by_dev: dict = {}
         for key, (vec, dec, nb) in entries.items():
-            dev = vec.device if vec is not None else None
+            dev = vec.device if isinstance(vec, torch.Tensor) else ("host" if vec is not None else None)
             by_dev.setdefault(dev, []).append((key, vec, dec, nb))
         sent = 0
         for dev, items in by_dev.items():
             if dev is None:
-                rb = _Readback(torch.empty(0), None, None)
+                rb = _Readback(None, None, None, [])
                 slices = [0] * (len(items) + 1)
+            elif dev == "host":
+                vals = [x for _, v, _, _ in items for x in v]
+                rb = _Readback(None, None, None, vals)
+                slices = [0]
+                for _, v, _, _ in items:
+                    slices.append(slices[-1] + len(v))
             else:
                 vecs = [v for _, v, _, _ in items]
                 flat = torch.cat(vecs) if len(vecs) > 1 else vecs[0]

@@ -160,14 +160,14 @@ class Engine:
             grads = [p.grad for p in ps if p.grad is not None]
             if grads:
                 count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
-                self._grad_vecs[i] = (stats.grad_moments_vector(grads), count)
+                self._grad_vecs[i] = (stats.grad_moments_vector(grads, host_ok=True), count)
         if self._grad_vecs:
             ws = [p.detach() for p in self._wparams]
             self._wnorms = list(torch._foreach_norm(ws))
             self._before = self._snapshot(ws)
         if self._covers_all:
             if self._grad_vecs:
-                self._total = _total_norm(torch.stack([v for v, _ in self._grad_vecs.values()]))
+                self._total = _total_norm([v for v, _ in self._grad_vecs.values()])
             return
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
         if all_grads:
@@ -220,7 +220,8 @@ class Engine:
         if self._grad_vecs:
             self._add_gradients()
         if self._total is not None:
-            self.capture.add("gradients", "_total", self._total.to(torch.float64),
+            total = self._total if isinstance(self._total, list) else self._total.to(torch.float64)
+            self.capture.add("gradients", "_total", total,
                              lambda v: {"norm": v[0]}, 64)
         self._reset_grads()
         self.capture.flush(self.sender)
@@ -231,7 +232,7 @@ class Engine:
         torch._foreach_sub_(self._before, ws)  # before - after, in place
         wn, dn = self._layer_norms(self._wnorms + list(torch._foreach_norm(self._before))).chunk(2)
         keys = sorted(self._grad_vecs)
-        rows = torch.stack([self._grad_vecs[i][0] for i in keys])
+        rows = _rows([self._grad_vecs[i][0] for i in keys])
         cols = torch.stack([wn, dn / wn], 1)
         if len(keys) != len(self._layers):
             cols = cols[torch.tensor(keys, device=cols.device)]
@@ -254,7 +255,7 @@ class Engine:
             t = stats.as_complex(t, kind_, dim)
             shape = list(t.shape)
         is_c = t.is_complex()
-        vec = stats.tensor_stats_vector(t)
+        vec = stats.tensor_stats_vector(t, host_ok=True)
 
         def decode(v, shape=shape, dt=dt, is_c=is_c):
             return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
@@ -331,11 +332,27 @@ class Engine:
             self._hooks.detach()
 
 
-def _total_norm(vecs: torch.Tensor) -> torch.Tensor:
+def _rows(vecs: list) -> torch.Tensor:
+    """Per-layer vectors (tensors, or lists of host floats from the CPU path) as one matrix."""
+    if all(isinstance(v, list) for v in vecs):
+        return torch.tensor(vecs, dtype=torch.float64)
+    dev = next(v.device for v in vecs if isinstance(v, torch.Tensor))
+    return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=dev)
+                        for v in vecs])
+
+
+def _total_norm(vecs: list):
     """The norm of all gradients from per-layer GRAD_VEC rows (nan, inf, ..., norm at 8; norm
     over finite elements): sqrt of the sum of squares, NaN if any element is NaN, else inf if
-    any is infinite (what clip_grad_norm_ would see). Shape (1,), on the rows' device."""
-    v = vecs.double()
+    any is infinite (what clip_grad_norm_ would see). Host lists give [total] (a list); else a
+    tensor of shape (1,) on the rows' device."""
+    if all(isinstance(v, list) for v in vecs):
+        if any(v[0] > 0 for v in vecs):
+            return [math.nan]
+        if any(v[1] > 0 for v in vecs):
+            return [math.inf]
+        return [math.sqrt(sum(v[8] * v[8] for v in vecs))]
+    v = _rows(vecs).double()
     total = v[:, 8].square().sum().sqrt()
     total = torch.where(v[:, 1].sum() > 0, math.inf, total)
     return torch.where(v[:, 0].sum() > 0, math.nan, total).reshape(1)

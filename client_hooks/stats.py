@@ -53,18 +53,17 @@ def _mean_std(x: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, population std) of 1-D `x` taken as `n` elements (x already zero where ignored
     is NOT assumed: callers pass the values to average). Two passes, exact to rounding.
 
-    CPU: sum, then the sum of squared deviations (torch's CPU sum is a cascade sum, so this is
-    as accurate as var_mean and ~15x faster than its Welford kernel); elsewhere one var_mean."""
+    CPU: sum, then the sum of squared deviations (`_deviations_m2`: torch's CPU sum is a
+    cascade sum, so this is as accurate as var_mean and ~15x faster than its Welford kernel;
+    float64 where float32 squares would underflow or overflow); elsewhere one var_mean."""
     if x.device.type == "cpu":
-        mean = x.sum() / n
-        d = x - mean
-        m2 = d.mul_(d).sum()
-        m2f = float(m2)  # CPU scalar: no device wait
-        if x.dtype == torch.float32 and x.numel() and m2f in (0.0, math.inf):
-            mn, mx = torch.stack(torch.aminmax(x)).tolist()  # CPU, training thread, rare case: no wait
-            if _degenerate(m2f, mn, mx):
-                return mean, torch.tensor(math.sqrt(_m2_float64(x, float(mean)) / n), dtype=x.dtype)
-        return mean, (m2 / n).sqrt()
+        if x.numel() == 0:
+            nan = torch.tensor(math.nan, dtype=x.dtype)
+            return nan, nan
+        mean = float(x.sum()) / n  # CPU: no device wait
+        mn, mx = torch.stack(torch.aminmax(x)).tolist()  # CPU, training thread: no device wait
+        m2 = _deviations_m2(x, mean, mn, mx)
+        return torch.tensor(mean, dtype=x.dtype), torch.tensor(math.sqrt(m2 / n), dtype=x.dtype)
     var, mean = torch.var_mean(x, correction=0)
     return mean, var.sqrt()
 
@@ -182,12 +181,15 @@ def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Op
     return _masked_moments(parts, fin, nfin), counts, fin
 
 
-def _vec(vals: list, out_dt: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One 1-D tensor of scalar tensors and Python numbers (the numbers need no kernel)."""
+def _vec(vals: list, out_dt: torch.dtype, device: torch.device, host_ok: bool = False):
+    """One 1-D tensor of scalar tensors and Python numbers (the numbers need no kernel).
+    host_ok: when every value is already a Python number (the CPU fast path), return them as
+    a list of floats: no tensor to build now and none to read back later."""
     if all(isinstance(v, torch.Tensor) for v in vals):
         return torch.stack(vals).to(out_dt)
     if not any(isinstance(v, torch.Tensor) for v in vals):
-        return torch.tensor([float(v) for v in vals], dtype=out_dt, device=device)
+        floats = [float(v) for v in vals]
+        return floats if host_ok else torch.tensor(floats, dtype=out_dt, device=device)
     pieces, run = [], []
     for v in vals:
         if isinstance(v, torch.Tensor):
@@ -227,9 +229,10 @@ def _fused(x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
-def _real10(x: torch.Tensor, extra: bool) -> torch.Tensor:
+def _real10(x: torch.Tensor, extra: bool, host_ok: bool = False):
     """Real 1-D x (any dtype): [nan, inf, nfinite, min, max, mean, std] and, with `extra`,
-    + [nzero, norm, max_abs]; norm and max_abs are over the finite elements."""
+    + [nzero, norm, max_abs]; norm and max_abs are over the finite elements. host_ok: see
+    `_vec`."""
     f = _fused(x)
     if f is not None:
         return f if extra else f[:7]
@@ -238,30 +241,42 @@ def _real10(x: torch.Tensor, extra: bool) -> torch.Tensor:
     (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x)
     vals = [nnan, ninf, nfin, mn, mx, mean, std]
     if extra and not isinstance(std, torch.Tensor):  # CPU, all finite: Python floats
-        nzero = x.numel() - torch.count_nonzero(x).item()  # CPU only (this branch), no device wait
-        vals += [nzero, math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
+        vals += [_zeros(x), math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
     elif extra:
         nzero = x.numel() - torch.count_nonzero(x)  # NaN counts as non-zero, as it should
         nf = nfin if isinstance(nfin, torch.Tensor) else torch.tensor(float(nfin), dtype=torch.float64)
         norm = (nf * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements
         vals += [nzero, norm, torch.maximum(mn.abs(), mx.abs())]
-    return _vec(vals, out_dt, x.device)
+    return _vec(vals, out_dt, x.device, host_ok)
 
 
-def tensor_stats_vector(t: torch.Tensor) -> torch.Tensor:
+_EXACT_F32_COUNT = 1 << 24  # a float32 sum of 0/1 values stays an exact integer up to here
+
+
+def _zeros(x: torch.Tensor) -> int:
+    """How many elements of a finite CPU tensor are +-0: |sign(x)| summed is the nonzero
+    count (sign(-0.0) is -0.0), about half the time of count_nonzero on float32."""
+    n = x.numel()
+    if x.dtype == torch.float32 and n <= _EXACT_F32_COUNT:
+        return n - int(x.sign().abs_().sum())  # CPU, training thread: no device wait
+    return n - int(torch.count_nonzero(x))  # CPU: no device wait
+
+
+def tensor_stats_vector(t: torch.Tensor, host_ok: bool = False):
     """Real: [nan, inf, nfinite, min, max, mean, std]; complex: [nan, inf, nfinite] + 4 x
-    (min, max, mean, std) for real, imag, abs, angle. Empty input: an empty vector."""
+    (min, max, mean, std) for real, imag, abs, angle. Empty input: an empty vector.
+    host_ok: a list of floats instead where the values are already on the host (`_vec`)."""
     x = t.detach().reshape(-1)
     out_dt = _out_dtype(x.device)
     if x.numel() == 0:
         return torch.empty(0, dtype=out_dt, device=x.device)
     if not x.is_complex():
-        return _real10(x, extra=False)
+        return _real10(x, extra=False, host_ok=host_ok)
     x = x.to(torch.complex128 if x.dtype == torch.complex128 else torch.complex64)
     ri = torch.view_as_real(x)
     parts = [ri[:, 0], ri[:, 1], x.abs(), x.angle()]
     moments, counts, _ = _moments(parts, x)
-    return _vec(counts + moments, out_dt, x.device)
+    return _vec(counts + moments, out_dt, x.device, host_ok)
 
 
 def _part(vals: list[float], ok: bool) -> dict:
@@ -310,11 +325,11 @@ def _flat_real(ts: list[torch.Tensor]) -> torch.Tensor:
     return (flat[0] if len(flat) == 1 else torch.cat(flat)).detach()
 
 
-def grad_moments_vector(grads: list[torch.Tensor]) -> torch.Tensor:
+def grad_moments_vector(grads: list[torch.Tensor], host_ok: bool = False):
     """[nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] of a layer's gradients
     (all its parameters' grads as one flat real vector; complex as (re, im) pairs); moments,
-    norm and max_abs over the finite elements."""
-    return _real10(_flat_real(grads), extra=True)
+    norm and max_abs over the finite elements. host_ok: see `_vec`."""
+    return _real10(_flat_real(grads), extra=True, host_ok=host_ok)
 
 
 def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:

@@ -147,6 +147,16 @@ def test_gradient_stats_match_numpy_including_nan_and_zeros():
     assert d["weight_norm"] == pytest.approx(math.sqrt(4 + 12)) and d["update_ratio"] == 0.25
 
 
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30])))
+@settings(max_examples=60, deadline=None)
+def test_finite_gradients_count_signed_zeros_and_give_host_floats_equal_to_the_tensor(a):
+    """The CPU fast path: +0.0 and -0.0 are both zeros; the host list equals the tensor."""
+    host = stats.grad_moments_vector([torch.from_numpy(a)], host_ok=True)
+    assert isinstance(host, list) and host == stats.grad_moments_vector([torch.from_numpy(a)]).tolist()
+    x = a.astype(np.float64)
+    assert host[7] == (x == 0).sum() and host[8] == pytest.approx(np.linalg.norm(x), rel=1e-6)
+
+
 def test_patch_metrics_match_numpy_and_expose_a_pure_scale_mismatch():
     g = torch.Generator().manual_seed(1)
     target = torch.rand(4, 8, 8, generator=g)
