@@ -104,6 +104,7 @@ def _f32(v: float) -> float:
 
 _DOT_CHUNK = 1 << 18     # BLAS dot accumulates in the input dtype: chunks keep it ~1e-6
 _SQ_SAFE = (1e-15, 1e14)  # |x| range where float32 squares neither lose digits nor overflow
+_SQ_SAFE64 = (1e-140, 1e140)  # the same for float64
 
 
 def _sum_squares(x: torch.Tensor) -> float:
@@ -136,7 +137,8 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
         n, mn, mx = x.numel(), ext[2 * i], ext[2 * i + 1]
         mean = sums[i] / n
         amax = max(abs(mn), abs(mx))
-        safe = x.dtype == torch.float64 or (_SQ_SAFE[0] <= amax <= _SQ_SAFE[1]) or amax == 0.0
+        lo, hi = _SQ_SAFE64 if x.dtype == torch.float64 else _SQ_SAFE
+        safe = lo <= amax <= hi or amax == 0.0
         m2 = None
         if safe:
             sq = _sum_squares(x)
