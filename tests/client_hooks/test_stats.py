@@ -147,6 +147,16 @@ def test_gradient_stats_match_numpy_including_nan_and_zeros():
     assert d["weight_norm"] == pytest.approx(math.sqrt(4 + 12)) and d["update_ratio"] == 0.25
 
 
+@pytest.mark.parametrize("where", [None, 10, 400_000, 599_999])
+def test_tensors_of_several_cpu_chunks_match_numpy_with_nan_anywhere(where):
+    """The CPU path reads 2^18-element chunks: a NaN in any chunk must reach the counts."""
+    x = torch.randn(600_000, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    if where is not None:
+        x[where] = math.nan
+        x[(where + 7) % x.numel()] = -math.inf
+    check_real(x)
+
+
 @given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30])))
 @settings(max_examples=60, deadline=None)
 def test_finite_gradients_count_signed_zeros_and_give_host_floats_equal_to_the_tensor(a):
