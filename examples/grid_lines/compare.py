@@ -166,6 +166,7 @@ def main(argv=None) -> int:
         return 2
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*(LitLogger|litlogger|tensorboardX).*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own use of torch's pytree
     from examples.grid_lines.data import DataConfig, make_loaders
 
     cfg = DataConfig(N=a.N, gridsize=a.gridsize, n_objects=a.n_objects, seed=a.seed,
