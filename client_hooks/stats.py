@@ -107,27 +107,32 @@ _SQ_SAFE = (1e-15, 1e14)  # |x| range where float32 squares neither lose digits 
 _SQ_SAFE64 = (1e-140, 1e140)  # the same for float64
 
 
-def _chunk_reads(x: torch.Tensor) -> tuple[float, float, float, float]:
+def _chunk_reads(x: torch.Tensor, zeros: bool = False) -> tuple[float, float, float, float, Optional[int]]:
     """(min, max, sum, sum of squares) of a CPU 1-D tensor. Chunk by chunk, aminmax, sum and
     dot run back to back, so a chunk comes from memory once and is re-read from cache: about
     a fifth less time than three whole-tensor passes on tensors larger than the cache. BLAS
     dot accumulates in the input dtype; the chunks keep its error ~1e-6 and the partial sums
-    are added in Python float64. No temporaries; CPU reads need no device wait."""
-    vals = []
+    are added in Python float64. No temporaries; CPU reads need no device wait.
+    zeros: also the number of +-0 elements (|sign(y)| summed per chunk, while it is cached:
+    sign(-0.0) is -0.0; a float32 sum of 0/1 values is exact up to 2^24 > a chunk)."""
+    vals, k = [], 5 if zeros else 4
     for i in range(0, x.numel(), _DOT_CHUNK):
         y = x[i:i + _DOT_CHUNK]
         mn, mx = torch.aminmax(y)
         vals += [mn, mx, y.sum(), torch.dot(y, y)]
+        if zeros:
+            vals.append(y.sign().abs_().sum())
     if not vals:  # empty: not finite, so the caller takes the general path
-        return math.nan, math.nan, 0.0, 0.0
+        return math.nan, math.nan, 0.0, 0.0, None
     v = torch.stack(vals).tolist()  # CPU, training thread: no device wait
-    ext = v[0::4] + v[1::4]
+    ext = v[0::k] + v[1::k]
     if not all(math.isfinite(e) for e in ext):  # Python's min/max would skip a NaN chunk
-        return math.nan, math.nan, 0.0, 0.0
-    return min(v[0::4]), max(v[1::4]), sum(v[2::4]), sum(v[3::4])
+        return math.nan, math.nan, 0.0, 0.0, None
+    nzero = x.numel() - int(sum(v[4::k])) if zeros else None
+    return min(v[0::k]), max(v[1::k]), sum(v[2::k]), sum(v[3::k]), nzero
 
 
-def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
+def _fast_moments(parts: list[torch.Tensor], zeros: Optional[list] = None) -> Optional[list[float]]:
     """Unmasked (min, max, mean, std) per part as Python floats, or None when an element is
     not finite.
 
@@ -140,11 +145,13 @@ def _fast_moments(parts: list[torch.Tensor]) -> Optional[list[float]]:
     not small against the spread) or the squares leave float32's safe range, the deviations
     are summed instead (x - mean, in float64 for extreme ranges): var_mean's accuracy at a
     fraction of its Welford kernel's time."""
-    reads = [_chunk_reads(x) for x in parts]
+    reads = [_chunk_reads(x, zeros is not None) for x in parts]
     if not all(math.isfinite(r[0]) and math.isfinite(r[1]) for r in reads):
         return None
+    if zeros is not None:  # the zero count of each part, for the caller
+        zeros.extend(r[4] for r in reads)
     out = []
-    for x, (mn, mx, total, sq) in zip(parts, reads):
+    for x, (mn, mx, total, sq, _) in zip(parts, reads):
         n = x.numel()
         mean = total / n
         amax = max(abs(mn), abs(mx))
@@ -175,13 +182,14 @@ def _deviations_m2(x: torch.Tensor, mean: float, mn: float, mx: float) -> float:
     return m2
 
 
-def _moments(parts: list[torch.Tensor], x: torch.Tensor) -> tuple[list, list, Optional[torch.Tensor]]:
+def _moments(parts: list[torch.Tensor], x: torch.Tensor,
+             zeros: Optional[list] = None) -> tuple[list, list, Optional[torch.Tensor]]:
     """(moments, [nnan, ninf, nfinite], finite mask or None when all finite) for parts of x.
 
     Complex: an element can be both NaN and Inf (nan+infj), so the counts are separate.
     All finite (CPU fast path): the counts are plain Python numbers."""
     if x.device.type == "cpu":
-        fast = _fast_moments(parts)
+        fast = _fast_moments(parts, zeros)
         if fast is not None:
             return fast, [0, 0, x.numel()], None
     fin = torch.isfinite(x)
@@ -250,28 +258,17 @@ def _real10(x: torch.Tensor, extra: bool, host_ok: bool = False):
         return f if extra else f[:7]
     out_dt = _out_dtype(x.device)
     x = x.to(acc_dtype(x.dtype))
-    (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x)
+    zeros: list = []  # filled by the CPU fast path only
+    (mn, mx, mean, std), (nnan, ninf, nfin), _ = _moments([x], x, zeros if extra else None)
     vals = [nnan, ninf, nfin, mn, mx, mean, std]
     if extra and not isinstance(std, torch.Tensor):  # CPU, all finite: Python floats
-        vals += [_zeros(x), math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
+        vals += [zeros[0], math.sqrt(nfin * (std * std + mean * mean)), max(abs(mn), abs(mx))]
     elif extra:
         nzero = x.numel() - torch.count_nonzero(x)  # NaN counts as non-zero, as it should
         nf = nfin if isinstance(nfin, torch.Tensor) else torch.tensor(float(nfin), dtype=torch.float64)
         norm = (nf * (std.double() ** 2 + mean.double() ** 2)).sqrt()  # of the finite elements
         vals += [nzero, norm, torch.maximum(mn.abs(), mx.abs())]
     return _vec(vals, out_dt, x.device, host_ok)
-
-
-_EXACT_F32_COUNT = 1 << 24  # a float32 sum of 0/1 values stays an exact integer up to here
-
-
-def _zeros(x: torch.Tensor) -> int:
-    """How many elements of a finite CPU tensor are +-0: |sign(x)| summed is the nonzero
-    count (sign(-0.0) is -0.0), about half the time of count_nonzero on float32."""
-    n = x.numel()
-    if x.dtype == torch.float32 and n <= _EXACT_F32_COUNT:
-        return n - int(x.sign().abs_().sum())  # CPU, training thread: no device wait
-    return n - int(torch.count_nonzero(x))  # CPU: no device wait
 
 
 def tensor_stats_vector(t: torch.Tensor, host_ok: bool = False):
