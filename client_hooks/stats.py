@@ -49,30 +49,25 @@ def _out_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
 
 
-def _mean_std(x: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, population std) of 1-D `x` taken as `n` elements (x already zero where ignored
-    is NOT assumed: callers pass the values to average). Two passes, exact to rounding.
+def _std(x: torch.Tensor, mean: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """Population std of 1-D `x` around its known `mean`, min `mn` and max `mx` (0-d tensors).
 
-    CPU: sum, then the sum of squared deviations (`_deviations_m2`: torch's CPU sum is a
-    cascade sum, so this is as accurate as var_mean and ~15x faster than its Welford kernel;
-    float64 where float32 squares would underflow or overflow); elsewhere one var_mean."""
+    CPU: the sum of squared deviations (`_deviations_m2`: torch's CPU sum is a cascade sum,
+    so this is as accurate as var_mean and ~15x faster than its Welford kernel; float64
+    where float32 squares would underflow or overflow); elsewhere one var_mean."""
     if x.device.type == "cpu":
         if x.numel() == 0:
-            nan = torch.tensor(math.nan, dtype=x.dtype)
-            return nan, nan
-        mean = float(x.sum()) / n  # CPU: no device wait
-        mn, mx = torch.stack(torch.aminmax(x)).tolist()  # CPU, training thread: no device wait
-        m2 = _deviations_m2(x, mean, mn, mx)
-        return torch.tensor(mean, dtype=x.dtype), torch.tensor(math.sqrt(m2 / n), dtype=x.dtype)
-    var, mean = torch.var_mean(x, correction=0)
-    return mean, var.sqrt()
+            return torch.tensor(math.nan, dtype=x.dtype)
+        m2 = _deviations_m2(x, float(mean), float(mn), float(mx))  # CPU, training thread: no device wait
+        return torch.tensor(math.sqrt(m2 / x.numel()), dtype=x.dtype)
+    return torch.var_mean(x, correction=0)[0].sqrt()
 
 
 def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Tensor) -> list[torch.Tensor]:
     """(min, max, mean, std) of each 1-D tensor in `parts` over the elements where `fin`.
 
     Non-finite elements are replaced by the finite mean: that leaves min, max and every
-    deviation from the mean unchanged, so one mean/std and one aminmax do the rest (few
+    deviation from the mean unchanged, so one aminmax and one std do the rest (few
     kernels: on an accelerator their launch cost is what a capture costs)."""
     cnt = nfin.clamp(min=1).to(parts[0].dtype)
     scale = fin.numel() / cnt
@@ -80,20 +75,13 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
     for x in parts:
         mean = torch.where(fin, x, 0).sum() / cnt
         xr = torch.where(fin, x, mean)
-        _, std = _mean_std(xr, xr.numel())
         mn, mx = torch.aminmax(xr)
-        out += [mn, mx, mean, std * scale.sqrt()]
+        out += [mn, mx, mean, _std(xr, mean, mn, mx) * scale.sqrt()]
     return out
 
 
-def _degenerate(m2: float, mn: float, mx: float) -> bool:
-    """A float32 sum of squared deviations that underflowed to 0 (all deviations < ~1e-19)
-    or overflowed to inf (deviations > ~1e19) while the values do differ."""
-    return (m2 == 0.0 and mx > mn) or m2 == math.inf
-
-
 def _m2_float64(x: torch.Tensor, mean: float) -> float:
-    """The same sum in float64 (rare: only for the degenerate case above)."""
+    """sum((x - mean)^2) in float64 (rare: deviations beyond float32's safe squaring range)."""
     d = x.double() - mean
     return float(d.mul_(d).sum())  # CPU, training thread: no device wait
 
@@ -169,15 +157,14 @@ def _fast_moments(parts: list[torch.Tensor], zeros: Optional[list] = None) -> Op
 
 def _deviations_m2(x: torch.Tensor, mean: float, mn: float, mx: float) -> float:
     """sum((x - mean)^2) on CPU: in x's dtype, corrected for the mean's rounding to it, or in
-    float64 when float32 squares would underflow or overflow."""
+    float64 when float32 squares would underflow or overflow (largest deviation outside
+    _SQ_SAFE: inside it, n squares can neither all vanish nor overflow)."""
     dmax = max(mx - mean, mean - mn)  # the largest |deviation|
     if x.dtype == torch.float32 and dmax > 0 and not _SQ_SAFE[0] <= dmax <= _SQ_SAFE[1]:
         return _m2_float64(x, mean)
     d = x - mean  # the kernel subtracts the mean rounded to x's dtype: corrected below
     m2 = d.mul_(d).sum().item()  # CPU, training thread: no device wait
     if x.dtype == torch.float32:
-        if _degenerate(m2, mn, mx):
-            return _m2_float64(x, mean)
         return max(0.0, m2 - x.numel() * (_f32(mean) - mean) ** 2)
     return m2
 
