@@ -86,11 +86,11 @@ class Engine:
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
         self._wparams: list[nn.Parameter] = []  # every watched layer's parameters, layer by layer
         self._widx: dict = {}  # device -> layer index of each entry of _wparams (for index_add_)
-        self._grad_vecs: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (moments, count)
+        self._grad_vecs: dict[int, tuple[Any, int]] = {}  # layer -> (moments: tensor or host list, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
-        self._total: Optional[torch.Tensor] = None
+        self._total: Any = None  # (1,) tensor, or [float] from the CPU path
         self._covers_all = False
 
     # -- set-up ---------------------------------------------------------------------------

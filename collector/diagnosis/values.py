@@ -190,10 +190,17 @@ def loss_plateau(records: list[dict]) -> list[dict]:
     return []
 
 
+def _ends(window: list[float]) -> tuple[list[float], list[float]]:
+    """The first and the last third of `window`, 3 values each at least (so a single spike
+    is never a median)."""
+    j = max(3, len(window) // 3)
+    return window[:j], window[-j:]
+
+
 def _thirds(window: list[float]) -> tuple[float, float, float]:
     """Median of the first and of the last third of `window`, and the relative decrease."""
-    j = max(3, len(window) // 3)  # 3 or more values: a single spike is never the median
-    head, tail = median(window[:j]), median(window[-j:])
+    early, late = _ends(window)
+    head, tail = median(early), median(late)
     return head, tail, _decrease(head, tail)
 
 
@@ -201,11 +208,12 @@ def _fraction_below(window: list[float]) -> float:
     """Of all (early, late) pairs from the first and last third of `window`, the fraction in
     which the late value is lower (ties count half): 0.5 for noise around a flat level, 1.0
     for a loss that fell throughout. Sorted early values and bisection: O(j log j)."""
-    j = max(3, len(window) // 3)
-    early = sorted(window[:j])
-    late = window[-j:]
-    wins = sum((len(early) - bisect.bisect_right(early, v)) + 0.5 * (bisect.bisect_right(early, v)
-               - bisect.bisect_left(early, v)) for v in late)
+    early, late = _ends(window)
+    early = sorted(early)
+    wins = 0.0
+    for v in late:
+        lo, hi = bisect.bisect_left(early, v), bisect.bisect_right(early, v)
+        wins += len(early) - hi + 0.5 * (hi - lo)
     return wins / (len(early) * len(late))
 
 
