@@ -141,6 +141,41 @@ def speed(device: str) -> None:
             print(f"speed {path:5s} {name}: {wall * 1e6:.0f} us/call wall, {cpu * 1e6:.0f} us/call host")
 
 
+def batch_speed(device: str) -> None:
+    """Host cost of the engine's pattern: a capture's tensors one `Batch.add` each, its
+    gradient layers one `add_group`, one `finish` (host time per call; wall time to done)."""
+    from client_hooks import fused
+
+    acts = [torch.randn(64, 64, 64, 64, device=device) for _ in range(14)]
+    layers = [[torch.randn(64, 64, device=device), torch.randn(64, device=device)] for _ in range(20)]
+    for _ in range(2):  # the first compiles
+        b = fused.Batch(torch.device(device))
+        for a in acts:
+            b.add(a)
+        b.add_group(layers)
+        b.finish()
+    torch.cuda.synchronize()
+    reps, t_add, t_group, t_fin = 20, 0.0, 0.0, 0.0
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b = fused.Batch(torch.device(device))
+        t1 = time.perf_counter()
+        for a in acts:
+            b.add(a)
+        t2 = time.perf_counter()
+        b.add_group(layers)
+        t3 = time.perf_counter()
+        b.finish()
+        t4 = time.perf_counter()
+        t_add, t_group, t_fin = t_add + t2 - t1, t_group + t3 - t2, t_fin + t4 - t3
+    host = (time.perf_counter() - t0) / reps
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / reps
+    print(f"batch: {t_add / reps / len(acts) * 1e6:.0f} us host per add (64x64x64x64), "
+          f"{t_group / reps * 1e6:.0f} us per add_group (20 layers), {t_fin / reps * 1e6:.0f} us per finish; "
+          f"a capture of 14 tensors + 20 layers: {host * 1e3:.2f} ms host, {wall * 1e3:.2f} ms to done")
+
+
 def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batch: int = 64) -> None:
     """GPU kernels per training step, demo FNO (width 64, modes 16, batch 64), none vs every_step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -191,6 +226,7 @@ def main() -> None:
         except ImportError:
             print("triton: not importable")
         speed(a.device)
+        batch_speed(a.device)
         if not a.no_launches:
             launches(a.device)
     sys.exit(1 if fails else 0)

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from client_hooks import stats
+
 Decode = Callable[[list], dict]
 
 
@@ -79,16 +81,28 @@ def to_host(flat: torch.Tensor) -> _Readback:
     return _Readback(flat.to("cpu", non_blocking=True), None, None)  # other devices: best effort
 
 
+class Span:
+    """Values [lo, hi) of a device vector that several entries share (one piece of the flat
+    copy however many entries point into it). `src` is a 1-D tensor, or a device: the rows of
+    that device's fused batch (`Capture.fused_rows`), known only once the batch is merged."""
+    __slots__ = ("src", "lo", "hi")
+
+    def __init__(self, src, lo: int, hi: int):
+        self.src, self.lo, self.hi = src, lo, hi
+
+
 class Capture:
     """Entries (kind, name, vector, decode) collected during one step; `flush` sends them."""
 
     def __init__(self, step: Optional[int] = None, epoch: Optional[int] = None):
         self.step, self.epoch = step, epoch
         self._entries: dict[tuple[str, str], tuple] = {}  # (kind, name) -> entry; last wins
+        self._batches: dict = {}  # device -> client_hooks.fused.Batch (CUDA statistics)
 
     def add(self, kind: str, name: str, vec, decode: Decode, nbytes: int = 400) -> None:
-        """vec: a 1-D device tensor, a list of Python floats (values already on the host:
-        nothing to copy), or None for a payload that needs no device value."""
+        """vec: a 1-D device tensor, a `Span` of one, a tuple of those (their values
+        concatenated), a list of Python floats (values already on the host: nothing to
+        copy), or None for a payload that needs no device value."""
         self._entries[(kind, name)] = (vec, decode, nbytes)
 
     def has(self, kind: str, name: str) -> bool:
@@ -97,36 +111,94 @@ class Capture:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def batch(self, device, fused_mod):
+        """This capture's fused batch on `device` (made on first use)."""
+        b = self._batches.get(device)
+        if b is None:
+            b = self._batches[device] = fused_mod.Batch(device)
+        return b
+
+    def fused_rows(self, device) -> torch.Tensor:
+        """The (rows, 10) matrix of the fused batch on `device` (merged on first call)."""
+        return self._batches[device].finish()
+
+    def _merged(self, device) -> Optional[torch.Tensor]:
+        try:
+            return self.fused_rows(device).reshape(-1)
+        except Exception as e:  # a Triton failure: the torch path from now on; warned once
+            stats.fused_failed(e)
+            return None
+
+    def _segments(self, vec, merged: dict) -> Optional[list]:
+        """An entry's device values as [(piece, lo, hi)]; None when they cannot be had."""
+        segs = []
+        for part in (vec if isinstance(vec, tuple) else (vec,)):
+            if isinstance(part, torch.Tensor):
+                segs.append((part, 0, part.numel()))
+                continue
+            src = part.src
+            if not isinstance(src, torch.Tensor):
+                if src not in merged:
+                    merged[src] = self._merged(src)
+                src = merged[src]
+                if src is None:
+                    return None  # already reported: this record is not produced
+            segs.append((src, part.lo, part.hi))
+        return segs
+
     def flush(self, sender) -> int:
-        """Copy every vector to the host in one go per device; enqueue one record per entry."""
+        """Copy every vector to the host in one go per device; enqueue one record per entry.
+        A vector is a tensor, a Span, or a tuple of those (values concatenated)."""
         entries, self._entries = self._entries, {}
-        by_dev: dict = {}
-        for key, (vec, dec, nb) in entries.items():
-            dev = vec.device if isinstance(vec, torch.Tensor) else ("host" if vec is not None else None)
-            by_dev.setdefault(dev, []).append((key, vec, dec, nb))
+        host, none, by_dev, merged = [], [], {}, {}
+        try:
+            for key, (vec, dec, nb) in entries.items():
+                if vec is None:
+                    none.append((key, dec, nb))
+                elif isinstance(vec, list):
+                    host.append((key, vec, dec, nb))
+                else:
+                    segs = self._segments(vec, merged)
+                    if segs is not None:
+                        by_dev.setdefault(segs[0][0].device, []).append((key, segs, dec, nb))
+        finally:
+            self._batches = {}
         sent = 0
-        for dev, items in by_dev.items():
-            if dev is None:
-                rb = _Readback(None, None, None, [])
-                slices = [0] * (len(items) + 1)
-            elif dev == "host":
-                vals = [x for _, v, _, _ in items for x in v]
-                rb = _Readback(None, None, None, vals)
-                slices = [0]
-                for _, v, _, _ in items:
-                    slices.append(slices[-1] + len(v))
-            else:
-                vecs = [v for _, v, _, _ in items]
-                flat = torch.cat(vecs) if len(vecs) > 1 else vecs[0]
-                rb = to_host(flat)
-                slices = [0]
-                for v in vecs:
-                    slices.append(slices[-1] + v.numel())
-            for i, ((kind, name), _, dec, nb) in enumerate(items):
-                payload = _payload(rb, slices[i], slices[i + 1], dec)
-                sent += bool(sender.send(kind, name, payload, self.step, self.epoch, nbytes=nb))
+        if none:
+            rb = _Readback(None, None, None, [])
+            for key, dec, nb in none:
+                sent += self._send(sender, key, _payload(rb, [(0, 0)], dec), nb)
+        if host:
+            rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
+            at = 0
+            for key, v, dec, nb in host:
+                sent += self._send(sender, key, _payload(rb, [(at, at + len(v))], dec), nb)
+                at += len(v)
+        for items in by_dev.values():
+            pieces, where, at = [], {}, 0  # each piece once, however many entries share it
+            for _, segs, _, _ in items:
+                for piece, _, _ in segs:
+                    if id(piece) not in where:
+                        where[id(piece)] = at
+                        pieces.append(piece)
+                        at += piece.numel()
+            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            rb = to_host(flat)
+            for key, segs, dec, nb in items:
+                spans = [(where[id(p)] + lo, where[id(p)] + hi) for p, lo, hi in segs]
+                sent += self._send(sender, key, _payload(rb, spans, dec), nb)
         return sent
 
+    def _send(self, sender, key: tuple, payload, nbytes: int) -> int:
+        return int(bool(sender.send(key[0], key[1], payload, self.step, self.epoch, nbytes=nbytes)))
 
-def _payload(rb: _Readback, lo: int, hi: int, decode: Decode) -> Callable[[], dict]:
-    return lambda: decode(rb.values()[lo:hi])  # runs on the sender thread
+
+def _payload(rb: _Readback, spans: list, decode: Decode) -> Callable[[], dict]:
+    if len(spans) == 1:
+        lo, hi = spans[0]
+        return lambda: decode(rb.values()[lo:hi])  # runs on the sender thread
+
+    def payload():
+        v = rb.values()
+        return decode([x for lo, hi in spans for x in v[lo:hi]])
+    return payload

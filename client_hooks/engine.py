@@ -19,7 +19,7 @@ from torch import nn
 
 from client_hooks import hooks as _hooks
 from client_hooks import stats
-from client_hooks.capture import Capture
+from client_hooks.capture import Capture, Span
 from client_hooks.fields import walk
 
 
@@ -85,6 +85,7 @@ class Engine:
         self._model: Optional[nn.Module] = None
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
         self._wparams: list[nn.Parameter] = []  # every watched layer's parameters, layer by layer
+        self._wrange: list[tuple[int, int]] = []  # each layer's slice of _wparams
         self._widx: dict = {}  # device -> layer index of each entry of _wparams (for index_add_)
         self._grad_vecs: dict[int, tuple[Any, int]] = {}  # layer -> (moments: tensor or host list, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
@@ -100,6 +101,10 @@ class Engine:
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
         self._wparams = [p for _, ps in self._layers for p in ps]
+        at = [0]
+        for _, ps in self._layers:
+            at.append(at[-1] + len(ps))
+        self._wrange = list(zip(at[:-1], at[1:]))  # each layer's slice of _wparams
         # every trainable parameter in a watched layer: the total norm comes from the layers'
         self._covers_all = {id(p) for p in self._wparams} >= {id(p) for p in model.parameters() if p.requires_grad}
         self._widx = {}
@@ -156,22 +161,41 @@ class Engine:
         if not self.capturing:
             return
         self._grad_vecs = {}
-        for i, (name, ps) in enumerate(self._layers):
-            grads = [p.grad for p in ps if p.grad is not None]
-            if grads:
-                count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
-                self._grad_vecs[i] = (stats.grad_moments_vector(grads, host_ok=True), count)
+        layers = {i: [p.grad for p in ps if p.grad is not None] for i, (_, ps) in enumerate(self._layers)}
+        layers = {i: gs for i, gs in layers.items() if gs}
+        fused = self._fused_grads(layers)
+        for i, grads in layers.items():
+            count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
+            vec = fused[i] if fused else stats.grad_moments_vector(grads, host_ok=True)
+            self._grad_vecs[i] = (vec, count)
         if self._grad_vecs:
             ws = [p.detach() for p in self._wparams]
             self._wnorms = list(torch._foreach_norm(ws))
             self._before = self._snapshot(ws)
         if self._covers_all:
-            if self._grad_vecs:
-                self._total = _total_norm([v for v, _ in self._grad_vecs.values()])
-            return
+            return  # the total norm comes from the layers' rows (end_step)
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    def _fused_grads(self, layers: dict) -> Optional[dict]:
+        """CUDA with Triton: every layer's gradient statistics in one launch (rows of this
+        capture's fused batch), {layer: row}; None where that does not apply (CPU, mixed
+        dtypes, integer gradients), and the layers are done one by one."""
+        if not layers:
+            return None
+        flat = {i: [torch.view_as_real(g) if g.is_complex() else g for g in gs] for i, gs in layers.items()}
+        first = next(iter(flat.values()))[0]
+        mod = stats.fused_module(first)
+        if mod is None or any(g.dtype != first.dtype or g.device != first.device or g.numel() == 0
+                              for gs in flat.values() for g in gs):
+            return None
+        try:
+            rows = self.capture.batch(first.device, mod).add_group(list(flat.values()))
+        except Exception as e:
+            stats.fused_failed(e)
+            return None
+        return {i: _FusedRow(first.device, r) for i, r in zip(flat, rows)}
 
     def _snapshot(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
         """Exact copies of the watched weights, one foreach launch. With captures at least
@@ -218,7 +242,14 @@ class Engine:
             self.grads_ready()
             self.capturing = False
         if self._grad_vecs:
-            self._add_gradients()
+            keys = sorted(self._grad_vecs)
+            vecs = [self._grad_vecs[i][0] for i in keys]
+            if isinstance(vecs[0], _FusedRow):
+                self._add_fused_gradients(keys, vecs)
+            else:
+                rows = self._add_gradients(keys, vecs)
+                if self._covers_all:
+                    self._total = _total_norm(rows)
         if self._total is not None:
             total = self._total if isinstance(self._total, list) else self._total.to(torch.float64)
             self.capture.add("gradients", "_total", total,
@@ -226,19 +257,43 @@ class Engine:
         self._reset_grads()
         self.capture.flush(self.sender)
 
-    def _add_gradients(self) -> None:
-        """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record."""
+    def _add_fused_gradients(self, keys: list, vecs: list) -> None:
+        """CUDA with Triton: the layers' moments are consecutive rows of the capture's fused
+        batch; the per-parameter weight and update norms go along as one stacked vector. The
+        sender thread sums them into each layer's norms and update ratio, and the layers'
+        rows into the total norm: no small tensor ops on the training thread."""
+        ws = [p.detach() for p in self._wparams]
+        torch._foreach_sub_(self._before, ws)  # before - after, in place
+        dev = vecs[0].device
+        norms = self._wnorms + list(torch._foreach_norm(self._before))
+        pn = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
+        npar = len(self._wparams)
+        for v, i in zip(vecs, keys):
+            a, b = self._wrange[i]
+            vec = (Span(dev, 10 * v.row, 10 * v.row + 10), Span(pn, a, b), Span(pn, npar + a, npar + b))
+            self.capture.add("gradients", self._layers[i][0], vec,
+                             _fused_grad_decoder(self._grad_vecs[i][1], b - a), 500)
+        if self._covers_all:
+            r0 = vecs[0].row  # the layers' rows are consecutive
+            self.capture.add("gradients", "_total", Span(dev, 10 * r0, 10 * (r0 + len(vecs))),
+                             lambda v: {"norm": _total_norm([v[j:j + 10] for j in range(0, len(v), 10)])[0]}, 64)
+
+    def _add_gradients(self, keys: list, vecs: list):
+        """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record
+        (each a Span of the one matrix). Returns the moments (host lists or a matrix)."""
         ws = [p.detach() for p in self._wparams]
         torch._foreach_sub_(self._before, ws)  # before - after, in place
         wn, dn = self._layer_norms(self._wnorms + list(torch._foreach_norm(self._before))).chunk(2)
-        keys = sorted(self._grad_vecs)
-        rows = _rows([self._grad_vecs[i][0] for i in keys])
+        rows = _rows(vecs)
         cols = torch.stack([wn, dn / wn], 1)
         if len(keys) != len(self._layers):
             cols = cols[torch.tensor(keys, device=cols.device)]
-        mat = torch.cat([rows, cols.to(rows.device, rows.dtype)], 1)
+        mat = torch.cat([rows, cols.to(rows.device, rows.dtype)], 1).reshape(-1)
+        w = mat.numel() // len(keys)
         for r, i in enumerate(keys):
-            self.capture.add("gradients", self._layers[i][0], mat[r], _grad_decoder(self._grad_vecs[i][1]), 500)
+            self.capture.add("gradients", self._layers[i][0], Span(mat, r * w, (r + 1) * w),
+                             _grad_decoder(self._grad_vecs[i][1]), 500)
+        return vecs if all(isinstance(v, list) for v in vecs) else rows
 
     # -- values ----------------------------------------------------------------------------
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
@@ -250,12 +305,15 @@ class Engine:
             return
         pair = self.opts.pairs.get(name)
         t, shape, dt = value.detach(), list(value.shape), stats.dtype_name(value.dtype)
-        if pair is not None:
-            kind_, dim = (pair, 1) if isinstance(pair, str) else pair
-            t = stats.as_complex(t, kind_, dim)
-            shape = list(t.shape)
-        is_c = t.is_complex()
-        vec = stats.tensor_stats_vector(t, host_ok=True)
+        vec = None
+        if pair is not None or t.is_complex():
+            vec, t = _fused_complex(cap, t, pair)  # t: complex now unless the fused path took it
+            is_c, shape = True, (list(t.shape) if vec is None else shape_of_pair(t, pair))
+        else:
+            is_c = False
+            vec = _fused_span(cap, t)
+        if vec is None:
+            vec = stats.tensor_stats_vector(t, host_ok=True)
 
         def decode(v, shape=shape, dt=dt, is_c=is_c):
             return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
@@ -341,21 +399,90 @@ def _rows(vecs: list) -> torch.Tensor:
                         for v in vecs])
 
 
-def _total_norm(vecs: list):
+def _total_norm(vecs):
     """The norm of all gradients from per-layer GRAD_VEC rows (nan, inf, ..., norm at 8; norm
     over finite elements): sqrt of the sum of squares, NaN if any element is NaN, else inf if
-    any is infinite (what clip_grad_norm_ would see). Host lists give [total] (a list); else a
-    tensor of shape (1,) on the rows' device."""
-    if all(isinstance(v, list) for v in vecs):
+    any is infinite (what clip_grad_norm_ would see). Host lists give [total] (a list); a
+    matrix of rows gives a tensor of shape (1,) on its device."""
+    if isinstance(vecs, list):
         if any(v[0] > 0 for v in vecs):
             return [math.nan]
         if any(v[1] > 0 for v in vecs):
             return [math.inf]
         return [math.sqrt(sum(v[8] * v[8] for v in vecs))]
-    v = _rows(vecs).double()
+    v = vecs.double()
     total = v[:, 8].square().sum().sqrt()
     total = torch.where(v[:, 1].sum() > 0, math.inf, total)
     return torch.where(v[:, 0].sum() > 0, math.nan, total).reshape(1)
+
+
+class _FusedRow:
+    """A row of a capture's fused batch (client_hooks.fused), known once the batch is merged."""
+    __slots__ = ("device", "row")
+
+    def __init__(self, device: torch.device, row: int):
+        self.device, self.row = device, row
+
+
+def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
+    """CUDA with Triton: launch the statistics of real `t` into the capture's fused batch now
+    (one kernel; a later in-place change of t cannot alter them) and return the Span of its
+    row: [nan, inf, nfinite, min, max, mean, std]. None where the fused path does not apply."""
+    mod = stats.fused_module(t)
+    if mod is None:
+        return None
+    try:
+        row = cap.batch(t.device, mod).add(t)
+    except Exception as e:
+        stats.fused_failed(e)
+        return None
+    return Span(t.device, 10 * row, 10 * row + 7)
+
+
+def shape_of_pair(t: torch.Tensor, pair) -> list[int]:
+    """The complex shape of `t`: its own, or without the pair's dimension."""
+    if pair is None:
+        return list(t.shape)
+    dim = 1 if isinstance(pair, str) else pair[1]
+    shape = list(t.shape)
+    del shape[dim]
+    return shape
+
+
+def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> tuple[Optional[tuple], torch.Tensor]:
+    """A complex tensor (or a declared pair) on CUDA with Triton: real, imag, abs and angle
+    stacked (over the elements whose parts are both finite: the others are made NaN in all
+    four), one grouped launch for the four rows, the NaN/Inf element counts by torch: ~15
+    kernels instead of ~45. Returns (vec, t): vec None (and t as a complex tensor, for the
+    torch path) where this does not apply."""
+    mod = stats.fused_for(t.device)
+    parts = stats.complex_parts(t, pair) if mod is not None and t.numel() else None
+    if parts is None:
+        return None, (t if pair is None else stats.pair_as_complex(t, pair))
+    re = parts[0]
+    try:
+        p = torch.stack(parts)
+        two = p[:2]
+        cnt = torch.stack([two.isnan().any(0), two.isinf().any(0)]).flatten(1).sum(1, dtype=torch.float64)
+        p.add_(two.mul(0).sum(0))  # + 0 where both parts are finite, + NaN elsewhere
+        rows = cap.batch(re.device, mod).add_group([[p[0]], [p[1]], [p[2]], [p[3]]])
+    except Exception as e:
+        stats.fused_failed(e)
+        return None, (t if pair is None else stats.pair_as_complex(t, pair))
+    dev = re.device
+    spans = [Span(dev, 10 * rows[0] + 2, 10 * rows[0] + 7)]  # nfinite, then (min, max, mean, std)
+    spans += [Span(dev, 10 * r + 3, 10 * r + 7) for r in rows[1:]]
+    return (cnt, *spans), t
+
+
+def _fused_grad_decoder(count: int, k: int):
+    """GRAD_VEC's moments, then the layer's k weight norms and k update norms (per parameter)."""
+    def decode(v):
+        wn = math.sqrt(sum(x * x for x in v[10:10 + k]))
+        dn = math.sqrt(sum(x * x for x in v[10 + k:10 + 2 * k]))
+        ratio = dn / wn if wn else (None if dn == 0 else math.inf)
+        return stats.grad_stats_dict(v[:10] + [wn], count, ratio if ratio == ratio else None)
+    return decode
 
 
 def _grad_decoder(count: int):

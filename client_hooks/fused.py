@@ -1,8 +1,8 @@
-"""Fused tensor statistics on CUDA (Triton): two kernel launches per tensor instead of ~25.
+"""Fused tensor statistics on CUDA (Triton): one launch per tensor, one merge per capture.
 
-Imported lazily by `stats._fused`, and only for a CUDA tensor: CPU-only installs (and CI)
-never import Triton. `stats10(x)` returns, for a real 1-D CUDA tensor of float16, bfloat16,
-float32 or float64, a float64 CUDA vector
+Imported lazily by `stats._fused_module`, and only for a CUDA tensor: CPU-only installs (and
+CI) never import Triton. Every result is, for a real tensor of float16, bfloat16, float32 or
+float64, the float64 vector
 
     [nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs]
 
@@ -10,26 +10,46 @@ with min/max/mean/std (population), norm (L2) and max_abs over the finite elemen
 (min = +inf, max = -inf, the rest 0 when none is finite). Arithmetic: float32 in registers
 (float64 for float64 input); the merge is float64.
 
-Kernel 1 (`_partials`): one program per BLOCK elements; loads its block once into registers
-and computes the counts, finite min/max, the block's finite mean and then (second pass over
-the same registers) its M2 = sum (x - mean_b)^2; writes 8 partials per block.
-Kernel 2 (`_merge`): one program; reads the partials RB blocks at a time and merges them
-with Chan's formula, M2 = sum M2_b + sum n_b (mean_b - mean)^2, into the output vector.
+Kernels:
+- `_partials_one`: one program per BLOCK elements of one tensor; loads its block once into
+  registers and computes the counts, finite min/max, the block's finite mean and (second pass
+  over the same registers) M2 = sum (x - mean_b)^2: 8 partials per block, written field-major
+  into a workspace (`p[k * cap + block]`).
+- `_partials_group`: the same for many tensors in one launch (a layer's or a whole model's
+  gradients): the tensors' addresses come from a table, each program finds its tensor and
+  block from two small index tables that depend only on the sizes (cached).
+- `_merge`: one program per result row; merges the row's consecutive blocks with Chan's
+  formula, M2 = sum M2_b + sum n_b (mean_b - mean)^2.
+
+`Batch` collects the rows of one capture step: `add(x)` launches the partials of one tensor at
+once (so a later in-place change of x cannot alter its statistics), `add_group(layers)`
+launches the partials of many, `finish()` launches one merge for every row and returns the
+(rows, 10) matrix. Host cost per tensor: one Triton launch; the readback stays with the
+capture's one device-to-host copy.
 """
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # elements per program of the first kernel
+BLOCK = 4096  # elements per program of the partials kernels
 RB = 1024  # partials per iteration of the merge
+NF = 8  # partial fields per block
+FIRST_CAP = 16384  # blocks in a capture's first workspace (1 MiB of partials, 67M elements)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+       torch.float64: tl.float64}
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (tests of the kernels on a machine
+# without a GPU); otherwise only CUDA tensors are accepted
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _partials(x_ptr, p_ptr, n, nb, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _block(x_ptr, offs, n, p_ptr, g, cap, ACC: tl.constexpr):
     valid = offs < n
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
     ax = tl.abs(x)
@@ -45,18 +65,40 @@ def _partials(x_ptr, p_ptr, n, nb, BLOCK: tl.constexpr, ACC: tl.constexpr):
     m2 = tl.sum(d * d, axis=0)
     mn = tl.min(tl.where(fin, x, float("inf")), axis=0)
     mx = tl.max(tl.where(fin, x, float("-inf")), axis=0)
-    tl.store(p_ptr + pid, c_nan.to(tl.float64))
-    tl.store(p_ptr + nb + pid, c_inf.to(tl.float64))
-    tl.store(p_ptr + 2 * nb + pid, c_fin.to(tl.float64))
-    tl.store(p_ptr + 3 * nb + pid, c_zero.to(tl.float64))
-    tl.store(p_ptr + 4 * nb + pid, mn.to(tl.float64))
-    tl.store(p_ptr + 5 * nb + pid, mx.to(tl.float64))
-    tl.store(p_ptr + 6 * nb + pid, mean.to(tl.float64))
-    tl.store(p_ptr + 7 * nb + pid, m2.to(tl.float64))
+    tl.store(p_ptr + g, c_nan.to(tl.float64))
+    tl.store(p_ptr + cap + g, c_inf.to(tl.float64))
+    tl.store(p_ptr + 2 * cap + g, c_fin.to(tl.float64))
+    tl.store(p_ptr + 3 * cap + g, c_zero.to(tl.float64))
+    tl.store(p_ptr + 4 * cap + g, mn.to(tl.float64))
+    tl.store(p_ptr + 5 * cap + g, mx.to(tl.float64))
+    tl.store(p_ptr + 6 * cap + g, mean.to(tl.float64))
+    tl.store(p_ptr + 7 * cap + g, m2.to(tl.float64))
 
 
-@triton.jit
-def _merge(p_ptr, o_ptr, nb, RB: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "g0", "cap"])
+def _partials_one(x_ptr, p_ptr, n, g0, cap, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _block(x_ptr, offs, n, p_ptr, g0 + pid, cap, ACC)
+
+
+@triton.jit(do_not_specialize=["g0", "cap"])
+def _partials_group(addr, seg_n, seg_b0, blk_seg, p_ptr, g0, cap,
+                    DT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    s = tl.load(blk_seg + pid)
+    b = pid - tl.load(seg_b0 + s)
+    n = tl.load(seg_n + s)
+    x_ptr = tl.load(addr + s).to(tl.pointer_type(DT))
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _block(x_ptr, offs, n, p_ptr, g0 + pid, cap, ACC)
+
+
+@triton.jit(do_not_specialize=["cap", "r0"])
+def _merge(p_ptr, cap, desc, o_ptr, r0, RB: tl.constexpr):
+    row = tl.program_id(0)
+    start = tl.load(desc + 2 * row)
+    nb = tl.load(desc + 2 * row + 1)
     r = tl.arange(0, RB)
     zero = tl.sum(tl.zeros([RB], dtype=tl.float64), axis=0)
     c_nan = zero
@@ -67,17 +109,17 @@ def _merge(p_ptr, o_ptr, nb, RB: tl.constexpr):
     m2_a = zero
     mn = zero + float("inf")
     mx = zero - float("inf")
-    for start in range(0, nb, RB):
-        idx = start + r
-        m = idx < nb
+    for off in range(0, nb, RB):
+        m = off + r < nb
+        idx = start + off + r
         c_nan += tl.sum(tl.load(p_ptr + idx, mask=m, other=0.0), axis=0)
-        c_inf += tl.sum(tl.load(p_ptr + nb + idx, mask=m, other=0.0), axis=0)
-        b_n = tl.load(p_ptr + 2 * nb + idx, mask=m, other=0.0)
-        c_zero += tl.sum(tl.load(p_ptr + 3 * nb + idx, mask=m, other=0.0), axis=0)
-        mn = tl.minimum(mn, tl.min(tl.load(p_ptr + 4 * nb + idx, mask=m, other=float("inf")), axis=0))
-        mx = tl.maximum(mx, tl.max(tl.load(p_ptr + 5 * nb + idx, mask=m, other=float("-inf")), axis=0))
-        b_mean = tl.load(p_ptr + 6 * nb + idx, mask=m, other=0.0)
-        b_m2 = tl.load(p_ptr + 7 * nb + idx, mask=m, other=0.0)
+        c_inf += tl.sum(tl.load(p_ptr + cap + idx, mask=m, other=0.0), axis=0)
+        b_n = tl.load(p_ptr + 2 * cap + idx, mask=m, other=0.0)
+        c_zero += tl.sum(tl.load(p_ptr + 3 * cap + idx, mask=m, other=0.0), axis=0)
+        mn = tl.minimum(mn, tl.min(tl.load(p_ptr + 4 * cap + idx, mask=m, other=float("inf")), axis=0))
+        mx = tl.maximum(mx, tl.max(tl.load(p_ptr + 5 * cap + idx, mask=m, other=float("-inf")), axis=0))
+        b_mean = tl.load(p_ptr + 6 * cap + idx, mask=m, other=0.0)
+        b_m2 = tl.load(p_ptr + 7 * cap + idx, mask=m, other=0.0)
         # this chunk's blocks merged at once, then Chan's pairwise update with the running total
         n_c = tl.sum(b_n, axis=0)
         mean_c = tl.sum(b_n * b_mean, axis=0) / tl.maximum(n_c, 1.0)
@@ -89,43 +131,215 @@ def _merge(p_ptr, o_ptr, nb, RB: tl.constexpr):
         mean_a = mean_a + delta * w
         m2_a = m2_a + m2_c + delta * delta * n_a * w
         n_a = n
-    tl.store(o_ptr + 0, c_nan)
-    tl.store(o_ptr + 1, c_inf)
-    tl.store(o_ptr + 2, n_a)
-    tl.store(o_ptr + 3, mn)
-    tl.store(o_ptr + 4, mx)
-    tl.store(o_ptr + 5, mean_a)
-    tl.store(o_ptr + 6, tl.sqrt(m2_a / tl.maximum(n_a, 1.0)))
-    tl.store(o_ptr + 7, c_zero)
-    tl.store(o_ptr + 8, tl.sqrt(m2_a + n_a * mean_a * mean_a))
-    tl.store(o_ptr + 9, tl.maximum(tl.abs(mn), tl.abs(mx)))
+    o = o_ptr + (r0 + row) * 10
+    tl.store(o + 0, c_nan)
+    tl.store(o + 1, c_inf)
+    tl.store(o + 2, n_a)
+    tl.store(o + 3, mn)
+    tl.store(o + 4, mx)
+    tl.store(o + 5, mean_a)
+    tl.store(o + 6, tl.sqrt(m2_a / tl.maximum(n_a, 1.0)))
+    tl.store(o + 7, c_zero)
+    tl.store(o + 8, tl.sqrt(m2_a + n_a * mean_a * mean_a))
+    tl.store(o + 9, tl.maximum(tl.abs(mn), tl.abs(mx)))
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def usable(x: torch.Tensor) -> bool:
+    """Whether `x` can go through the fused kernels (a real float, non-empty CUDA tensor)."""
+    return ((x.device.type == "cuda" or _INTERPRET) and x.dtype in _DTYPES and x.numel() > 0
+            and not x.is_complex())
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _to_device(vals: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 table on `device`: built in pinned memory, copied without a host wait."""
+    if device.type != "cuda":
+        return torch.tensor(vals, dtype=torch.int64)
+    return torch.tensor(vals, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+
+
+_compiled: dict = {}  # launch key -> Triton's compiled kernel, for the direct launches below
+_direct = {"on": not _INTERPRET}
+
+
+def _fits32(*vals: int) -> bool:
+    return all(-(1 << 31) <= v < (1 << 31) for v in vals)
+
+
+def _launch(fn, key: tuple, grid: int, args: tuple, num_warps: int) -> None:
+    """Launch `fn` on `grid` programs. The first launch of each key goes through Triton's
+    launcher (compiling if needed); later ones call the compiled kernel directly, skipping
+    Triton's per-call argument binding and specialisation (the costly part of a launch from
+    the host). `key` must hold everything Triton specialises these kernels on: the device,
+    the pointer dtypes and 16-byte alignment, whether the integers fit in 32 bits. Any
+    failure of the direct call turns it off for good and launches the usual way."""
+    k = _compiled.get(key) if _direct["on"] else None
+    if k is not None:
+        try:
+            if triton.knobs.runtime.launch_enter_hook is None:  # hooks need Triton's own path
+                stream = torch._C._cuda_getCurrentRawStream(key[1])
+                k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None, *args)
+                return
+        except Exception:
+            _direct["on"] = False
+    k = fn[(grid,)](*args, num_warps=num_warps)
+    if _direct["on"] and hasattr(k, "packed_metadata") and getattr(k, "function", None) is not None:
+        _compiled[key] = k
+
+
+class _Space:
+    """One workspace of partials: `cap` blocks x 8 fields, field-major; rows merged at finish."""
+
+    def __init__(self, cap: int, device: torch.device):
+        self.buf = torch.empty(NF * cap, dtype=torch.float64, device=device)
+        self.cap, self.used = cap, 0
+        self.rows: list[tuple[int, int]] = []  # (first block, blocks) per row, rows consecutive
+        self.row0 = -1
+
+
+_layouts: dict = {}  # (device, dtype, sizes) -> the group kernel's index tables (sizes do not change)
+
+
+class Batch:
+    """The fused rows of one capture step on one device (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.nrows = 0
+        self._spaces: list[_Space] = []
+        self._keep: list[torch.Tensor] = []  # contiguous copies and address tables, until finish
+        self._out: Optional[torch.Tensor] = None
+
+    def _space(self, nb: int) -> _Space:
+        if self._spaces and self._spaces[-1].used + nb <= self._spaces[-1].cap:
+            return self._spaces[-1]
+        last = self._spaces[-1].cap if self._spaces else FIRST_CAP // 2
+        sp = _Space(max(nb, 2 * last), self.device)
+        self._spaces.append(sp)
+        return sp
+
+    def _rows(self, sp: _Space, blocks: list[int]) -> list[int]:
+        if not sp.rows:
+            sp.row0 = self.nrows
+        first = list(range(self.nrows, self.nrows + len(blocks)))
+        for nb in blocks:
+            sp.rows.append((sp.used, nb))
+            sp.used += nb
+        self.nrows += len(blocks)
+        return first
+
+    def add(self, x: torch.Tensor) -> int:
+        """Launch the partials of `x` (real float, non-empty) now; its row index."""
+        x = x.detach().reshape(-1)
+        if not x.is_contiguous():
+            x = x.contiguous()
+            self._keep.append(x)
+        n = x.numel()
+        nb = triton.cdiv(n, BLOCK)
+        sp = self._space(nb)
+        g0 = sp.used
+        (row,) = self._rows(sp, [nb])
+        key = (_partials_one, x.device.index, x.dtype, x.data_ptr() % 16 == 0, _fits32(n, g0, sp.cap))
+        with _on(x.device):
+            _launch(_partials_one, key, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
+        return row
+
+    def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
+        """One row per layer, over all of that layer's tensors (one flat vector each): one
+        launch for every layer. The tensors must share one float dtype (see `usable`)."""
+        flat = []
+        for ts in layers:
+            for t in ts:
+                t = t.detach().reshape(-1)
+                if not t.is_contiguous():
+                    t = t.contiguous()
+                    self._keep.append(t)
+                flat.append(t)
+        dtype = flat[0].dtype
+        if any(t.dtype != dtype or t.numel() == 0 for t in flat):
+            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
+        sizes = tuple(t.numel() for t in flat)
+        counts = tuple(len(ts) for ts in layers)
+        key = (self.device, dtype, sizes, counts)
+        lay = _layouts.get(key)
+        if lay is None:
+            lay = _layout(sizes, counts, self.device)
+            if len(_layouts) > 64:
+                _layouts.clear()
+            _layouts[key] = lay
+        seg_n, seg_b0, blk_seg, layer_blocks, total = lay
+        sp = self._space(total)
+        g0 = sp.used
+        rows = self._rows(sp, layer_blocks)
+        addr = _to_device([t.data_ptr() for t in flat], self.device)
+        self._keep.append(addr)
+        key = (_partials_group, self.device.index, dtype, _fits32(g0, sp.cap))
+        with _on(self.device):
+            _launch(_partials_group, key, total,
+                    (addr, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, _TL[dtype], BLOCK, _acc(dtype)), 8)
+        return rows
+
+    def finish(self) -> torch.Tensor:
+        """(nrows, 10) float64 matrix on the device: one merge launch per workspace (one unless
+        a capture holds more than ~200M elements). Idempotent."""
+        if self._out is not None:
+            return self._out
+        out = torch.empty(max(self.nrows, 1) * 10, dtype=torch.float64, device=self.device)
+        for sp in self._spaces:
+            if not sp.rows:
+                continue
+            desc = _to_device([v for r in sp.rows for v in r], self.device)
+            key = (_merge, self.device.index, _fits32(sp.cap, sp.row0))
+            with _on(self.device):
+                _launch(_merge, key, len(sp.rows), (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
+            self._keep.append(desc)
+        self._out = out[:self.nrows * 10].view(self.nrows, 10)
+        self._spaces = []
+        return self._out
+
+
+def _layout(sizes: tuple, counts: tuple, device: torch.device):
+    """Index tables of a group: per tensor its size and first block, per block its tensor;
+    per layer its number of blocks."""
+    seg_b0, blk_seg, b = [], [], 0
+    for s, n in enumerate(sizes):
+        nb = triton.cdiv(n, BLOCK)
+        seg_b0.append(b)
+        blk_seg.extend([s] * nb)
+        b += nb
+    layer_blocks, i = [], 0
+    for c in counts:
+        layer_blocks.append(sum(triton.cdiv(n, BLOCK) for n in sizes[i:i + c]))
+        i += c
+    dev = (lambda v: torch.tensor(v, dtype=torch.int64, device=device))
+    return dev(list(sizes)), dev(seg_b0), dev(blk_seg), layer_blocks, b
+
+
+class _on:
+    """Triton launches on the current CUDA device: switch only when `dev` is another one."""
+
+    def __init__(self, dev: torch.device):
+        self._ctx = None
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            self._ctx = torch.cuda.device(dev)
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
 
 
 def stats10(x: torch.Tensor) -> torch.Tensor:
-    """The 10-vector above for a real, non-empty CUDA tensor (any shape; made contiguous)."""
-    if x.device.type != "cuda" or x.dtype not in _DTYPES:
+    """The 10-vector above for one real, non-empty tensor (any shape): one partials launch
+    and one merge."""
+    if not usable(x):
         raise TypeError(f"tensortap: fused stats need a real float CUDA tensor, got {x.dtype} on {x.device}")
-    x = x.detach().reshape(-1)
-    if x.numel() == 0:
-        raise ValueError("tensortap: fused stats of an empty tensor")
-    if not x.is_contiguous():
-        x = x.contiguous()
-    n = x.numel()
-    nb = triton.cdiv(n, BLOCK)
-    buf = torch.empty(10 + 8 * nb, dtype=torch.float64, device=x.device)  # one allocation
-    out, part = buf[:10], buf[10:]
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    if x.device.index != torch.cuda.current_device():  # Triton launches on the current device
-        with torch.cuda.device(x.device):
-            _launch(x, part, out, n, nb, acc)
-    else:
-        _launch(x, part, out, n, nb, acc)
-    return out
-
-
-def _launch(x, part, out, n, nb, acc) -> None:
-    _partials[(nb,)](x, part, n, nb, BLOCK=BLOCK, ACC=acc, num_warps=8)
-    _merge[(1,)](part, out, nb, RB=RB, num_warps=4)
+    b = Batch(x.device)
+    b.add(x)
+    return b.finish()[0]

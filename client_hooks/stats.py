@@ -26,7 +26,9 @@ Triton, other accelerators) the masked torch path runs (no host read is allowed 
 from __future__ import annotations
 
 import math
+import os
 import struct
+import warnings
 from typing import Optional
 
 import torch
@@ -213,13 +215,22 @@ def _vec(vals: list, out_dt: torch.dtype, device: torch.device, host_ok: bool = 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _fused_state: dict = {}  # "mod": the Triton module, or "off": why it is not used
+# Tests only: with TRITON_INTERPRET=1 and TENSORTAP_FUSED_ON_CPU=1 the fused kernels run on CPU
+# tensors in Triton's interpreter (slow), so the CUDA code path can be checked without a GPU.
+_FUSED_CPU = os.environ.get("TENSORTAP_FUSED_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fused(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """CUDA + Triton: [nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] of real
-    1-D `x` in two kernel launches (client_hooks.fused); None where it does not apply.
+def fused_module(x: torch.Tensor):
+    """client_hooks.fused when real `x` can use it (CUDA, float dtype, not empty), else None.
     Triton is imported here, lazily, on the first CUDA tensor only (never on CPU)."""
-    if x.device.type != "cuda" or x.dtype not in _FLOATS or x.numel() == 0 or "off" in _fused_state:
+    if x.dtype not in _FLOATS or x.numel() == 0:
+        return None
+    return fused_for(x.device)
+
+
+def fused_for(device: torch.device):
+    """client_hooks.fused for tensors on `device` (CUDA), or None (CPU, no Triton, failed)."""
+    if (device.type != "cuda" and not _FUSED_CPU) or "off" in _fused_state:
         return None
     mod = _fused_state.get("mod")
     if mod is None:
@@ -229,10 +240,30 @@ def _fused(x: torch.Tensor) -> Optional[torch.Tensor]:
             _fused_state["off"] = repr(e)
             return None
         _fused_state["mod"] = mod
+    return mod
+
+
+def fused_failed(err: BaseException) -> None:
+    """A Triton failure must not cost the statistics: the torch path for good (said once)."""
+    if "off" not in _fused_state:
+        _fused_state["off"] = repr(err)
+        try:
+            warnings.warn(f"tensortap: fused CUDA statistics failed ({err!r}); using the slower "
+                          f"torch path from now on", RuntimeWarning, stacklevel=2)
+        except Exception:  # a warnings filter set to "error" must not reach training either
+            pass
+
+
+def _fused(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """CUDA + Triton: [nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] of real
+    1-D `x` (client_hooks.fused: two launches); None where it does not apply."""
+    mod = fused_module(x)
+    if mod is None:
+        return None
     try:
         return mod.stats10(x)
-    except Exception as e:  # a Triton failure must not cost the statistics: torch path for good
-        _fused_state["off"] = repr(e)
+    except Exception as e:
+        fused_failed(e)
         return None
 
 
@@ -297,15 +328,41 @@ def tensor_stats_dict(vals: list[float], shape: list[int], dtype: str, is_comple
     return d
 
 
-def as_complex(t: torch.Tensor, pair: str, dim: int = 1) -> torch.Tensor:
-    """A two-channel real tensor as complex: `pair` "real_imag" (re, im) or "amp_phase"
-    (amplitude, phase in radians) along `dim` (size 2)."""
+def _check_pair(t: torch.Tensor, pair: str, dim: int) -> None:
     if pair not in PAIR_KINDS:
         raise ValueError(f"tensortap: pair must be one of {PAIR_KINDS}, got {pair!r}")
     if t.shape[dim] != 2:
         raise ValueError(f"tensortap: a {pair} pair needs size 2 along dim {dim}, got shape {tuple(t.shape)}")
+
+
+def as_complex(t: torch.Tensor, pair: str, dim: int = 1) -> torch.Tensor:
+    """A two-channel real tensor as complex: `pair` "real_imag" (re, im) or "amp_phase"
+    (amplitude, phase in radians) along `dim` (size 2)."""
+    _check_pair(t, pair, dim)
     a, b = t.detach().to(acc_dtype(t.dtype)).unbind(dim)
     return torch.complex(a, b) if pair == "real_imag" else torch.polar(a, b)
+
+
+def pair_as_complex(t: torch.Tensor, pair) -> torch.Tensor:
+    """`as_complex` for a pairs option: a kind, or (kind, dim)."""
+    kind, dim = (pair, 1) if isinstance(pair, str) else pair
+    return as_complex(t, kind, dim)
+
+
+def complex_parts(t: torch.Tensor, pair=None) -> list[torch.Tensor]:
+    """[real, imag, abs, angle] of a complex tensor, or of a declared two-channel pair (see
+    `as_complex`), as real tensors of the complex shape. A real/imag pair needs no complex
+    tensor: its channels are the parts, abs and angle are hypot and atan2."""
+    if pair is not None:
+        kind, dim = (pair, 1) if isinstance(pair, str) else pair
+        if kind == "real_imag":
+            _check_pair(t, kind, dim)
+            a, b = t.detach().to(acc_dtype(t.dtype)).unbind(dim)
+            return [a, b, torch.hypot(a, b), torch.atan2(b, a)]
+        t = as_complex(t, kind, dim)
+    z = t.detach().to(torch.complex128 if t.dtype == torch.complex128 else torch.complex64)
+    ri = torch.view_as_real(z)
+    return [ri[..., 0], ri[..., 1], z.abs(), z.angle()]
 
 
 # -- gradients ------------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU checks of one device session, in one go (docs/BENCHMARKS.md records the figures):
+#   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
+#   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, GPU ops per step;
+#   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64);
+#   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter.
+# Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
+set -u
+OUT=${OUT:-/tmp/tensortap-device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import zmq, msgspec" 2>/dev/null && [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py 2>&1 | tail -15
+python3 bench/fused_check.py 2>&1 | tee "$OUT/fused_check.txt" | tail -22
+ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
+python3 bench/overhead.py $ARGS --steps ${STEPS:-1000} 2>&1 | tee "$OUT/overhead.txt"
+if [ -d .prev ]; then
+    echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
+    python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
+fi

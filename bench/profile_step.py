@@ -1,0 +1,99 @@
+"""Where the every-step capture's host time goes (CUDA): step times of a few ablations, then
+a cProfile of the training thread. Not a benchmark of record (bench/overhead.py is).
+
+    python bench/profile_step.py [--steps 50] [--rounds 4]
+
+Ablations (each against `none`, epochs alternated): every_step as in overhead.py;
+`nosend` (records not enqueued: no sender-thread work); `nopair` (x_combined recorded as a
+real tensor, no complex statistics); `noact` (gradients only); `nograd` (activations only).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import torch  # noqa: E402
+
+import overhead as B  # noqa: E402
+from client_hooks import Tap  # noqa: E402
+
+
+def variant(name: str, base, device: str):
+    if name in ("none", "every_step"):
+        return B.make_variant(name, base, device, 1e-4)
+    v = B.make_variant("none", base, device, 1e-4)
+    kw = dict(gate="TENSORTAP_BENCH_ON", every_n_steps=1, all_leaves=True, gradients="all",
+              pairs={"x_combined": "real_imag"})
+    if name == "nopair":
+        kw["pairs"] = {}
+    if name == "noact":
+        kw.update(all_leaves=False, activations=[])
+    if name == "nograd":
+        kw.update(gradients=[])
+    tap = Tap(**kw)
+    tap.watch(v["model"], optimizer=v["opt"])
+    if name == "nosend":
+        tap._engine.sender.send = lambda *a, **k: True
+    v["tap"] = tap
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64)
+    a = ap.parse_args()
+    names = ("none", "every_step", "nosend", "nopair", "noact", "nograd")
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint, proc = B.start_collector(tmp)
+        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
+        torch.manual_seed(0)
+        base = B.build_fno(a.width, 16)
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
+                    torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
+        vs = {n: variant(n, base, a.device) for n in names}
+        times: dict = {n: [] for n in names}
+        for r in range(a.rounds + 1):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t = B.run_epoch(vs[n], batches, a.device)
+                if r:
+                    times[n].append(t)
+        base_t = statistics.median(times["none"])
+        for n in names:
+            m = statistics.median(times[n])
+            print(f"{n:10s} {m * 1e3:7.2f} ms/step  {m / base_t:.3f}x")
+        prof = cProfile.Profile()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        prof.enable()
+        B.run_epoch(vs["every_step"], batches, a.device)
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(28)
+        print("\n".join(s.getvalue().splitlines()[:45]))
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats("client_hooks", 25)
+        print("\n".join(s.getvalue().splitlines()[:40]))
+        for v in vs.values():
+            if v["tap"] is not None:
+                v["tap"].close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The fused statistics kernels (client_hooks.fused) and the capture path that uses them,
+against NumPy.
+
+They run on a CUDA GPU, or on CPU tensors in Triton's interpreter when the environment says
+`TRITON_INTERPRET=1 TENSORTAP_FUSED_ON_CPU=1` (a checkout with Triton installed, no GPU).
+Elsewhere (CI: no GPU, no Triton) the module is skipped.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client_hooks import Tap, stats
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+fused = stats.fused_module(torch.ones(1, device=DEV))
+pytestmark = pytest.mark.skipif(fused is None, reason="fused kernels need a CUDA GPU with Triton, "
+                                "or TRITON_INTERPRET=1 TENSORTAP_FUSED_ON_CPU=1 with Triton installed")
+
+
+def ref10(t: torch.Tensor) -> list:
+    """[nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs] in NumPy float64."""
+    a = t.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    fin = np.isfinite(a)
+    x = a[fin]
+    head = [np.isnan(a).sum(), np.isinf(a).sum(), fin.sum()]
+    if not x.size:
+        return head + [None] * 4 + [(a == 0).sum(), None, None]
+    return head + [x.min(), x.max(), x.mean(), x.std(), (a == 0).sum(), np.sqrt((x * x).sum()), np.abs(x).max()]
+
+
+def assert_row(got: list, want: list, what: str) -> None:
+    for i in (0, 1, 2, 7):  # counts: exact
+        assert int(got[i]) == int(want[i]), (what, i, got, want)
+    if want[2] == 0:
+        return  # nothing finite: the payload says None
+    scale = want[9] or 1.0
+    for i in (3, 4, 5, 6, 8, 9):
+        tol = 1e-5 * (abs(want[i]) if i == 8 else scale) + 1e-6 * abs(want[i]) + 1e-30
+        assert abs(got[i] - want[i]) <= tol, (what, i, got[i], want[i])
+
+
+def tensors() -> dict:
+    g = torch.Generator().manual_seed(0)
+    special = torch.randn(3000, generator=g)
+    special[::97], special[5::131], special[7::151], special[11::50] = math.nan, math.inf, -math.inf, 0.0
+    out = {
+        "float32": torch.randn(1000, generator=g),
+        "float32 nan/inf/zeros": special,
+        "float16 nan/inf/zeros": special.half(),
+        "bfloat16 nan/inf/zeros": special.bfloat16(),
+        "float64 x1e3": torch.randn(5000, generator=g).double() * 1e3,
+        "one element": torch.tensor([2.5]),
+        "all nan": torch.full((17,), math.nan),
+        "3 blocks + 5": torch.randn(4096 * 3 + 5, generator=g),
+        "non-contiguous": torch.randn(300, 200, generator=g).t(),
+        "mean 100 std 0.01": torch.randn(50_000, generator=g) * 0.01 + 100.0,
+        "signed zeros": torch.tensor([0.0, -0.0, 1.0, -0.0]),
+    }
+    return {k: v.to(DEV) for k, v in out.items()}
+
+
+def test_rows_of_one_batch_equal_numpy_for_every_dtype_and_special_value():
+    b = fused.Batch(torch.device(DEV))
+    ts = tensors()
+    rows = {k: b.add(t) for k, t in ts.items()}
+    out = b.finish().tolist()
+    assert len(out) == len(ts)
+    for k, t in ts.items():
+        assert_row(out[rows[k]], ref10(t), k)
+
+
+def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypatch):
+    monkeypatch.setattr(fused, "FIRST_CAP", 4)  # a tiny first workspace: rows spread over several
+    g = torch.Generator().manual_seed(1)
+    layers = [[torch.randn(5000, generator=g), torch.randn(7, generator=g)],
+              [torch.randn(3, 4, generator=g)],
+              [torch.randn(9000, generator=g) * 1e-3 + 5, torch.tensor([math.nan, 0.0, math.inf])]]
+    layers = [[t.to(DEV) for t in ts] for ts in layers]
+    b = fused.Batch(torch.device(DEV))
+    before = b.add(torch.randn(20000, generator=g).to(DEV))
+    rows = b.add_group(layers)
+    after = b.add(torch.arange(10.0, device=DEV))
+    assert rows == [before + 1, before + 2, before + 3] and after == before + 4
+    out = b.finish().tolist()
+    for ts, r in zip(layers, rows):
+        assert_row(out[r], ref10(torch.cat([t.reshape(-1) for t in ts])), f"layer row {r}")
+    assert_row(out[after], ref10(torch.arange(10.0)), "after the group")
+    with pytest.raises(TypeError):
+        b.add_group([[torch.ones(3, device=DEV)], [torch.ones(3, device=DEV, dtype=torch.float64)]])
+
+
+def test_stats_are_those_of_the_value_at_the_hook_even_if_changed_in_place_later(pull):
+    """The partials are launched in the hook: an in-place ReLU after a Linear cannot alter the
+    Linear output's statistics, which are read only at the end of the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 3)).to(DEV)
+    seen = {}
+    model[0].register_forward_hook(lambda m, a, out: seen.__setitem__("lin", out.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 6, device=DEV)
+    with Tap(all_leaves=True, gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        tap.log_batch({"x": x}, epoch=0)
+        loss = model(x).square().mean()
+        loss.backward()
+        grads = {n: torch.cat([p.grad.reshape(-1) for p in m.parameters()]).clone()
+                 for n, m in (("0", model[0]), ("2", model[2]))}
+        opt.step()
+    assert pull.wait_for(lambda r: len([x for x in r if x["kind"] == "gradients"]) == 3)
+    lin = pull.find("activations", "0:output")[0]["data"]
+    want = ref10(seen["lin"])
+    assert lin["min"] < 0  # before the in-place ReLU
+    for k, i in (("min", 3), ("max", 4), ("mean", 5), ("std", 6)):
+        assert lin[k] == pytest.approx(want[i], rel=1e-5, abs=1e-7), k
+    total = 0.0
+    for name, g in grads.items():
+        d, w = pull.find("gradients", name)[0]["data"], ref10(g)
+        total += w[8] ** 2
+        assert d["count"] == g.numel() and d["nan"] == 0
+        for k, i in (("mean", 5), ("std", 6), ("norm", 8), ("max_abs", 9)):
+            assert d[k] == pytest.approx(w[i], rel=1e-5, abs=1e-9), (name, k)
+        assert d["zero_frac"] == pytest.approx(w[7] / g.numel())
+    assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(math.sqrt(total), rel=1e-5)
+
+
+def test_a_kernel_failure_falls_back_to_the_torch_path_and_loses_nothing(pull, monkeypatch):
+    def boom(self, x):
+        raise RuntimeError("injected launch failure")
+
+    monkeypatch.setattr(fused.Batch, "add", boom)
+    monkeypatch.setitem(stats._fused_state, "mod", fused)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).to(DEV)
+    x = torch.randn(3, 4, device=DEV)
+    with pytest.warns(RuntimeWarning, match="fused CUDA statistics failed"):
+        with Tap(all_leaves=True) as tap:
+            tap.watch(model)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x).sum().backward()
+    monkeypatch.delitem(stats._fused_state, "off")
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 2)
+    d = pull.find("activations", "1:output")[0]["data"]
+    with torch.no_grad():
+        want = float(torch.tanh(model[0](x)).max())
+    assert d["max"] == pytest.approx(want, rel=1e-6)
+
+
+def test_complex_values_and_declared_pairs_equal_numpy_through_the_tap(pull):
+    """Complex statistics on the fused path (real, imag, abs, angle stacked, four rows in one
+    launch; element counts by torch), NaN and Inf parts included, and both pair kinds."""
+    from tests.client_hooks.test_stats import check_complex
+
+    g = torch.Generator().manual_seed(2)
+    re, im = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)
+    re[0, :3], im[1, :2], im[2, 5], re[2, 5], re[3, 7] = math.nan, math.inf, math.inf, math.nan, -math.inf
+    z = torch.complex(re, im)
+    t = torch.randn(3, 2, 5, 4, generator=g)
+    amp, ph = t[:, 0].abs(), t[:, 1]
+    t2 = torch.stack([amp, ph], 1)
+    with Tap(all_leaves=True, pairs={"ri": "real_imag", "ap": "amp_phase"}) as tap:
+        tap.watch(nn.Linear(2, 2).to(DEV))
+        tap.log_batch({"x": torch.ones(1, device=DEV)}, epoch=0)
+        tap.record("z", z.to(DEV))
+        tap.record("ri", t.to(DEV))
+        tap.record("ap", t2.to(DEV))
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 3)
+    d = {r["name"]: r["data"] for r in pull.find("activations")}
+    check_complex(z.numpy(), d["z"])
+    assert d["z"]["nan"] == 4 and d["z"]["inf"] == 4 and d["z"]["shape"] == [4, 50]
+    check_complex(t[:, 0].double().numpy() + 1j * t[:, 1].double().numpy(), d["ri"])
+    assert d["ri"]["shape"] == [3, 5, 4]
+    check_complex(amp.double().numpy() * np.exp(1j * ph.double().numpy()), d["ap"])
