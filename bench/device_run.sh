@@ -23,3 +23,5 @@ if [ -d .prev ]; then
     echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
     python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
 fi
+[ -n "${PROFILE:-}" ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE} 2>&1 | tee "$OUT/profile.txt" | head -8
+exit 0

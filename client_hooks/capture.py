@@ -163,16 +163,16 @@ class Capture:
                         by_dev.setdefault(segs[0][0].device, []).append((key, segs, dec, nb))
         finally:
             self._batches = {}
-        sent = 0
+        out = []  # (kind, name, payload, nbytes), sent together at the end
         if none:
             rb = _Readback(None, None, None, [])
             for key, dec, nb in none:
-                sent += self._send(sender, key, _payload(rb, [(0, 0)], dec), nb)
+                out.append((*key, _payload(rb, [(0, 0)], dec), nb))
         if host:
             rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
             at = 0
             for key, v, dec, nb in host:
-                sent += self._send(sender, key, _payload(rb, [(at, at + len(v))], dec), nb)
+                out.append((*key, _payload(rb, [(at, at + len(v))], dec), nb))
                 at += len(v)
         for items in by_dev.values():
             pieces, where, at = [], {}, 0  # each piece once, however many entries share it
@@ -186,11 +186,8 @@ class Capture:
             rb = to_host(flat)
             for key, segs, dec, nb in items:
                 spans = [(where[id(p)] + lo, where[id(p)] + hi) for p, lo, hi in segs]
-                sent += self._send(sender, key, _payload(rb, spans, dec), nb)
-        return sent
-
-    def _send(self, sender, key: tuple, payload, nbytes: int) -> int:
-        return int(bool(sender.send(key[0], key[1], payload, self.step, self.epoch, nbytes=nbytes)))
+                out.append((*key, _payload(rb, spans, dec), nb))
+        return sender.send_many(out, self.step, self.epoch) if out else 0
 
 
 def _payload(rb: _Readback, spans: list, decode: Decode) -> Callable[[], dict]:

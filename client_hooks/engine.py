@@ -161,17 +161,20 @@ class Engine:
         if not self.capturing:
             return
         self._grad_vecs = {}
-        layers = {i: [p.grad for p in ps if p.grad is not None] for i, (_, ps) in enumerate(self._layers)}
-        layers = {i: gs for i, gs in layers.items() if gs}
+        layers = {}
+        for i, (_, ps) in enumerate(self._layers):
+            gs = [p.grad for p in ps if p.grad is not None]
+            if gs:
+                layers[i] = gs
         fused = self._fused_grads(layers)
         for i, grads in layers.items():
             count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
             vec = fused[i] if fused else stats.grad_moments_vector(grads, host_ok=True)
             self._grad_vecs[i] = (vec, count)
         if self._grad_vecs:
-            ws = [p.detach() for p in self._wparams]
-            self._wnorms = list(torch._foreach_norm(ws))
-            self._before = self._snapshot(ws)
+            with torch.no_grad():  # the parameters themselves: no detached copies to make
+                self._wnorms = list(torch._foreach_norm(self._wparams))
+                self._before = self._snapshot(self._wparams)
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
@@ -184,11 +187,18 @@ class Engine:
         dtypes, integer gradients), and the layers are done one by one."""
         if not layers:
             return None
-        flat = {i: [torch.view_as_real(g) if g.is_complex() else g for g in gs] for i, gs in layers.items()}
-        first = next(iter(flat.values()))[0]
-        mod = stats.fused_module(first)
-        if mod is None or any(g.dtype != first.dtype or g.device != first.device or g.numel() == 0
-                              for gs in flat.values() for g in gs):
+        first = next(iter(layers.values()))[0]
+        mod = stats.fused_for(first.device)
+        if mod is None:
+            return None
+        flat, dev = {}, first.device
+        dt = stats.real_dtype(first.dtype)
+        for i, gs in layers.items():
+            for g in gs:  # one dtype and one device (the addresses go into one table)
+                if stats.real_dtype(g.dtype) is not dt or g.device != dev or not g.numel():
+                    return None
+            flat[i] = [torch.view_as_real(g) if g.is_complex() else g for g in gs]
+        if dt not in stats.FUSED_DTYPES:
             return None
         try:
             rows = self.capture.batch(first.device, mod).add_group(list(flat.values()))
@@ -262,8 +272,8 @@ class Engine:
         batch; the per-parameter weight and update norms go along as one stacked vector. The
         sender thread sums them into each layer's norms and update ratio, and the layers'
         rows into the total norm: no small tensor ops on the training thread."""
-        ws = [p.detach() for p in self._wparams]
-        torch._foreach_sub_(self._before, ws)  # before - after, in place
+        with torch.no_grad():
+            torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         dev = vecs[0].device
         norms = self._wnorms + list(torch._foreach_norm(self._before))
         pn = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
@@ -281,8 +291,8 @@ class Engine:
     def _add_gradients(self, keys: list, vecs: list):
         """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record
         (each a Span of the one matrix). Returns the moments (host lists or a matrix)."""
-        ws = [p.detach() for p in self._wparams]
-        torch._foreach_sub_(self._before, ws)  # before - after, in place
+        with torch.no_grad():
+            torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         wn, dn = self._layer_norms(self._wnorms + list(torch._foreach_norm(self._before))).chunk(2)
         rows = _rows(vecs)
         cols = torch.stack([wn, dn / wn], 1)

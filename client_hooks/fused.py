@@ -154,6 +154,22 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_tables: dict = {}  # (device, values) -> the table on the device (never written after its upload)
+
+
+def _table(vals: tuple, device: torch.device) -> torch.Tensor:
+    """A small int64 table on `device`, uploaded once per distinct content: in steady training
+    the tensors' addresses and the capture's rows repeat from step to step (the caching
+    allocator hands out the same blocks), so later captures upload nothing."""
+    key = (device, vals)
+    t = _tables.get(key)
+    if t is None:
+        if len(_tables) >= 256:
+            _tables.clear()
+        t = _tables[key] = _to_device(list(vals), device)
+    return t
+
+
 def _to_device(vals: list[int], device: torch.device) -> torch.Tensor:
     """A small int64 table on `device`: built in pinned memory, copied without a host wait."""
     if device.type != "cuda":
@@ -248,20 +264,19 @@ class Batch:
         return row
 
     def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
-        """One row per layer, over all of that layer's tensors (one flat vector each): one
+        """One row per layer, over all of that layer's tensors (each as one flat vector): one
         launch for every layer. The tensors must share one float dtype (see `usable`)."""
         flat = []
         for ts in layers:
             for t in ts:
-                t = t.detach().reshape(-1)
                 if not t.is_contiguous():
                     t = t.contiguous()
                     self._keep.append(t)
                 flat.append(t)
         dtype = flat[0].dtype
-        if any(t.dtype != dtype or t.numel() == 0 for t in flat):
-            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
         sizes = tuple(t.numel() for t in flat)
+        if any(t.dtype != dtype for t in flat) or 0 in sizes:
+            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
         counts = tuple(len(ts) for ts in layers)
         key = (self.device, dtype, sizes, counts)
         lay = _layouts.get(key)
@@ -274,8 +289,7 @@ class Batch:
         sp = self._space(total)
         g0 = sp.used
         rows = self._rows(sp, layer_blocks)
-        addr = _to_device([t.data_ptr() for t in flat], self.device)
-        self._keep.append(addr)
+        addr = _table(tuple(t.data_ptr() for t in flat), self.device)
         key = (_partials_group, self.device.index, dtype, _fits32(g0, sp.cap))
         with _on(self.device):
             _launch(_partials_group, key, total,
@@ -291,11 +305,10 @@ class Batch:
         for sp in self._spaces:
             if not sp.rows:
                 continue
-            desc = _to_device([v for r in sp.rows for v in r], self.device)
+            desc = _table(tuple(v for r in sp.rows for v in r), self.device)
             key = (_merge, self.device.index, _fits32(sp.cap, sp.row0))
             with _on(self.device):
                 _launch(_merge, key, len(sp.rows), (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
-            self._keep.append(desc)
         self._out = out[:self.nrows * 10].view(self.nrows, 10)
         self._spaces = []
         return self._out

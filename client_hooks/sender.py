@@ -22,11 +22,21 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Union
 
-from collector.wire import MAX_FRAME_BYTES, Record, encode, encode_many
+from collector.wire import MAX_BATCH, MAX_FRAME_BYTES, Record, encode, encode_many
 
 Payload = Union[dict, Callable[[], dict]]  # a callable is resolved on the sender thread
 
 _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated payload
+
+
+def _frames(recs: list[Record]) -> list[tuple[bytes, int]]:
+    """A batched frame: the whole list in one encoder call when it fits in one frame (the
+    usual case), else split by size."""
+    if len(recs) <= MAX_BATCH:
+        frame = encode(recs)
+        if len(frame) <= MAX_FRAME_BYTES:
+            return [(frame, len(recs))]
+    return encode_many(recs, MAX_FRAME_BYTES)
 
 
 class Sender:
@@ -95,6 +105,25 @@ class Sender:
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
         return True
 
+    def send_many(self, items: list, step: Optional[int] = None, epoch: Optional[int] = None) -> int:
+        """Enqueue (kind, name, data, nbytes) records of one step at once: one lock, and the
+        sender thread sees them together (one frame, not a few small ones). Records beyond
+        the queue bound are dropped and counted, as in `send`. Returns how many were queued."""
+        t = time.time()
+        sizes = [nb + _ITEM_OVERHEAD for _, _, _, nb in items]
+        with self._lock:
+            if self._closed:
+                self.dropped += len(items)
+                return 0
+            room, keep = self.max_queue_bytes - self._queued_bytes, 0
+            while keep < len(items) and sizes[keep] <= room:
+                room -= sizes[keep]
+                keep += 1
+            self.dropped += len(items) - keep
+            self._queued_bytes += sum(sizes[:keep])
+        self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
+        return keep
+
     # -- sender thread --------------------------------------------------------------------
     def _take(self) -> list:
         items = []
@@ -128,7 +157,7 @@ class Sender:
         for r in recs:
             r.seq = self._seq
             self._seq += 1
-        frames = [(encode(recs[0]), 1)] if len(recs) == 1 else encode_many(recs, MAX_FRAME_BYTES)
+        frames = [(encode(recs[0]), 1)] if len(recs) == 1 else _frames(recs)
         done = 0
         for frame, n in frames:
             if not self._send_frame(frame, deadline):

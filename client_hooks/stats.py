@@ -214,6 +214,13 @@ def _vec(vals: list, out_dt: torch.dtype, device: torch.device, host_ok: bool = 
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FUSED_DTYPES = _FLOATS
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of view_as_real for a complex dtype; a real dtype itself."""
+    return _REAL_OF.get(dtype, dtype)
 _fused_state: dict = {}  # "mod": the Triton module, or "off": why it is not used
 # Tests only: with TRITON_INTERPRET=1 and TENSORTAP_FUSED_ON_CPU=1 the fused kernels run on CPU
 # tensors in Triton's interpreter (slow), so the CUDA code path can be checked without a GPU.

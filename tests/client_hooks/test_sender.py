@@ -32,13 +32,25 @@ def test_send_never_blocks_and_drops_the_newest_when_the_queue_is_full():
     assert time.monotonic() - t0 < 1.5
 
 
+def test_send_many_queues_a_step_at_once_and_drops_and_counts_what_does_not_fit():
+    port = free_port()  # nobody listens: the queue only fills
+    s = Sender(f"tcp://127.0.0.1:{port}", "many", max_queue_bytes=10 * 1024)
+    step = [("gradients", f"layer{i}", {"norm": float(i)}, 500) for i in range(30)]  # 660 bytes each
+    first = s.send_many(step, step=0, epoch=0)
+    assert 0 < first < 30 and s.dropped == 30 - first  # the newest records of the step are dropped
+    assert s.send_many(step, step=1) == 0 and s.dropped == 60 - first  # full: all of the next
+    s.close(timeout=0.2)
+    assert s.send_many(step[:2], step=2) == 0 and s.dropped >= 62 - first  # closed: counted too
+
+
 def test_records_reach_a_pull_socket_with_consecutive_seqs():
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     s = Sender(f"tcp://127.0.0.1:{port}", "seqs", rank=3, world=4, batch=7)
-    for i in range(100):
+    for i in range(50):
         s.send("gradients", f"layer{i % 3}", {"norm": float(i)}, step=i, epoch=0)
+    s.send_many([("gradients", f"layer{i % 3}", {"norm": float(i)}, 64) for i in range(50, 100)], step=50, epoch=0)
     s.close()
     recs = []
     while pull.poll(1000):
