@@ -5,6 +5,13 @@ Step life cycle (training thread):
 A capture step (cadence: first `first_n` batches of every epoch, and every `every_n_steps`-th
 step) attaches hooks at begin_step and removes them at end_step, where the step's vectors go
 to the host in one copy. Every public method swallows its errors: one warning per kind.
+
+On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
+kernel launch per real tensor (its block partials, launched in the hook, so a later in-place
+change cannot alter them); for all gradient layers together one grouped launch, two foreach
+norms, a snapshot copy and a stack of the per-parameter norms; for a complex value (or a
+declared pair) ~15 kernels; then one merge launch and one device-to-host copy. Layer norms,
+update ratios and the total gradient norm are summed on the sender thread.
 """
 from __future__ import annotations
 
@@ -315,15 +322,16 @@ class Engine:
             return
         pair = self.opts.pairs.get(name)
         t, shape, dt = value.detach(), list(value.shape), stats.dtype_name(value.dtype)
-        vec = None
-        if pair is not None or t.is_complex():
-            vec, t = _fused_complex(cap, t, pair)  # t: complex now unless the fused path took it
-            is_c, shape = True, (list(t.shape) if vec is None else shape_of_pair(t, pair))
+        is_c = pair is not None or t.is_complex()
+        if is_c:
+            shape = shape_of_pair(t, pair)
+            vec = _fused_complex(cap, t, pair)
+            if vec is None:
+                vec = stats.complex_vector(t, pair, host_ok=True)
         else:
-            is_c = False
             vec = _fused_span(cap, t)
-        if vec is None:
-            vec = stats.tensor_stats_vector(t, host_ok=True)
+            if vec is None:
+                vec = stats.tensor_stats_vector(t, host_ok=True)
 
         def decode(v, shape=shape, dt=dt, is_c=is_c):
             return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
@@ -459,16 +467,15 @@ def shape_of_pair(t: torch.Tensor, pair) -> list[int]:
     return shape
 
 
-def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> tuple[Optional[tuple], torch.Tensor]:
+def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
     """A complex tensor (or a declared pair) on CUDA with Triton: real, imag, abs and angle
     stacked (over the elements whose parts are both finite: the others are made NaN in all
     four), one grouped launch for the four rows, the NaN/Inf element counts by torch: ~15
-    kernels instead of ~45. Returns (vec, t): vec None (and t as a complex tensor, for the
-    torch path) where this does not apply."""
+    kernels instead of ~45. None where this does not apply."""
     mod = stats.fused_for(t.device)
-    parts = stats.complex_parts(t, pair) if mod is not None and t.numel() else None
-    if parts is None:
-        return None, (t if pair is None else stats.pair_as_complex(t, pair))
+    if mod is None or not t.numel():
+        return None
+    parts = stats.complex_parts(t, pair)
     re = parts[0]
     try:
         p = torch.stack(parts)
@@ -478,11 +485,11 @@ def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> tuple[Optional[tuple]
         rows = cap.batch(re.device, mod).add_group([[p[0]], [p[1]], [p[2]], [p[3]]])
     except Exception as e:
         stats.fused_failed(e)
-        return None, (t if pair is None else stats.pair_as_complex(t, pair))
+        return None
     dev = re.device
     spans = [Span(dev, 10 * rows[0] + 2, 10 * rows[0] + 7)]  # nfinite, then (min, max, mean, std)
     spans += [Span(dev, 10 * r + 3, 10 * r + 7) for r in rows[1:]]
-    return (cnt, *spans), t
+    return (cnt, *spans)
 
 
 def _fused_grad_decoder(count: int, k: int):

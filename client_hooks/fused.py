@@ -177,33 +177,8 @@ def _to_device(vals: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
-_compiled: dict = {}  # launch key -> Triton's compiled kernel, for the direct launches below
-_direct = {"on": not _INTERPRET}
-
-
-def _fits32(*vals: int) -> bool:
-    return all(-(1 << 31) <= v < (1 << 31) for v in vals)
-
-
-def _launch(fn, key: tuple, grid: int, args: tuple, num_warps: int) -> None:
-    """Launch `fn` on `grid` programs. The first launch of each key goes through Triton's
-    launcher (compiling if needed); later ones call the compiled kernel directly, skipping
-    Triton's per-call argument binding and specialisation (the costly part of a launch from
-    the host). `key` must hold everything Triton specialises these kernels on: the device,
-    the pointer dtypes and 16-byte alignment, whether the integers fit in 32 bits. Any
-    failure of the direct call turns it off for good and launches the usual way."""
-    k = _compiled.get(key) if _direct["on"] else None
-    if k is not None:
-        try:
-            if triton.knobs.runtime.launch_enter_hook is None:  # hooks need Triton's own path
-                stream = torch._C._cuda_getCurrentRawStream(key[1])
-                k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None, *args)
-                return
-        except Exception:
-            _direct["on"] = False
-    k = fn[(grid,)](*args, num_warps=num_warps)
-    if _direct["on"] and hasattr(k, "packed_metadata") and getattr(k, "function", None) is not None:
-        _compiled[key] = k
+def _launch(fn, grid: int, args: tuple, num_warps: int) -> None:
+    fn[(grid,)](*args, num_warps=num_warps)
 
 
 class _Space:
@@ -258,9 +233,8 @@ class Batch:
         sp = self._space(nb)
         g0 = sp.used
         (row,) = self._rows(sp, [nb])
-        key = (_partials_one, x.device.index, x.dtype, x.data_ptr() % 16 == 0, _fits32(n, g0, sp.cap))
         with _on(x.device):
-            _launch(_partials_one, key, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
+            _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
         return row
 
     def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
@@ -290,9 +264,8 @@ class Batch:
         g0 = sp.used
         rows = self._rows(sp, layer_blocks)
         addr = _table(tuple(t.data_ptr() for t in flat), self.device)
-        key = (_partials_group, self.device.index, dtype, _fits32(g0, sp.cap))
         with _on(self.device):
-            _launch(_partials_group, key, total,
+            _launch(_partials_group, total,
                     (addr, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, _TL[dtype], BLOCK, _acc(dtype)), 8)
         return rows
 
@@ -306,9 +279,8 @@ class Batch:
             if not sp.rows:
                 continue
             desc = _table(tuple(v for r in sp.rows for v in r), self.device)
-            key = (_merge, self.device.index, _fits32(sp.cap, sp.row0))
             with _on(self.device):
-                _launch(_merge, key, len(sp.rows), (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
+                _launch(_merge, len(sp.rows), (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
         self._out = out[:self.nrows * 10].view(self.nrows, 10)
         self._spaces = []
         return self._out

@@ -96,6 +96,21 @@ def test_complex_stats_match_numpy_for_real_imag_abs_angle(re, data):
     check_complex(z, computed(torch.from_numpy(z)))
 
 
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 6)), elements=_values()),
+       st.data())
+def test_the_engine_complex_path_matches_numpy_as_value_and_as_real_imag_pair(re, data):
+    """complex_vector: the CPU fast path (parts stacked in float64) when every element is
+    finite, else the masked path; a real/imag pair gives the same as its complex value."""
+    im = data.draw(hnp.arrays(np.float32, re.shape, elements=_values()))
+    z = np.empty(re.shape, np.complex64)
+    z.real, z.imag = re, im
+    for t, pair in ((torch.from_numpy(z), None), (torch.from_numpy(np.stack([re, im], 1)), "real_imag")):
+        vals = stats.complex_vector(t, pair, host_ok=True)  # host floats, or a tensor (masked path)
+        vals = vals.tolist() if isinstance(vals, torch.Tensor) else vals
+        check_complex(z, stats.tensor_stats_dict(vals, list(re.shape), "complex64", True))
+
+
 def test_declared_real_imag_and_amp_phase_pairs_are_stats_of_the_complex_value():
     g = torch.Generator().manual_seed(0)
     t = torch.randn(3, 2, 5, 4, generator=g)
@@ -105,6 +120,10 @@ def test_declared_real_imag_and_amp_phase_pairs_are_stats_of_the_complex_value()
     t2 = torch.stack([amp, ph], 1)
     z2 = amp.double().numpy() * np.exp(1j * ph.double().numpy())
     check_complex(z2, computed(t2, "amp_phase"))
+    for pair, want in (("real_imag", z), ("amp_phase", z2)):  # the engine's path
+        got = stats.complex_vector(t if pair == "real_imag" else t2, pair, host_ok=True)
+        assert isinstance(got, list)  # all finite: the CPU fast path
+        check_complex(want, stats.tensor_stats_dict(got, [3, 5, 4], "float32", True))
 
 
 def test_a_pair_without_two_channels_is_refused_with_the_shape():
