@@ -154,14 +154,16 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-_tables: dict = {}  # (device, values) -> the table on the device (never written after its upload)
+_tables: dict = {}  # (device, stream, values) -> the table on the device (never written again)
 
 
 def _table(vals: tuple, device: torch.device) -> torch.Tensor:
     """A small int64 table on `device`, uploaded once per distinct content: in steady training
     the tensors' addresses and the capture's rows repeat from step to step (the caching
-    allocator hands out the same blocks), so later captures upload nothing."""
-    key = (device, vals)
+    allocator hands out the same blocks), so later captures upload nothing. Keyed by stream
+    too: the upload is asynchronous, ordered only before kernels on its own stream."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream, vals)
     t = _tables.get(key)
     if t is None:
         if len(_tables) >= 256:
@@ -201,7 +203,7 @@ class Batch:
         self.device = device
         self.nrows = 0
         self._spaces: list[_Space] = []
-        self._keep: list[torch.Tensor] = []  # contiguous copies and address tables, until finish
+        self._keep: list[torch.Tensor] = []  # contiguous copies, alive until the batch is dropped
         self._out: Optional[torch.Tensor] = None
 
     def _space(self, nb: int) -> _Space:
