@@ -105,7 +105,8 @@ def _chunk_reads(x: torch.Tensor, zeros: bool = False) -> tuple[float, float, fl
     chunk is 2^19 elements: on the 2-core VM, 14 freshly written 524k-element activations
     took 1.41 ms this way against 1.95 ms with 2^18 (each op's thread start-up counts) and
     1.42 ms with 2^20. BLAS dot accumulates in the input dtype; a 2^19 chunk keeps its
-    relative error ~1e-6, and the partial sums are added in Python float64. No temporaries; CPU reads need no device wait.
+    relative error ~1e-6, and the partial sums are added in Python float64. No temporaries;
+    CPU reads need no device wait.
     zeros: also the number of +-0 elements (|sign(y)| summed per chunk, while it is cached:
     sign(-0.0) is -0.0; a float32 sum of 0/1 values is exact up to 2^24 > a chunk)."""
     vals, k = [], 5 if zeros else 4
@@ -224,6 +225,8 @@ _REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, tor
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of view_as_real for a complex dtype; a real dtype itself."""
     return _REAL_OF.get(dtype, dtype)
+
+
 _fused_state: dict = {}  # "mod": the Triton module, or "off": why it is not used
 # Tests only: with TRITON_INTERPRET=1 and TENSORTAP_FUSED_ON_CPU=1 the fused kernels run on CPU
 # tensors in Triton's interpreter (slow), so the CUDA code path can be checked without a GPU.
