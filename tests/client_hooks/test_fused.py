@@ -174,3 +174,31 @@ def test_complex_values_and_declared_pairs_equal_numpy_through_the_tap(pull):
     check_complex(t[:, 0].double().numpy() + 1j * t[:, 1].double().numpy(), d["ri"])
     assert d["ri"]["shape"] == [3, 5, 4]
     check_complex(amp.double().numpy() * np.exp(1j * ph.double().numpy()), d["ap"])
+
+
+class _ComplexScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, dtype=torch.cfloat))
+
+    def forward(self, x):
+        return (torch.fft.fft(x) * self.w).real
+
+
+def test_complex_parameters_join_the_grouped_gradient_launch_as_real_pairs(pull):
+    """A complex gradient counts as its (re, im) pairs, in the same one launch as the rest."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 6), _ComplexScale()).to(DEV)
+    x = torch.randn(5, 6, device=DEV)
+    with Tap(gradients="all") as tap:
+        tap.watch(model)
+        tap.log_batch({"x": x}, epoch=0)
+        model(x).square().mean().backward()
+        grads = {"0": torch.cat([model[0].weight.grad.reshape(-1), model[0].bias.grad]).clone(),
+                 "1": torch.view_as_real(model[1].w.grad).reshape(-1).clone()}
+    assert pull.wait_for(lambda r: len(pull.find("gradients")) == 3)
+    for name, g in grads.items():
+        d, w = pull.find("gradients", name)[0]["data"], ref10(g)
+        assert d["count"] == g.numel()
+        for k, i in (("mean", 5), ("std", 6), ("norm", 8), ("max_abs", 9)):
+            assert d[k] == pytest.approx(w[i], rel=1e-5, abs=1e-9), (name, k)
