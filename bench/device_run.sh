@@ -3,7 +3,9 @@
 #   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
 #   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, GPU ops per step;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64);
-#   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter.
+#   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter;
+#   5. with PROFILE=N, bench/profile_step.py (ablations and a cProfile), N rounds.
+# Exits non-zero when the tests or fused_check failed.
 # Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
 set -u
 OUT=${OUT:-/tmp/tensortap-device}
@@ -15,8 +17,11 @@ if ! python3 -c "import zmq, msgspec" 2>/dev/null && [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+set -o pipefail
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py 2>&1 | tail -15
+rc_tests=$?
 python3 bench/fused_check.py 2>&1 | tee "$OUT/fused_check.txt" | tail -22
+rc_check=$?
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/overhead.py $ARGS --steps ${STEPS:-1000} 2>&1 | tee "$OUT/overhead.txt"
 if [ -d .prev ]; then
@@ -24,4 +29,5 @@ if [ -d .prev ]; then
     python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
 fi
 [ -n "${PROFILE:-}" ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE} 2>&1 | tee "$OUT/profile.txt" | head -8
-exit 0
+echo "tests rc=$rc_tests, fused_check rc=$rc_check"
+[ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]
