@@ -70,6 +70,7 @@ class Hooks:
         self._on_grads_ready = on_grads_ready
         self._handles: list = []
         self._seen = 0
+        self._queued = False
 
     @property
     def attached(self) -> bool:
@@ -81,7 +82,7 @@ class Hooks:
             if self._inputs:
                 self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
         if self._on_grads_ready is not None:
-            self._seen = 0
+            self._seen, self._queued = 0, False
             for p in self._params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad))
 
@@ -101,8 +102,21 @@ class Hooks:
         return hook
 
     def _grad(self, p: torch.Tensor) -> None:
-        # autograd thread (CUDA) or the training thread (CPU): counts params whose grad is in
-        self._seen += 1
-        if self._seen == len(self._params):
-            self._seen = 0  # a second backward (gradient accumulation) recomputes; last wins
-            self._on_grads_ready()
+        """Runs in backward as each parameter's gradient lands (autograd thread on CUDA). The
+        first one queues `_backward_done` to run once this backward has ended: a parameter
+        that gets no gradient (unused in the loss) cannot hide the end. Each backward queues
+        its own (gradient accumulation: the last one wins)."""
+        if self._queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            self._queued = True
+        except Exception:  # no engine callback here: count the parameters instead
+            self._seen += 1
+            if self._seen == len(self._params):
+                self._seen = 0
+                self._on_grads_ready()
+
+    def _backward_done(self) -> None:
+        self._queued = False
+        self._on_grads_ready()

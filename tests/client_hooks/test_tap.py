@@ -128,6 +128,36 @@ def test_update_ratio_of_every_captured_step_spans_that_step(pull, every):
         assert g == pytest.approx(w, rel=1e-4)
 
 
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(5, 2)
+        self.spare = nn.Linear(5, 2)  # trainable, never in the loss: it gets no gradient
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_parameter_without_gradient_does_not_hide_the_end_of_backward(pull):
+    """The gradients are summarised (and the weights snapshot) when backward ends, before the
+    optimizer step, also when some trainable parameter receives no gradient at all."""
+    torch.manual_seed(0)
+    model = _WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 5)
+    with Tap(gradients=["used"]) as tap:
+        tap.watch(model, optimizer=opt)
+        tap.log_batch({"x": x}, epoch=0)
+        model(x).pow(2).mean().backward()
+        w0 = torch.cat([p.detach().reshape(-1).clone() for p in model.used.parameters()])
+        opt.step()
+        w1 = torch.cat([p.detach().reshape(-1) for p in model.used.parameters()])
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "used")) == 1)
+    d = pull.find("gradients", "used")[0]["data"]
+    assert d["update_ratio"] == pytest.approx(((w1 - w0).norm() / w0.norm()).item(), rel=1e-4)
+    assert d["weight_norm"] == pytest.approx(w0.norm().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("gradients", [None, "all", ["0"]])  # the first two hold every parameter
 def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull, gradients):
     """From the layers' norms when they hold every parameter, else one norm of all grads."""
