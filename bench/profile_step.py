@@ -1,7 +1,7 @@
 """Where the every-step capture's host time goes (CUDA): step times of a few ablations, then
 a cProfile of the training thread. Not a benchmark of record (bench/overhead.py is).
 
-    python bench/profile_step.py [--steps 50] [--rounds 4]
+    python bench/profile_step.py [--steps 50] [--rounds 4] [--device cuda] [--width 64] [--modes 16] [--batch 64]
 
 Ablations (each against `none`, epochs alternated): every_step as in overhead.py;
 `nosend` (records not enqueued: no sender-thread work); `nopair` (x_combined recorded as a
@@ -54,13 +54,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--modes", type=int, default=16)
     a = ap.parse_args()
     names = ("none", "every_step", "nosend", "nopair", "noact", "nograd")
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = B.start_collector(tmp)
         os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
         torch.manual_seed(0)
-        base = B.build_fno(a.width, 16)
+        base = B.build_fno(a.width, a.modes)
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
                     torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
