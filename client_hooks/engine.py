@@ -142,8 +142,10 @@ class Engine:
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)
             self._reset_grads()
-            if self._hooks is not None and not self._hooks.attached:
-                self._hooks.attach()
+            if self._hooks is not None:
+                if not self._hooks.attached:
+                    self._hooks.attach()
+                self._hooks.new_step()
         elif self._hooks is not None and self._hooks.attached:
             self._hooks.detach()  # kept by end_step for a capture that did not come
         return self.capturing

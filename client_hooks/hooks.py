@@ -86,6 +86,10 @@ class Hooks:
             for p in self._params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad))
 
+    def new_step(self) -> None:
+        """Forget a backward whose end was never seen (one that raised): each step starts clean."""
+        self._seen, self._queued = 0, False
+
     def detach(self) -> None:
         handles, self._handles = self._handles, []
         for h in handles:

@@ -117,7 +117,11 @@ turned into one RuntimeWarning per kind and never raised.
             return
         if split == "train":
             if e.begin_step(step, epoch) and self._optimizer is not None:
-                self._opt_handle = self._optimizer.register_step_post_hook(self._after_opt_step)
+                if self._opt_handle is None:  # one hook, also when a captured step had no optimizer step
+                    self._opt_handle = self._optimizer.register_step_post_hook(self._after_opt_step)
+            elif self._opt_handle is not None:
+                self._opt_handle.remove()  # here, outside the optimizer's loop over its hooks
+                self._opt_handle = None
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
@@ -173,7 +177,10 @@ turned into one RuntimeWarning per kind and never raised.
 
     # -- end ------------------------------------------------------------------------------
     def _after_opt_step(self, optimizer, args, kwargs) -> None:
-        self._end()
+        """Ends the capture step. The hook stays registered: removing it here, while the
+        optimizer iterates over its hooks, would break that loop when a hook follows ours;
+        the next non-capture batch (or step_end, epoch_end, close) removes it."""
+        self._engine.end_step()
 
     def _end(self) -> None:
         if self._opt_handle is not None:

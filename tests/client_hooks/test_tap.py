@@ -158,6 +158,58 @@ def test_a_parameter_without_gradient_does_not_hide_the_end_of_backward(pull):
     assert d["weight_norm"] == pytest.approx(w0.norm().item(), rel=1e-5)
 
 
+def test_an_optimizer_hook_of_the_user_after_ours_and_a_skipped_step_break_nothing(pull):
+    """The optimizer iterates over its step hooks; ours must not remove itself inside that
+    loop (a user's hook registered after it would break the loop), and a captured step whose
+    optimizer step was skipped (as GradScaler does on inf) must not leave a second hook."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    with Tap(first_n=0, every_n_steps=1) as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(4):
+            tap.log_batch({"x": torch.randn(8, 5)}, epoch=0)
+            if step == 0:
+                opt.register_step_post_hook(lambda o, a, k: calls.append(1))  # after ours
+            model(torch.randn(8, 5)).pow(2).mean().backward()
+            if step != 1:  # step 1: the optimizer step is skipped
+                opt.step()
+            opt.zero_grad()
+    assert calls == [1, 1, 1]
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 4)
+
+
+def test_a_backward_that_raised_does_not_hide_the_end_of_the_next_one(pull):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fail = [True]
+
+    def user_hook(p):  # the user's own hook; lands after the last layer's gradients
+        if fail[0]:
+            raise RuntimeError("user hook failed")
+    model[0].weight.register_post_accumulate_grad_hook(user_hook)
+    with Tap(first_n=0, every_n_steps=1, gradients=["2"]) as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(2):
+            x = torch.randn(8, 5)
+            tap.log_batch({"x": x}, epoch=0)
+            if step == 0:
+                with pytest.raises(RuntimeError, match="user hook failed"):
+                    model(x).pow(2).mean().backward()
+                fail[0] = False
+                opt.zero_grad()
+                continue
+            model(x).pow(2).mean().backward()
+            w0 = torch.cat([p.detach().reshape(-1).clone() for p in model[2].parameters()])
+            opt.step()
+            w1 = torch.cat([p.detach().reshape(-1) for p in model[2].parameters()])
+    assert pull.wait_for(lambda r: any(x["step"] == 1 for x in pull.find("gradients", "2")))
+    d = [r for r in pull.find("gradients", "2") if r["step"] == 1][0]["data"]
+    assert d["update_ratio"] == pytest.approx(((w1 - w0).norm() / w0.norm()).item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("gradients", [None, "all", ["0"]])  # the first two hold every parameter
 def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull, gradients):
     """From the layers' norms when they hold every parameter, else one norm of all grads."""
