@@ -105,6 +105,7 @@ def test_hostile_names_render_as_text(page):
         assert XSS in page.inner_text("#findings")
         legend = page.evaluate("[...document.querySelectorAll('#chart-grad-norm .legendtext')].map(e => e.textContent)")
         assert legend == [XSS]
+        page.wait_for_selector("#activations .gtitle")  # drawn after the charts above (may lag under load)
         titles = page.evaluate("[...document.querySelectorAll('#activations .gtitle')].map(e => e.textContent)")
         assert titles == ["activation: " + XSS]
         leave(page)
