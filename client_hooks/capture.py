@@ -84,7 +84,7 @@ def to_host(flat: torch.Tensor) -> _Readback:
 class Span:
     """Values [lo, hi) of a device vector that several entries share (one piece of the flat
     copy however many entries point into it). `src` is a 1-D tensor, or a device: the rows of
-    that device's fused batch (`Capture.fused_rows`), known only once the batch is merged."""
+    that device's fused batch, known only once the batch is merged at flush."""
     __slots__ = ("src", "lo", "hi")
 
     def __init__(self, src, lo: int, hi: int):
@@ -118,13 +118,10 @@ class Capture:
             b = self._batches[device] = fused_mod.Batch(device)
         return b
 
-    def fused_rows(self, device) -> torch.Tensor:
-        """The (rows, 10) matrix of the fused batch on `device` (merged on first call)."""
-        return self._batches[device].finish()
-
     def _merged(self, device) -> Optional[torch.Tensor]:
+        """The rows of the fused batch on `device`, flat (one merge launch), or None."""
         try:
-            return self.fused_rows(device).reshape(-1)
+            return self._batches[device].finish().reshape(-1)
         except Exception as e:  # a Triton failure: the torch path from now on; warned once
             stats.fused_failed(e)
             return None

@@ -93,12 +93,11 @@ class Engine:
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
         self._wparams: list[nn.Parameter] = []  # every watched layer's parameters, layer by layer
         self._wrange: list[tuple[int, int]] = []  # each layer's slice of _wparams
-        self._widx: dict = {}  # device -> layer index of each entry of _wparams (for index_add_)
         self._grad_vecs: dict[int, tuple[Any, int]] = {}  # layer -> (moments: tensor or host list, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
-        self._total: Any = None  # (1,) tensor, or [float] from the CPU path
+        self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
         self._covers_all = False
 
     # -- set-up ---------------------------------------------------------------------------
@@ -114,7 +113,6 @@ class Engine:
         self._wrange = list(zip(at[:-1], at[1:]))  # each layer's slice of _wparams
         # every trainable parameter in a watched layer: the total norm comes from the layers'
         self._covers_all = {id(p) for p in self._wparams} >= {id(p) for p in model.parameters() if p.requires_grad}
-        self._widx = {}
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
@@ -163,8 +161,8 @@ class Engine:
     def grads_ready(self) -> None:
         """Gradients are complete and not yet clipped: summarise them, snapshot the weights.
 
-        Per layer: one moments vector of its flat gradient (two kernels on CUDA with Triton).
-        For all layers at once: one foreach norm of the weights and one foreach copy (the
+        Per layer: one moments vector of its flat gradient (on CUDA with Triton, every layer
+        in one grouped launch). For all layers at once: one foreach norm of the weights and one foreach copy (the
         snapshot for update_ratio). The total gradient norm comes from the layers' norms when
         the watched layers hold every trainable parameter, else from one more foreach norm."""
         if not self.capturing:
@@ -231,23 +229,6 @@ class Engine:
         torch._foreach_copy_(self._snap, ws)
         return self._snap
 
-    def _layer_norms(self, norms: list[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter norms (k lists of len(_wparams), concatenated) -> per-layer norms
-        (sqrt of each layer's sum of squares), shape (k * L,): one stack, one index_add_."""
-        dev = norms[0].device
-        out_dt = torch.float32 if dev.type == "mps" else torch.float64
-        k = len(norms) // len(self._wparams)
-        idx = self._widx.get((dev, k))
-        if idx is None:
-            per = [i for i, (_, ps) in enumerate(self._layers) for _ in ps]
-            idx = torch.tensor([j * len(self._layers) + i for j in range(k) for i in per], device=dev)
-            self._widx[(dev, k)] = idx
-        if all(n.dtype == norms[0].dtype and n.device == dev for n in norms):
-            sq = torch.stack(norms).to(out_dt).square_()
-        else:  # mixed dtypes or devices: one conversion each
-            sq = torch.stack([n.to(dev, out_dt) for n in norms]).square_()
-        return torch.zeros(k * len(self._layers), dtype=out_dt, device=dev).index_add_(0, idx, sq).sqrt_()
-
     @guarded("step")
     def end_step(self) -> None:
         """Update ratios, then one copy of the whole step to the host; removes the hooks."""
@@ -261,58 +242,39 @@ class Engine:
             self.grads_ready()
             self.capturing = False
         if self._grad_vecs:
-            keys = sorted(self._grad_vecs)
-            vecs = [self._grad_vecs[i][0] for i in keys]
-            if isinstance(vecs[0], _FusedRow):
-                self._add_fused_gradients(keys, vecs)
-            else:
-                rows = self._add_gradients(keys, vecs)
-                if self._covers_all:
-                    self._total = _total_norm(rows)
+            self._add_gradients()
         if self._total is not None:
-            total = self._total if isinstance(self._total, list) else self._total.to(torch.float64)
-            self.capture.add("gradients", "_total", total,
+            self.capture.add("gradients", "_total", self._total.to(torch.float64),
                              lambda v: {"norm": v[0]}, 64)
         self._reset_grads()
         self.capture.flush(self.sender)
 
-    def _add_fused_gradients(self, keys: list, vecs: list) -> None:
-        """CUDA with Triton: the layers' moments are consecutive rows of the capture's fused
-        batch; the per-parameter weight and update norms go along as one stacked vector. The
-        sender thread sums them into each layer's norms and update ratio, and the layers'
-        rows into the total norm: no small tensor ops on the training thread."""
+    def _add_gradients(self) -> None:
+        """A record per layer: its moments (consecutive rows of the capture's fused batch on
+        CUDA with Triton, else one matrix of the layers' vectors) and its per-parameter
+        weight and update norms (one stacked vector for all layers). The sender thread sums
+        those into each layer's norms and update ratio, and the rows into the total norm
+        when the layers hold every trainable parameter: no small tensor ops here."""
         with torch.no_grad():
             torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
-        dev = vecs[0].device
+        keys = sorted(self._grad_vecs)
+        vecs = [self._grad_vecs[i][0] for i in keys]
+        if isinstance(vecs[0], _FusedRow):
+            src = dev = vecs[0].device
+            r0 = vecs[0].row  # add_group gave the layers consecutive rows
+        else:
+            src, r0 = _rows(vecs).reshape(-1), 0
+            dev = src.device
         norms = self._wnorms + list(torch._foreach_norm(self._before))
         pn = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
         npar = len(self._wparams)
-        for v, i in zip(vecs, keys):
+        for r, i in enumerate(keys, r0):
             a, b = self._wrange[i]
-            vec = (Span(dev, 10 * v.row, 10 * v.row + 10), Span(pn, a, b), Span(pn, npar + a, npar + b))
-            self.capture.add("gradients", self._layers[i][0], vec,
-                             _fused_grad_decoder(self._grad_vecs[i][1], b - a), 500)
+            vec = (Span(src, 10 * r, 10 * r + 10), Span(pn, a, b), Span(pn, npar + a, npar + b))
+            self.capture.add("gradients", self._layers[i][0], vec, _grad_decoder(self._grad_vecs[i][1], b - a), 500)
         if self._covers_all:
-            r0 = vecs[0].row  # the layers' rows are consecutive
-            self.capture.add("gradients", "_total", Span(dev, 10 * r0, 10 * (r0 + len(vecs))),
-                             lambda v: {"norm": _total_norm([v[j:j + 10] for j in range(0, len(v), 10)])[0]}, 64)
-
-    def _add_gradients(self, keys: list, vecs: list):
-        """One (layers x 12) matrix: moments, weight norm, update ratio; a row per record
-        (each a Span of the one matrix). Returns the moments (host lists or a matrix)."""
-        with torch.no_grad():
-            torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
-        wn, dn = self._layer_norms(self._wnorms + list(torch._foreach_norm(self._before))).chunk(2)
-        rows = _rows(vecs)
-        cols = torch.stack([wn, dn / wn], 1)
-        if len(keys) != len(self._layers):
-            cols = cols[torch.tensor(keys, device=cols.device)]
-        mat = torch.cat([rows, cols.to(rows.device, rows.dtype)], 1).reshape(-1)
-        w = mat.numel() // len(keys)
-        for r, i in enumerate(keys):
-            self.capture.add("gradients", self._layers[i][0], Span(mat, r * w, (r + 1) * w),
-                             _grad_decoder(self._grad_vecs[i][1]), 500)
-        return vecs if all(isinstance(v, list) for v in vecs) else rows
+            self.capture.add("gradients", "_total", Span(src, 10 * r0, 10 * (r0 + len(keys))),
+                             lambda v: {"norm": _total_norm([v[j:j + 10] for j in range(0, len(v), 10)])}, 64)
 
     # -- values ----------------------------------------------------------------------------
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
@@ -326,7 +288,7 @@ class Engine:
         t, shape, dt = value.detach(), list(value.shape), stats.dtype_name(value.dtype)
         is_c = pair is not None or t.is_complex()
         if is_c:
-            shape = shape_of_pair(t, pair)
+            shape = _shape_of_pair(t, pair)
             vec = _fused_complex(cap, t, pair)
             if vec is None:
                 vec = stats.complex_vector(t, pair, host_ok=True)
@@ -419,21 +381,15 @@ def _rows(vecs: list) -> torch.Tensor:
                         for v in vecs])
 
 
-def _total_norm(vecs):
+def _total_norm(rows: list) -> float:
     """The norm of all gradients from per-layer GRAD_VEC rows (nan, inf, ..., norm at 8; norm
     over finite elements): sqrt of the sum of squares, NaN if any element is NaN, else inf if
-    any is infinite (what clip_grad_norm_ would see). Host lists give [total] (a list); a
-    matrix of rows gives a tensor of shape (1,) on its device."""
-    if isinstance(vecs, list):
-        if any(v[0] > 0 for v in vecs):
-            return [math.nan]
-        if any(v[1] > 0 for v in vecs):
-            return [math.inf]
-        return [math.sqrt(sum(v[8] * v[8] for v in vecs))]
-    v = vecs.double()
-    total = v[:, 8].square().sum().sqrt()
-    total = torch.where(v[:, 1].sum() > 0, math.inf, total)
-    return torch.where(v[:, 0].sum() > 0, math.nan, total).reshape(1)
+    any is infinite (what clip_grad_norm_ would see). Sender thread."""
+    if any(v[0] > 0 for v in rows):
+        return math.nan
+    if any(v[1] > 0 for v in rows):
+        return math.inf
+    return math.sqrt(sum(v[8] * v[8] for v in rows))
 
 
 class _FusedRow:
@@ -459,7 +415,7 @@ def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
     return Span(t.device, 10 * row, 10 * row + 7)
 
 
-def shape_of_pair(t: torch.Tensor, pair) -> list[int]:
+def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:
     """The complex shape of `t`: its own, or without the pair's dimension."""
     if pair is None:
         return list(t.shape)
@@ -494,18 +450,12 @@ def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
     return (cnt, *spans)
 
 
-def _fused_grad_decoder(count: int, k: int):
-    """GRAD_VEC's moments, then the layer's k weight norms and k update norms (per parameter)."""
+def _grad_decoder(count: int, k: int):
+    """GRAD_VEC's moments, then the layer's k weight norms and k update norms (per parameter):
+    the layer's weight norm and update ratio, summed here on the sender thread."""
     def decode(v):
         wn = math.sqrt(sum(x * x for x in v[10:10 + k]))
         dn = math.sqrt(sum(x * x for x in v[10 + k:10 + 2 * k]))
         ratio = dn / wn if wn else (None if dn == 0 else math.inf)
         return stats.grad_stats_dict(v[:10] + [wn], count, ratio if ratio == ratio else None)
-    return decode
-
-
-def _grad_decoder(count: int):
-    def decode(v):
-        ratio = v[11]
-        return stats.grad_stats_dict(v[:11], count, ratio if ratio == ratio else None)
     return decode

@@ -46,7 +46,7 @@ def _leaf(obj: Any):
         if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
             return torch.from_numpy(obj)
         if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
-            return obj.item()  # a NumPy scalar: host memory already, no device involved
+            return obj.item()  # training thread; a NumPy scalar: host memory already, no device wait
     return None
 
 

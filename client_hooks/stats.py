@@ -334,14 +334,14 @@ def _complex_fast_cpu(parts: list[torch.Tensor]) -> Optional[list[float]]:
     """[0, 0, n] + (min, max, mean, std) of each part, or None when an element is not finite
     (then the masked path runs). CPU values: reading them costs no device wait."""
     p = torch.stack([q.reshape(-1) for q in parts]).double()
-    ext = torch.cat([p.amin(1), p.amax(1)]).tolist()  # CPU: no device wait (amin + amax: a
-    # third of aminmax(dim=1)'s time here)
+    # amin + amax: a third of aminmax(dim=1)'s time here
+    ext = torch.cat([p.amin(1), p.amax(1)]).tolist()  # CPU, training thread: no device wait
     if not all(math.isfinite(v) for v in ext):
         return None
     n = p.shape[1]
     mean = p.sum(1).div_(n)
     d = p.sub_(mean[:, None])
-    means, m2 = torch.stack([mean, d.mul_(d).sum(1)]).tolist()  # CPU: no device wait
+    means, m2 = torch.stack([mean, d.mul_(d).sum(1)]).tolist()  # CPU, training thread: no device wait
     out = [0.0, 0.0, float(n)]
     for i in range(4):
         out += [ext[i], ext[4 + i], means[i], math.sqrt(m2[i] / n)]
