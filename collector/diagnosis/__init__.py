@@ -25,7 +25,8 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     r = records_by_kind
     grads, acts = r.get("gradients", []), r.get("activations", [])
     found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads)
-             + gradients.update_ratios(grads) + values.activations(acts) + values.input_range(acts)
+             + gradients.update_ratios(grads) + values.activations(acts) + values.weak_layers(acts)
+             + values.input_range(acts)
              + values.scale_mismatch(r.get("patch_metrics", [])) + values.loss_plateau(r.get("metrics", [])))
     return sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"]))
 

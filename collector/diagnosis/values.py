@@ -1,8 +1,9 @@
 """Rules over tensor values and scalars: NaN/Inf anywhere, dead / saturated activations, a
-collapsed output, extreme model-input range, prediction/target scale mismatch, loss plateau.
+collapsed output, a layer that passes almost nothing on, extreme model-input range,
+prediction/target scale mismatch, loss plateau.
 
-Judged on the latest capture of each activation (what the model does now), on every
-record for NaN/Inf. Thresholds are module constants (docs/DIAGNOSIS.md)."""
+Judged on the latest capture of each activation (what the model does now; a weak layer on
+the last half of its captures), on every record for NaN/Inf. Thresholds are module constants (docs/DIAGNOSIS.md)."""
 from __future__ import annotations
 
 import bisect
@@ -16,6 +17,8 @@ SAT_TOUCH = 0.99         # ... whose values reach the bound
 SAT_RMS = 0.9            # ... with an RMS this close to the bound: mass piled at +-1
 COLLAPSE_ABS = 1e-6      # output std below this (absolute) ...
 COLLAPSE_REL = 1e-3      # ... or below this fraction of |mean|: collapsed
+WEAK_GAIN = 0.05         # a module's output RMS below this fraction of its input RMS: weak layer
+WEAK_PERSIST = 3         # ... in every capture of the run's last half, at least this many: high
 OUTPUT_NAMES = ("generator_output", "x_combined")
 INPUT_NAMES = ("model_input",)
 INPUT_RMS_HIGH = 1e2     # model-input RMS above this (or below INPUT_RMS_LOW): not normalised
@@ -97,6 +100,47 @@ def activations(records: list[dict]) -> list[dict]:
                            "the output has ~no spread (the same value everywhere): the model "
                            "ignores its input"))
     return out
+
+
+def _block_rms(data: dict) -> float | None:
+    """RMS of a stats payload: the real tensor's, or a complex one's abs."""
+    parts = components(data)
+    return rms(parts.get("abs") or parts.get("") or {})
+
+
+def weak_layers(records: list[dict]) -> list[dict]:
+    """Modules captured with both input and output (`inputs=True`) whose output RMS stays below
+    WEAK_GAIN of their input RMS over the last half of their captures: a layer (or branch) too
+    small to contribute, e.g. weights initialised far below unit gain that have not grown."""
+    series = by_name(records)
+    weak = {}
+    for name, outs in series.items():
+        if not name.endswith(":output"):
+            continue
+        path = name[: -len(":output")]
+        ins = {r.get("step"): r for r in series.get(f"{path}:input", [])}
+        gains = []  # (step, gain, input rms, output rms)
+        for r in outs:
+            i = ins.get(r.get("step"))
+            ri, ro = (_block_rms(i["data"]) if i else None), _block_rms(r["data"])
+            if ri is not None and ro is not None and ri > 0:
+                gains.append((r.get("step"), ro / ri, ri, ro))
+        if not gains:
+            continue
+        steps = [g[0] for g in gains if isinstance(g[0], int)]
+        mid = (min(steps) + max(steps)) / 2 if steps else None
+        late = [g for g in gains if mid is None or not isinstance(g[0], int) or g[0] >= mid]
+        if all(g[1] < WEAK_GAIN for g in late):
+            weak[path] = {"gain_median": sig(median(g[1] for g in late)), "gain_last": sig(late[-1][1]),
+                          "input_rms": sig(late[-1][2]), "output_rms": sig(late[-1][3]),
+                          "captures": len(late), "steps": [late[0][0], late[-1][0]]}
+    if not weak:
+        return []
+    sev = "high" if any(v["captures"] >= WEAK_PERSIST for v in weak.values()) else "medium"
+    return [finding("weak_layer", sev, {"layers": weak, "count": len(weak), "threshold": WEAK_GAIN},
+                    "these layers pass on less than 5% of their input's RMS, through the last half "
+                    "of the run: weights far below unit gain (check the init scale; optimizers "
+                    "whose step is relative to the weight, e.g. Adafactor, never grow them)")]
 
 
 def input_range(records: list[dict]) -> list[dict]:

@@ -6,7 +6,8 @@ and imaginary parts of the object; `x_combined` = re + i*im (B, C, N, N) complex
 layer predicts the diffraction amplitude from it (see data.py for the forward model).
 
 `inject` names a deliberate fault (for the flat-loss demo); None trains the healthy model:
-  spectral-init     spectral weights uniform in [0, 1/(in*out)) (the classic FNO default)
+  spectral-init     spectral weights uniform in [0, 1/(in*out)) (the classic FNO default):
+                    ~1/80 of unit gain here; Adafactor's relative steps keep them that small
   loss-units        the MAE compares predicted intensity with observed amplitude
   amp-gain          a broadcast multiplies the predicted amplitude by the sum of the batch's
                     scaling constants instead of the sample's own: ~ the batch size, and
@@ -26,6 +27,7 @@ from torch import nn
 import lightning as L
 
 INJECTS = ("spectral-init", "loss-units", "amp-gain", "raw-input", "frozen-generator")
+OPTIMIZERS = {"adafactor": 2e-2, "adam": 1e-2}  # name -> default learning rate
 
 
 class SpectralConv2d(nn.Module):
@@ -161,11 +163,15 @@ class GridLinesModule(L.LightningModule):
     the ground-truth amplitude. It is None when the gate is off: nothing extra runs then."""
 
     def __init__(self, arch: str = "fno", channels: int = 1, loss_mode: str = "mae",
-                 inject: Optional[str] = None, lr: float = 1e-2):
+                 inject: Optional[str] = None, lr: Optional[float] = None,
+                 optimizer: str = "adafactor"):
         super().__init__()
         if inject is not None and inject not in INJECTS:
             raise ValueError(f"unknown inject {inject!r}; expected one of {', '.join(INJECTS)}")
-        self.inject, self.loss_mode, self.lr = inject, loss_mode, lr
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        self.inject, self.loss_mode, self.optimizer = inject, loss_mode, optimizer
+        self.lr = OPTIMIZERS[optimizer] if lr is None else lr
         self.generator = build_generator(arch, channels, classic_init=inject == "spectral-init")
         self.physics = PhysicsLayer(amp_gain_bug=inject == "amp-gain")
         self.telemetry = None
@@ -200,10 +206,14 @@ class GridLinesModule(L.LightningModule):
     def configure_optimizers(self):
         params = self.physics.parameters() if self.inject == "frozen-generator" else self.parameters()
         params = list(params) or [self._anchor()]
-        return torch.optim.Adam(params, lr=self.lr)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
+        # Adafactor's step is relative to each parameter's RMS (floor 1e-3) and lr caps it:
+        # a layer starts learning at the scale it was initialised at
+        return torch.optim.Adafactor(params, lr=self.lr)
 
     def _anchor(self) -> nn.Parameter:
-        # frozen-generator leaves no trainable tensor in the optimiser; Adam refuses an empty
+        # frozen-generator leaves no trainable tensor in the optimiser; torch refuses an empty
         # list, so it gets one unused scalar (it receives no gradient and never changes)
         self.register_parameter("unused", nn.Parameter(torch.zeros(())))
         return self.unused

@@ -235,6 +235,50 @@ def test_an_output_with_no_spread_is_collapsed():
     assert V.activations([rec("activations", "blocks:output", stats(0.5, 1e-7, 0.4999, 0.5001))]) == []
 
 
+def io_stream(path, gains, steps=None, in_std=2.0):
+    """A module's :input and :output captures with output RMS = gain * input RMS."""
+    steps = steps or [4 * i for i in range(len(gains))]
+    out = []
+    for st, g in zip(steps, gains):
+        out.append(rec("activations", f"{path}:input", stats(0.0, in_std), st))
+        out.append(rec("activations", f"{path}:output", stats(0.0, g * in_std), st))
+    return out
+
+
+@pytest.mark.parametrize("late_gain,severity", [(0.049, "high"), (0.051, None), (0.0, "high")])
+def test_a_layer_passing_on_under_5_percent_of_its_input_through_the_last_half_is_weak(late_gain, severity):
+    # early captures do not count: a small layer that grows is fine; the last half decides
+    recs = io_stream("blocks.0.spectral", [0.5, 0.5, 0.5, late_gain, late_gain, late_gain])
+    recs += io_stream("blocks.0.conv", [0.6] * 6)
+    found = V.weak_layers(recs)
+    if severity is None:
+        assert found == []
+        return
+    f = one(found, "weak_layer")
+    ev = f["evidence"]
+    assert f["severity"] == severity and list(ev["layers"]) == ["blocks.0.spectral"]
+    layer = ev["layers"]["blocks.0.spectral"]
+    assert layer["captures"] == 3 and layer["steps"] == [12, 20] and ev["threshold"] == 0.05
+    assert layer["gain_last"] == pytest.approx(late_gain) and layer["input_rms"] == pytest.approx(2.0)
+
+
+def test_weak_layer_needs_input_and_output_of_the_same_step_and_a_live_input():
+    # a weak layer that woke up in the last half is not weak; one late capture alone is medium
+    assert V.weak_layers(io_stream("a", [0.01, 0.01, 0.01, 0.3, 0.3, 0.3])) == []
+    assert one(V.weak_layers(io_stream("a", [0.01])), "weak_layer")["severity"] == "medium"
+    # outputs without inputs (the default capture), or an input of RMS 0: no verdict
+    assert V.weak_layers([r for r in io_stream("a", [0.01] * 4) if r["name"].endswith(":output")]) == []
+    assert V.weak_layers(io_stream("a", [0.0] * 4, in_std=0.0)) == []
+    # a complex output is judged by its abs
+    c = {"count": 4, "nan": 0, "inf": 0, "real": stats(0, 1), "imag": stats(0, 1), "abs": stats(0.01, 0.001)}
+    got = V.weak_layers([rec("activations", "f:input", stats(0, 1), 8), rec("activations", "f:output", c, 8)])
+    assert one(got, "weak_layer")["evidence"]["layers"]["f"]["output_rms"] == pytest.approx(0.01005, rel=1e-3)
+    # and the rule is part of diagnose()
+    r = healthy()
+    r["activations"] += io_stream("blocks.1.spectral", [0.02] * 6)
+    assert rules(diagnose(r), "high") == {"weak_layer"}
+
+
 @pytest.mark.parametrize("mean,std,hi,severity", [
     (50.0, 90.0, 1e4, "high"), (40.0, 90.0, 900.0, None), (1e-4, 5e-4, 1e-2, "high"),
     (0.3, 0.9, 1.2e3, "medium"), (0.3, 0.9, 0.9e3, None)])

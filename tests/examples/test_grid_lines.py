@@ -101,7 +101,6 @@ def test_bad_command_line_values_give_one_line_errors(capsys):
 CONFIGS = ["none", *INJECTS]
 DEMO = ["--N", "64", "--gridsize", "1", "--architectures", "fno", "--torch-epochs", "1",
         "--max-steps", "240", "--every-n-steps", "4"]
-FLAT = [c for c in INJECTS if c != "spectral-init"]  # see docs/DIAGNOSIS.md for spectral-init
 DRIVER = """
 import os, sys
 from examples.grid_lines.compare import main
@@ -200,12 +199,15 @@ def test_the_healthy_run_decreases_and_has_no_high_severity_finding(demo):
     assert [f for f in findings(art, "none") if f["severity"] == "high"] == []
 
 
-@pytest.mark.parametrize("config", FLAT)
-def test_the_fault_gives_a_flat_loss_far_above_the_healthy_one_named_loss_plateau(demo, config):
+@pytest.mark.parametrize("config", INJECTS)
+def test_the_fault_gives_a_flat_loss_above_the_healthy_one_named_loss_plateau(demo, config):
     art, out = demo
     bad, ok = losses(out, config), losses(out, "none")
     assert is_flat(bad), last_half(bad)
-    assert np.median(bad[-60:]) > 1.5 * np.median(ok[-60:])
+    # a weak spectral path still lets the 1x1 convs fit some of the data (1.26x at seed 0);
+    # the other faults end 2.5-4.8x above the healthy run
+    above = 1.15 if config == "spectral-init" else 1.5
+    assert np.median(bad[-60:]) > above * np.median(ok[-60:])
     plateau = by_rule(findings(art, config))["loss_plateau"]
     ev = plateau["evidence"]
     assert plateau["severity"] == "high" and ev["points"] == len(bad) == 240
@@ -227,11 +229,13 @@ def test_raw_input_is_named_input_range_and_saturated_output(demo):
     assert any(k.startswith("x_combined") for k in rules["saturated_activation"]["evidence"]["tensors"])
 
 
-def test_spectral_init_is_named_update_ratio_large_on_the_spectral_layers(demo):
+def test_spectral_init_is_named_weak_layer_on_every_spectral_layer_and_the_healthy_run_is_not(demo):
     art, _ = demo
-    f = by_rule(findings(art, "spectral-init"))["update_ratio_large"]
+    f = by_rule(findings(art, "spectral-init"))["weak_layer"]
     assert f["severity"] == "high"
-    assert f["evidence"]["layers"] and all("spectral" in k for k in f["evidence"]["layers"])
+    assert set(f["evidence"]["layers"]) == {f"blocks.{i}.spectral" for i in range(4)}
+    assert all(v["gain_median"] < 0.05 and v["captures"] >= 3 for v in f["evidence"]["layers"].values())
+    assert "weak_layer" not in by_rule(findings(art, "none"))
 
 
 @pytest.mark.parametrize("config", ["amp-gain", "loss-units"])
