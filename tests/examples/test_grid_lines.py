@@ -91,7 +91,8 @@ def test_the_physics_layer_reproduces_the_data_and_the_amp_gain_bug_multiplies_b
 def test_bad_command_line_values_give_one_line_errors(capsys):
     from examples.grid_lines.compare import main
 
-    for argv in (["--architectures", "cnn"], ["--inject", "nope"], ["--N", "30"], ["--lr", "0"]):
+    for argv in (["--architectures", "cnn"], ["--inject", "nope"], ["--N", "30"], ["--lr", "0"],
+                 ["--optimizer", "sgd"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("compare: error:") and err.count("\n") == 1, err
