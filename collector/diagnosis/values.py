@@ -3,7 +3,8 @@ collapsed output, a layer that passes almost nothing on, extreme model-input ran
 prediction/target scale mismatch, loss plateau.
 
 Judged on the latest capture of each activation (what the model does now; a weak layer on
-the last half of its captures), on every record for NaN/Inf. Thresholds are module constants (docs/DIAGNOSIS.md)."""
+the last half of its captures), on every record for NaN/Inf. Thresholds are module
+constants (docs/DIAGNOSIS.md)."""
 from __future__ import annotations
 
 import bisect
@@ -138,9 +139,8 @@ def weak_layers(records: list[dict]) -> list[dict]:
         return []
     sev = "high" if any(v["captures"] >= WEAK_PERSIST for v in weak.values()) else "medium"
     return [finding("weak_layer", sev, {"layers": weak, "count": len(weak), "threshold": WEAK_GAIN},
-                    "these layers pass on less than 5% of their input's RMS, through the last half "
-                    "of the run: weights far below unit gain (check the init scale; optimizers "
-                    "whose step is relative to the weight, e.g. Adafactor, never grow them)")]
+                    "these layers pass on < 5% of their input's RMS all through the last half of "
+                    "the run: weights far below unit gain (init scale?) that the optimizer has not grown")]
 
 
 def input_range(records: list[dict]) -> list[dict]:

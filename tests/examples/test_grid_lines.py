@@ -195,7 +195,7 @@ def test_the_healthy_run_decreases_and_has_no_high_severity_finding(demo):
     art, out = demo
     ok = losses(out, "none")
     med, below = last_half(ok)
-    assert not is_flat(ok) and below > 0.8, (med, below)  # still falling late (seeds 0, 1: 0.91, 0.88)
+    assert not is_flat(ok) and below > 0.8, (med, below)  # still falling late (seed 0: 0.92)
     assert np.median(ok[-40:]) < 0.8 * np.median(ok[:40])  # and over the whole run
     assert [f for f in findings(art, "none") if f["severity"] == "high"] == []
 
