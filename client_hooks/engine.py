@@ -200,19 +200,19 @@ class Engine:
             return None
         flat, dev = {}, first.device
         dt = stats.real_dtype(first.dtype)
+        if dt not in stats.FUSED_DTYPES:
+            return None
         for i, gs in layers.items():
             for g in gs:  # one dtype and one device (the addresses go into one table)
                 if stats.real_dtype(g.dtype) is not dt or g.device != dev or not g.numel():
                     return None
             flat[i] = [torch.view_as_real(g) if g.is_complex() else g for g in gs]
-        if dt not in stats.FUSED_DTYPES:
-            return None
         try:
-            rows = self.capture.batch(first.device, mod).add_group(list(flat.values()))
+            rows = self.capture.batch(dev, mod).add_group(list(flat.values()))
         except Exception as e:
             stats.fused_failed(e)
             return None
-        return {i: _FusedRow(first.device, r) for i, r in zip(flat, rows)}
+        return {i: Span(dev, 10 * r, 10 * r + 10) for i, r in zip(flat, rows)}
 
     def _snapshot(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
         """Exact copies of the watched weights, one foreach launch. With captures at least
@@ -259,9 +259,9 @@ class Engine:
             torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         keys = sorted(self._grad_vecs)
         vecs = [self._grad_vecs[i][0] for i in keys]
-        if isinstance(vecs[0], _FusedRow):
-            src = dev = vecs[0].device
-            r0 = vecs[0].row  # add_group gave the layers consecutive rows
+        if isinstance(vecs[0], Span):  # rows of the fused batch on device `src`
+            src = dev = vecs[0].src
+            r0 = vecs[0].lo // 10  # add_group gave the layers consecutive rows
         else:
             src, r0 = _rows(vecs).reshape(-1), 0
             dev = src.device
@@ -392,14 +392,6 @@ def _total_norm(rows: list) -> float:
     return math.sqrt(sum(v[8] * v[8] for v in rows))
 
 
-class _FusedRow:
-    """A row of a capture's fused batch (client_hooks.fused), known once the batch is merged."""
-    __slots__ = ("device", "row")
-
-    def __init__(self, device: torch.device, row: int):
-        self.device, self.row = device, row
-
-
 def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
     """CUDA with Triton: launch the statistics of real `t` into the capture's fused batch now
     (one kernel; a later in-place change of t cannot alter them) and return the Span of its
@@ -419,7 +411,7 @@ def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:
     """The complex shape of `t`: its own, or without the pair's dimension."""
     if pair is None:
         return list(t.shape)
-    dim = 1 if isinstance(pair, str) else pair[1]
+    dim = stats.pair_spec(pair)[1]
     shape = list(t.shape)
     del shape[dim]
     return shape
@@ -434,17 +426,16 @@ def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
     if mod is None or not t.numel():
         return None
     parts = stats.complex_parts(t, pair)
-    re = parts[0]
     try:
         p = torch.stack(parts)
         two = p[:2]
         cnt = torch.stack([two.isnan().any(0), two.isinf().any(0)]).flatten(1).sum(1, dtype=torch.float64)
         p.add_(two.mul(0).sum(0))  # + 0 where both parts are finite, + NaN elsewhere
-        rows = cap.batch(re.device, mod).add_group([[p[0]], [p[1]], [p[2]], [p[3]]])
+        rows = cap.batch(t.device, mod).add_group([[p[0]], [p[1]], [p[2]], [p[3]]])
     except Exception as e:
         stats.fused_failed(e)
         return None
-    dev = re.device
+    dev = t.device
     spans = [Span(dev, 10 * rows[0] + 2, 10 * rows[0] + 7)]  # nfinite, then (min, max, mean, std)
     spans += [Span(dev, 10 * r + 3, 10 * r + 7) for r in rows[1:]]
     return (cnt, *spans)

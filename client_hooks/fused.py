@@ -301,6 +301,8 @@ def _layout(sizes: tuple, counts: tuple, device: torch.device):
     for c in counts:
         layer_blocks.append(sum(triton.cdiv(n, BLOCK) for n in sizes[i:i + c]))
         i += c
+    # a plain (waiting) upload, not `_to_device`: made once per layout and then used from any
+    # stream, so it must be on the device before it is cached
     dev = (lambda v: torch.tensor(v, dtype=torch.int64, device=device))
     return dev(list(sizes)), dev(seg_b0), dev(blk_seg), layer_blocks, b
 

@@ -385,10 +385,14 @@ def as_complex(t: torch.Tensor, pair: str, dim: int = 1) -> torch.Tensor:
     return torch.complex(a, b) if pair == "real_imag" else torch.polar(a, b)
 
 
+def pair_spec(pair) -> tuple[str, int]:
+    """A pairs option, a kind or (kind, dim), as (kind, dim); the default dim is 1."""
+    return (pair, 1) if isinstance(pair, str) else tuple(pair)
+
+
 def pair_as_complex(t: torch.Tensor, pair) -> torch.Tensor:
     """`as_complex` for a pairs option: a kind, or (kind, dim)."""
-    kind, dim = (pair, 1) if isinstance(pair, str) else pair
-    return as_complex(t, kind, dim)
+    return as_complex(t, *pair_spec(pair))
 
 
 def complex_parts(t: torch.Tensor, pair=None) -> list[torch.Tensor]:
@@ -396,7 +400,7 @@ def complex_parts(t: torch.Tensor, pair=None) -> list[torch.Tensor]:
     `as_complex`), as real tensors of the complex shape. A real/imag pair needs no complex
     tensor: its channels are the parts, abs and angle are hypot and atan2."""
     if pair is not None:
-        kind, dim = (pair, 1) if isinstance(pair, str) else pair
+        kind, dim = pair_spec(pair)
         if kind == "real_imag":
             _check_pair(t, kind, dim)
             a, b = t.detach().to(acc_dtype(t.dtype)).unbind(dim)
