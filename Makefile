@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Then the client-hook tests once more with every tensor through the CUDA statistics kernels,
+# run on CPU in Triton's interpreter (skipped where Triton is not installed).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	@if $(BIN)/python -c "import triton" 2>/dev/null; then \
+		echo "client hooks through the fused kernels (Triton interpreter):"; \
+		TRITON_INTERPRET=1 TENSORTAP_FUSED_ON_CPU=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/client_hooks; \
+	else echo "Triton not installed: the fused-kernel pass is skipped"; fi
 
 demo: $(STAMP)
 	DEBUG_FNO_LOSS=1 $(BIN)/python -m examples.grid_lines.compare --N 64 --gridsize 1 \

@@ -84,7 +84,8 @@ def to_host(flat: torch.Tensor) -> _Readback:
 class Span:
     """Values [lo, hi) of a device vector that several entries share (one piece of the flat
     copy however many entries point into it). `src` is a 1-D tensor, or a device: the rows of
-    that device's fused batch, known only once the batch is merged at flush."""
+    that device's fused batch, known only once the batch is merged at flush. lo < 0: a row not
+    given yet (a deferred launch); still so at flush, the value could not be read."""
     __slots__ = ("src", "lo", "hi")
 
     def __init__(self, src, lo: int, hi: int):
@@ -134,6 +135,8 @@ class Capture:
                 segs.append((part, 0, part.numel()))
                 continue
             src = part.src
+            if part.lo < 0:
+                raise _Unread
             if not isinstance(src, torch.Tensor):
                 if src not in merged:
                     merged[src] = self._merged(src)
@@ -155,7 +158,11 @@ class Capture:
                 elif isinstance(vec, list):
                     host.append((key, vec, dec, nb))
                 else:
-                    segs = self._segments(vec, merged)
+                    try:
+                        segs = self._segments(vec, merged)
+                    except _Unread:  # the sender counts it as dropped and says why
+                        none.append((key, _unread, nb))
+                        continue
                     if segs is not None:
                         by_dev.setdefault(segs[0][0].device, []).append((key, segs, dec, nb))
         finally:
@@ -185,6 +192,14 @@ class Capture:
                 spans = [(where[id(p)] + lo, where[id(p)] + hi) for p, lo, hi in segs]
                 out.append((*key, _payload(rb, spans, dec), nb))
         return sender.send_many(out, self.step, self.epoch) if out else 0
+
+
+class _Unread(Exception):
+    pass
+
+
+def _unread(_v: list) -> dict:
+    raise ValueError("its value changed in place before it was read")
 
 
 def _payload(rb: _Readback, spans: list, decode: Decode) -> Callable[[], dict]:

@@ -7,11 +7,21 @@ step) attaches hooks at begin_step and removes them at end_step, where the step'
 to the host in one copy. Every public method swallows its errors: one warning per kind.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
-kernel launch per real tensor (its block partials, launched in the hook, so a later in-place
-change cannot alter them); for all gradient layers together one grouped launch, two foreach
-norms, a snapshot copy and a stack of the per-parameter norms; for a complex value (or a
-declared pair) ~15 kernels; then one merge launch and one device-to-host copy. Layer norms,
-update ratios and the total gradient norm are summed on the sender thread.
+grouped kernel launch for the real tensors met during the forward (their block partials); for
+all gradient layers together one grouped launch, two foreach norms, a snapshot copy and a
+stack of the per-parameter norms; for a complex value (or a declared pair) ~15 kernels; then
+one merge launch and one device-to-host copy. Layer norms, update ratios and the total
+gradient norm are summed on the sender thread.
+
+Grouping the forward's tensors means reading them later than their hook: an in-place change
+in between (an `inplace=True` ReLU after a Linear) would alter them. So each value (kind,
+name) is first launched at once, in its hook, and its version counter compared at the next
+launch point (the end of the model's forward, the end of backward, the end of the step). A
+value found unchanged is deferred into the group from the next capture on; a changed one
+stays launched at once. A deferred value that is found changed after all (the model's
+behaviour changed) cannot be read: its record is dropped and counted by the sender, a warning
+says why, and it is launched at once from then on. Deferred tensors are held until the group
+launches: at most DEFER_MAX_BYTES, beyond which the group launches early.
 """
 from __future__ import annotations
 
@@ -78,6 +88,7 @@ def guarded(kind: str):
 
 
 SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
+DEFER_MAX_BYTES = 256 << 20  # deferred tensors held for the grouped launch, at most
 
 
 class Engine:
@@ -99,6 +110,12 @@ class Engine:
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
         self._covers_all = False
+        # grouped launch of the forward's tensors (CUDA with Triton, see the module docstring)
+        self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
+        self._changed: dict[tuple[str, str], bool] = {}  # value -> changed in place after its hook
+        self._checking: list = []  # launched at once, version read at the next launch point
+        self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
+        self._deferred_bytes = 0
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -116,7 +133,8 @@ class Engine:
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
-                                   self.grads_ready if param_hooks else None)
+                                   self.grads_ready if param_hooks else None,
+                                   model, self.launch_deferred)
 
     def new_epoch(self, epoch: Optional[int]) -> None:
         self.epoch, self.batch_in_epoch = epoch, 0
@@ -167,6 +185,7 @@ class Engine:
         the watched layers hold every trainable parameter, else from one more foreach norm."""
         if not self.capturing:
             return
+        self.launch_deferred()
         self._grad_vecs = {}
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
@@ -247,6 +266,7 @@ class Engine:
             self.capture.add("gradients", "_total", self._total.to(torch.float64),
                              lambda v: {"norm": v[0]}, 64)
         self._reset_grads()
+        self.launch_deferred()
         self.capture.flush(self.sender)
 
     def _add_gradients(self) -> None:
@@ -293,13 +313,65 @@ class Engine:
             if vec is None:
                 vec = stats.complex_vector(t, pair, host_ok=True)
         else:
-            vec = _fused_span(cap, t)
+            vec = self._fused_real(cap, (kind, name), t)
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
 
         def decode(v, shape=shape, dt=dt, is_c=is_c):
             return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
         cap.add(kind, name, vec, decode, 600 if is_c else 300)
+
+    def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
+        """A real tensor on the fused path: deferred into this step's grouped launch when its
+        value is known to stay unchanged until then, else launched now (and, the first time,
+        watched to learn which). None where the fused path does not apply."""
+        mod = stats.fused_module(t)
+        if mod is None:
+            return None
+        if cap is not self.capture or not self.capturing or t.is_inference() or not self.group_values:
+            return _fused_span(cap, t)  # a capture sent now, or no version counter to read
+        changed = self._changed.get(key)
+        if changed is False and t.is_contiguous():
+            span = Span(t.device, -1, -1)  # its row is known once the group is launched
+            self._deferred.append((key, t, t._version, _stream(t.device), span))
+            self._deferred_bytes += t.numel() * t.element_size()
+            if self._deferred_bytes > DEFER_MAX_BYTES:
+                self.launch_deferred()
+            return span
+        if changed is None:
+            self._checking.append((key, t, t._version))
+        return _fused_span(cap, t)
+
+    @guarded("activations")
+    def launch_deferred(self) -> None:
+        """A launch point: learn which watched values changed in place since their hook, and
+        launch the deferred tensors' partials (one grouped launch per dtype and stream)."""
+        if not (self._checking or self._deferred):
+            return
+        checking, self._checking = self._checking, []
+        for key, t, version in checking:
+            self._changed[key] = t._version != version
+        deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
+        groups: dict = {}
+        for key, t, version, stream, span in deferred:
+            if t._version != version:  # changed after all: this value cannot be read now
+                self._changed[key] = True
+                warn_once(f"in-place change of {key[1]}", RuntimeError(
+                    f"{key[1]} changed in place after its hook; this capture's record of it is "
+                    "dropped, and it is read in its hook from now on"))
+                continue
+            groups.setdefault((t.device, t.dtype, stream), []).append((t, span))
+        for (dev, _, stream), items in groups.items():
+            try:
+                with _on_stream(dev, stream):
+                    rows = self.capture.batch(dev, stats.fused_for(dev)).add_group([[t] for t, _ in items])
+            except Exception as e:  # a Triton failure: these values by the torch path, now
+                stats.fused_failed(e)
+                for t, span in items:
+                    span.src, span.lo, span.hi = stats.tensor_stats_vector(t).to(torch.float64), 0, 7
+                continue
+            for (_, span), r in zip(items, rows):
+                span.lo, span.hi = 10 * r, 10 * r + 7
 
     @guarded("activations")
     def on_output(self, name: str, output) -> None:
@@ -405,6 +477,29 @@ def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
         stats.fused_failed(e)
         return None
     return Span(t.device, 10 * row, 10 * row + 7)
+
+
+def _stream(device: torch.device) -> int:
+    """The current CUDA stream of `device` as a number (0 elsewhere)."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
+class _on_stream:
+    """Launch on `stream` of `dev` when that is not the current one (a deferred tensor made
+    on a side stream is read on that stream, after the kernels that made it)."""
+
+    def __init__(self, dev: torch.device, stream: int):
+        self._ctx = None
+        if dev.type == "cuda" and stream != _stream(dev):
+            self._ctx = torch.cuda.stream(torch.cuda.ExternalStream(stream, device=dev))
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
 
 
 def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:

@@ -1,8 +1,8 @@
 """Which modules to watch, and the hooks that exist only during a capture step.
 
-`Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets and,
-for plain PyTorch, a post-accumulate-grad hook on every trainable parameter; `detach()`
-removes every one of them. Between capture steps the model carries no tensortap hook.
+`Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
+forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
+post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of them. Between capture steps the model carries no tensortap hook.
 """
 from __future__ import annotations
 
@@ -63,8 +63,10 @@ class Hooks:
 
     def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,
-                 on_grads_ready: Optional[Callable[[], None]] = None):
+                 on_grads_ready: Optional[Callable[[], None]] = None,
+                 root: Optional[nn.Module] = None, on_forward_done: Optional[Callable[[], None]] = None):
         self._targets, self._inputs = act_targets, inputs
+        self._root, self._on_forward_done = root, on_forward_done
         self._on_output = on_output
         self._params = params or []
         self._on_grads_ready = on_grads_ready
@@ -81,6 +83,9 @@ class Hooks:
             self._handles.append(mod.register_forward_hook(self._fwd(path)))
             if self._inputs:
                 self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
+        if self._root is not None and self._on_forward_done is not None:
+            done = self._on_forward_done  # after the targets' hooks when the root is one of them
+            self._handles.append(self._root.register_forward_hook(lambda m, a, out: done()))
         if self._on_grads_ready is not None:
             self._seen, self._queued = 0, False
             for p in self._params:

@@ -133,7 +133,7 @@ def test_a_kernel_failure_falls_back_to_the_torch_path_and_loses_nothing(pull, m
         raise RuntimeError("injected launch failure")
 
     monkeypatch.setattr(fused.Batch, "add", boom)
-    monkeypatch.setitem(stats._fused_state, "mod", fused)
+    monkeypatch.setattr(stats, "_fused_state", {"mod": fused})  # its "off" ends with the test
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).to(DEV)
     x = torch.randn(3, 4, device=DEV)
     with pytest.warns(RuntimeWarning, match="fused CUDA statistics failed"):
@@ -141,7 +141,6 @@ def test_a_kernel_failure_falls_back_to_the_torch_path_and_loses_nothing(pull, m
             tap.watch(model)
             tap.log_batch({"x": x}, epoch=0)
             model(x).sum().backward()
-    monkeypatch.delitem(stats._fused_state, "off")
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 2)
     d = pull.find("activations", "1:output")[0]["data"]
     with torch.no_grad():
@@ -202,3 +201,180 @@ def test_complex_parameters_join_the_grouped_gradient_launch_as_real_pairs(pull)
         assert d["count"] == g.numel()
         for k, i in (("mean", 5), ("std", 6), ("norm", 8), ("max_abs", 9)):
             assert d[k] == pytest.approx(w[i], rel=1e-5, abs=1e-9), (name, k)
+
+
+class _Launches:
+    """Counts the fused launches of a Tap: tensors launched in their hook (`Batch.add`) and
+    grouped launches (`Batch.add_group`, with how many tensors each)."""
+
+    def __init__(self, monkeypatch):
+        self.one, self.groups = 0, []
+        add, add_group = fused.Batch.add, fused.Batch.add_group
+
+        def count_add(b, x):
+            self.one += 1
+            return add(b, x)
+
+        def count_group(b, layers):
+            self.groups.append(sum(len(ts) for ts in layers))
+            return add_group(b, layers)
+        monkeypatch.setattr(fused.Batch, "add", count_add)
+        monkeypatch.setattr(fused.Batch, "add_group", count_group)
+
+    def take(self) -> tuple:
+        out, self.one, self.groups = (self.one, self.groups), 0, []
+        return out
+
+
+def _reference_hooks(model: nn.Module, seen: dict) -> None:
+    """Each leaf's output as it was in its hook (registered before the Tap's: runs first)."""
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            m.register_forward_hook(lambda m, a, out, n=name: seen.__setitem__(f"{n}:output", out.detach().clone()))
+
+
+def _check_value(d: dict, ref: torch.Tensor, what: str) -> None:
+    want = ref10(ref)
+    assert d["count"] == ref.numel() and d["nan"] == want[0], what
+    for k, i in (("min", 3), ("max", 4), ("mean", 5), ("std", 6)):
+        assert d[k] == pytest.approx(want[i], rel=1e-5, abs=1e-7), (what, k)
+
+
+@pytest.mark.parametrize("cap_bytes", [None, 1])
+def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_second_capture(pull, monkeypatch, cap_bytes):
+    """Every-step capture of a model with an in-place ReLU. First capture: every value
+    launched in its hook and watched. Later captures: the Linear output that the ReLU changes
+    stays launched in its hook; every other value (the batch field too) joins one grouped
+    launch at the end of the forward; the gradients stay one grouped launch. Every record of
+    every step equals NumPy on the value as it was in its hook; none is lost.
+    cap_bytes=1: DEFER_MAX_BYTES exceeded by each value, so each is launched at once, alone."""
+    from client_hooks import engine
+
+    if cap_bytes is not None:
+        monkeypatch.setattr(engine, "DEFER_MAX_BYTES", cap_bytes)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 16), nn.Tanh(),
+                          nn.Linear(16, 3)).to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    launches = _Launches(monkeypatch)
+    refs, counts = [], []
+    with Tap(every_n_steps=1, all_leaves=True, gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(3):
+            x = torch.randn(8, 6, device=DEV)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            refs.append({**seen, "x": x.clone()})
+            counts.append(launches.take())
+    assert tap.sender.dropped == 0
+    # step 0: 6 values launched in their hooks, the 3 gradient layers grouped
+    assert counts[0] == (6, [6])
+    if cap_bytes is None:  # then: the changed Linear output alone; 5 values in one group
+        assert counts[1] == counts[2] == (1, [5, 6])
+    else:
+        assert counts[1] == counts[2] == (1, [1] * 5 + [6])
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 15 and len(pull.find("loader_stats")) == 3)
+    for rec in pull.find("activations") + pull.find("loader_stats"):
+        ref = refs[rec["step"]][rec["name"]]
+        _check_value(rec["data"], ref, (rec["step"], rec["name"]))
+    lin = [r for r in pull.find("activations", "0:output")]
+    assert len(lin) == 3 and all(r["data"]["min"] < 0 for r in lin)  # before the in-place ReLU
+
+
+class _Doubles(nn.Module):
+    """A Linear whose output this module doubles in place, once told to (behaviour that
+    changes between captures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.double_it = False
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.double_it:
+            y.mul_(2.0)
+        return y
+
+
+def test_a_deferred_value_changed_in_place_after_all_is_dropped_counted_then_read_in_its_hook(pull):
+    torch.manual_seed(5)
+    model = _Doubles().to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    refs = []
+    with pytest.warns(RuntimeWarning) as caught:
+        with Tap(every_n_steps=1, activations=["lin"]) as tap:
+            tap.watch(model)
+            for step in range(4):
+                model.double_it = step == 2  # step 1 deferred it; step 2 changes it after its hook
+                x = torch.randn(3, 4, device=DEV)
+                tap.log_batch({"x": x}, epoch=0)
+                model(x).sum().backward()
+                refs.append(dict(seen))
+            tap.step_end()
+            assert tap.sender.flush(5)
+            dropped = tap.sender.dropped
+    assert dropped == 1
+    tap.sender.close()  # its bye carries the count to the collector
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "lin:output changed in place after its hook" in msgs
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 3 and pull.find("events", "bye"))
+    got = {r["step"]: r["data"] for r in pull.find("activations", "lin:output")}
+    assert sorted(got) == [0, 1, 3]  # step 2's could not be read
+    for step, d in got.items():
+        _check_value(d, refs[step]["lin:output"], step)
+    assert pull.find("events", "bye")[0]["data"]["dropped"] == 1
+
+
+def test_values_made_under_inference_mode_are_launched_in_their_hook(pull, monkeypatch):
+    """Inference tensors have no version counter: always launched at once, never deferred."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    launches = _Launches(monkeypatch)
+    refs = []
+    with Tap(every_n_steps=1, all_leaves=True) as tap:
+        tap.watch(model)
+        for _ in range(3):
+            with torch.inference_mode():
+                x = torch.randn(2, 4, device=DEV)
+                tap.log_batch({"x": x}, epoch=0)
+                model(x)
+            refs.append({**seen, "x": x.clone()})
+            assert launches.take() == (3, [])
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 6)
+    for rec in pull.find("activations") + pull.find("loader_stats"):
+        _check_value(rec["data"], refs[rec["step"]][rec["name"]], (rec["step"], rec["name"]))
+
+
+def test_a_failed_grouped_launch_gives_the_deferred_values_by_the_torch_path(pull, monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    add_group = fused.Batch.add_group
+    refs = []
+
+    def fails_on_step_1(b, layers):
+        if len(refs) == 1:
+            raise RuntimeError("injected group launch failure")
+        return add_group(b, layers)
+
+    monkeypatch.setattr(fused.Batch, "add_group", fails_on_step_1)
+    monkeypatch.setattr(stats, "_fused_state", {"mod": fused})  # its "off" ends with the test
+    with pytest.warns(RuntimeWarning, match="fused CUDA statistics failed"):
+        with Tap(every_n_steps=1, all_leaves=True) as tap:
+            tap.watch(model)
+            for _ in range(3):
+                x = torch.randn(5, 4, device=DEV)
+                tap.log_batch({"x": x}, epoch=0)
+                model(x)
+                refs.append({**seen, "x": x.clone()})
+    assert tap.sender.dropped == 0
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 6 and len(pull.find("loader_stats")) == 3)
+    for rec in pull.find("activations") + pull.find("loader_stats"):
+        _check_value(rec["data"], refs[rec["step"]][rec["name"]], (rec["step"], rec["name"]))

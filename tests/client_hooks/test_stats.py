@@ -176,6 +176,7 @@ def test_tensors_of_several_cpu_chunks_match_numpy_with_nan_anywhere(where):
     check_real(x)
 
 
+@pytest.mark.skipif(stats._FUSED_CPU, reason="the CPU path's host floats; this pass runs the fused kernels")
 @given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30])))
 @settings(max_examples=60, deadline=None)
 def test_finite_gradients_count_signed_zeros_and_give_host_floats_equal_to_the_tensor(a):

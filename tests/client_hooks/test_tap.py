@@ -256,7 +256,8 @@ def test_telemetry_errors_warn_once_and_never_reach_the_training_loop(pull, monk
     def boom(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(stats, "tensor_stats_vector", boom)
+    monkeypatch.setattr(stats, "tensor_stats_vector", boom)  # the torch path
+    monkeypatch.setattr(stats, "fused_module", boom)  # the fused kernels' (CUDA, or the interpreter)
     model = small_cnn()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
