@@ -4,7 +4,7 @@
 #   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, GPU ops per step;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64);
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter;
-#   5. with PROFILE=N, bench/profile_step.py (ablations and a cProfile), N rounds.
+#   5. bench/profile_step.py (ablations and a cProfile), PROFILE rounds (default 3; 0: skip).
 # Exits non-zero when the tests or fused_check failed.
 # Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
 set -u
@@ -28,6 +28,6 @@ if [ -d .prev ]; then
     echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
     python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
 fi
-[ -n "${PROFILE:-}" ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE} 2>&1 | tee "$OUT/profile.txt" | head -8
+[ "${PROFILE:-3}" != 0 ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE:-3} 2>&1 | tee "$OUT/profile.txt" | head -10
 echo "tests rc=$rc_tests, fused_check rc=$rc_check"
 [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]

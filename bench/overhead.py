@@ -232,7 +232,16 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
         print(f"| {n} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.3f}x | "
               f"{statistics.fmean(ts) / mean0:.3f}x | {statistics.median(paired):.3f}x | {q1:.3f}-{q3:.3f}x |")
     if sender is not None:
-        print(f"\nsender (every_step + default share one): {sender.stats()}")
+        st = sender.stats()
+        print(f"\nsender (every_step + default share one): {st}")
+        if st.get("cpu_s") is not None and st["sent"]:
+            print(f"sender thread CPU: {st['cpu_s'] * 1e6 / st['sent']:.1f} us a record sent")
+    from client_hooks import capture
+
+    print(f"pinned buffers taken outside the ring: {capture._ring.one_off}")
+    if "client_hooks.fused" in sys.modules:
+        print(f"fused tables uploaded: {sys.modules['client_hooks.fused'].uploads[0]} "
+              f"(steady capture steps upload none)")
 
 
 if __name__ == "__main__":

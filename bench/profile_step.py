@@ -4,8 +4,10 @@ a cProfile of the training thread. Not a benchmark of record (bench/overhead.py 
     python bench/profile_step.py [--steps 50] [--rounds 4] [--device cuda] [--width 64] [--modes 16] [--batch 64]
 
 Ablations (each against `none`, epochs alternated): every_step as in overhead.py;
-`nosend` (records not enqueued: no sender-thread work); `nopair` (x_combined recorded as a
-real tensor, no complex statistics); `noact` (gradients only); `nograd` (activations only).
+`nosend` (records handed to the sender only after the epoch's timing: no sender-thread work
+while the steps run); `eager` (every forward tensor launched in its hook, no grouped launch);
+`nopair` (x_combined recorded as a real tensor, no complex statistics); `noact` (gradients
+only); `nograd` (activations only).
 """
 from __future__ import annotations
 
@@ -42,9 +44,31 @@ def variant(name: str, base, device: str):
     tap = Tap(**kw)
     tap.watch(v["model"], optimizer=v["opt"])
     if name == "nosend":
-        tap._engine.sender.send = lambda *a, **k: True
+        tap._engine.sender = _Later(tap._engine.sender)
+    if name == "eager":
+        tap._engine.group_values = False
     v["tap"] = tap
     return v
+
+
+class _Later:
+    """A sender that keeps a capture's records until `release()` (after the epoch's timing),
+    so the sender thread has nothing to do while the steps run."""
+
+    def __init__(self, sender):
+        self._sender, self._held = sender, []
+
+    def send_many(self, items, step=None, epoch=None):
+        self._held.append((items, step, epoch))
+        return len(items)
+
+    def __getattr__(self, name):
+        return getattr(self._sender, name)
+
+    def release(self):
+        held, self._held = self._held, []
+        for items, step, epoch in held:
+            self._sender.send_many(items, step, epoch)
 
 
 def main() -> None:
@@ -56,7 +80,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--modes", type=int, default=16)
     a = ap.parse_args()
-    names = ("none", "every_step", "nosend", "nopair", "noact", "nograd")
+    from client_hooks import capture
+
+    capture._ring._slots = 256  # `nosend` holds two pinned buffers a step until its epoch ends
+    names = ("none", "every_step", "nosend", "eager", "nopair", "noact", "nograd")
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = B.start_collector(tmp)
         os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
@@ -70,12 +97,19 @@ def main() -> None:
         for r in range(a.rounds + 1):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 t = B.run_epoch(vs[n], batches, a.device)
+                if n == "nosend":
+                    vs[n]["tap"]._engine.sender.release()  # outside the timing
                 if r:
                     times[n].append(t)
         base_t = statistics.median(times["none"])
         for n in names:
             m = statistics.median(times[n])
             print(f"{n:10s} {m * 1e3:7.2f} ms/step  {m / base_t:.3f}x")
+        from client_hooks import capture
+
+        st = vs["every_step"]["tap"].sender.stats()
+        print(f"sender: {st}; pinned buffers outside the ring: {capture._ring.one_off}; fused tables "
+              f"uploaded: {sys.modules['client_hooks.fused'].uploads[0] if 'client_hooks.fused' in sys.modules else '-'}")
         prof = cProfile.Profile()
         if a.device == "cuda":
             torch.cuda.synchronize()

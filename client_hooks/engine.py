@@ -349,8 +349,11 @@ class Engine:
         if not (self._checking or self._deferred):
             return
         checking, self._checking = self._checking, []
-        for key, t, version in checking:
-            self._changed[key] = t._version != version
+        for key, t, version in checking:  # a module called twice: changed if either was
+            if t._version != version:
+                self._changed[key] = True
+            else:
+                self._changed.setdefault(key, False)
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
         groups: dict = {}
         for key, t, version, stream, span in deferred:

@@ -155,6 +155,7 @@ def _acc(dtype: torch.dtype):
 
 
 _tables: dict = {}  # (device, stream, values) -> the table on the device (never written again)
+uploads = [0]  # tables uploaded so far (cache misses; benchmarks report it)
 
 
 def _table(vals: tuple, device: torch.device) -> torch.Tensor:
@@ -168,6 +169,7 @@ def _table(vals: tuple, device: torch.device) -> torch.Tensor:
     if t is None:
         if len(_tables) >= 256:
             _tables.clear()
+        uploads[0] += 1
         t = _tables[key] = _to_device(list(vals), device)
     return t
 

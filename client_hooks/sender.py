@@ -245,5 +245,10 @@ class Sender:
         atexit.unregister(self.close)
 
     def stats(self) -> dict[str, Any]:
+        """Counts; cpu_s: the sender thread's CPU time so far (None once it has ended)."""
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        except (AttributeError, OSError, TypeError):  # ended, or not Linux
+            cpu = None
         return {"sent": self.sent, "dropped": self.dropped, "queued_bytes": self._queued_bytes,
-                "queued": len(self._queue)}
+                "queued": len(self._queue), "cpu_s": cpu}

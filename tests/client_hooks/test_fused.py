@@ -8,6 +8,7 @@ Elsewhere (CI: no GPU, no Triton) the module is skipped.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -378,3 +379,39 @@ def test_a_failed_grouped_launch_gives_the_deferred_values_by_the_torch_path(pul
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 6 and len(pull.find("loader_stats")) == 3)
     for rec in pull.find("activations") + pull.find("loader_stats"):
         _check_value(rec["data"], refs[rec["step"]][rec["name"]], (rec["step"], rec["name"]))
+
+
+class _Twice(nn.Module):
+    """One Tanh called twice; the first call's output is changed in place afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        a = self.act(x)
+        b = self.act(a + 1.0)
+        a.mul_(-3.0)
+        return a + b
+
+
+def test_a_module_called_twice_stays_launched_in_its_hook_when_either_output_changes(pull, monkeypatch):
+    model = _Twice().to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    launches = _Launches(monkeypatch)
+    refs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no value may be found changed after being deferred
+        with Tap(every_n_steps=1, all_leaves=True) as tap, torch.no_grad():
+            tap.watch(model)
+            for _ in range(3):
+                x = torch.randn(3, 5, device=DEV)
+                tap.log_batch({"x": x}, epoch=0)
+                model(x)
+                refs.append({**seen, "x": x.clone()})  # the second call's output: the record's
+                assert launches.take()[0] >= 2  # both calls, every step
+    assert tap.sender.dropped == 0
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 3)
+    for rec in pull.find("activations"):
+        _check_value(rec["data"], refs[rec["step"]]["act:output"], rec["step"])
