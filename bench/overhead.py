@@ -172,7 +172,13 @@ def main() -> None:
     ap.add_argument("--interleave", choices=["step", "epoch"], default=None,
                     help="alternate variants step by step (default on CPU: the VM's load drifts "
                     "faster than an epoch) or epoch by epoch (default on CUDA: no sync per step)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of the variants (`none` is always run)")
     a = ap.parse_args()
+    a.variants = {"none", *a.variants.split(",")}
+    unknown = a.variants - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     a.interleave = a.interleave or ("epoch" if a.device == "cuda" else "step")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,10 +189,11 @@ def main() -> None:
         batches = [(torch.randn(a.batch, 1, a.size, a.size, generator=g).to(a.device),
                     torch.randn(a.batch, 2, a.size, a.size, generator=g).to(a.device))
                    for _ in range(a.epoch_steps)]
-        variants = {n: make_variant(n, base, a.device, 1e-4) for n in VARIANTS}
+        names = tuple(n for n in VARIANTS if n in a.variants)
+        variants = {n: make_variant(n, base, a.device, 1e-4) for n in names}
         rounds = max(1, a.steps // a.epoch_steps)
         for r in range(a.warmup + rounds):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            order = names[r % len(names):] + names[:r % len(names)]
             if a.interleave == "epoch":
                 for n in order:
                     t = run_epoch(variants[n], batches, a.device)
@@ -202,7 +209,7 @@ def main() -> None:
         for v in variants.values():
             if v["tap"] is not None:
                 v["tap"].close()
-        sender = getattr(variants["every_step"]["tap"], "sender", None)
+        sender = getattr(variants.get("every_step", {}).get("tap"), "sender", None)
         print_table(a, variants, rounds, sender)
         from client_hooks import session
 
@@ -225,7 +232,7 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
     print(f"| variant | median {'step' if unit == 'step' else 'round'} (ms) | ratio of medians | ratio of means | "
           f"median of per-{unit} ratios | middle half of per-{unit} ratios |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for n in VARIANTS:
+    for n in variants:
         ts = variants[n]["times"]
         paired = sorted(t / b for t, b in zip(ts, variants["none"]["times"]))  # same step/round
         q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
