@@ -88,7 +88,9 @@ def guarded(kind: str):
 
 
 SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
-DEFER_MAX_BYTES = 256 << 20  # deferred tensors held for the grouped launch, at most
+# deferred tensors held for the grouped launch, at most. Autograd keeps most of them for
+# backward anyway; what is held only for the launch is freed at the end of the forward.
+DEFER_MAX_BYTES = 1 << 30
 
 
 class Engine:
