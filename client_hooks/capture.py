@@ -201,7 +201,7 @@ class _Unread(Exception):
 
 
 def _unread(_v: list) -> dict:
-    raise ValueError("its value changed in place before it was read")
+    raise ValueError("its value was not read before the capture was sent (warned when it happened)")
 
 
 def _payload(rb: _Readback, spans: list, decode: Decode) -> Callable[[], dict]:

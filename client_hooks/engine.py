@@ -25,6 +25,7 @@ launches: at most DEFER_MAX_BYTES, beyond which the group launches early.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -64,12 +65,16 @@ _warned: set[str] = set()
 
 
 def warn_once(kind: str, err: BaseException) -> None:
-    if kind in _warned:
+    say_once(kind, f"tensortap: {kind} telemetry failed ({err!r}); training goes on, "
+                   f"further {kind} errors are not reported")
+
+
+def say_once(key: str, message: str) -> None:
+    if key in _warned:
         return
-    _warned.add(kind)
+    _warned.add(key)
     try:
-        warnings.warn(f"tensortap: {kind} telemetry failed ({err!r}); training goes on, "
-                      f"further {kind} errors are not reported", RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     except Exception:  # a warnings filter set to "error" must not reach training either
         pass
 
@@ -361,9 +366,8 @@ class Engine:
         for key, t, version, stream, span in deferred:
             if t._version != version:  # changed after all: this value cannot be read now
                 self._changed[key] = True
-                warn_once(f"in-place change of {key[1]}", RuntimeError(
-                    f"{key[1]} changed in place after its hook; this capture's record of it is "
-                    "dropped, and it is read in its hook from now on"))
+                say_once(f"in-place {key}", f"tensortap: {key[1]} changed in place after its hook; "
+                         "this capture's record of it is dropped, and it is read in its hook from now on")
                 continue
             groups.setdefault((t.device, t.dtype, stream), []).append((t, span))
         for (dev, _, stream), items in groups.items():
@@ -489,22 +493,12 @@ def _stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
 
 
-class _on_stream:
+def _on_stream(dev: torch.device, stream: int):
     """Launch on `stream` of `dev` when that is not the current one (a deferred tensor made
     on a side stream is read on that stream, after the kernels that made it)."""
-
-    def __init__(self, dev: torch.device, stream: int):
-        self._ctx = None
-        if dev.type == "cuda" and stream != _stream(dev):
-            self._ctx = torch.cuda.stream(torch.cuda.ExternalStream(stream, device=dev))
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+    if dev.type == "cuda" and stream != _stream(dev):
+        return torch.cuda.stream(torch.cuda.ExternalStream(stream, device=dev))
+    return contextlib.nullcontext()
 
 
 def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:

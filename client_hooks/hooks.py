@@ -2,7 +2,8 @@
 
 `Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
 forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
-post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of them. Between capture steps the model carries no tensortap hook.
+post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
+them. Between capture steps the model carries no tensortap hook.
 """
 from __future__ import annotations
 
