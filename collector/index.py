@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 MAX_POINTS = 10_000
 MAX_SERIES = 4_096
 RECENT = 20_000
+SINGLES = 256  # single records sharing one block of the recent ring, at most
 FULL_KINDS = ("loader_stats", "patch_metrics", "events")
 MAX_FULL = 2_000
 
@@ -59,6 +60,10 @@ class Series:
         self.n += 1
         if self.n % self.stride:
             return
+        self.append(step, t, data)
+
+    def append(self, step: float, t: float, data: dict) -> None:
+        """A point kept whatever the stride (`add` decides; RunIndex.add_many inlines that)."""
         if self.sig is not None and tuple(data) == self.sig:
             vals = [step, t, *data.values()]
             if None in vals:
@@ -130,7 +135,12 @@ class RunIndex:
         self.run = run
         self.series: dict[tuple[str, str], Series] = {}
         self.full: dict[str, collections.deque] = {k: collections.deque(maxlen=MAX_FULL) for k in FULL_KINDS}
-        self.recent: collections.deque = collections.deque(maxlen=RECENT)
+        # the last >= RECENT records, as added, in blocks: (number of the first, records,
+        # their steps). A frame's records are one block; single records share a block, up
+        # to SINGLES. A step of None marks a record kept out of the series (MAX_SERIES).
+        self.recent: collections.deque = collections.deque()
+        self._recent_n = 0  # records in `recent`
+        self._singles: Optional[tuple[list, list]] = None  # the block single records join
         self.count = 0  # records added; the cursor of `since`
         self.first_t = self.last_t = 0.0
         self.closed_ranks: set[int] = set()
@@ -140,28 +150,67 @@ class RunIndex:
         self.dropped_series = 0
 
     def add(self, rec) -> None:
-        """rec: a collector.wire.Record (or any object with the same attributes)."""
+        """rec: a collector.wire.Record (or any object with the same attributes). One record:
+        `add_many` without its per-frame set-up (single-record frames are the slower path)."""
         self.count += 1
         self.last_t = rec.t
         if not self.first_t:
             self.first_t = rec.t
         self.ranks.add(rec.rank)
+        step = self._series_add(rec)
+        self._recent_n += 1
+        blk = self._singles
+        if blk is not None and len(blk[0]) < SINGLES:
+            blk[1].append(step)  # steps first: a reader goes by len(records)
+            blk[0].append(rec)
+        else:
+            self._singles = ([rec], [step])
+            self._push((self.count, *self._singles))
+
+    def _series_add(self, rec) -> Optional[float]:
+        """Into its series (and the full records of a small kind); its step, None if its
+        series could not be made (MAX_SERIES)."""
         kind = rec.kind
         if kind in self.full:
             self.full[kind].append(rec)
             if kind == "events" and rec.name == "bye":
                 self.closed_ranks.add(rec.rank)
-        key = (kind, rec.name)
-        s = self.series.get(key)
+        s = self.series.get((kind, rec.name))
         if s is None:
             if len(self.series) >= MAX_SERIES:
                 self.dropped_series += 1
-                return
-            s = self.series[key] = Series()
-        step = rec.step if rec.step is not None else s.n
-        s.add(step, rec.t, rec.data)
-        # the payload as it came: flattened only if a live view asks (`since`)
-        self.recent.append((self.count, kind, rec.name, rec.rank, step, rec.t, rec.data))
+                return None
+            s = self.series[(kind, rec.name)] = Series()
+        step = rec.step
+        if step is None:
+            step = s.n
+        s.n += 1  # Series.add, inlined: most points of a long series are thinned out
+        if not s.n % s.stride:
+            s.append(step, rec.t, rec.data)
+        return step
+
+    def add_many(self, recs, rank: Optional[int] = None) -> None:
+        """Records in arrival order (a frame's). rank: the rank of every one of them, when
+        the caller knows it (one set update instead of one per record)."""
+        first = self.count + 1
+        self.count += len(recs)
+        self.last_t = recs[-1].t
+        if not self.first_t:
+            self.first_t = next((r.t for r in recs if r.t), 0.0)
+        if rank is None:
+            self.ranks.update({r.rank for r in recs})
+        else:
+            self.ranks.add(rank)
+        steps = [self._series_add(rec) for rec in recs]
+        self._recent_n += len(recs)
+        self._singles = None  # later single records start a new block, after this one
+        self._push((first, recs, steps))
+
+    def _push(self, block: tuple) -> None:
+        # the payloads as they came: flattened only if a live view asks (`since`)
+        self.recent.append(block)
+        while self._recent_n - len(self.recent[0][1]) >= RECENT:
+            self._recent_n -= len(self.recent.popleft()[1])
 
     # -- reads ----------------------------------------------------------------------------
     def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:
@@ -225,8 +274,18 @@ class RunIndex:
     def since(self, cursor: int, limit: int = 5_000) -> tuple[int, list[tuple]]:
         """Recent records after `cursor` (for live updates): (new cursor, [(i, kind, name,
         rank, step, t, flat_stats), ...]). Older than the ring: starts at the ring's oldest."""
-        items = [it for it in list(self.recent) if it[0] > cursor][:limit]
-        items = [(*it[:6], flatten(it[6])) for it in items]
+        items: list[tuple] = []
+        for first, recs, steps in list(self.recent):
+            n = len(recs)  # a block of single records may grow meanwhile: up to here
+            if first + n <= cursor + 1:
+                continue  # all seen
+            for j in range(max(0, cursor + 1 - first), n):
+                if steps[j] is None:
+                    continue
+                r = recs[j]
+                items.append((first + j, r.kind, r.name, r.rank, steps[j], r.t, flatten(r.data)))
+                if len(items) >= limit:
+                    return items[-1][0], items
         return (items[-1][0] if items else max(cursor, 0)), items
 
 
@@ -247,7 +306,7 @@ class Index:
         return r
 
     def add(self, rec) -> None:
-        self.run(rec.run).add(rec)
+        (self.runs.get(rec.run) or self.run(rec.run)).add(rec)
 
     def get(self, run: str) -> Optional[RunIndex]:
         return self.runs.get(run)

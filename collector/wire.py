@@ -130,7 +130,8 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
     if len(frame) > max_bytes:
         raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        if frame.startswith(b"[") or frame.lstrip().startswith(b"["):
+        head = frame[:1]
+        if head == b"[" or (head != b"{" and frame.lstrip().startswith(b"[")):
             recs = _decode_batch(frame)
             if not recs:
                 raise WireError("empty batch")

@@ -248,3 +248,36 @@ def test_empty_index_answers_without_errors():
     with client_for(create_app(Index())) as c:
         assert c.get("/api/runs").json() == []
         assert c.get("/api/health").json() == {}
+
+
+def test_the_live_ring_keeps_at_least_the_last_records_of_single_and_batched_adds(monkeypatch):
+    """The ring of recent records holds frames as blocks and single records in shared blocks;
+    `since` numbers them 1.. in arrival order, starts at the oldest kept when the cursor is
+    older, honours `limit`, and skips records kept out of the series (MAX_SERIES)."""
+    from collector import index as ix
+
+    monkeypatch.setattr(ix, "RECENT", 10)
+    monkeypatch.setattr(ix, "SINGLES", 4)
+    monkeypatch.setattr(ix, "MAX_SERIES", 2)
+    ri = Index().run("ring")
+    one = lambda i, name="loss": ri.add(rec("ring", "metrics", name, {"value": float(i)}, step=i))  # noqa: E731
+    many = lambda lo, hi: ri.add_many([rec("ring", "metrics", "loss", {"value": float(i)}, step=i)  # noqa: E731
+                                       for i in range(lo, hi)], 0)
+    for i in range(1, 8):
+        one(i)
+    many(8, 13)
+    for i in range(13, 16):
+        one(i)
+    assert [it[0] for it in ri.since(0)[1]] == list(range(1, 16))  # 15 kept: trimmed per block
+    many(16, 21)  # the two oldest blocks (4 + 3 single records) go; 13 >= RECENT stay
+    cursor, items = ri.since(0)
+    assert [it[0] for it in items] == list(range(8, 21)) and cursor == 20
+    assert [(it[4], it[6]["value"]) for it in items] == [(i, float(i)) for i in range(8, 21)]
+    assert ri.since(14)[1][0][0] == 15 and ri.since(20) == (20, [])
+    cursor, items = ri.since(3, limit=2)
+    assert cursor == 9 and [it[0] for it in items] == [8, 9]
+    one(21, "other")  # a second series
+    one(22, "third")  # over MAX_SERIES: counted, not indexed, not streamed
+    one(23)
+    assert ri.count == 23 and ri.dropped_series == 1
+    assert [(it[0], it[2]) for it in ri.since(20)[1]] == [(21, "other"), (23, "loss")]

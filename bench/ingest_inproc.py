@@ -1,0 +1,56 @@
+"""The collector's ingest thread alone: `Ingest.frame` on pre-encoded frames in one process,
+no sockets and no writer thread (its hand-offs are dropped), the index on. Microseconds a
+record, the minimum over rounds (the VM is shared: the minimum is the least disturbed).
+
+    .venv/bin/python bench/ingest_inproc.py [--records 100000] [--rounds 15] [--payload loss|gradients]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ingest import _payload  # noqa: E402  (bench/ingest.py)
+from collector.index import Index  # noqa: E402
+from collector.ingest import Ingest  # noqa: E402
+from collector.wire import Record, encode, encode_many  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--payload", choices=["loss", "gradients"], default="loss")
+    a = ap.parse_args()
+    gc.freeze()  # as the collector does at start (collector/server.py)
+    gc.set_threshold(50_000, 20, 100)
+    recs = []
+    for i in range(a.records):
+        kind, name, data = _payload(i, a.payload)
+        recs.append(Record(v=1, run="r", rank=0, world=1, seq=i, t=time.time(), kind=kind, name=name,
+                           step=i, data=data))
+    modes = {"single": [encode(r) for r in recs],
+             "batch 256": [encode_many(recs[i:i + 256])[0][0] for i in range(0, len(recs), 256)]}
+    for mode, frames in modes.items():
+        best = float("inf")
+        for _ in range(a.rounds):
+            with tempfile.TemporaryDirectory(prefix="tt-inproc-") as out:
+                ing = Ingest(out, Index())
+                ing.queue.put = lambda *args, **kw: None  # no writer: hand-offs dropped
+                t0 = time.perf_counter()
+                for f in frames:
+                    ing.frame(f)
+                ing.handoff()
+                best = min(best, (time.perf_counter() - t0) / len(recs))
+                ing.close_files()
+        print(f"{mode:>10}: {best * 1e6:.2f} us a record ({1 / best:,.0f} records/s on one core)")
+
+
+if __name__ == "__main__":
+    main()
