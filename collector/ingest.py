@@ -55,8 +55,9 @@ class BytesQueue:
 
 
 class Pending:
-    """Lines waiting for the writer for one (run, kind): raw single-record frames as they
-    arrived, batched records encoded together (one encode_lines call) when sealed."""
+    """Lines waiting for the writer for one (run, kind): records as they arrived (a
+    single-record frame, or a batched record's own bytes), and records to encode together
+    (one encode_lines call) when sealed: those of a frame that holds a newline."""
 
     __slots__ = ("buf", "recs", "counts")
 
@@ -71,6 +72,14 @@ class Pending:
         self.buf += raw
         self.buf += b"\n"
         self.counts[rank] += 1
+
+    def add_lines(self, raws: list, rank: int) -> None:
+        """Records of one rank as they arrived (their bytes hold no newline), a line each."""
+        if self.recs:
+            self.seal()  # keep arrival order
+        self.buf += b"\n".join(raws)
+        self.buf += b"\n"
+        self.counts[rank] += len(raws)
 
     def add_recs(self, recs: list, rank: int) -> None:
         """Records of one rank to encode at the next seal."""
@@ -122,11 +131,12 @@ class Ingest:
         except WireError as e:
             self.reject(frame, str(e))
             return
-        if raw is None and self._batch(recs):
-            pass
-        else:  # record by record: any mix of runs and ranks, duplicates, events, patch metrics
+        single = type(raw) is bytes
+        lines = (raw,) if single else raw  # each record's own bytes, or None: encode them
+        if single or not self._batch(recs, lines):
+            # record by record: any mix of runs and ranks, duplicates, events, patch metrics
             runs, pending, index = self.runs, self.pending, self.index
-            for rec in recs:
+            for i, rec in enumerate(recs):
                 rf = runs.get(rec.run) or self.open_run(rec.run)
                 st = rf.ranks.get(rec.rank) or rf.rank(rec.rank)
                 st.received += 1
@@ -149,8 +159,8 @@ class Ingest:
                 p = pending.get((rec.run, kind))
                 if p is None:
                     p = pending[(rec.run, kind)] = Pending()
-                if raw is not None:
-                    p.add_line(raw, rec.rank)
+                if lines is not None:
+                    p.add_line(lines[i], rec.rank)
                 else:
                     p.add_recs((rec,), rec.rank)
         self.records += len(recs)
@@ -158,10 +168,10 @@ class Ingest:
         if self.pending_bytes >= HANDOFF_BYTES:
             self.handoff()
 
-    def _batch(self, recs: list) -> bool:
+    def _batch(self, recs: list, lines: Optional[list]) -> bool:
         """A batch as one sender sends it (one run and rank, the next sequence numbers in
         order, no events or patch metrics): accounted and indexed as a whole. False, having
-        done nothing, for any other batch."""
+        done nothing, for any other batch. lines: the records' own bytes, or None."""
         r0 = recs[0]
         run, rank, s0, n = r0.run, r0.rank, r0.seq, len(recs)
         rf = self.runs.get(run) or self.open_run(run)
@@ -179,17 +189,21 @@ class Ingest:
         st.world = recs[-1].world
         self.index.run(run).add_many(recs, rank)
         pending = self.pending
+        items = recs if lines is None else lines
         if len(kinds) == 1:
-            groups = {r0.kind: recs}
+            groups = {r0.kind: items}
         else:
             groups = {k: [] for k in kinds}
-            for r in recs:
-                groups[r.kind].append(r)
-        for kind, rs in groups.items():
+            for r, item in zip(recs, items):
+                groups[r.kind].append(item)
+        for kind, group in groups.items():
             p = pending.get((run, kind))
             if p is None:
                 p = pending[(run, kind)] = Pending()
-            p.add_recs(rs, rank)
+            if lines is None:
+                p.add_recs(group, rank)
+            else:
+                p.add_lines(group, rank)
         return True
 
     @staticmethod

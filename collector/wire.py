@@ -77,6 +77,7 @@ class WireError(ValueError):
 _encoder = msgspec.json.Encoder()
 _decode_one = msgspec.json.Decoder(Record).decode
 _decode_batch = msgspec.json.Decoder(list[Record]).decode
+_decode_raws = msgspec.json.Decoder(list[msgspec.Raw]).decode  # a valid batch's records, as sent
 _run_id_re = re.compile(RUN_ID_PATTERN)
 _good_runs: set[str] = set()  # run ids that passed the pattern (bounded below)
 
@@ -119,10 +120,11 @@ def valid_run_id(run: str) -> bool:
     return True
 
 
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record], Optional[bytes]]:
-    """Validate a frame: (records, raw line). The raw line is the frame itself when it is a
-    single record that can be written to JSONL as it arrived (no newline inside), else None
-    and the caller encodes the records (`encode_lines`).
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record], Union[bytes, list, None]]:
+    """Validate a frame: (records, raw). raw is what can be written to JSONL as it arrived,
+    when the frame holds no newline: the frame itself for a single record, the records' own
+    bytes (a list of msgspec.Raw) for a batch. None when the frame holds a newline: the
+    caller encodes the records (`encode_lines`).
 
     Raises WireError with a short reason. A batch is all-or-nothing: one bad record rejects
     the frame, so a frame is always either fully written or fully quarantined.
@@ -131,16 +133,15 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
         raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
         head = frame[:1]
-        if head == b"[" or (head != b"{" and frame.lstrip().startswith(b"[")):
+        batch = head == b"[" or (head != b"{" and frame.lstrip().startswith(b"["))
+        if batch:
             recs = _decode_batch(frame)
             if not recs:
                 raise WireError("empty batch")
             if len(recs) > MAX_BATCH:
                 raise WireError(f"batch of {len(recs)} records exceeds {MAX_BATCH}")
-            raw = None
         else:
             recs = [_decode_one(frame)]
-            raw = None if (b"\n" in frame or b"\r" in frame) else frame
     except msgspec.ValidationError as e:
         raise WireError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
@@ -152,4 +153,6 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
     for r in recs:
         if r.run not in _good_runs and not valid_run_id(r.run):
             raise WireError(f"invalid record: run id {r.run[:64]!r} does not match {RUN_ID_PATTERN} - at `$.run`")
-    return recs, raw
+    if b"\n" in frame or b"\r" in frame:
+        return recs, None
+    return recs, (_decode_raws(frame) if batch else frame)
