@@ -131,42 +131,45 @@ class Ingest:
         except WireError as e:
             self.reject(frame, str(e))
             return
-        single = type(raw) is bytes
-        lines = (raw,) if single else raw  # each record's own bytes, or None: encode them
-        if single or not self._batch(recs, lines):
-            # record by record: any mix of runs and ranks, duplicates, events, patch metrics
-            runs, pending, index = self.runs, self.pending, self.index
+        if type(raw) is bytes:  # a single record, written as it arrived
+            self._record(recs[0], raw)
+        elif not self._batch(recs, raw):  # record by record: see _record
             for i, rec in enumerate(recs):
-                rf = runs.get(rec.run) or self.open_run(rec.run)
-                st = rf.ranks.get(rec.rank) or rf.rank(rec.rank)
-                st.received += 1
-                seq, exp = rec.seq, st.expected
-                if seq != exp:
-                    if seq < exp:  # already seen (ZeroMQ keeps order per connection)
-                        st.duplicates += 1
-                        continue
-                    st.gaps += seq - exp
-                st.expected = seq + 1
-                st.world = rec.world
-                kind = rec.kind
-                if kind == "events":
-                    self.event(st, rec)
-                index.add(rec)
-                if kind == "patch_metrics":  # one small JSON document, latest per name and rank
-                    key = rec.name if rec.rank == 0 else f"{rec.name}@rank{rec.rank}"
-                    self.queue.put(("patch", rec.run, key, rec.rank, encode(rec)), 512, self.stop)
-                    continue
-                p = pending.get((rec.run, kind))
-                if p is None:
-                    p = pending[(rec.run, kind)] = Pending()
-                if lines is not None:
-                    p.add_line(lines[i], rec.rank)
-                else:
-                    p.add_recs((rec,), rec.rank)
+                self._record(rec, None if raw is None else raw[i])
         self.records += len(recs)
         self.pending_bytes += len(frame)
         if self.pending_bytes >= HANDOFF_BYTES:
             self.handoff()
+
+    def _record(self, rec, line) -> None:
+        """One record, any run or rank, duplicate or not, events and patch metrics included.
+        line: its bytes as they arrived (no newline inside), or None: encode it."""
+        rf = self.runs.get(rec.run) or self.open_run(rec.run)
+        st = rf.ranks.get(rec.rank) or rf.rank(rec.rank)
+        st.received += 1
+        seq, exp = rec.seq, st.expected
+        if seq != exp:
+            if seq < exp:  # already seen (ZeroMQ keeps order per connection)
+                st.duplicates += 1
+                return
+            st.gaps += seq - exp
+        st.expected = seq + 1
+        st.world = rec.world
+        kind = rec.kind
+        if kind == "events":
+            self.event(st, rec)
+        self.index.add(rec)
+        if kind == "patch_metrics":  # one small JSON document, latest per name and rank
+            key = rec.name if rec.rank == 0 else f"{rec.name}@rank{rec.rank}"
+            self.queue.put(("patch", rec.run, key, rec.rank, encode(rec)), 512, self.stop)
+            return
+        p = self.pending.get((rec.run, kind))
+        if p is None:
+            p = self.pending[(rec.run, kind)] = Pending()
+        if line is not None:
+            p.add_line(line, rec.rank)
+        else:
+            p.add_recs((rec,), rec.rank)
 
     def _batch(self, recs: list, lines: Optional[list]) -> bool:
         """A batch as one sender sends it (one run and rank, the next sequence numbers in

@@ -7,8 +7,9 @@ A frame is one ZeroMQ message holding UTF-8 JSON:
 - a batch: a JSON array of records (at most `MAX_BATCH` of them).
 Frames larger than `MAX_FRAME_BYTES` are rejected by the collector.
 
-JSON (not msgpack) so that the collector can append a valid single-record frame's bytes to
-the JSONL file as they arrived, with no re-encoding.
+JSON (not msgpack) so that the collector can append a valid record's bytes to the JSONL file
+as they arrived, with no re-encoding: a single-record frame whole, a batch's records split
+out of it (msgspec.Raw).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ World = Annotated[int, msgspec.Meta(ge=1, le=65536)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 
-class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False, gc=False):
     """One telemetry record (the envelope plus its payload).
 
     v      schema version (SCHEMA_VERSION)
