@@ -217,7 +217,9 @@ def _batch(*recs: bytes) -> bytes:
 def test_batched_frames_are_accounted_written_and_streamed_like_single_records(tmp_path):
     """A batch as one sender sends it (one rank, the next seqs in order) is accounted as a
     whole; any other batch (overlapping seqs, seqs out of order, two ranks, an event inside)
-    record by record. Every way gives the same counts, files and live stream."""
+    record by record. A batch's records are written as they were sent, each on its own line,
+    unless the frame holds a newline (then they are encoded again). Every way gives the same
+    counts, files and live stream."""
     col = CollectorProc(str(tmp_path), http=True)
     try:
         sock = push_socket(col.endpoint)
@@ -227,11 +229,13 @@ def test_batched_frames_are_accounted_written_and_streamed_like_single_records(t
         sock.send(_batch(rec(8), rec(10), rec(9)))  # gap 9, then 9 late: a duplicate
         sock.send(_batch(rec(0, rank=1), rec(11), rec(1, rank=1)))  # two ranks in one frame
         sock.send(_batch(rec(12, kind="events", name="hello", data={"pid": 1}), rec(13)))
+        sock.send(b" [ " + rec(14) + b" ,\t" + rec(15) + b" ] ")  # blanks, no newline: lines as sent
+        sock.send(b"[" + rec(16) + b",\n" + rec(17) + b"]")  # a newline: the records are encoded again
         sock.close()
         run_dir = tmp_path / "r1"
         assert wait_for(lambda: (run_dir / "manifest.json").exists()
                         and manifest(run_dir)["ranks"].get("1", {}).get("written") == 2
-                        and manifest(run_dir)["ranks"]["0"]["written"] == 11)
+                        and manifest(run_dir)["ranks"]["0"]["written"] == 15)
         import httpx
 
         with httpx.Client(timeout=10) as c, c.stream("GET", col.http + "api/runs/r1/live?cursor=0") as r:
@@ -239,23 +243,26 @@ def test_batched_frames_are_accounted_written_and_streamed_like_single_records(t
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     items += json.loads(line[6:])["items"]
-                    if len(items) >= 13:
+                    if len(items) >= 17:
                         break
         series = httpx.get(col.http + "api/runs/r1/series", params={"kind": "metrics", "name": "loss",
                                                                   "stat": "value"}).json()
     finally:
         assert col.stop() == 0
     m = manifest(run_dir)["ranks"]
-    assert (m["0"]["received"], m["0"]["gaps"], m["0"]["duplicates"], m["0"]["written"]) == (13, 3, 2, 11)
+    assert (m["0"]["received"], m["0"]["gaps"], m["0"]["duplicates"], m["0"]["written"]) == (17, 3, 2, 15)
     assert (m["1"]["received"], m["1"]["gaps"], m["1"]["written"]) == (2, 0, 2)
     assert [(r["rank"], r["seq"]) for r in read_jsonl(run_dir / "metrics.jsonl")] == [
-        (0, 0), (0, 1), (0, 2), (0, 6), (0, 7), (0, 8), (0, 10), (1, 0), (0, 11), (1, 1), (0, 13)]
+        (0, 0), (0, 1), (0, 2), (0, 6), (0, 7), (0, 8), (0, 10), (1, 0), (0, 11), (1, 1), (0, 13),
+        (0, 14), (0, 15), (0, 16), (0, 17)]
+    lines = (run_dir / "metrics.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line)["kind"] == "metrics" for line in lines[:-1])
     assert [r["seq"] for r in read_jsonl(run_dir / "gradients.jsonl")] == [5]
     assert [r["name"] for r in read_jsonl(run_dir / "events.jsonl")] == ["hello"]
     # the live stream: every record that was not a duplicate, numbered 1.. in arrival order
-    assert [it[0] for it in items] == list(range(1, 14))
+    assert [it[0] for it in items] == list(range(1, 18))
     assert [(it[3], it[4]) for it in items] == [
         (0, 0), (0, 1), (0, 2), (0, 5), (0, 6), (0, 7), (0, 8), (0, 10), (1, 0), (0, 11), (1, 1),
-        (0, 12), (0, 13)]
+        (0, 12), (0, 13), (0, 14), (0, 15), (0, 16), (0, 17)]
     assert [it[1] for it in items].count("gradients") == 1 and items[11][1:3] == ["events", "hello"]
-    assert series["step"] == [0, 1, 2, 6, 7, 8, 10, 0, 11, 1, 13]
+    assert series["step"] == [0, 1, 2, 6, 7, 8, 10, 0, 11, 1, 13, 14, 15, 16, 17]
