@@ -1,6 +1,7 @@
 """The collector's ingest thread alone: `Ingest.frame` on pre-encoded frames in one process,
 no sockets and no writer thread (its hand-offs are dropped), the index on. Microseconds a
 record, the minimum over rounds (the VM is shared: the minimum is the least disturbed).
+Then the live stream's read of the index: one `since()` poll after each new frame.
 
     .venv/bin/python bench/ingest_inproc.py [--records 100000] [--rounds 15] [--payload loss|gradients]
 """
@@ -50,6 +51,26 @@ def main() -> None:
                 best = min(best, (time.perf_counter() - t0) / len(recs))
                 ing.close_files()
         print(f"{mode:>10}: {best * 1e6:.2f} us a record ({1 / best:,.0f} records/s on one core)")
+    # the live stream's read: one poll (RunIndex.since) after each new 24-record frame, once
+    # the ring is full (what the dashboard's server-sent events do every 25 ms)
+    with tempfile.TemporaryDirectory(prefix="tt-inproc-") as out:
+        index = Index()
+        ing = Ingest(out, index)
+        ing.queue.put = lambda *args, **kw: None
+        frames = [encode_many(recs[i:i + 24])[0][0] for i in range(0, len(recs), 24)]
+        half = len(frames) // 2
+        for f in frames[:half]:
+            ing.frame(f)
+        ri = index.get("r")
+        cursor, spent = ri.count, 0.0
+        for f in frames[half:]:
+            ing.frame(f)
+            t0 = time.perf_counter()
+            cursor, _ = ri.since(cursor)
+            spent += time.perf_counter() - t0
+        ing.close_files()
+    print(f"live read: {spent / (len(frames) - half) * 1e6:.0f} us a poll (one new 24-record frame, "
+          f"{ri.count - len(frames[half:]) * 24:,} records before)")
 
 
 if __name__ == "__main__":
