@@ -187,9 +187,10 @@ class Engine:
         """Gradients are complete and not yet clipped: summarise them, snapshot the weights.
 
         Per layer: one moments vector of its flat gradient (on CUDA with Triton, every layer
-        in one grouped launch). For all layers at once: one foreach norm of the weights and one foreach copy (the
-        snapshot for update_ratio). The total gradient norm comes from the layers' norms when
-        the watched layers hold every trainable parameter, else from one more foreach norm."""
+        in one grouped launch). For all layers at once: one foreach norm of the weights and
+        one foreach copy (the snapshot for update_ratio). The total gradient norm comes from
+        the layers' norms when the watched layers hold every trainable parameter, else from
+        one more foreach norm."""
         if not self.capturing:
             return
         self.launch_deferred()
@@ -336,18 +337,18 @@ class Engine:
         if mod is None:
             return None
         if cap is not self.capture or not self.capturing or t.is_inference() or not self.group_values:
-            return _fused_span(cap, t)  # a capture sent now, or no version counter to read
+            return _fused_span(cap, t, mod)  # a capture sent now, or no version counter to read
         changed = self._changed.get(key)
         if changed is False and t.is_contiguous():
             span = Span(t.device, -1, -1)  # its row is known once the group is launched
-            self._deferred.append((key, t, t._version, _stream(t.device), span))
+            self._deferred.append((key, t, t._version, stats.current_stream(t.device), span))
             self._deferred_bytes += t.numel() * t.element_size()
             if self._deferred_bytes > DEFER_MAX_BYTES:
                 self.launch_deferred()
             return span
         if changed is None:
             self._checking.append((key, t, t._version))
-        return _fused_span(cap, t)
+        return _fused_span(cap, t, mod)
 
     @guarded("activations")
     def launch_deferred(self) -> None:
@@ -473,13 +474,10 @@ def _total_norm(rows: list) -> float:
     return math.sqrt(sum(v[8] * v[8] for v in rows))
 
 
-def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
-    """CUDA with Triton: launch the statistics of real `t` into the capture's fused batch now
-    (one kernel; a later in-place change of t cannot alter them) and return the Span of its
-    row: [nan, inf, nfinite, min, max, mean, std]. None where the fused path does not apply."""
-    mod = stats.fused_module(t)
-    if mod is None:
-        return None
+def _fused_span(cap: Capture, t: torch.Tensor, mod) -> Optional[Span]:
+    """Launch the statistics of real `t` into the capture's fused batch now (one kernel; a
+    later in-place change of t cannot alter them) and return the Span of its row: [nan, inf,
+    nfinite, min, max, mean, std]. mod: client_hooks.fused. None if the launch failed."""
     try:
         row = cap.batch(t.device, mod).add(t)
     except Exception as e:
@@ -488,15 +486,10 @@ def _fused_span(cap: Capture, t: torch.Tensor) -> Optional[Span]:
     return Span(t.device, 10 * row, 10 * row + 7)
 
 
-def _stream(device: torch.device) -> int:
-    """The current CUDA stream of `device` as a number (0 elsewhere)."""
-    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-
-
 def _on_stream(dev: torch.device, stream: int):
     """Launch on `stream` of `dev` when that is not the current one (a deferred tensor made
     on a side stream is read on that stream, after the kernels that made it)."""
-    if dev.type == "cuda" and stream != _stream(dev):
+    if dev.type == "cuda" and stream != stats.current_stream(dev):
         return torch.cuda.stream(torch.cuda.ExternalStream(stream, device=dev))
     return contextlib.nullcontext()
 

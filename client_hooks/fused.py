@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from client_hooks import stats
+
 BLOCK = 4096  # elements per program of the partials kernels
 RB = 1024  # partials per iteration of the merge
 NF = 8  # partial fields per block
@@ -163,8 +165,7 @@ def _table(vals: tuple, device: torch.device) -> torch.Tensor:
     the tensors' addresses and the capture's rows repeat from step to step (the caching
     allocator hands out the same blocks), so later captures upload nothing. Keyed by stream
     too: the upload is asynchronous, ordered only before kernels on its own stream."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device, stream, vals)
+    key = (device, stats.current_stream(device), vals)
     t = _tables.get(key)
     if t is None:
         if len(_tables) >= 256:

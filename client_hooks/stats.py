@@ -256,6 +256,11 @@ def fused_for(device: torch.device):
     return mod
 
 
+def current_stream(device: torch.device) -> int:
+    """The current CUDA stream of `device` as a number (0 elsewhere)."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
 def fused_failed(err: BaseException) -> None:
     """A Triton failure must not cost the statistics: the torch path for good (said once)."""
     if "off" not in _fused_state:
