@@ -4,7 +4,8 @@
 #   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, GPU ops per step;
 #      bench/launches.py: Triton launches per every-step capture on the demo FNO;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64); then every_step against
-#      none alone (profile_step.py measured 1.22x where overhead.py measured 1.50x);
+#      none alone (profile_step.py measured 1.22x where overhead.py measured 1.50x), with the
+#      default read-back ring and with one of 64 slots;
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter;
 #   5. bench/profile_step.py (ablations and a cProfile), PROFILE rounds (default 3; 0: skip).
 # Exits non-zero when the tests or fused_check failed.
@@ -29,6 +30,8 @@ ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/overhead.py $ARGS --steps ${STEPS:-1000} 2>&1 | tee "$OUT/overhead.txt"
 # the same every-step Tap with `none` only: does the harness's mix of variants change its cost?
 python3 bench/overhead.py $ARGS --steps 500 --variants every_step 2>&1 | tee "$OUT/overhead_pair.txt" | tail -8
+# the same pair with a read-back ring too large to run out (a slot is busy until the sender reads it)
+python3 bench/overhead.py $ARGS --steps 500 --variants every_step --ring-slots 64 2>&1 | tee "$OUT/overhead_pair_ring.txt" | tail -8
 if [ -d .prev ]; then
     echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
     python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9

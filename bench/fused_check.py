@@ -182,7 +182,7 @@ def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batc
     import overhead as B
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]  # CPU: dry run
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = B.start_collector(tmp)
         try:
@@ -199,6 +199,12 @@ def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batc
                     B.run_epoch(v, batches, device)
                 n = sum(e.count for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
                 print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies)")
+                # host calls that wait for the device or pin memory, all threads (a step must have none
+                # of its own; the sender thread's cudaEventSynchronize is expected)
+                waits = {e.key: e.count for e in p.key_averages()
+                         if any(w in e.key for w in ("Synchronize", "HostAlloc", "FreeHost", "cudaMalloc", "cudaFree"))
+                         or e.key in ("cudaMemcpy", "cudaMemset")}
+                print(f"host waits/allocations {name}, {steps} steps: {waits or 'none'}")
                 if v["tap"] is not None:
                     v["tap"].close()
             from client_hooks import session

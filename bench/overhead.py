@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--interleave", choices=["step", "epoch"], default=None,
                     help="alternate variants step by step (default on CPU: the VM's load drifts "
                     "faster than an epoch) or epoch by epoch (default on CUDA: no sync per step)")
+    ap.add_argument("--ring-slots", type=int, default=None,
+                    help="pinned host buffers of the capture's read-back ring (default: the library's)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated subset of the variants (`none` is always run)")
     a = ap.parse_args()
@@ -180,6 +182,10 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     a.interleave = a.interleave or ("epoch" if a.device == "cuda" else "step")
+    if a.ring_slots is not None:
+        from client_hooks import capture
+
+        capture._ring._slots = a.ring_slots
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         endpoint, proc = start_collector(tmp)
