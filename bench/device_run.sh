@@ -36,6 +36,8 @@ if [ -d .prev ]; then
     echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
     python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
 fi
-[ "${PROFILE:-3}" != 0 ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE:-3} 2>&1 | tee "$OUT/profile.txt" | head -10
+# (not `| head`: a closed pipe would cut the profile short)
+[ "${PROFILE:-3}" != 0 ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE:-3} > "$OUT/profile.txt" 2>&1
+[ -f "$OUT/profile.txt" ] && head -12 "$OUT/profile.txt"
 echo "tests rc=$rc_tests, fused_check rc=$rc_check"
 [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]

@@ -197,8 +197,13 @@ def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batc
                 B.run_epoch(v, batches, device)  # warm-up (Triton compiles here)
                 with profile(activities=acts) as p:
                     B.run_epoch(v, batches, device)
-                n = sum(e.count for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-                print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies)")
+                gpu = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+                n = sum(e.count for e in gpu)
+                busy = sum(e.self_device_time_total for e in gpu) / steps / 1e3  # ms of GPU work a step
+                print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies), "
+                      f"{busy:.2f} ms of GPU time a step")
+                for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:10 if name != "none" else 0]:
+                    print(f"    {e.self_device_time_total / steps / 1e3:6.3f} ms/step {e.count / steps:5.1f}x  {e.key[:90]}")
                 # host calls that wait for the device or pin memory, all threads (a step must have none
                 # of its own; the sender thread's cudaEventSynchronize is expected)
                 waits = {e.key: e.count for e in p.key_averages()

@@ -71,6 +71,43 @@ class _Later:
             self._sender.send_many(items, step, epoch)
 
 
+def install_timers() -> dict:
+    """Wrap tensortap's entry points (and a few inner calls) with wall-clock accumulators:
+    {name: [calls, seconds]}, inclusive (end_step holds flush, grads_ready holds the grouped
+    launch). Installed on the classes, so only Taps made afterwards go through them."""
+    import time
+
+    from client_hooks import capture, engine, fused, hooks
+
+    acc: dict = {}
+
+    def timed(owner, attr, label):
+        fn = getattr(owner, attr)
+        cell = acc.setdefault(label, [0, 0.0])
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                cell[0] += 1
+                cell[1] += time.perf_counter() - t0
+        setattr(owner, attr, wrapper)
+
+    E = engine.Engine
+    for attr in ("begin_step", "on_output", "record", "log_batch", "launch_deferred", "grads_ready",
+                 "end_step", "metrics", "event", "add_tensor"):
+        timed(E, attr, f"Engine.{attr}")
+    timed(hooks.Hooks, "_grad", "Hooks._grad (per parameter)")
+    timed(hooks.Hooks, "attach", "Hooks.attach")
+    timed(capture.Capture, "flush", "Capture.flush")
+    timed(fused.Batch, "add", "fused.Batch.add")
+    timed(fused.Batch, "add_group", "fused.Batch.add_group")
+    timed(fused.Batch, "finish", "fused.Batch.finish")
+    timed(engine, "_fused_complex", "engine._fused_complex")
+    return acc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=50)
@@ -79,6 +116,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--modes", type=int, default=16)
+    ap.add_argument("--timers", action="store_true",
+                    help="after the ablations: host time per step of each tensortap entry point")
+    ap.add_argument("--no-cprofile", action="store_true")
     a = ap.parse_args()
     from client_hooks import capture
 
@@ -110,6 +150,27 @@ def main() -> None:
         st = vs["every_step"]["tap"].sender.stats()
         print(f"sender: {st}; pinned buffers outside the ring: {capture._ring.one_off}; fused tables "
               f"uploaded: {sys.modules['client_hooks.fused'].uploads[0] if 'client_hooks.fused' in sys.modules else '-'}")
+        if a.timers:
+            acc = install_timers()
+            vt = variant("every_step", base, a.device)  # made after: its hooks call the wrappers
+            B.run_epoch(vt, batches, a.device)  # warm-up
+            for cell in acc.values():
+                cell[:] = [0, 0.0]
+            t = B.run_epoch(vt, batches, a.device)
+            print(f"\ntimers, one every_step epoch ({t * 1e3:.2f} ms/step with the timers; none "
+                  f"{base_t * 1e3:.2f}); host time a step, inclusive:")
+            for name, (n, sec) in sorted(acc.items(), key=lambda kv: -kv[1][1]):
+                if n:
+                    print(f"  {sec / a.steps * 1e6:8.0f} us  {n / a.steps:6.1f} calls  {name}")
+            vt["tap"].close()
+        if a.no_cprofile:
+            for v in vs.values():
+                if v["tap"] is not None:
+                    v["tap"].close()
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+            return
         prof = cProfile.Profile()
         if a.device == "cuda":
             torch.cuda.synchronize()

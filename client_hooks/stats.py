@@ -257,8 +257,12 @@ def fused_for(device: torch.device):
 
 
 def current_stream(device: torch.device) -> int:
-    """The current CUDA stream of `device` as a number (0 elsewhere)."""
-    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    """The current CUDA stream of `device` as a number (0 elsewhere). `torch.device("cuda")`
+    names no index: the current device's."""
+    if device.type != "cuda":
+        return 0
+    index = device.index
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if index is None else index)
 
 
 def fused_failed(err: BaseException) -> None:
