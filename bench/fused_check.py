@@ -176,6 +176,47 @@ def batch_speed(device: str) -> None:
           f"a capture of 14 tensors + 20 layers: {host * 1e3:.2f} ms host, {wall * 1e3:.2f} ms to done")
 
 
+def group_bandwidth(device: str) -> None:
+    """GPU time of one grouped partials launch over 17 float32 tensors of 64x64x64x64 (the
+    demo FNO's forward at batch 64: 1.14 GB read), for the kernel's block size and warps
+    (the engine's are fused.BLOCK and 8) and a few others; CUDA events over 10 launches. Each
+    configuration's rows are checked against the engine's."""
+    from client_hooks import fused
+
+    xs = [torch.randn(64, 64, 64, 64, device=device) for _ in range(17)]
+    gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
+    block0, launch0 = fused.BLOCK, fused._launch
+    ref = None
+    try:
+        for block, warps in ((block0, 8), (4096, 4), (8192, 8), (8192, 16), (16384, 16), (2048, 4)):
+            fused.BLOCK = block
+            fused._layouts.clear()
+            fused._launch = (lambda fn, grid, args, num_warps, w=warps: launch0(fn, grid, args, w))
+            rows = None
+            for _ in range(2):  # the first compiles
+                b = fused.Batch(torch.device(device))
+                b.add_group([[x] for x in xs])
+                rows = b.finish()
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(10):
+                b = fused.Batch(torch.device(device))
+                b.add_group([[x] for x in xs])
+            e1.record()
+            torch.cuda.synchronize()
+            ms = e0.elapsed_time(e1) / 10
+            if ref is None:
+                ref = rows
+            same = bool(torch.allclose(rows, ref, rtol=1e-6, atol=1e-9))
+            print(f"group partials BLOCK {block:5d} warps {warps:2d}: {ms:.3f} ms for {gb:.2f} GB "
+                  f"({gb / ms:.2f} TB/s){'' if same else '  ROWS DIFFER'}")
+    finally:
+        fused.BLOCK, fused._launch = block0, launch0
+        fused._layouts.clear()
+    del xs
+
+
 def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batch: int = 64) -> None:
     """GPU kernels per training step, demo FNO (width 64, modes 16, batch 64), none vs every_step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -197,13 +238,20 @@ def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batc
                 B.run_epoch(v, batches, device)  # warm-up (Triton compiles here)
                 with profile(activities=acts) as p:
                     B.run_epoch(v, batches, device)
-                gpu = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-                n = sum(e.count for e in gpu)
-                busy = sum(e.self_device_time_total for e in gpu) / steps / 1e3  # ms of GPU work a step
+                # kernels and copies (not the spans of annotations such as Optimizer.step#Adam.step)
+                gpu = {e.key: e for e in p.key_averages()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key}
+                n = sum(e.count for e in gpu.values())
+                busy = sum(e.self_device_time_total for e in gpu.values()) / steps / 1e3  # ms a step
                 print(f"launches {name}: {n / steps:.0f} GPU ops per step (kernels and copies), "
                       f"{busy:.2f} ms of GPU time a step")
-                for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:10 if name != "none" else 0]:
-                    print(f"    {e.self_device_time_total / steps / 1e3:6.3f} ms/step {e.count / steps:5.1f}x  {e.key[:90]}")
+                if name == "none":
+                    base_k = {k: (e.count, e.self_device_time_total) for k, e in gpu.items()}
+                else:  # what the capture adds, kernel by kernel
+                    diff = [(e.self_device_time_total - base_k.get(k, (0, 0))[1], e.count - base_k.get(k, (0, 0))[0], k)
+                            for k, e in gpu.items()]
+                    for us, cnt, k in sorted(diff, reverse=True)[:14]:
+                        print(f"    +{us / steps / 1e3:6.3f} ms/step {cnt / steps:+6.1f} a step  {k[:100]}")
                 # host calls that wait for the device or pin memory, all threads (a step must have none
                 # of its own; the sender thread's cudaEventSynchronize is expected)
                 waits = {e.key: e.count for e in p.key_averages()
@@ -238,6 +286,7 @@ def main() -> None:
             print("triton: not importable")
         speed(a.device)
         batch_speed(a.device)
+        group_bandwidth(a.device)
         if not a.no_launches:
             launches(a.device)
     sys.exit(1 if fails else 0)

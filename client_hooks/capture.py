@@ -83,6 +83,20 @@ def to_host(flat: torch.Tensor) -> _Readback:
     return _Readback(flat.to("cpu", non_blocking=True), None, None)  # other devices: best effort
 
 
+def scalar_to_host(v: torch.Tensor) -> _Readback:
+    """One scalar (a loss) to the host without a capture step's bookkeeping, as float64: on
+    CUDA, the cast and the copy into a pinned slot in one non-blocking `copy_`, then one
+    event; elsewhere a copy (the caller's tensor may change in place later)."""
+    flat = v.detach().reshape(1)
+    if flat.device.type == "cuda":
+        host, slot = _ring.take(1, torch.float64)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Readback(host, event, slot)
+    return to_host(flat.to(torch.float64, copy=True))
+
+
 class Span:
     """Values [lo, hi) of a device vector that several entries share (one piece of the flat
     copy however many entries point into it). `src` is a 1-D tensor, or a device: the rows of

@@ -288,3 +288,26 @@ def test_a_transformer_block_from_torch_nn_works_unchanged(pull):
     assert {"linear1:output", "linear1:input", "norm2:output"} <= acts
     assert pull.find("loader_stats", "batch")[0]["data"]["shape"] == [3, 5, 16]
     assert hook_counts(layer) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_logged_loss_is_the_value_at_the_call_even_if_changed_in_place_after(pull, dtype):
+    """A metric is read on the sender thread: what it reads is a copy made at the call."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    values = [0.1, -2.5, 3e5]
+    with Tap() as tap:
+        for step, v in enumerate(values):
+            loss = torch.tensor(v, dtype=dtype, device=dev)
+            tap.log_loss(loss, step=step)
+            tap.log_metric("acc", torch.tensor([[v]], dtype=dtype, device=dev), step=step)
+            tap.log_metric("lr", v / 10, step=step)
+            tap.log_metric("not_a_scalar", torch.ones(2, device=dev), step=step)  # skipped
+            loss.add_(1000.0)
+    assert pull.wait_for(lambda r: len([x for x in r if x["kind"] == "metrics"]) == 9)
+    want = [float(torch.tensor(v, dtype=dtype)) for v in values]
+    for name in ("loss", "acc"):
+        recs = sorted(pull.find("metrics", name), key=lambda r: r["step"])
+        assert [r["data"]["value"] for r in recs] == want
+    assert [r["data"]["value"] for r in sorted(pull.find("metrics", "lr"), key=lambda r: r["step"])] == \
+        [v / 10 for v in values]
+    assert not pull.find("metrics", "not_a_scalar")
