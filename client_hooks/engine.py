@@ -509,27 +509,29 @@ def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:
 
 
 def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
-    """A complex tensor (or a declared pair) on CUDA with Triton: real, imag, abs and angle
-    stacked (over the elements whose parts are both finite: the others are made NaN in all
-    four), one grouped launch for the four rows, the NaN/Inf element counts by torch: ~15
-    kernels instead of ~45. None where this does not apply."""
+    """A complex tensor (or a declared pair) on CUDA with Triton, in one grouped launch of
+    five rows: real, imag and angle made NaN where a part is not finite (|z| is then inf or
+    NaN, so |z| * 0 is NaN there and 0 elsewhere), |z| as it is (its finite values are
+    those of the finite elements), and the angle as it is. The element counts are read off
+    the rows: NaN (an element with a NaN part) from the plain angle, which is NaN exactly
+    there; Inf (an infinite part) from |z|, which is inf exactly there (also beside a NaN;
+    and where |z| of two finite parts overflows). About 6 kernels. None where this does not
+    apply."""
     mod = stats.fused_for(t.device)
     if mod is None or not t.numel():
         return None
-    parts = stats.complex_parts(t, pair)
+    re, im, ab, ang = stats.complex_parts(t, pair)
     try:
-        p = torch.stack(parts)
-        two = p[:2]
-        cnt = torch.stack([two.isnan().any(0), two.isinf().any(0)]).flatten(1).sum(1, dtype=torch.float64)
-        p.add_(two.mul(0).sum(0))  # + 0 where both parts are finite, + NaN elsewhere
-        rows = cap.batch(t.device, mod).add_group([[p[0]], [p[1]], [p[2]], [p[3]]])
+        p = torch.stack([re, im, ang]).add_(ab * 0)
+        r_re, r_im, r_ab, r_ang, r_raw = cap.batch(t.device, mod).add_group([[p[0]], [p[1]], [ab], [p[2]], [ang]])
     except Exception as e:
         stats.fused_failed(e)
         return None
     dev = t.device
-    spans = [Span(dev, 10 * rows[0] + 2, 10 * rows[0] + 7)]  # nfinite, then (min, max, mean, std)
-    spans += [Span(dev, 10 * r + 3, 10 * r + 7) for r in rows[1:]]
-    return (cnt, *spans)
+    return (Span(dev, 10 * r_raw, 10 * r_raw + 1), Span(dev, 10 * r_ab + 1, 10 * r_ab + 2),  # nan, inf
+            Span(dev, 10 * r_re + 2, 10 * r_re + 7),  # nfinite, then real's (min, max, mean, std)
+            Span(dev, 10 * r_im + 3, 10 * r_im + 7), Span(dev, 10 * r_ab + 3, 10 * r_ab + 7),
+            Span(dev, 10 * r_ang + 3, 10 * r_ang + 7))
 
 
 def _grad_decoder(count: int, k: int):

@@ -12,12 +12,14 @@ with min/max/mean/std (population), norm (L2) and max_abs over the finite elemen
 
 Kernels:
 - `_partials_one`: one program per BLOCK elements of one tensor; loads its block once into
-  registers and computes the counts, finite min/max, the block's finite mean and (second pass
+  registers (unmasked, so as vectors, when the block is full) and computes the counts, finite min/max, the block's finite mean and (second pass
   over the same registers) M2 = sum (x - mean_b)^2: 8 partials per block, written field-major
   into a workspace (`p[k * cap + block]`).
 - `_partials_group`: the same for many tensors in one launch (a layer's or a whole model's
-  gradients): the tensors' addresses come from a table, each program finds its tensor and
-  block from two small index tables that depend only on the sizes (cached).
+  gradients, a forward's activations): the tensors' offsets from the first one come from a
+  table (in 16-byte units when all are aligned, which keeps the loads vectorised), each
+  program finds its tensor and block from two small index tables that depend only on the
+  sizes (cached).
 - `_merge`: one program per result row; merges the row's consecutive blocks with Chan's
   formula, M2 = sum M2_b + sum n_b (mean_b - mean)^2.
 
@@ -43,17 +45,18 @@ RB = 1024  # partials per iteration of the merge
 NF = 8  # partial fields per block
 FIRST_CAP = 16384  # blocks in a capture's first workspace (1 MiB of partials, 67M elements)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-       torch.float64: tl.float64}
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (tests of the kernels on a machine
 # without a GPU); otherwise only CUDA tensors are accepted
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _block(x_ptr, offs, n, p_ptr, g, cap, ACC: tl.constexpr):
+def _block(x_ptr, offs, n, full, p_ptr, g, cap, ACC: tl.constexpr):
     valid = offs < n
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
+    if full:  # no mask: the load can be vectorised (a mask against an unknown n cannot)
+        x = tl.load(x_ptr + offs).to(ACC)
+    else:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
     ax = tl.abs(x)
     isnan = valid & (x != x)
     isinf = valid & (ax == float("inf"))
@@ -80,20 +83,25 @@ def _block(x_ptr, offs, n, p_ptr, g, cap, ACC: tl.constexpr):
 @triton.jit(do_not_specialize=["n", "g0", "cap"])
 def _partials_one(x_ptr, p_ptr, n, g0, cap, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _block(x_ptr, offs, n, p_ptr, g0 + pid, cap, ACC)
+    start = pid.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    _block(x_ptr, offs, n, start + BLOCK <= n, p_ptr, g0 + pid, cap, ACC)
 
 
 @triton.jit(do_not_specialize=["g0", "cap"])
-def _partials_group(addr, seg_n, seg_b0, blk_seg, p_ptr, g0, cap,
-                    DT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _partials_group(x0, rel, seg_n, seg_b0, blk_seg, p_ptr, g0, cap,
+                    BLOCK: tl.constexpr, ACC: tl.constexpr, UNIT: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.load(blk_seg + pid)
     b = pid - tl.load(seg_b0 + s)
     n = tl.load(seg_n + s)
-    x_ptr = tl.load(addr + s).to(tl.pointer_type(DT))
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _block(x_ptr, offs, n, p_ptr, g0 + pid, cap, ACC)
+    # tensor s starts rel[s] * UNIT elements from x0 (the group's first tensor). An address
+    # read from a table loses its alignment for the compiler; x0's (a pointer argument) and a
+    # multiple of UNIT (16 bytes) keep it, so full blocks load as vectors
+    x_ptr = x0 + tl.load(rel + s) * UNIT
+    start = b.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    _block(x_ptr, offs, n, start + BLOCK <= n, p_ptr, g0 + pid, cap, ACC)
 
 
 @triton.jit(do_not_specialize=["cap", "r0"])
@@ -268,10 +276,16 @@ class Batch:
         sp = self._space(total)
         g0 = sp.used
         rows = self._rows(sp, layer_blocks)
-        addr = _table(tuple(t.data_ptr() for t in flat), self.device)
+        ptrs = [t.data_ptr() for t in flat]
+        size = flat[0].element_size()
+        # offsets from the first tensor in units of 16 bytes when every address is 16-byte
+        # aligned (the caching allocator's blocks are), else in elements
+        unit = 16 // size if size <= 16 and not any(p % 16 for p in ptrs) else 1
+        base, step = ptrs[0], size * unit
+        rel = _table(tuple((p - base) // step for p in ptrs), self.device)
         with _on(self.device):
             _launch(_partials_group, total,
-                    (addr, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, _TL[dtype], BLOCK, _acc(dtype)), 8)
+                    (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), 8)
         return rows
 
     def finish(self) -> torch.Tensor:

@@ -95,6 +95,30 @@ def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypa
         b.add_group([[torch.ones(3, device=DEV)], [torch.ones(3, device=DEV, dtype=torch.float64)]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_group_reads_full_and_partial_blocks_at_any_alignment_and_address_order(dtype):
+    """The group kernel finds each tensor from its offset to the first one: in 16-byte units
+    when every address is aligned (full blocks then load as vectors), else in elements; a
+    tensor may lie below the first. Blocks are full, partial, or a tensor is one element."""
+    g = torch.Generator().manual_seed(2)
+    big = (torch.randn(3 * 4096 + 40, generator=g) * 3 + 1).to(DEV, dtype)
+    big[4096 + 7], big[2 * 4096], big[-1] = math.nan, math.inf, 0.0
+    low = torch.randn(4096 * 2, generator=g).to(DEV, dtype)  # exactly two full blocks
+    aligned = [[big[4096:]], [low], [big[:5]], [torch.tensor([-7.0], device=DEV, dtype=dtype)]]
+    unaligned = [[big[1:]], [big[3:4096 + 3]], [low[1:]]]  # views off the 16-byte grid
+    for layers in (aligned, unaligned, aligned[::-1]):
+        b = fused.Batch(torch.device(DEV))
+        rows = b.add_group(layers)
+        out = b.finish().tolist()
+        for ts, r in zip(layers, rows):
+            assert_row(out[r], ref10(torch.cat([t.reshape(-1) for t in ts])), f"{dtype} row {r}")
+    b = fused.Batch(torch.device(DEV))  # one tensor: full blocks and a tail, aligned or not
+    rows = [b.add(big), b.add(big[1:]), b.add(low)]
+    out = b.finish().tolist()
+    for t, r in zip((big, big[1:], low), rows):
+        assert_row(out[r], ref10(t), f"{dtype} add {r}")
+
+
 def test_stats_are_those_of_the_value_at_the_hook_even_if_changed_in_place_later(pull):
     """The partials are launched in the hook: an in-place ReLU after a Linear cannot alter the
     Linear output's statistics, which are read only at the end of the step."""
@@ -150,8 +174,8 @@ def test_a_kernel_failure_falls_back_to_the_torch_path_and_loses_nothing(pull, m
 
 
 def test_complex_values_and_declared_pairs_equal_numpy_through_the_tap(pull):
-    """Complex statistics on the fused path (real, imag, abs, angle stacked, four rows in one
-    launch; element counts by torch), NaN and Inf parts included, and both pair kinds."""
+    """Complex statistics on the fused path (five rows in one launch, the element counts read
+    off two of them), NaN and Inf parts included (one element has both), and both pair kinds."""
     from tests.client_hooks.test_stats import check_complex
 
     g = torch.Generator().manual_seed(2)
