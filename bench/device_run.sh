@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in one go (docs/BENCHMARKS.md records the figures):
 #   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
-#   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, GPU ops per step;
-#      bench/launches.py: Triton launches per every-step capture on the demo FNO;
-#   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64); then every_step against
-#      none alone (profile_step.py measured 1.22x where overhead.py measured 1.50x), with the
-#      default read-back ring and with one of 64 slots;
-#   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, shorter;
-#   5. bench/profile_step.py (ablations and a cProfile), PROFILE rounds (default 3; 0: skip).
+#   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, the grouped
+#      kernel's bandwidth by block size and warps, GPU time the capture adds kernel by kernel;
+#   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
+#   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, PREV_STEPS;
+#   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
+#      more for the same Tap (1.52x against 1.32x on one H100);
+#   6. LAUNCHES=1: bench/launches.py (Triton launches per every-step capture);
+#      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point.
 # Exits non-zero when the tests or fused_check failed.
 # Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
 set -u
@@ -20,24 +21,31 @@ if ! python3 -c "import zmq, msgspec" 2>/dev/null && [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-set -o pipefail
-python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py 2>&1 | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
-python3 bench/fused_check.py 2>&1 | tee "$OUT/fused_check.txt" | tail -22
+tail -4 "$OUT/tests.txt"
+python3 bench/fused_check.py > "$OUT/fused_check.txt" 2>&1
 rc_check=$?
-python3 bench/launches.py --device cuda --width 64 --modes 16 --batch 64 --size 64 2>&1 | tee "$OUT/launches.txt"
+grep -v "^ok " "$OUT/fused_check.txt"
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
-python3 bench/overhead.py $ARGS --steps ${STEPS:-1000} 2>&1 | tee "$OUT/overhead.txt"
-# the same every-step Tap with `none` only: does the harness's mix of variants change its cost?
-python3 bench/overhead.py $ARGS --steps 500 --variants every_step 2>&1 | tee "$OUT/overhead_pair.txt" | tail -8
-# the same pair with a read-back ring too large to run out (a slot is busy until the sender reads it)
-python3 bench/overhead.py $ARGS --steps 500 --variants every_step --ring-slots 64 2>&1 | tee "$OUT/overhead_pair_ring.txt" | tail -8
+python3 bench/overhead.py $ARGS --steps ${STEPS:-600} > "$OUT/overhead.txt" 2>&1
+cat "$OUT/overhead.txt"
 if [ -d .prev ]; then
     echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
-    python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-300} 2>&1 | tee "$OUT/overhead_prev.txt" | tail -9
+    python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-250} > "$OUT/overhead_prev.txt" 2>&1
+    tail -9 "$OUT/overhead_prev.txt"
 fi
-# (not `| head`: a closed pipe would cut the profile short)
-[ "${PROFILE:-3}" != 0 ] && python3 bench/profile_step.py --steps 50 --rounds ${PROFILE:-3} > "$OUT/profile.txt" 2>&1
-[ -f "$OUT/profile.txt" ] && head -12 "$OUT/profile.txt"
+if [ "${PAIR_STEPS:-400}" != 0 ]; then
+    python3 bench/overhead.py $ARGS --steps ${PAIR_STEPS:-400} --variants every_step > "$OUT/overhead_pair.txt" 2>&1
+    tail -8 "$OUT/overhead_pair.txt"
+fi
+if [ "${LAUNCHES:-0}" = 1 ]; then
+    python3 bench/launches.py --device cuda --width 64 --modes 16 --batch 64 --size 64 > "$OUT/launches.txt" 2>&1
+    cat "$OUT/launches.txt"
+fi
+if [ "${PROFILE:-0}" != 0 ]; then
+    python3 bench/profile_step.py --steps 50 --rounds ${PROFILE} --timers --no-cprofile > "$OUT/profile.txt" 2>&1
+    cat "$OUT/profile.txt"
+fi
 echo "tests rc=$rc_tests, fused_check rc=$rc_check"
 [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]

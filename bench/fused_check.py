@@ -179,16 +179,25 @@ def batch_speed(device: str) -> None:
 def group_bandwidth(device: str) -> None:
     """GPU time of one grouped partials launch over 17 float32 tensors of 64x64x64x64 (the
     demo FNO's forward at batch 64: 1.14 GB read), for the kernel's block size and warps
-    (the engine's are fused.BLOCK and 8) and a few others; CUDA events over 10 launches. Each
-    configuration's rows are checked against the engine's."""
+    (the engine's are fused.BLOCK and 8) and a few others, and the engine's with every tensor
+    4 bytes off the 16-byte grid (no vector loads); CUDA events over 10 launches. Each
+    configuration's rows are checked against the engine's on aligned copies."""
     from client_hooks import fused
 
-    xs = [torch.randn(64, 64, 64, 64, device=device) for _ in range(17)]
-    gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
+    full = [torch.randn(64 * 64 * 64 * 64 + 1, device=device) for _ in range(17)]
+    n = 64 * 64 * 64 * 64
+    ref = {}
+    for off in (0, 1):  # the engine's configuration, on aligned copies of the values
+        b = fused.Batch(torch.device(device))
+        b.add_group([[x[off:off + n].clone()] for x in full])
+        ref[off] = b.finish().clone()
     block0, launch0 = fused.BLOCK, fused._launch
-    ref = None
     try:
-        for block, warps in ((block0, 8), (4096, 4), (8192, 8), (8192, 16), (16384, 16), (2048, 4)):
+        # the last: the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
+        for block, warps, off in ((block0, 8, 0), (4096, 4, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
+                                  (block0, 8, 1)):
+            xs = [x[off:off + n] for x in full]
+            gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
             fused.BLOCK = block
             fused._layouts.clear()
             fused._launch = (lambda fn, grid, args, num_warps, w=warps: launch0(fn, grid, args, w))
@@ -206,15 +215,13 @@ def group_bandwidth(device: str) -> None:
             e1.record()
             torch.cuda.synchronize()
             ms = e0.elapsed_time(e1) / 10
-            if ref is None:
-                ref = rows
-            same = bool(torch.allclose(rows, ref, rtol=1e-6, atol=1e-9))
-            print(f"group partials BLOCK {block:5d} warps {warps:2d}: {ms:.3f} ms for {gb:.2f} GB "
-                  f"({gb / ms:.2f} TB/s){'' if same else '  ROWS DIFFER'}")
+            same = bool(torch.allclose(rows, ref[off], rtol=1e-6, atol=1e-9))
+            print(f"group partials BLOCK {block:5d} warps {warps:2d}{' unaligned' if off else ''}: "
+                  f"{ms:.3f} ms for {gb:.2f} GB ({gb / ms:.2f} TB/s){'' if same else '  ROWS DIFFER'}")
     finally:
         fused.BLOCK, fused._launch = block0, launch0
         fused._layouts.clear()
-    del xs
+    del full
 
 
 def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batch: int = 64) -> None:
