@@ -70,6 +70,16 @@ class _Readback:
         return self._vals
 
 
+def _after_copy():
+    """An event recorded on the current stream, after the copy just queued. `blocking`: the
+    sender thread that waits on it sleeps. A default event's wait spins, and in a GPU-bound
+    run the sender waits most of the time: the H100 run of the sixth session saw the sender
+    thread use 12 s of CPU in a 70 s benchmark (not measured since this change)."""
+    event = torch.cuda.Event(blocking=True)
+    event.record()
+    return event
+
+
 def to_host(flat: torch.Tensor) -> _Readback:
     """Start the copy of `flat` to the host (training thread; non-blocking on CUDA)."""
     if flat.device.type == "cpu":
@@ -77,9 +87,7 @@ def to_host(flat: torch.Tensor) -> _Readback:
     if flat.device.type == "cuda":
         host, slot = _ring.take(flat.numel(), flat.dtype)
         host.copy_(flat, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()  # on the current stream, after the copy
-        return _Readback(host, event, slot)
+        return _Readback(host, _after_copy(), slot)
     return _Readback(flat.to("cpu", non_blocking=True), None, None)  # other devices: best effort
 
 
@@ -91,9 +99,7 @@ def scalar_to_host(v: torch.Tensor) -> _Readback:
     if flat.device.type == "cuda":
         host, slot = _ring.take(1, torch.float64)
         host.copy_(flat, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return _Readback(host, event, slot)
+        return _Readback(host, _after_copy(), slot)
     return to_host(flat.to(torch.float64, copy=True))
 
 

@@ -1,0 +1,81 @@
+"""Host time a step of the CUDA capture path, measured without a GPU: the demo FNO (tiny:
+width 8, modes 4, batch 1, 16x16, one torch thread) on CPU tensors that take the fused path
+(Triton's interpreter flags set, every Triton launch replaced by a no-op). What is left is
+tensortap's Python and torch work on the training thread, the part of a GPU step's overhead
+that shows when the step is bound by its host (bench/overhead.py on a GPU measures the
+whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts seen).
+
+    python bench/host_cost.py [--rounds 15] [--tree PATH]
+
+--tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
+to compare trees; the same model and harness either way. Prints the median step time of
+`none` and of each Tap variant (rounds of --steps steps, alternated), the difference in us a
+step, and (--timers) the inclusive host time of each entry point of the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--rounds", type=int, default=15)
+ap.add_argument("--steps", type=int, default=20)
+ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+ap.add_argument("--timers", action="store_true")
+a = ap.parse_args()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [a.tree, HERE]
+os.environ.update(TRITON_INTERPRET="1", TENSORTAP_FUSED_ON_CPU="1", TENSORTAP_BENCH_ON="1",
+                  TENSORTAP_ENDPOINT="tcp://127.0.0.1:9", TENSORTAP_RUN="host-cost")  # nobody listens
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+from client_hooks import fused  # noqa: E402  (first: from --tree, before overhead adds this checkout)
+import overhead as B  # noqa: E402
+
+if os.path.dirname(os.path.abspath(fused.__file__)) != os.path.join(os.path.abspath(a.tree), "client_hooks"):
+    sys.exit(f"host_cost: client_hooks came from {fused.__file__}, not from --tree {a.tree}")
+fused._launch = lambda *args, **kw: None  # no kernel runs: only the host's work is left
+timers = None
+if a.timers:
+    import profile_step
+
+    timers = profile_step.install_timers()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    base = B.build_fno(8, 4)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 1, 16, 16, generator=g), torch.randn(1, 2, 16, 16, generator=g))
+               for _ in range(a.steps)]
+    names = ("none", "default", "every_step")
+    vs = {n: B.make_variant(n, base, "cpu", 1e-4) for n in names}
+    times: dict = {n: [] for n in names}
+    for r in range(a.rounds + 1):
+        for n in names[r % 3:] + names[:r % 3]:
+            if timers is not None and r == a.rounds and n == "every_step":
+                for cell in timers.values():
+                    cell[:] = [0, 0.0]
+            t = B.run_epoch(vs[n], batches, "cpu")
+            if r:
+                times[n].append(t)
+    base_t = statistics.median(times["none"])
+    print(f"client_hooks from {a.tree}; {a.rounds} rounds x {a.steps} steps, Triton launches stubbed")
+    for n in names:
+        m = statistics.median(times[n])
+        print(f"{n:11s} {m * 1e3:7.3f} ms/step  +{(m - base_t) * 1e6:6.0f} us a step")
+    if timers is not None:
+        print("every_step, last round, inclusive host time a step:")
+        for name, (k, sec) in sorted(timers.items(), key=lambda kv: -kv[1][1]):
+            if k:
+                print(f"  {sec / a.steps * 1e6:7.0f} us  {k / a.steps:5.1f} calls  {name}")
+    for v in vs.values():
+        if v["tap"] is not None:
+            v["tap"].close()
+
+
+main()
