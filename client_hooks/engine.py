@@ -9,9 +9,10 @@ to the host in one copy. Every public method swallows its errors: one warning pe
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
 grouped kernel launch for the real tensors met during the forward (their block partials); for
 all gradient layers together one grouped launch, two foreach norms, a snapshot copy and a
-stack of the per-parameter norms; for a complex value (or a declared pair) ~15 kernels; then
-one merge launch and one device-to-host copy. Layer norms, update ratios and the total
-gradient norm are summed on the sender thread.
+stack of the per-parameter norms; for a complex value (or a declared pair) ~6 kernels and one
+grouped launch; then one merge launch and one device-to-host copy. Layer norms, update ratios
+and the total gradient norm are summed on the sender thread. A loss (`metrics`) is one copy
+to a pinned slot and one event a step.
 
 Grouping the forward's tensors means reading them later than their hook: an in-place change
 in between (an `inplace=True` ReLU after a Linear) would alter them. So each value (kind,
