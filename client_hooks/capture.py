@@ -72,9 +72,10 @@ class _Readback:
 
 def _after_copy():
     """An event recorded on the current stream, after the copy just queued. `blocking`: the
-    sender thread that waits on it sleeps. A default event's wait spins, and in a GPU-bound
-    run the sender waits most of the time: the H100 run of the sixth session saw the sender
-    thread use 12 s of CPU in a 70 s benchmark (not measured since this change)."""
+    sender thread that waits on it sleeps. A default event's wait may spin (CUDA's automatic
+    scheduling spins when the cores outnumber the contexts), and in a GPU-bound run the
+    sender waits most of the time: on an H100 (sixth session) the sender thread used 12 s of
+    CPU in a 70 s benchmark. Not measured on a GPU since this change."""
     event = torch.cuda.Event(blocking=True)
     event.record()
     return event

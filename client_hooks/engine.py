@@ -424,10 +424,9 @@ class Engine:
 
     @guarded("metrics")
     def metrics(self, values: dict, step: Optional[int], epoch: Optional[int]) -> None:
-        """{name: tensor or number}, sent now (every step is fine): each one-element tensor is
-        copied to the host on its own (`scalar_to_host`; no capture step's
-        bookkeeping, which cost about twice as much host time a loss), read on the sender
-        thread."""
+        """{name: tensor or number}, sent now (every step is fine). Each one-element tensor is
+        copied to the host on its own (`scalar_to_host`, without a capture's bookkeeping) and
+        read on the sender thread."""
         items = []
         for name, v in values.items():
             if isinstance(v, torch.Tensor):

@@ -12,9 +12,10 @@ with min/max/mean/std (population), norm (L2) and max_abs over the finite elemen
 
 Kernels:
 - `_partials_one`: one program per BLOCK elements of one tensor; loads its block once into
-  registers (unmasked, so as vectors, when the block is full) and computes the counts, finite min/max, the block's finite mean and (second pass
-  over the same registers) M2 = sum (x - mean_b)^2: 8 partials per block, written field-major
-  into a workspace (`p[k * cap + block]`).
+  registers (without a mask, so as vectors, when the block is full) and computes the counts,
+  finite min/max, the block's finite mean and (second pass over the same registers)
+  M2 = sum (x - mean_b)^2: 8 partials per block, written field-major into a workspace
+  (`p[k * cap + block]`).
 - `_partials_group`: the same for many tensors in one launch (a layer's or a whole model's
   gradients, a forward's activations): the tensors' offsets from the first one come from a
   table (in 16-byte units when all are aligned, which keeps the loads vectorised), each
