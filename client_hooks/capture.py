@@ -150,44 +150,54 @@ class Capture:
             stats.fused_failed(e)
             return None
 
-    def _segments(self, vec, merged: dict) -> Optional[list]:
-        """An entry's device values as [(piece, lo, hi)]; None when they cannot be had."""
-        segs = []
-        for part in (vec if isinstance(vec, tuple) else (vec,)):
-            if isinstance(part, torch.Tensor):
-                segs.append((part, 0, part.numel()))
-                continue
-            src = part.src
-            if part.lo < 0:
-                raise _Unread
-            if not isinstance(src, torch.Tensor):
-                if src not in merged:
-                    merged[src] = self._merged(src)
-                src = merged[src]
-                if src is None:
-                    return None  # already reported: this record is not produced
-            segs.append((src, part.lo, part.hi))
-        return segs
-
     def flush(self, sender) -> int:
         """Copy every vector to the host in one go per device; enqueue one record per entry.
-        A vector is a tensor, a Span, or a tuple of those (values concatenated)."""
+        A vector is a tensor, a Span, or a tuple of those (values concatenated). Each piece
+        (a tensor, or a device's merged rows) is copied once however many entries share it;
+        an entry's values are (lo, hi) spans of the flat copy of its first piece's device."""
         entries, self._entries = self._entries, {}
-        host, none, by_dev, merged = [], [], {}, {}
+        host, none, merged = [], [], {}
+        groups: dict = {}  # device -> [pieces, their total size, entries]
+        where: dict = {}  # id(piece) -> (its group, its offset in the group's flat copy)
         try:
             for key, (vec, dec, nb) in entries.items():
                 if vec is None:
                     none.append((key, dec, nb))
-                elif isinstance(vec, list):
+                    continue
+                if isinstance(vec, list):
                     host.append((key, vec, dec, nb))
+                    continue
+                spans, grp = [], None
+                for part in (vec if isinstance(vec, tuple) else (vec,)):
+                    if isinstance(part, Span):
+                        src, lo, hi = part.src, part.lo, part.hi
+                        if lo < 0:  # not read before this flush: the sender counts it as dropped
+                            none.append((key, _unread, nb))
+                            break
+                        if not isinstance(src, torch.Tensor):  # a device: its fused batch's rows
+                            if src not in merged:
+                                merged[src] = self._merged(src)
+                            src = merged[src]
+                            if src is None:
+                                break  # already reported: this record is not produced
+                    else:
+                        src, lo, hi = part, 0, part.numel()
+                    at = where.get(id(src))
+                    if at is None:  # a new piece: into the group of the entry's first piece
+                        if grp is None:
+                            dev = src.device
+                            grp = groups.get(dev)
+                            if grp is None:
+                                grp = groups[dev] = [[], 0, []]
+                        at = where[id(src)] = (grp, grp[1])
+                        grp[0].append(src)
+                        grp[1] += src.numel()
+                    elif grp is None:
+                        grp = at[0]
+                    spans.append((at[1] + lo, at[1] + hi))
                 else:
-                    try:
-                        segs = self._segments(vec, merged)
-                    except _Unread:  # the sender counts it as dropped and says why
-                        none.append((key, _unread, nb))
-                        continue
-                    if segs is not None:
-                        by_dev.setdefault(segs[0][0].device, []).append((key, segs, dec, nb))
+                    if grp is not None:
+                        grp[2].append((key, spans, dec, nb))
         finally:
             self._batches = {}
         out = []  # (kind, name, payload, nbytes), sent together at the end
@@ -201,24 +211,13 @@ class Capture:
             for key, v, dec, nb in host:
                 out.append((*key, _payload(rb, [(at, at + len(v))], dec), nb))
                 at += len(v)
-        for items in by_dev.values():
-            pieces, where, at = [], {}, 0  # each piece once, however many entries share it
-            for _, segs, _, _ in items:
-                for piece, _, _ in segs:
-                    if id(piece) not in where:
-                        where[id(piece)] = at
-                        pieces.append(piece)
-                        at += piece.numel()
-            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-            rb = to_host(flat)
-            for key, segs, dec, nb in items:
-                spans = [(where[id(p)] + lo, where[id(p)] + hi) for p, lo, hi in segs]
+        for pieces, _, items in groups.values():
+            if not items:  # its entries could not be read: no copy (it would hold a ring slot)
+                continue
+            rb = to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+            for key, spans, dec, nb in items:
                 out.append((*key, _payload(rb, spans, dec), nb))
         return sender.send_many(out, self.step, self.epoch) if out else 0
-
-
-class _Unread(Exception):
-    pass
 
 
 def _unread(_v: list) -> dict:

@@ -124,6 +124,7 @@ class Engine:
         self._checking: list = []  # launched at once, version read at the next launch point
         self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
         self._deferred_bytes = 0
+        self._grad_decoders: dict = {}  # (count, parameters) -> the decoder of a gradient record
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -295,12 +296,21 @@ class Engine:
             src, r0 = _rows(vecs).reshape(-1), 0
             dev = src.device
         norms = self._wnorms + list(torch._foreach_norm(self._before))
-        pn = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
-        npar = len(self._wparams)
+        try:
+            pn = torch.stack(norms)
+        except RuntimeError:  # parameters on several devices: their norms moved to `dev`
+            pn = torch.stack([n.to(dev) for n in norms])
+        if pn.device != dev:
+            pn = pn.to(dev)
+        npar, decoders, add = len(self._wparams), self._grad_decoders, self.capture.add
         for r, i in enumerate(keys, r0):
             a, b = self._wrange[i]
             vec = (Span(src, 10 * r, 10 * r + 10), Span(pn, a, b), Span(pn, npar + a, npar + b))
-            self.capture.add("gradients", self._layers[i][0], vec, _grad_decoder(self._grad_vecs[i][1], b - a), 500)
+            dk = (self._grad_vecs[i][1], b - a)
+            dec = decoders.get(dk)
+            if dec is None:
+                dec = decoders[dk] = _grad_decoder(*dk)
+            add("gradients", self._layers[i][0], vec, dec, 500)
         if self._covers_all:
             self.capture.add("gradients", "_total", Span(src, 10 * r0, 10 * (r0 + len(keys))),
                              lambda v: {"norm": _total_norm([v[j:j + 10] for j in range(0, len(v), 10)])}, 64)
@@ -326,8 +336,12 @@ class Engine:
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
 
-        def decode(v, shape=shape, dt=dt, is_c=is_c):
-            return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
+        if extra:
+            def decode(v, shape=shape, dt=dt, is_c=is_c):
+                return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
+        else:
+            def decode(v, shape=shape, dt=dt, is_c=is_c):
+                return stats.tensor_stats_dict(v, shape, dt, is_c)
         cap.add(kind, name, vec, decode, 600 if is_c else 300)
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
@@ -341,8 +355,9 @@ class Engine:
             return _fused_span(cap, t, mod)  # a capture sent now, or no version counter to read
         changed = self._changed.get(key)
         if changed is False and t.is_contiguous():
-            span = Span(t.device, -1, -1)  # its row is known once the group is launched
-            self._deferred.append((key, t, t._version, stats.current_stream(t.device), span))
+            dev = t.device
+            span = Span(dev, -1, -1)  # its row is known once the group is launched
+            self._deferred.append((key, t, t._version, stats.current_stream(dev), span))
             self._deferred_bytes += t.numel() * t.element_size()
             if self._deferred_bytes > DEFER_MAX_BYTES:
                 self.launch_deferred()

@@ -59,6 +59,7 @@ class Sender:
         self.max_queue_bytes = max_queue_bytes
         self.sent = 0
         self.dropped = 0
+        self.reports = 0  # drop reports made (each is sent, or dropped and counted, like any record)
         self._seq = 0
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
@@ -201,6 +202,7 @@ class Sender:
             now = time.monotonic()
             if self.dropped != reported and now - last_report >= self._drop_report_s:
                 reported, last_report = self.dropped, now
+                self.reports += 1
                 self._send_records(self._records([self._event("drops")]), now + 0.05)
 
     def _event(self, name: str) -> tuple:

@@ -47,7 +47,7 @@ def main() -> None:
     s.close(2.0)
     lat.sort()
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else 0.0  # noqa: E731
-    print(json.dumps({"rank": a.rank, "attempted": i, "sent": s.sent, "dropped": s.dropped,
+    print(json.dumps({"rank": a.rank, "attempted": i, "sent": s.sent, "dropped": s.dropped, "reports": s.reports,
                       "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat[-1] * 1000 if lat else 0}), flush=True)
 
 

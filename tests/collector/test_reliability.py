@@ -122,8 +122,11 @@ def test_a_flood_against_stalled_disk_writes_keeps_memory_bounded_and_senders_un
         reports = [e for e in read_jsonl(run_dir / "events.jsonl")
                    if e["rank"] == res["rank"] and e["name"] == "drops"]
         # every record the training thread offered was either sent or dropped (the sender's
-        # own hello, periodic drop reports and bye are sent too)
-        assert res["attempted"] + 2 + len(reports) == res["sent"] + res["dropped"]
+        # own hello, periodic drop reports and bye are sent too). A drop report that could
+        # not be handed to ZeroMQ in its 50 ms is itself dropped and counted, not written
+        # (seen once under load: one more report made than written)
+        assert res["attempted"] + 2 + res["reports"] == res["sent"] + res["dropped"]
+        assert len(reports) <= res["reports"]
     assert h["dropped_by_sender"] == sum(r["dropped"] for r in results)
 
 
