@@ -21,6 +21,8 @@ if ! python3 -c "import zmq, msgspec" 2>/dev/null && [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# the host: the every-step figure depends on it (run 1 of the sixth session: a slower host, 1.52x)
+echo "cpus $(nproc), cgroup cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo -), load $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
 tail -4 "$OUT/tests.txt"
