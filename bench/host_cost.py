@@ -70,9 +70,7 @@ def main() -> None:
         print(f"{n:11s} {m * 1e3:7.3f} ms/step  +{(m - base_t) * 1e6:6.0f} us a step")
     if timers is not None:
         print("every_step, last round, inclusive host time a step:")
-        for name, (k, sec) in sorted(timers.items(), key=lambda kv: -kv[1][1]):
-            if k:
-                print(f"  {sec / a.steps * 1e6:7.0f} us  {k / a.steps:5.1f} calls  {name}")
+        profile_step.print_timers(timers, a.steps)
     for v in vs.values():
         if v["tap"] is not None:
             v["tap"].close()

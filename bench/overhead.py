@@ -249,6 +249,12 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
         print(f"\nsender (every_step + default share one): {st}")
         if st.get("cpu_s") is not None and st["sent"]:
             print(f"sender thread CPU: {st['cpu_s'] * 1e6 / st['sent']:.1f} us a record sent")
+    print_counters()
+
+
+def print_counters() -> None:
+    """The capture path's counters: pinned buffers taken outside the read-back ring, fused
+    tables uploaded (steady capture steps take and upload none)."""
     from client_hooks import capture
 
     print(f"pinned buffers taken outside the ring: {capture._ring.one_off}")

@@ -108,6 +108,13 @@ def install_timers() -> dict:
     return acc
 
 
+def print_timers(acc: dict, steps: int) -> None:
+    """`install_timers`' accumulators as host time a step, largest first."""
+    for name, (n, sec) in sorted(acc.items(), key=lambda kv: -kv[1][1]):
+        if n:
+            print(f"  {sec / steps * 1e6:8.0f} us  {n / steps:6.1f} calls  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=50)
@@ -145,11 +152,8 @@ def main() -> None:
         for n in names:
             m = statistics.median(times[n])
             print(f"{n:10s} {m * 1e3:7.2f} ms/step  {m / base_t:.3f}x")
-        from client_hooks import capture
-
-        st = vs["every_step"]["tap"].sender.stats()
-        print(f"sender: {st}; pinned buffers outside the ring: {capture._ring.one_off}; fused tables "
-              f"uploaded: {sys.modules['client_hooks.fused'].uploads[0] if 'client_hooks.fused' in sys.modules else '-'}")
+        print(f"sender: {vs['every_step']['tap'].sender.stats()}")
+        B.print_counters()
         if a.timers:
             acc = install_timers()
             vt = variant("every_step", base, a.device)  # made after: its hooks call the wrappers
@@ -159,30 +163,21 @@ def main() -> None:
             t = B.run_epoch(vt, batches, a.device)
             print(f"\ntimers, one every_step epoch ({t * 1e3:.2f} ms/step with the timers; none "
                   f"{base_t * 1e3:.2f}); host time a step, inclusive:")
-            for name, (n, sec) in sorted(acc.items(), key=lambda kv: -kv[1][1]):
-                if n:
-                    print(f"  {sec / a.steps * 1e6:8.0f} us  {n / a.steps:6.1f} calls  {name}")
+            print_timers(acc, a.steps)
             vt["tap"].close()
-        if a.no_cprofile:
-            for v in vs.values():
-                if v["tap"] is not None:
-                    v["tap"].close()
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
-            return
-        prof = cProfile.Profile()
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        prof.enable()
-        B.run_epoch(vs["every_step"], batches, a.device)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(28)
-        print("\n".join(s.getvalue().splitlines()[:45]))
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats("client_hooks", 25)
-        print("\n".join(s.getvalue().splitlines()[:40]))
+        if not a.no_cprofile:
+            prof = cProfile.Profile()
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            prof.enable()
+            B.run_epoch(vs["every_step"], batches, a.device)
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(28)
+            print("\n".join(s.getvalue().splitlines()[:45]))
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats("client_hooks", 25)
+            print("\n".join(s.getvalue().splitlines()[:40]))
         for v in vs.values():
             if v["tap"] is not None:
                 v["tap"].close()
