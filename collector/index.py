@@ -56,14 +56,9 @@ class Series:
         self.n = 0  # points appended so far (before thinning)
         self.stride = 1  # keep every stride-th point once thinned
 
-    def add(self, step: float, t: float, data: dict) -> None:
-        self.n += 1
-        if self.n % self.stride:
-            return
-        self.append(step, t, data)
-
     def append(self, step: float, t: float, data: dict) -> None:
-        """A point kept whatever the stride (`add` decides; RunIndex.add_many inlines that)."""
+        """A point kept whatever the stride (RunIndex._series_add counts every point in `n`
+        and appends every stride-th)."""
         if self.sig is not None and tuple(data) == self.sig:
             vals = [step, t, *data.values()]
             if None in vals:
@@ -184,7 +179,7 @@ class RunIndex:
         step = rec.step
         if step is None:
             step = s.n
-        s.n += 1  # Series.add, inlined: most points of a long series are thinned out
+        s.n += 1  # the stride check inline: most points of a long series are thinned out
         if not s.n % s.stride:
             s.append(step, rec.t, rec.data)
         return step
