@@ -10,14 +10,20 @@ whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts se
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
 to compare trees; the same model and harness either way. Prints the median step time of
 `none` and of each Tap variant (rounds of --steps steps, alternated), the difference in us a
-step, and (--timers) the inclusive host time of each entry point of the engine.
+step: wall time, the training thread's CPU time, and the sender thread's CPU time (its work
+on the epoch's records is waited for after each epoch: on a host-bound GPU step the two
+threads contend for the GIL, so both count); with --timers, the inclusive host time of each
+entry point. The records go to a drain process.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import statistics
+import subprocess
 import sys
+import time
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--rounds", type=int, default=15)
@@ -27,8 +33,16 @@ ap.add_argument("--timers", action="store_true")
 a = ap.parse_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [a.tree, HERE]
+# a drain in its own process: the records are really sent (a sender whose peer is away
+# retries one frame and decodes nothing more), and the receiving takes no GIL of this one
+_DRAIN = ("import sys, zmq; s = zmq.Context().socket(zmq.PULL); "
+          "print(s.bind_to_random_port('tcp://127.0.0.1'), flush=True)\n"
+          "while True: s.recv()")
+drain = subprocess.Popen([sys.executable, "-c", _DRAIN], stdout=subprocess.PIPE, text=True)
+atexit.register(drain.kill)
 os.environ.update(TRITON_INTERPRET="1", TENSORTAP_FUSED_ON_CPU="1", TENSORTAP_BENCH_ON="1",
-                  TENSORTAP_ENDPOINT="tcp://127.0.0.1:9", TENSORTAP_RUN="host-cost")  # nobody listens
+                  TENSORTAP_ENDPOINT=f"tcp://127.0.0.1:{int(drain.stdout.readline())}",
+                  TENSORTAP_RUN="host-cost")
 
 import torch  # noqa: E402
 
@@ -46,6 +60,11 @@ if a.timers:
     timers = profile_step.install_timers()
 
 
+def _cpu(sender) -> float:
+    """The sender thread's CPU seconds so far (0 without one)."""
+    return (sender.stats()["cpu_s"] or 0.0) if sender is not None else 0.0
+
+
 def main() -> None:
     torch.manual_seed(0)
     base = B.build_fno(8, 4)
@@ -55,19 +74,37 @@ def main() -> None:
     names = ("none", "default", "every_step")
     vs = {n: B.make_variant(n, base, "cpu", 1e-4) for n in names}
     times: dict = {n: [] for n in names}
+    cpu: dict = {n: [] for n in names}  # the training thread's CPU time a step
+    scpu: dict = {n: [] for n in names}  # the sender thread's
     for r in range(a.rounds + 1):
         for n in names[r % 3:] + names[:r % 3]:
             if timers is not None and r == a.rounds and n == "every_step":
                 for cell in timers.values():
                     cell[:] = [0, 0.0]
+            sender = vs[n]["tap"]._engine.sender if vs[n]["tap"] is not None else None
+            c0, s0 = time.thread_time(), _cpu(sender)
             t = B.run_epoch(vs[n], batches, "cpu")
+            c1 = time.thread_time()
+            if sender is not None:
+                sender.flush(2.0)  # the sender's work on this epoch, done
+                time.sleep(0.005)  # and its last frame (taken off the queue before flush saw it empty)
             if r:
                 times[n].append(t)
-    base_t = statistics.median(times["none"])
+                cpu[n].append((c1 - c0) / a.steps)
+                scpu[n].append((_cpu(sender) - s0) / a.steps)
+    base_t, base_c = statistics.median(times["none"]), statistics.median(cpu["none"])
     print(f"client_hooks from {a.tree}; {a.rounds} rounds x {a.steps} steps, Triton launches stubbed")
+    print("a step (median)  wall, over none       training thread CPU, over none   sender thread CPU")
     for n in names:
-        m = statistics.median(times[n])
-        print(f"{n:11s} {m * 1e3:7.3f} ms/step  +{(m - base_t) * 1e6:6.0f} us a step")
+        m, c, sc = statistics.median(times[n]), statistics.median(cpu[n]), statistics.median(scpu[n])
+        print(f"{n:11s} {m * 1e3:7.3f} ms  +{(m - base_t) * 1e6:6.0f} us   "
+              f"{c * 1e3:7.3f} ms  +{(c - base_c) * 1e6:6.0f} us     {sc * 1e6:6.0f} us")
+    # the least CPU time of an epoch: what the work itself costs, with the least of the
+    # shared machine's interference (caches, frequency) in it
+    lo = {n: min(cpu[n]) for n in names}
+    print("least training thread CPU of an epoch, over none: " +
+          ", ".join(f"{n} +{(lo[n] - lo['none']) * 1e6:.0f} us" for n in names[1:]) +
+          "; sender thread: " + ", ".join(f"{n} {min(scpu[n]) * 1e6:.0f} us" for n in names[1:]))
     if timers is not None:
         print("every_step, last round, inclusive host time a step:")
         profile_step.print_timers(timers, a.steps)

@@ -8,6 +8,7 @@ Sender thread: the first callable waits on the event and converts the whole buff
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable, Optional
 
@@ -129,8 +130,11 @@ class Capture:
         copy), or None for a payload that needs no device value."""
         self._entries[(kind, name)] = (vec, decode, nbytes)
 
-    def has(self, kind: str, name: str) -> bool:
-        return (kind, name) in self._entries
+    def add_many(self, kind: str, names: tuple, vec, decode: Callable[[list], list], nbytes: int = 400) -> None:
+        """Records of several names from one vector (a layer per name, say): `decode` makes
+        the list of their payloads, in the order of `names`, once, on the sender thread.
+        One entry here however many records: the flush walks its pieces once."""
+        self._entries[(kind, tuple(names))] = (vec, decode, nbytes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -204,20 +208,43 @@ class Capture:
         if none:
             rb = _Readback(None, None, None, [])
             for key, dec, nb in none:
-                out.append((*key, _payload(rb, [(0, 0)], dec), nb))
+                _emit(out, key, _payload(rb, [(0, 0)], dec), nb)
         if host:
             rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
             at = 0
             for key, v, dec, nb in host:
-                out.append((*key, _payload(rb, [(at, at + len(v))], dec), nb))
+                _emit(out, key, _payload(rb, [(at, at + len(v))], dec), nb)
                 at += len(v)
         for pieces, _, items in groups.values():
             if not items:  # its entries could not be read: no copy (it would hold a ring slot)
                 continue
             rb = to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
             for key, spans, dec, nb in items:
-                out.append((*key, _payload(rb, spans, dec), nb))
+                _emit(out, key, _payload(rb, spans, dec), nb)
         return sender.send_many(out, self.step, self.epoch) if out else 0
+
+
+def _emit(out: list, key: tuple, payload: Callable[[], dict], nbytes: int) -> None:
+    """The record of an entry, or (`add_many`: a tuple of names) one record per name."""
+    kind, name = key
+    if type(name) is not tuple:
+        out.append((kind, name, payload, nbytes))
+        return
+    many = _Many(payload)
+    out.extend([(kind, n, functools.partial(many.get, i), nbytes) for i, n in enumerate(name)])
+
+
+class _Many:
+    """The payloads of an `add_many` entry, decoded on the first record's turn (sender thread)."""
+    __slots__ = ("_decode", "_out")
+
+    def __init__(self, decode: Callable[[], list]):
+        self._decode, self._out = decode, None
+
+    def get(self, i: int) -> dict:
+        if self._out is None:
+            self._out = self._decode()
+        return self._out[i]
 
 
 def _unread(_v: list) -> dict:

@@ -124,7 +124,7 @@ class Engine:
         self._checking: list = []  # launched at once, version read at the next launch point
         self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
         self._deferred_bytes = 0
-        self._grad_decoders: dict = {}  # (count, parameters) -> the decoder of a gradient record
+        self._grad_decoders: dict = {}  # (layers, their counts) -> (record names, decoder)
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -280,11 +280,12 @@ class Engine:
         self.capture.flush(self.sender)
 
     def _add_gradients(self) -> None:
-        """A record per layer: its moments (consecutive rows of the capture's fused batch on
-        CUDA with Triton, else one matrix of the layers' vectors) and its per-parameter
-        weight and update norms (one stacked vector for all layers). The sender thread sums
-        those into each layer's norms and update ratio, and the rows into the total norm
-        when the layers hold every trainable parameter: no small tensor ops here."""
+        """A record per layer from one entry: the layers' moments (consecutive rows of the
+        capture's fused batch on CUDA with Triton, else one matrix of the layers' vectors)
+        and every watched parameter's weight and update norm (one stacked vector). The
+        sender thread sums those into each layer's norms and update ratio, and the rows into
+        the total norm when the layers hold every trainable parameter: no small tensor ops,
+        and no per-layer bookkeeping, here."""
         with torch.no_grad():
             torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         keys = sorted(self._grad_vecs)
@@ -292,9 +293,10 @@ class Engine:
         if isinstance(vecs[0], Span):  # rows of the fused batch on device `src`
             src = dev = vecs[0].src
             r0 = vecs[0].lo // 10  # add_group gave the layers consecutive rows
+            rows = Span(src, 10 * r0, 10 * (r0 + len(keys)))
         else:
-            src, r0 = _rows(vecs).reshape(-1), 0
-            dev = src.device
+            rows = _rows(vecs).reshape(-1)
+            dev = rows.device
         norms = self._wnorms + list(torch._foreach_norm(self._before))
         try:
             pn = torch.stack(norms)
@@ -302,18 +304,15 @@ class Engine:
             pn = torch.stack([n.to(dev) for n in norms])
         if pn.device != dev:
             pn = pn.to(dev)
-        npar, decoders, add = len(self._wparams), self._grad_decoders, self.capture.add
-        for r, i in enumerate(keys, r0):
-            a, b = self._wrange[i]
-            vec = (Span(src, 10 * r, 10 * r + 10), Span(pn, a, b), Span(pn, npar + a, npar + b))
-            dk = (self._grad_vecs[i][1], b - a)
-            dec = decoders.get(dk)
-            if dec is None:
-                dec = decoders[dk] = _grad_decoder(*dk)
-            add("gradients", self._layers[i][0], vec, dec, 500)
-        if self._covers_all:
-            self.capture.add("gradients", "_total", Span(src, 10 * r0, 10 * (r0 + len(keys))),
-                             lambda v: {"norm": _total_norm([v[j:j + 10] for j in range(0, len(v), 10)])}, 64)
+        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys))
+        dec = self._grad_decoders.get(dk)
+        if dec is None:
+            if len(self._grad_decoders) > 16:
+                self._grad_decoders.clear()
+            names = tuple(self._layers[i][0] for i in keys) + (("_total",) if self._covers_all else ())
+            spec = [(count, *self._wrange[i]) for i, count in zip(keys, dk[1])]
+            dec = self._grad_decoders[dk] = (names, _grads_decoder(spec, len(self._wparams), self._covers_all))
+        self.capture.add_many("gradients", dec[0], (rows, pn), dec[1], 500)
 
     # -- values ----------------------------------------------------------------------------
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
@@ -549,12 +548,23 @@ def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
             Span(dev, 10 * r_ang + 3, 10 * r_ang + 7))
 
 
-def _grad_decoder(count: int, k: int):
-    """GRAD_VEC's moments, then the layer's k weight norms and k update norms (per parameter):
-    the layer's weight norm and update ratio, summed here on the sender thread."""
-    def decode(v):
-        wn = math.sqrt(sum(x * x for x in v[10:10 + k]))
-        dn = math.sqrt(sum(x * x for x in v[10 + k:10 + 2 * k]))
-        ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-        return stats.grad_stats_dict(v[:10] + [wn], count, ratio if ratio == ratio else None)
+def _grads_decoder(spec: list, npar: int, total: bool):
+    """Decodes one capture's gradient values into the layers' payloads (sender thread): per
+    layer (in `spec`: its element count and slice of the watched parameters) a GRAD_VEC row,
+    then the parameters' weight norms and update norms, each npar long. The layer's weight
+    norm and update ratio are summed from those; with `total`, one more payload: the norm
+    of all gradients from the rows."""
+    def decode(v: list) -> list:
+        nl = len(spec)
+        wn_all, dn_all = v[10 * nl:10 * nl + npar], v[10 * nl + npar:10 * nl + 2 * npar]
+        out = []
+        for j, (count, a, b) in enumerate(spec):
+            wn = math.sqrt(sum(x * x for x in wn_all[a:b]))
+            dn = math.sqrt(sum(x * x for x in dn_all[a:b]))
+            ratio = dn / wn if wn else (None if dn == 0 else math.inf)
+            out.append(stats.grad_stats_dict(v[10 * j:10 * j + 10] + [wn], count,
+                                             ratio if ratio == ratio else None))
+        if total:
+            out.append({"norm": _total_norm([v[j:j + 10] for j in range(0, 10 * nl, 10)])})
+        return out
     return decode
