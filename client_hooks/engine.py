@@ -195,14 +195,14 @@ class Engine:
         one more foreach norm."""
         if not self.capturing:
             return
-        self.launch_deferred()
         self._grad_vecs = {}
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
             gs = [p.grad for p in ps if p.grad is not None]
             if gs:
                 layers[i] = gs
-        fused = self._fused_grads(layers)
+        fused = self._fused_grads(layers)  # with the deferred values of their dtype: one launch
+        self.launch_deferred()  # the others
         for i, grads in layers.items():
             count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
             vec = fused[i] if fused else stats.grad_moments_vector(grads, host_ok=True)
@@ -236,10 +236,8 @@ class Engine:
                 if stats.real_dtype(g.dtype) is not dt or g.device != dev or not g.numel():
                     return None
             flat[i] = [torch.view_as_real(g) if g.is_complex() else g for g in gs]
-        try:
-            rows = self.capture.batch(dev, mod).add_group(list(flat.values()))
-        except Exception as e:
-            stats.fused_failed(e)
+        rows = self.launch_deferred((dev, dt, list(flat.values())))
+        if rows is None:
             return None
         return {i: Span(dev, 10 * r, 10 * r + 10) for i, r in zip(flat, rows)}
 
@@ -327,7 +325,7 @@ class Engine:
         is_c = pair is not None or t.is_complex()
         if is_c:
             shape = _shape_of_pair(t, pair)
-            vec = _fused_complex(cap, t, pair)
+            vec = self._fused_complex(cap, t, pair)
             if vec is None:
                 vec = stats.complex_vector(t, pair, host_ok=True)
         else:
@@ -354,23 +352,67 @@ class Engine:
             return _fused_span(cap, t, mod)  # a capture sent now, or no version counter to read
         changed = self._changed.get(key)
         if changed is False and t.is_contiguous():
-            dev = t.device
-            span = Span(dev, -1, -1)  # its row is known once the group is launched
-            self._deferred.append((key, t, t._version, stats.current_stream(dev), span))
-            self._deferred_bytes += t.numel() * t.element_size()
-            if self._deferred_bytes > DEFER_MAX_BYTES:
-                self.launch_deferred()
+            span = Span(t.device, -1, -1)  # its row is known once the group is launched
+            self._defer(key, t, ((span, 0, 7),))
             return span
         if changed is None:
             self._checking.append((key, t, t._version))
         return _fused_span(cap, t, mod)
 
+    def _defer(self, key: Optional[tuple], t: torch.Tensor, targets: tuple) -> None:
+        """Hold `t` for the next grouped launch; `targets`: (Span, lo, hi) to point at values
+        lo..hi of its row once launched. key None: a tensor of tensortap's own, which nobody
+        else can change."""
+        self._deferred.append((key, t, t._version, stats.current_stream(t.device), targets))
+        self._deferred_bytes += t.numel() * t.element_size()
+        if self._deferred_bytes > DEFER_MAX_BYTES:
+            self.launch_deferred()
+
+    def _fused_complex(self, cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
+        """A complex tensor (or a declared pair) on CUDA with Triton: five rows of one grouped
+        launch (deferred into the step's next one when this capture is the step's): real,
+        imag and angle made NaN where a part is not finite (|z| is then inf or NaN, so |z| * 0
+        is NaN there and 0 elsewhere), |z| as it is (its finite values are those of the
+        finite elements), and the angle as it is. The element counts are read off the rows:
+        NaN (an element with a NaN part) from the plain angle, which is NaN exactly there;
+        Inf (an infinite part) from |z|, which is inf exactly there (also beside a NaN; and
+        where |z| of two finite parts overflows). About 5 kernels before the launch. None
+        where this does not apply."""
+        mod = stats.fused_for(t.device)
+        if mod is None or not t.numel():
+            return None
+        re, im, ab, ang = stats.complex_parts(t, pair)
+        dev = t.device
+        try:
+            p = torch.stack([re, im, ang]).add_(ab * 0)
+            rows = (p[0], p[1], ab, p[2], ang)
+            # nan, inf; nfinite, then real's (min, max, mean, std); imag's, abs', angle's
+            out = tuple(Span(dev, -1, -1) for _ in range(6))
+            targets = (((out[2], 2, 7),), ((out[3], 3, 7),), ((out[1], 1, 2), (out[4], 3, 7)),
+                       ((out[5], 3, 7),), ((out[0], 0, 1),))
+            if cap is self.capture and self.capturing and self.group_values and p.dtype in stats.FUSED_DTYPES:
+                for x, tg in zip(rows, targets):
+                    self._defer(None, x, tg)
+                return out
+            for r, tg in zip(cap.batch(dev, mod).add_group([[x] for x in rows]), targets):
+                for span, lo, hi in tg:
+                    span.lo, span.hi = 10 * r + lo, 10 * r + hi
+        except Exception as e:
+            stats.fused_failed(e)
+            return None
+        return out
+
     @guarded("activations")
-    def launch_deferred(self) -> None:
+    def launch_deferred(self, extra: Optional[tuple] = None) -> Optional[list[int]]:
         """A launch point: learn which watched values changed in place since their hook, and
-        launch the deferred tensors' partials (one grouped launch per dtype and stream)."""
-        if not (self._checking or self._deferred):
-            return
+        launch the deferred tensors' partials (one grouped launch per dtype and stream).
+
+        extra: (device, dtype, layers), the gradients at the end of backward: launched in
+        the group of the deferred tensors of that device and dtype on the current stream.
+        Returns their rows, or None when they were not launched (the caller reads them
+        another way)."""
+        if not (self._checking or self._deferred or extra):
+            return None
         checking, self._checking = self._checking, []
         for key, t, version in checking:  # a module called twice: changed if either was
             if t._version != version:
@@ -379,24 +421,40 @@ class Engine:
                 self._changed.setdefault(key, False)
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
         groups: dict = {}
-        for key, t, version, stream, span in deferred:
-            if t._version != version:  # changed after all: this value cannot be read now
+        for key, t, version, stream, targets in deferred:
+            if key is not None and t._version != version:  # changed after all: cannot be read now
                 self._changed[key] = True
                 say_once(f"in-place {key}", f"tensortap: {key[1]} changed in place after its hook; "
                          "this capture's record of it is dropped, and it is read in its hook from now on")
                 continue
-            groups.setdefault((t.device, t.dtype, stream), []).append((t, span))
+            groups.setdefault((t.device, t.dtype, stream), []).append((t, targets))
+        extra_rows = None
+        if extra is not None:
+            dev, dtype, layers = extra
+            items = groups.pop((dev, dtype, stats.current_stream(dev)), [])
+            extra_rows = self._launch_group(dev, None, items, layers)
         for (dev, _, stream), items in groups.items():
-            try:
-                with _on_stream(dev, stream):
-                    rows = self.capture.batch(dev, stats.fused_for(dev)).add_group([[t] for t, _ in items])
-            except Exception as e:  # a Triton failure: these values by the torch path, now
-                stats.fused_failed(e)
-                for t, span in items:
-                    span.src, span.lo, span.hi = stats.tensor_stats_vector(t).to(torch.float64), 0, 7
-                continue
-            for (_, span), r in zip(items, rows):
-                span.lo, span.hi = 10 * r, 10 * r + 7
+            self._launch_group(dev, stream, items, [])
+        return extra_rows
+
+    def _launch_group(self, dev: torch.device, stream, items: list, layers: list) -> Optional[list[int]]:
+        """One grouped launch: a row per deferred tensor in `items` (their Spans filled), then
+        a row per layer in `layers` (returned). On a Triton failure the deferred tensors are
+        read by the torch path and None is returned."""
+        try:
+            with _on_stream(dev, stream) if stream is not None else contextlib.nullcontext():
+                rows = self.capture.batch(dev, stats.fused_for(dev)).add_group([[t] for t, _ in items] + layers)
+        except Exception as e:  # a Triton failure: these values by the torch path, now
+            stats.fused_failed(e)
+            for t, targets in items:
+                vec = stats.tensor_stats_vector(t).to(torch.float64)
+                for span, lo, hi in targets:
+                    span.src, span.lo, span.hi = vec, lo, hi
+            return None
+        for (_, targets), r in zip(items, rows):
+            for span, lo, hi in targets:
+                span.lo, span.hi = 10 * r + lo, 10 * r + hi
+        return rows[len(items):]
 
     @guarded("activations")
     def on_output(self, name: str, output) -> None:
@@ -520,32 +578,6 @@ def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:
     shape = list(t.shape)
     del shape[dim]
     return shape
-
-
-def _fused_complex(cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
-    """A complex tensor (or a declared pair) on CUDA with Triton, in one grouped launch of
-    five rows: real, imag and angle made NaN where a part is not finite (|z| is then inf or
-    NaN, so |z| * 0 is NaN there and 0 elsewhere), |z| as it is (its finite values are
-    those of the finite elements), and the angle as it is. The element counts are read off
-    the rows: NaN (an element with a NaN part) from the plain angle, which is NaN exactly
-    there; Inf (an infinite part) from |z|, which is inf exactly there (also beside a NaN;
-    and where |z| of two finite parts overflows). About 6 kernels. None where this does not
-    apply."""
-    mod = stats.fused_for(t.device)
-    if mod is None or not t.numel():
-        return None
-    re, im, ab, ang = stats.complex_parts(t, pair)
-    try:
-        p = torch.stack([re, im, ang]).add_(ab * 0)
-        r_re, r_im, r_ab, r_ang, r_raw = cap.batch(t.device, mod).add_group([[p[0]], [p[1]], [ab], [p[2]], [ang]])
-    except Exception as e:
-        stats.fused_failed(e)
-        return None
-    dev = t.device
-    return (Span(dev, 10 * r_raw, 10 * r_raw + 1), Span(dev, 10 * r_ab + 1, 10 * r_ab + 2),  # nan, inf
-            Span(dev, 10 * r_re + 2, 10 * r_re + 7),  # nfinite, then real's (min, max, mean, std)
-            Span(dev, 10 * r_im + 3, 10 * r_im + 7), Span(dev, 10 * r_ab + 3, 10 * r_ab + 7),
-            Span(dev, 10 * r_ang + 3, 10 * r_ang + 7))
 
 
 def _grads_decoder(spec: list, npar: int, total: bool):

@@ -310,6 +310,45 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
     assert len(lin) == 3 and all(r["data"]["min"] < 0 for r in lin)  # before the in-place ReLU
 
 
+def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_launch(pull, monkeypatch):
+    """x_combined, a pair built after the model's forward (as the demo does), is deferred into
+    the launch at the end of backward: one grouped launch for its five rows and every
+    gradient layer. Outside a capture step (`always=True`) it is launched at once. Every
+    record equals NumPy, with NaN and Inf parts in the value."""
+    from tests.client_hooks.test_stats import check_complex
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    launches = _Launches(monkeypatch)
+    refs, counts = [], []
+    with Tap(every_n_steps=2, first_n=0, all_leaves=True, gradients="all",
+             pairs={"x_combined": "real_imag"}) as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(4):  # captures at steps 0 and 2; step 3 records with always=True
+            tap.log_batch({"x": torch.ones(1, device=DEV)}, epoch=0)
+            out = model(torch.randn(5, 3, device=DEV))
+            xc = out.detach().clone().reshape(5, 2, 1)
+            xc[0, 0, 0], xc[1, 1, 0], xc[2, 0, 0], xc[2, 1, 0] = math.nan, math.inf, -math.inf, math.nan
+            tap.record("x_combined", xc, always=step == 3)
+            out.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            refs.append(xc.cpu().double().numpy())
+            counts.append(launches.take())
+    assert tap.sender.dropped == 0
+    # the batch field and the 3 leaves' outputs; x_combined's 5 rows + the 2 layers' 4 tensors
+    assert counts[2] == (0, [4, 5 + 4])
+    assert counts[1] == (0, []) and counts[3][1] == [5]  # no capture; at once, in its own launch
+    assert pull.wait_for(lambda r: len(pull.find("activations", "x_combined")) == 3)
+    for rec in pull.find("activations", "x_combined"):
+        ri = refs[rec["step"]]
+        z = np.empty(ri.shape[:1] + ri.shape[2:], np.complex128)
+        z.real, z.imag = ri[:, 0], ri[:, 1]  # (1j * inf is NaN in NumPy's arithmetic)
+        check_complex(z, rec["data"])
+        assert rec["data"]["nan"] == 2 and rec["data"]["inf"] == 2
+
+
 class _Doubles(nn.Module):
     """A Linear whose output this module doubles in place, once told to (behaviour that
     changes between captures)."""
