@@ -124,6 +124,7 @@ class Engine:
         self._checking: list = []  # launched at once, version read at the next launch point
         self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
         self._deferred_bytes = 0
+        self._decoders: dict = {}  # (shape, dtype, complex) -> the decoder of a tensor's record
         self._grad_decoders: dict = {}  # (layers, their counts) -> (record names, decoder)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class Engine:
             cap.add(kind, name, None, lambda v, x=value: {"value": x, **extra}, 128)
             return
         pair = self.opts.pairs.get(name)
-        t, shape, dt = value.detach(), list(value.shape), stats.dtype_name(value.dtype)
+        t, shape, dt = value.detach(), value.shape, stats.dtype_name(value.dtype)
         is_c = pair is not None or t.is_complex()
         if is_c:
             shape = _shape_of_pair(t, pair)
@@ -333,13 +334,16 @@ class Engine:
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
 
+        dk = (tuple(shape), dt, is_c)
+        decode = self._decoders.get(dk)
+        if decode is None:
+            if len(self._decoders) >= 1024:
+                self._decoders.clear()
+            decode = self._decoders[dk] = stats.stats_decoder(*dk)
         if extra:
-            def decode(v, shape=shape, dt=dt, is_c=is_c):
-                return {**stats.tensor_stats_dict(v, shape, dt, is_c), **extra}
+            cap.add(kind, name, vec, lambda v, decode=decode: {**decode(v), **extra}, 600 if is_c else 300)
         else:
-            def decode(v, shape=shape, dt=dt, is_c=is_c):
-                return stats.tensor_stats_dict(v, shape, dt, is_c)
-        cap.add(kind, name, vec, decode, 600 if is_c else 300)
+            cap.add(kind, name, vec, decode, 600 if is_c else 300)
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
         """A real tensor on the fused path: deferred into this step's grouped launch when its

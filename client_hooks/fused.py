@@ -201,7 +201,7 @@ class _Space:
     def __init__(self, cap: int, device: torch.device):
         self.buf = torch.empty(NF * cap, dtype=torch.float64, device=device)
         self.cap, self.used = cap, 0
-        self.rows: list[tuple[int, int]] = []  # (first block, blocks) per row, rows consecutive
+        self.rows: list[int] = []  # first block, blocks: two values per row, rows consecutive
         self.row0 = -1
 
 
@@ -230,9 +230,11 @@ class Batch:
         if not sp.rows:
             sp.row0 = self.nrows
         first = list(range(self.nrows, self.nrows + len(blocks)))
+        rows, used = sp.rows, sp.used
         for nb in blocks:
-            sp.rows.append((sp.used, nb))
-            sp.used += nb
+            rows += (used, nb)
+            used += nb
+        sp.used = used
         self.nrows += len(blocks)
         return first
 
@@ -254,18 +256,21 @@ class Batch:
     def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
         """One row per layer, over all of that layer's tensors (each as one flat vector): one
         launch for every layer. The tensors must share one float dtype (see `usable`)."""
-        flat = []
+        flat, sizes, ptrs = [], [], []
+        dtype = layers[0][0].dtype
         for ts in layers:
             for t in ts:
                 if not t.is_contiguous():
                     t = t.contiguous()
                     self._keep.append(t)
+                n = t.numel()
+                if t.dtype != dtype or not n:
+                    raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
                 flat.append(t)
-        dtype = flat[0].dtype
-        sizes = tuple(t.numel() for t in flat)
-        if any(t.dtype != dtype for t in flat) or 0 in sizes:
-            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
-        counts = tuple(len(ts) for ts in layers)
+                sizes.append(n)
+                ptrs.append(t.data_ptr())
+        sizes = tuple(sizes)
+        counts = tuple(map(len, layers))
         key = (self.device, dtype, sizes, counts)
         lay = _layouts.get(key)
         if lay is None:
@@ -277,13 +282,12 @@ class Batch:
         sp = self._space(total)
         g0 = sp.used
         rows = self._rows(sp, layer_blocks)
-        ptrs = [t.data_ptr() for t in flat]
         size = flat[0].element_size()
         # offsets from the first tensor in units of 16 bytes when every address is 16-byte
         # aligned (the caching allocator's blocks are), else in elements
         unit = 1 if any(p % 16 for p in ptrs) else 16 // size
         base, step = ptrs[0], size * unit
-        rel = _table(tuple((p - base) // step for p in ptrs), self.device)
+        rel = _table(tuple([(p - base) // step for p in ptrs]), self.device)
         with _on(self.device):
             _launch(_partials_group, total,
                     (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), 8)
@@ -298,9 +302,9 @@ class Batch:
         for sp in self._spaces:
             if not sp.rows:
                 continue
-            desc = _table(tuple(v for r in sp.rows for v in r), self.device)
+            desc = _table(tuple(sp.rows), self.device)
             with _on(self.device):
-                _launch(_merge, len(sp.rows), (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
+                _launch(_merge, len(sp.rows) // 2, (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
         self._out = out[:self.nrows * 10].view(self.nrows, 10)
         self._spaces = []
         return self._out

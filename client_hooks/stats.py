@@ -361,6 +361,22 @@ def _part(vals: list[float], ok: bool) -> dict:
     return {k: (float(v) if ok else None) for k, v in zip(_PARTS, vals)}
 
 
+def stats_decoder(shape: tuple, dtype: str, is_complex: bool):
+    """`tensor_stats_dict` for one shape and dtype, as a function of the values alone: what
+    does not depend on them is worked out once (the engine keeps one per shape and dtype)."""
+    if is_complex:
+        return lambda vals: tensor_stats_dict(vals, list(shape), dtype, True)
+    count, shape = math.prod(shape), list(shape)
+
+    def decode(vals: list[float]) -> dict:
+        if len(vals) < 7 or not vals[2] > 0:  # empty, or nothing finite
+            return tensor_stats_dict(vals, shape, dtype, False)
+        return {"count": count, "nan": int(vals[0]), "inf": int(vals[1]), "min": float(vals[3]),
+                "max": float(vals[4]), "mean": float(vals[5]), "std": float(vals[6]),
+                "shape": shape, "dtype": dtype}
+    return decode
+
+
 def tensor_stats_dict(vals: list[float], shape: list[int], dtype: str, is_complex: bool) -> dict:
     """The payload for `tensor_stats_vector`'s values (sender thread)."""
     count = math.prod(shape)
