@@ -2,21 +2,28 @@
 
 Training thread: `Capture.add` keeps each entry's small device vector; `Capture.flush`
 concatenates them (one `torch.cat` per device), starts one non-blocking copy into a reused
-pinned host buffer, records a CUDA event, and hands the sender one callable per record.
-Sender thread: the first callable waits on the event and converts the whole buffer with one
-`.tolist()`; each callable then decodes its own slice into the payload dict.
+pinned host buffer, records a CUDA event, and hands the sender one packed record for the
+entries that carry a spec (collector.packed: tensor and gradient statistics, decoded by the
+collector) and one callable per other record.
+Sender thread: the first read waits on the event and takes the whole buffer's bytes; the
+packed record carries the bytes its entries use, a callable decodes its own slice.
 """
 from __future__ import annotations
 
-import functools
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from client_hooks import stats
+from collector.packed import PACKED_KIND
 
 Decode = Callable[[list], dict]
+# a record's decoding: a callable run on the sender thread, or a collector.packed spec (a
+# list) decoded by the collector
+Decoding = Union[Decode, list]
+PACK_MAX_ENTRIES = 256  # entries of one packed record (a bigger capture sends several)
 
 
 class _HostRing:
@@ -60,15 +67,46 @@ class _Readback:
                  vals: Optional[list] = None):
         self._host, self._event, self._slot = host, event, slot
         self._vals: Optional[list] = vals  # given: values that were host floats already
+        self._raw: Optional[bytes] = None
+
+    def _take_host(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()  # sender thread: waits for this capture's copy only
+        host, self._host = self._host, None
+        return host
 
     def values(self) -> list:
         if self._vals is None:
-            if self._event is not None:
-                self._event.synchronize()  # sender thread: waits for this capture's copy only
-            self._vals = self._host.tolist()  # sender thread: the one host conversion
-            self._host = None
-            _ring.give(self._slot)
+            if self._raw is not None:
+                self._vals = np.frombuffer(self._raw, dtype="<f8").tolist()
+            else:
+                self._vals = self._take_host().tolist()  # sender thread: the one host conversion
+                _ring.give(self._slot)
         return self._vals
+
+    def raw(self) -> bytes:
+        """The values as little-endian float64 bytes (what a packed record carries)."""
+        if self._raw is None:
+            if self._vals is not None:
+                self._raw = np.asarray(self._vals, dtype="<f8").tobytes()
+            else:
+                self._raw = self._take_host().numpy().astype("<f8", copy=False).tobytes()
+                _ring.give(self._slot)
+        return self._raw
+
+
+class _Packed:
+    """The payload of a packed record (collector.packed): its entries' values, cut out of the
+    capture's bytes on the sender thread. `records`: how many records it stands for (the
+    sender's sequence numbers and counts go by records)."""
+    __slots__ = ("_rb", "_pieces", "_entries", "records")
+
+    def __init__(self, rb: _Readback, pieces: list, entries: list, records: int):
+        self._rb, self._pieces, self._entries, self.records = rb, pieces, entries, records
+
+    def __call__(self) -> dict:
+        raw = self._rb.raw()
+        return {"values": b"".join([raw[8 * lo:8 * hi] for lo, hi in self._pieces]), "entries": self._entries}
 
 
 def _after_copy():
@@ -124,17 +162,17 @@ class Capture:
         self._entries: dict[tuple[str, str], tuple] = {}  # (kind, name) -> entry; last wins
         self._batches: dict = {}  # device -> client_hooks.fused.Batch (CUDA statistics)
 
-    def add(self, kind: str, name: str, vec, decode: Decode, nbytes: int = 400) -> None:
+    def add(self, kind: str, name: str, vec, decode: Decoding, nbytes: int = 400) -> None:
         """vec: a 1-D device tensor, a `Span` of one, a tuple of those (their values
         concatenated), a list of Python floats (values already on the host: nothing to
-        copy), or None for a payload that needs no device value."""
+        copy), or None for a payload that needs no device value. decode: a callable of the
+        values, or a collector.packed spec."""
         self._entries[(kind, name)] = (vec, decode, nbytes)
 
-    def add_many(self, kind: str, names: tuple, vec, decode: Callable[[list], list], nbytes: int = 400) -> None:
-        """Records of several names from one vector (a layer per name, say): `decode` makes
-        the list of their payloads, in the order of `names`, once, on the sender thread.
-        One entry here however many records: the flush walks its pieces once."""
-        self._entries[(kind, tuple(names))] = (vec, decode, nbytes)
+    def add_many(self, kind: str, names: tuple, vec, spec: list, nbytes: int = 400) -> None:
+        """Records of several names from one vector (a layer per name), by one packed spec
+        that makes them all (collector.packed "grads")."""
+        self._entries[(kind, tuple(names))] = (vec, spec, nbytes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -155,8 +193,9 @@ class Capture:
             return None
 
     def flush(self, sender) -> int:
-        """Copy every vector to the host in one go per device; enqueue one record per entry.
-        A vector is a tensor, a Span, or a tuple of those (values concatenated). Each piece
+        """Copy every vector to the host in one go per device; enqueue the records (those
+        with a spec packed into one, see `_add_records`). A vector is a tensor, a Span, or a
+        tuple of those (values concatenated). Each piece
         (a tensor, or a device's merged rows) is copied once however many entries share it;
         an entry's values are (lo, hi) spans of the flat copy of its first piece's device."""
         entries, self._entries = self._entries, {}
@@ -208,43 +247,49 @@ class Capture:
         if none:
             rb = _Readback(None, None, None, [])
             for key, dec, nb in none:
-                _emit(out, key, _payload(rb, [(0, 0)], dec), nb)
+                for kind, name in _keys(key):
+                    out.append((kind, name, _payload(rb, [(0, 0)], dec if callable(dec) else _unread), nb))
         if host:
             rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
-            at = 0
+            at, items = 0, []
             for key, v, dec, nb in host:
-                _emit(out, key, _payload(rb, [(at, at + len(v))], dec), nb)
+                items.append((key, [(at, at + len(v))], dec, nb))
                 at += len(v)
+            _add_records(out, rb, items)
         for pieces, _, items in groups.values():
             if not items:  # its entries could not be read: no copy (it would hold a ring slot)
                 continue
-            rb = to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
-            for key, spans, dec, nb in items:
-                _emit(out, key, _payload(rb, spans, dec), nb)
+            _add_records(out, to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), items)
         return sender.send_many(out, self.step, self.epoch) if out else 0
 
 
-def _emit(out: list, key: tuple, payload: Callable[[], dict], nbytes: int) -> None:
-    """The record of an entry, or (`add_many`: a tuple of names) one record per name."""
+def _keys(key: tuple) -> list[tuple[str, str]]:
+    """(kind, name) of each record of an entry (`add_many`: a tuple of names)."""
     kind, name = key
-    if type(name) is not tuple:
-        out.append((kind, name, payload, nbytes))
-        return
-    many = _Many(payload)
-    out.extend([(kind, n, functools.partial(many.get, i), nbytes) for i, n in enumerate(name)])
+    return [(kind, n) for n in name] if type(name) is tuple else [key]
 
 
-class _Many:
-    """The payloads of an `add_many` entry, decoded on the first record's turn (sender thread)."""
-    __slots__ = ("_decode", "_out")
-
-    def __init__(self, decode: Callable[[], list]):
-        self._decode, self._out = decode, None
-
-    def get(self, i: int) -> dict:
-        if self._out is None:
-            self._out = self._decode()
-        return self._out[i]
+def _add_records(out: list, rb: _Readback, items: list) -> None:
+    """The records of entries that share one read-back: a packed record (or a few, of at
+    most PACK_MAX_ENTRIES entries each) for those with a spec, whose values are cut down to
+    what they use, each entry's contiguous; a callable for each other."""
+    packed: list = []
+    for key, spans, dec, nb in items:
+        if callable(dec):
+            out.append((*key, _payload(rb, spans, dec), nb))
+        else:
+            packed.append((key, spans, dec, nb))
+    for c in range(0, len(packed), PACK_MAX_ENTRIES):
+        pieces, entries, at, nrec, nbytes = [], [], 0, 0, 0
+        for (kind, name), spans, spec, nb in packed[c:c + PACK_MAX_ENTRIES]:
+            names = list(name) if type(name) is tuple else [name]
+            size = sum(hi - lo for lo, hi in spans)
+            pieces += spans
+            entries.append([kind, names, [[at, at + size]], spec])
+            at += size
+            nrec += len(names)
+            nbytes += nb * len(names)
+        out.append((PACKED_KIND, "capture", _Packed(rb, pieces, entries, nrec), nbytes + 8 * at))
 
 
 def _unread(_v: list) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -97,6 +96,7 @@ SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snaps
 # deferred tensors held for the grouped launch, at most. Autograd keeps most of them for
 # backward anyway; what is held only for the launch is freed at the end of the forward.
 DEFER_MAX_BYTES = 1 << 30
+GRAD_LAYERS_PER_ENTRY = 512  # gradient layers of one packed entry (its records' names and values)
 
 
 class Engine:
@@ -124,8 +124,7 @@ class Engine:
         self._checking: list = []  # launched at once, version read at the next launch point
         self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
         self._deferred_bytes = 0
-        self._decoders: dict = {}  # (shape, dtype, complex) -> the decoder of a tensor's record
-        self._grad_decoders: dict = {}  # (layers, their counts) -> (record names, decoder)
+        self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -272,8 +271,7 @@ class Engine:
         if self._grad_vecs:
             self._add_gradients()
         if self._total is not None:
-            self.capture.add("gradients", "_total", self._total.to(torch.float64),
-                             lambda v: {"norm": v[0]}, 64)
+            self.capture.add("gradients", "_total", self._total.to(torch.float64), ["norm"], 64)
         self._reset_grads()
         self.launch_deferred()
         self.capture.flush(self.sender)
@@ -291,11 +289,10 @@ class Engine:
         vecs = [self._grad_vecs[i][0] for i in keys]
         if isinstance(vecs[0], Span):  # rows of the fused batch on device `src`
             src = dev = vecs[0].src
-            r0 = vecs[0].lo // 10  # add_group gave the layers consecutive rows
-            rows = Span(src, 10 * r0, 10 * (r0 + len(keys)))
+            r0 = 10 * (vecs[0].lo // 10)  # add_group gave the layers consecutive rows
         else:
-            rows = _rows(vecs).reshape(-1)
-            dev = rows.device
+            src, r0 = _rows(vecs).reshape(-1), 0
+            dev = src.device
         norms = self._wnorms + list(torch._foreach_norm(self._before))
         try:
             pn = torch.stack(norms)
@@ -303,15 +300,35 @@ class Engine:
             pn = torch.stack([n.to(dev) for n in norms])
         if pn.device != dev:
             pn = pn.to(dev)
+        npar = len(self._wparams)
         dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys))
-        dec = self._grad_decoders.get(dk)
-        if dec is None:
-            if len(self._grad_decoders) > 16:
-                self._grad_decoders.clear()
-            names = tuple(self._layers[i][0] for i in keys) + (("_total",) if self._covers_all else ())
-            spec = [(count, *self._wrange[i]) for i, count in zip(keys, dk[1])]
-            dec = self._grad_decoders[dk] = (names, _grads_decoder(spec, len(self._wparams), self._covers_all))
-        self.capture.add_many("gradients", dec[0], (rows, pn), dec[1], 500)
+        specs = self._grad_specs.get(dk)
+        if specs is None:
+            if len(self._grad_specs) > 16:
+                self._grad_specs.clear()
+            specs = self._grad_specs[dk] = self._make_grad_specs(keys, dk[1])
+        add_many = self.capture.add_many
+        for j0, j1, a, b, names, spec in specs:  # layers j0..j1 of keys, parameters a..b
+            add_many("gradients", names, (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b),
+                                          Span(pn, npar + a, npar + b)), spec, 500)
+
+    def _make_grad_specs(self, keys: list, counts: tuple) -> list:
+        """The packed entries of the gradient records (collector.packed "grads"): one for up
+        to GRAD_LAYERS_PER_ENTRY layers, with the total norm in it when that is all of them,
+        else in an entry of its own. (j0, j1, a, b, names, spec) each: layers j0..j1 of keys,
+        their parameters a..b of the watched ones."""
+        out, n, per = [], len(keys), GRAD_LAYERS_PER_ENTRY
+        for j0 in range(0, n, per):
+            ks, j1 = keys[j0:j0 + per], min(n, j0 + per)
+            a, b = self._wrange[ks[0]][0], self._wrange[ks[-1]][1]
+            total = self._covers_all and n <= per
+            names = tuple(self._layers[i][0] for i in ks) + (("_total",) if total else ())
+            spec = ["grads", list(counts[j0:j1]), [[x - a, y - a] for x, y in (self._wrange[i] for i in ks)],
+                    b - a, total]
+            out.append((j0, j1, a, b, names, spec))
+        if self._covers_all and n > per:
+            out.append((0, n, 0, 0, ("_total",), ["total"]))
+        return out
 
     # -- values ----------------------------------------------------------------------------
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
@@ -334,16 +351,7 @@ class Engine:
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
 
-        dk = (tuple(shape), dt, is_c)
-        decode = self._decoders.get(dk)
-        if decode is None:
-            if len(self._decoders) >= 1024:
-                self._decoders.clear()
-            decode = self._decoders[dk] = stats.stats_decoder(*dk)
-        if extra:
-            cap.add(kind, name, vec, lambda v, decode=decode: {**decode(v), **extra}, 600 if is_c else 300)
-        else:
-            cap.add(kind, name, vec, decode, 600 if is_c else 300)
+        cap.add(kind, name, vec, ["tensor", list(shape), dt, is_c, extra or None], 600 if is_c else 300)
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
         """A real tensor on the fused path: deferred into this step's grouped launch when its
@@ -543,17 +551,6 @@ def _rows(vecs: list) -> torch.Tensor:
                         for v in vecs])
 
 
-def _total_norm(rows: list) -> float:
-    """The norm of all gradients from per-layer GRAD_VEC rows (nan, inf, ..., norm at 8; norm
-    over finite elements): sqrt of the sum of squares, NaN if any element is NaN, else inf if
-    any is infinite (what clip_grad_norm_ would see). Sender thread."""
-    if any(v[0] > 0 for v in rows):
-        return math.nan
-    if any(v[1] > 0 for v in rows):
-        return math.inf
-    return math.sqrt(sum(v[8] * v[8] for v in rows))
-
-
 def _fused_span(cap: Capture, t: torch.Tensor, mod) -> Optional[Span]:
     """Launch the statistics of real `t` into the capture's fused batch now (one kernel; a
     later in-place change of t cannot alter them) and return the Span of its row: [nan, inf,
@@ -582,25 +579,3 @@ def _shape_of_pair(t: torch.Tensor, pair) -> list[int]:
     shape = list(t.shape)
     del shape[dim]
     return shape
-
-
-def _grads_decoder(spec: list, npar: int, total: bool):
-    """Decodes one capture's gradient values into the layers' payloads (sender thread): per
-    layer (in `spec`: its element count and slice of the watched parameters) a GRAD_VEC row,
-    then the parameters' weight norms and update norms, each npar long. The layer's weight
-    norm and update ratio are summed from those; with `total`, one more payload: the norm
-    of all gradients from the rows."""
-    def decode(v: list) -> list:
-        nl = len(spec)
-        wn_all, dn_all = v[10 * nl:10 * nl + npar], v[10 * nl + npar:10 * nl + 2 * npar]
-        out = []
-        for j, (count, a, b) in enumerate(spec):
-            wn = math.sqrt(sum(x * x for x in wn_all[a:b]))
-            dn = math.sqrt(sum(x * x for x in dn_all[a:b]))
-            ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-            out.append(stats.grad_stats_dict(v[10 * j:10 * j + 10] + [wn], count,
-                                             ratio if ratio == ratio else None))
-        if total:
-            out.append({"norm": _total_norm([v[j:j + 10] for j in range(0, 10 * nl, 10)])})
-        return out
-    return decode

@@ -33,6 +33,12 @@ _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated 
 IDLE_POLL_S = 0.01
 
 
+def _count(data) -> int:
+    """How many records a queued payload stands for: a packed capture's (client_hooks.capture),
+    several; any other, one. Counts (sent, dropped) and sequence numbers go by records."""
+    return getattr(data, "records", 1)
+
+
 def _frames(recs: list[Record]) -> list[tuple[bytes, int]]:
     """A batched frame: the whole list in one encoder call when it fits in one frame (the
     usual case), else split by size."""
@@ -104,7 +110,7 @@ class Sender:
         size = nbytes + _ITEM_OVERHEAD
         with self._lock:  # uncontended: ~100 ns
             if self._closed or self._queued_bytes + size > self.max_queue_bytes:
-                self.dropped += 1
+                self.dropped += _count(data)
                 return False
             self._queued_bytes += size
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
@@ -118,13 +124,13 @@ class Sender:
         sizes = [nb + _ITEM_OVERHEAD for _, _, _, nb in items]
         with self._lock:
             if self._closed:
-                self.dropped += len(items)
+                self.dropped += sum(_count(it[2]) for it in items)
                 return 0
             room, keep = self.max_queue_bytes - self._queued_bytes, 0
             while keep < len(items) and sizes[keep] <= room:
                 room -= sizes[keep]
                 keep += 1
-            self.dropped += len(items) - keep
+            self.dropped += sum(_count(it[2]) for it in items[keep:])
             self._queued_bytes += sum(sizes[:keep])
         self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
         return keep
@@ -140,38 +146,46 @@ class Sender:
                 self._queued_bytes -= sum(it[6] for it in items)
         return items
 
-    def _records(self, items: list) -> list[Record]:
+    def _records(self, items: list) -> list[tuple[Record, int]]:
+        """(record, how many records it stands for: a packed one, several) per item."""
         recs = []
         for kind, name, step, epoch, t, data, _ in items:
+            n = _count(data)
             if callable(data):
                 try:
                     data = data()  # e.g. waits on a CUDA event, then reads a pinned buffer
                 except Exception as e:  # telemetry never raises into training
                     self._warn_once("payload", f"tensortap: a statistic could not be read ({e!r}); dropping it")
                     with self._lock:  # send() updates it too, from the training thread
-                        self.dropped += 1
+                        self.dropped += n
                     continue
-            recs.append(Record(v=1, run=self.run, rank=self.rank, world=self.world, seq=0, t=t,
-                               kind=kind, name=name, step=step, epoch=epoch, data=data))
+            recs.append((Record(v=1, run=self.run, rank=self.rank, world=self.world, seq=0, t=t,
+                                kind=kind, name=name, step=step, epoch=epoch, data=data), n))
         return recs
 
-    def _send_records(self, recs: list[Record], deadline: Optional[float]) -> None:
+    def _send_records(self, recs: list[tuple[Record, int]], deadline: Optional[float]) -> None:
+        """Sequence numbers go by records: a packed record of n takes seq .. seq + n - 1."""
         if not recs:
             return
         first = self._seq
-        for r in recs:
+        for r, n in recs:
             r.seq = self._seq
-            self._seq += 1
-        frames = [(encode(recs[0]), 1)] if len(recs) == 1 else _frames(recs)
-        done = 0
-        for frame, n in frames:
+            self._seq += n
+        if len(recs) == 1:
+            frames = [(encode(recs[0][0]), 1)]
+        else:
+            frames = _frames([r for r, _ in recs])
+        done = sent_objs = 0
+        for frame, k in frames:
+            n = sum(c for _, c in recs[sent_objs:sent_objs + k]) if k > 1 else recs[sent_objs][1]
             if not self._send_frame(frame, deadline):
                 # give back the unsent seqs: what never left is 'dropped', not a gap
-                lost = len(recs) - done
+                lost = self._seq - first - done
                 self._seq = first + done
                 with self._lock:
                     self.dropped += lost
                 return
+            sent_objs += k
             done += n
             self.sent += n
 

@@ -1,8 +1,9 @@
 """Tensor statistics computed on the tensor's device, packed into one small vector per tensor.
 
 Each `*_vector` function runs on the training thread and returns a 1-D float64 tensor on the
-input's device (no host read of a device value); the matching `*_dict` function turns the
-vector's values (a Python list, read later on the sender thread) into the payload dict.
+input's device (no host read of a device value); the matching `*_dict` function (those of
+tensors and gradients live in collector.packed, where the collector expands a capture's packed
+record) turns the vector's values into the payload dict.
 
 Real tensor payload (`tensor_stats_dict`):
     {"count", "nan", "inf", "min", "max", "mean", "std", "shape": [...], "dtype": "float32"}
@@ -35,7 +36,8 @@ from typing import Optional
 
 import torch
 
-_PARTS = ("min", "max", "mean", "std")
+from collector.packed import grad_stats_dict, tensor_stats_dict  # noqa: F401  (the payloads, shared)
+
 PAIR_KINDS = ("real_imag", "amp_phase")
 
 
@@ -357,44 +359,6 @@ def _complex_fast_cpu(parts: list[torch.Tensor]) -> Optional[list[float]]:
     return out
 
 
-def _part(vals: list[float], ok: bool) -> dict:
-    return {k: (float(v) if ok else None) for k, v in zip(_PARTS, vals)}
-
-
-def stats_decoder(shape: tuple, dtype: str, is_complex: bool):
-    """`tensor_stats_dict` for one shape and dtype, as a function of the values alone: what
-    does not depend on them is worked out once (the engine keeps one per shape and dtype)."""
-    if is_complex:
-        return lambda vals: tensor_stats_dict(vals, list(shape), dtype, True)
-    count, shape = math.prod(shape), list(shape)
-
-    def decode(vals: list[float]) -> dict:
-        if len(vals) < 7 or not vals[2] > 0:  # empty, or nothing finite
-            return tensor_stats_dict(vals, shape, dtype, False)
-        return {"count": count, "nan": int(vals[0]), "inf": int(vals[1]), "min": float(vals[3]),
-                "max": float(vals[4]), "mean": float(vals[5]), "std": float(vals[6]),
-                "shape": shape, "dtype": dtype}
-    return decode
-
-
-def tensor_stats_dict(vals: list[float], shape: list[int], dtype: str, is_complex: bool) -> dict:
-    """The payload for `tensor_stats_vector`'s values (sender thread)."""
-    count = math.prod(shape)
-    if not vals:  # empty tensor
-        vals = [0.0, 0.0, 0.0] + [0.0] * (16 if is_complex else 4)
-    nan, inf, nfin = int(vals[0]), int(vals[1]), int(vals[2])
-    d = {"count": count, "nan": nan, "inf": inf}
-    ok = nfin > 0
-    if is_complex:
-        for i, key in enumerate(("real", "imag", "abs", "angle")):
-            d[key] = _part(vals[3 + 4 * i: 7 + 4 * i], ok)
-    else:
-        d.update(_part(vals[3:7], ok))
-    d["shape"] = list(shape)
-    d["dtype"] = dtype
-    return d
-
-
 def _check_pair(t: torch.Tensor, pair: str, dim: int) -> None:
     if pair not in PAIR_KINDS:
         raise ValueError(f"tensortap: pair must be one of {PAIR_KINDS}, got {pair!r}")
@@ -462,18 +426,6 @@ def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) ->
     g = grad_moments_vector(grads)
     wnorm = torch.nn.utils.get_total_norm([w.detach() for w in weights])
     return torch.cat([g, wnorm.reshape(1).to(g.dtype)])
-
-
-def grad_stats_dict(vals: list[float], count: int, update_ratio: Optional[float]) -> dict:
-    """The gradients payload (sender thread) from GRAD_VEC values. Statistics are over finite
-    gradient elements."""
-    nan, inf, nfin = int(vals[0]), int(vals[1]), int(vals[2])
-    ok = nfin > 0
-    f = (lambda v: float(v) if ok else None)
-    return {"count": count, "mean": f(vals[5]), "std": f(vals[6]), "norm": f(vals[8]),
-            "max_abs": f(vals[9]), "nan": nan, "inf": inf,
-            "zero_frac": (vals[7] / count) if count else None,
-            "weight_norm": float(vals[10]), "update_ratio": update_ratio}
 
 
 # -- patch metrics --------------------------------------------------------------------------

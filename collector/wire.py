@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import msgspec
 
+from collector.packed import PACKED_KIND, PackedError, expand
+
 SCHEMA_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB, the collector's default limit
 MAX_BATCH = 4096
@@ -31,7 +33,8 @@ STREAM_FILES = {
     "events": "events.jsonl",
     "patch_metrics": "patch_metrics.json",  # latest record wins, one JSON document
 }
-Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics"]
+# "packed": a capture's records in one (collector.packed), expanded by `decode`: never stored
+Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics", "packed"]
 
 # A run id names a folder: it cannot start with a dot and holds no separator, so no record
 # can write outside its run folder ("../../etc" is rejected, not rewritten). The pattern is
@@ -151,9 +154,35 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
         raise WireError("nesting too deep") from None
     except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 in object keys
         raise WireError(f"malformed JSON: invalid UTF-8 at byte {e.start}") from None
+    packed = False
     for r in recs:
         if r.run not in _good_runs and not valid_run_id(r.run):
             raise WireError(f"invalid record: run id {r.run[:64]!r} does not match {RUN_ID_PATTERN} - at `$.run`")
+        packed = packed or r.kind == PACKED_KIND
+    if packed:
+        return _expand(recs), None
     if b"\n" in frame or b"\r" in frame:
         return recs, None
     return recs, (_decode_raws(frame) if batch else frame)
+
+
+def _expand(recs: list[Record]) -> list[Record]:
+    """Each packed record replaced by the records it stands for (collector.packed): seq,
+    seq + 1, ... with its envelope. All or nothing, like a batch."""
+    out = []
+    for r in recs:
+        if r.kind != PACKED_KIND:
+            out.append(r)
+            continue
+        try:
+            items = expand(r.data)
+        except PackedError as e:
+            raise WireError(f"invalid record: {e}") from None
+        if not items:
+            raise WireError("invalid record: a packed record with no entries")
+        if r.seq + len(items) > 2**62:
+            raise WireError("invalid record: packed seq range out of bounds")
+        out.extend(Record(v=1, run=r.run, rank=r.rank, world=r.world, seq=r.seq + i, t=r.t, kind=kind,
+                          name=name, step=r.step, epoch=r.epoch, data=data)
+                   for i, (kind, name, data) in enumerate(items))
+    return out

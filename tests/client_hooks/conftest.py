@@ -1,11 +1,13 @@
 """Shared helpers: a real ZeroMQ PULL socket that stands in for the collector."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
+import msgspec
 import pytest
+
+from collector.wire import decode
 
 
 class Pull:
@@ -25,9 +27,9 @@ class Pull:
 
     def _run(self):
         while not self._stop.is_set():
-            if self.sock.poll(50):
-                frame = json.loads(self.sock.recv())
-                self.records.extend(frame if isinstance(frame, list) else [frame])
+            if self.sock.poll(50):  # as the collector reads it (a packed record expanded)
+                recs, _ = decode(self.sock.recv())
+                self.records.extend(msgspec.to_builtins(recs))
 
     def wait_for(self, pred, timeout=10.0):
         deadline = time.monotonic() + timeout

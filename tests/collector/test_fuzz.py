@@ -18,6 +18,11 @@ from tests.procs import CollectorProc, read_jsonl, wait_for
 VALID = json.loads(encode(Record(v=1, run="fz", rank=0, world=1, seq=0, t=1.0, kind="metrics",
                                  name="loss", step=1, data={"value": 0.5, "abs": {"min": 0.0}})))
 
+PACKED = json.loads(encode(Record(v=1, run="fz", rank=0, world=1, seq=0, t=1.0, kind="packed", name="capture",
+                                  data={"values": b"\0" * 8 * 12, "entries": [
+                                      ["activations", ["a"], [[0, 7]], ["tensor", [7], "float32", False, None]],
+                                      ["gradients", ["l", "_total"], [[0, 12]], ["grads", [4], [[0, 1]], 1, True]]]})))
+
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40))
 json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=4),
@@ -65,7 +70,31 @@ def huge_or_deep(draw):
     return json.dumps([{**VALID, "seq": i} for i in range(n % 5000 + 4097)]).encode()  # over MAX_BATCH
 
 
-frames = st.one_of(st.binary(max_size=300), wrong_types(), mutated(), huge_or_deep(),
+@st.composite
+def packed(draw):
+    """A packed record (collector/packed.py) with parts of its data replaced, or its bytes mutated."""
+    data = json.loads(json.dumps(PACKED["data"]))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["values", "entries", "entry", "spec", "span"]))
+        ents = data.get("entries")
+        whole = isinstance(ents, list) and len(ents) == 2 and all(isinstance(x, list) and len(x) == 4 for x in ents)
+        e = ents[draw(st.integers(0, 1))] if whole else None
+        if where in ("values", "entries") or e is None:
+            data[where if where in ("values", "entries") else "entries"] = draw(json_value)
+        elif where == "entry":
+            e[draw(st.integers(0, 3))] = draw(json_value)
+        elif where == "spec" and isinstance(e[3], list) and e[3]:
+            e[3][draw(st.integers(0, len(e[3]) - 1))] = draw(json_value)
+        elif where == "span":
+            e[2] = [[draw(st.integers(-3, 20)), draw(st.integers(-3, 20))]]
+    b = json.dumps({**PACKED, "data": data}, allow_nan=True).encode()
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(b) - 1))
+        b = b[:i] + draw(st.binary(max_size=4)) + b[i + 1:]
+    return b
+
+
+frames = st.one_of(st.binary(max_size=300), wrong_types(), mutated(), huge_or_deep(), packed(),
                    json_value.map(lambda v: json.dumps(v, allow_nan=True).encode()))
 
 
