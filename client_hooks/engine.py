@@ -7,11 +7,14 @@ step) attaches hooks at begin_step and removes them at end_step, where the step'
 to the host in one copy. Every public method swallows its errors: one warning per kind.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
-grouped kernel launch for the real tensors met during the forward (their block partials); for
-all gradient layers together one grouped launch, two foreach norms, a snapshot copy and a
-stack of the per-parameter norms; for a complex value (or a declared pair) ~6 kernels and one
-grouped launch; then one merge launch and one device-to-host copy. Layer norms, update ratios
-and the total gradient norm are summed on the sender thread. A loss (`metrics`) is one copy
+grouped kernel launch for the real tensors met during the forward (their block partials); at
+the end of backward one grouped launch for every gradient layer together with the values
+deferred since the forward (a complex value or declared pair recorded after the model's
+forward: ~5 kernels before it, five rows in the launch), two foreach norms, a snapshot copy
+and a stack of the per-parameter norms; then one merge launch and one device-to-host copy.
+The step's tensor and gradient statistics go to the sender as one packed record
+(collector.packed): the collector, not this process, turns the values into payloads, sums
+the layers' norms, update ratios and the total gradient norm. A loss (`metrics`) is one copy
 to a pinned slot and one event a step.
 
 Grouping the forward's tensors means reading them later than their hook: an in-place change
@@ -277,12 +280,12 @@ class Engine:
         self.capture.flush(self.sender)
 
     def _add_gradients(self) -> None:
-        """A record per layer from one entry: the layers' moments (consecutive rows of the
-        capture's fused batch on CUDA with Triton, else one matrix of the layers' vectors)
-        and every watched parameter's weight and update norm (one stacked vector). The
-        sender thread sums those into each layer's norms and update ratio, and the rows into
-        the total norm when the layers hold every trainable parameter: no small tensor ops,
-        and no per-layer bookkeeping, here."""
+        """A record per layer from one packed entry (a few for thousands of layers): the
+        layers' moments (consecutive rows of the capture's fused batch on CUDA with Triton,
+        else one matrix of the layers' vectors) and every watched parameter's weight and
+        update norm (one stacked vector). The collector sums those into each layer's norms
+        and update ratio, and the rows into the total norm when the layers hold every
+        trainable parameter: no small tensor ops, and no per-layer bookkeeping, here."""
         with torch.no_grad():
             torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         keys = sorted(self._grad_vecs)

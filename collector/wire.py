@@ -33,8 +33,11 @@ STREAM_FILES = {
     "events": "events.jsonl",
     "patch_metrics": "patch_metrics.json",  # latest record wins, one JSON document
 }
-# "packed": a capture's records in one (collector.packed), expanded by `decode`: never stored
-Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics", "packed"]
+Kind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics"]
+# also "packed": a capture's records in one (collector.packed), expanded by `decode` (never
+# stored). A frame that holds one fails the plain decoders on `kind`, and only then is decoded
+# again with this wider type: the frames of every other record pay nothing for it
+PackedOrKind = Literal["loader_stats", "activations", "gradients", "metrics", "events", "patch_metrics", "packed"]
 
 # A run id names a folder: it cannot start with a dot and holds no separator, so no record
 # can write outside its run folder ("../../etc" is rejected, not rewritten). The pattern is
@@ -74,6 +77,11 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False, gc
     data: dict[str, Any] = {}
 
 
+class _AnyRecord(Record, forbid_unknown_fields=True, omit_defaults=False, gc=False):
+    """A Record whose kind may be "packed" (see PackedOrKind)."""
+    kind: PackedOrKind
+
+
 class WireError(ValueError):
     """A frame that is not valid tensortap wire data; the message says why (one line)."""
 
@@ -82,6 +90,8 @@ _encoder = msgspec.json.Encoder()
 _decode_one = msgspec.json.Decoder(Record).decode
 _decode_batch = msgspec.json.Decoder(list[Record]).decode
 _decode_raws = msgspec.json.Decoder(list[msgspec.Raw]).decode  # a valid batch's records, as sent
+_decode_one_any = msgspec.json.Decoder(_AnyRecord).decode
+_decode_batch_any = msgspec.json.Decoder(list[_AnyRecord]).decode
 _run_id_re = re.compile(RUN_ID_PATTERN)
 _good_runs: set[str] = set()  # run ids that passed the pattern (bounded below)
 
@@ -135,17 +145,22 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
     """
     if len(frame) > max_bytes:
         raise WireError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+    packed = False
     try:
         head = frame[:1]
         batch = head == b"[" or (head != b"{" and frame.lstrip().startswith(b"["))
+        try:
+            recs = _decode_batch(frame) if batch else [_decode_one(frame)]
+        except msgspec.ValidationError as e:
+            if "kind" not in str(e):
+                raise
+            recs = _decode_batch_any(frame) if batch else [_decode_one_any(frame)]  # packed, or invalid
+            packed = True
         if batch:
-            recs = _decode_batch(frame)
             if not recs:
                 raise WireError("empty batch")
             if len(recs) > MAX_BATCH:
                 raise WireError(f"batch of {len(recs)} records exceeds {MAX_BATCH}")
-        else:
-            recs = [_decode_one(frame)]
     except msgspec.ValidationError as e:
         raise WireError(f"invalid record: {e}") from None
     except msgspec.DecodeError as e:
@@ -154,11 +169,9 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record]
         raise WireError("nesting too deep") from None
     except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 in object keys
         raise WireError(f"malformed JSON: invalid UTF-8 at byte {e.start}") from None
-    packed = False
     for r in recs:
         if r.run not in _good_runs and not valid_run_id(r.run):
             raise WireError(f"invalid record: run id {r.run[:64]!r} does not match {RUN_ID_PATTERN} - at `$.run`")
-        packed = packed or r.kind == PACKED_KIND
     if packed:
         return _expand(recs), None
     if b"\n" in frame or b"\r" in frame:
@@ -172,7 +185,8 @@ def _expand(recs: list[Record]) -> list[Record]:
     out = []
     for r in recs:
         if r.kind != PACKED_KIND:
-            out.append(r)
+            out.append(Record(v=1, run=r.run, rank=r.rank, world=r.world, seq=r.seq, t=r.t, kind=r.kind,
+                              name=r.name, step=r.step, epoch=r.epoch, data=r.data))
             continue
         try:
             items = expand(r.data)

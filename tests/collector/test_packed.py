@@ -67,6 +67,13 @@ def test_a_packed_record_expands_into_the_records_it_stands_for_with_consecutive
     assert d["_other"] == {"norm": 7.5}
 
 
+def test_a_packed_kind_written_with_json_escapes_is_expanded_too():
+    f = frame(packed_data()).replace(b'"kind":"packed"', b'"kind":"p\\u0061cked"')
+    assert b'"packed"' not in f
+    recs, raw = decode(f)
+    assert raw is None and len(recs) == 7 and "packed" not in {r.kind for r in recs}
+
+
 def test_packed_and_plain_records_mix_in_one_batch():
     plain = Record(v=1, run="pk", rank=1, world=2, seq=4, t=1.0, kind="metrics", name="loss", data={"value": 1.0})
     packed = msgspec.json.decode(frame(packed_data(), seq=5))
