@@ -5,7 +5,7 @@ tensortap's Python and torch work on the training thread, the part of a GPU step
 that shows when the step is bound by its host (bench/overhead.py on a GPU measures the
 whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts seen).
 
-    python bench/host_cost.py [--rounds 15] [--tree PATH]
+    python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations]
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
 to compare trees; the same model and harness either way. Prints the median step time of
@@ -13,7 +13,8 @@ to compare trees; the same model and harness either way. Prints the median step 
 step: wall time, the training thread's CPU time, and the sender thread's CPU time (its work
 on the epoch's records is waited for after each epoch: on a host-bound GPU step the two
 threads contend for the GIL, so both count); with --timers, the inclusive host time of each
-entry point. The records go to a drain process.
+entry point; with --ablations, three more variants that split the every-step cost (ABLATIONS).
+The records go to a drain process.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ ap.add_argument("--rounds", type=int, default=15)
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 ap.add_argument("--timers", action="store_true")
+ap.add_argument("--ablations", action="store_true", help="also: " + "; ".join(
+    ["nosend", "grads_only", "hooks_only"]) + " (see ABLATIONS)")
 ap.add_argument("--width", type=int, default=8)
 ap.add_argument("--modes", type=int, default=4)
 ap.add_argument("--size", type=int, default=16)
@@ -50,7 +53,7 @@ os.environ.update(TRITON_INTERPRET="1", TENSORTAP_FUSED_ON_CPU="1", TENSORTAP_BE
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-from client_hooks import fused  # noqa: E402  (first: from --tree, before overhead adds this checkout)
+from client_hooks import fused, hooks  # noqa: E402  (first: from --tree, before overhead adds this checkout)
 import overhead as B  # noqa: E402
 
 if os.path.dirname(os.path.abspath(fused.__file__)) != os.path.join(os.path.abspath(a.tree), "client_hooks"):
@@ -72,6 +75,37 @@ if a.timers:
     timers = profile_step.install_timers()
 
 
+ABLATIONS = {
+    "nosend": "every_step, its records handed to the sender only after the epoch's timing",
+    "grads_only": "every_step with its hooks registered, forward values, record() and log_batch() ignored",
+    "hooks_only": "no Tap: a no-op forward hook on every leaf and the model, a no-op hook on every parameter",
+}
+
+
+def _variant(name: str, base) -> dict:
+    """overhead.py's variant, or an ablation of every_step (ABLATIONS)."""
+    if name not in ABLATIONS:
+        return B.make_variant(name, base, "cpu", 1e-4)
+    if name == "hooks_only":
+        v = B.make_variant("none", base, "cpu", 1e-4)
+        m = v["model"]
+        for mod in [mod for _, mod in hooks.leaf_modules(m)] + [m]:
+            mod.register_forward_hook(lambda *args: None)
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: None)
+        return v
+    v = B.make_variant("every_step", base, "cpu", 1e-4)
+    e = v["tap"]._engine
+    if name == "nosend":
+        import profile_step
+
+        e.sender = profile_step._Later(e.sender)
+    else:
+        e._hooks._on_output = lambda name, out: None  # the hooks run, and return at once
+        e.record = e.log_batch = lambda *args, **kw: None
+    return v
+
+
 def _cpu(sender) -> float:
     """The sender thread's CPU seconds so far (0 without one)."""
     return (sender.stats()["cpu_s"] or 0.0) if sender is not None else 0.0
@@ -83,20 +117,25 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(1, 1, a.size, a.size, generator=g), torch.randn(1, 2, a.size, a.size, generator=g))
                for _ in range(a.steps)]
-    names = ("none", "default", "every_step")
-    vs = {n: B.make_variant(n, base, "cpu", 1e-4) for n in names}
+    names = ("none", "default", "every_step") + (tuple(ABLATIONS) if a.ablations else ())
+    vs = {n: _variant(n, base) for n in names}
     times: dict = {n: [] for n in names}
     cpu: dict = {n: [] for n in names}  # the training thread's CPU time a step
     scpu: dict = {n: [] for n in names}  # the sender thread's
     for r in range(a.rounds + 1):
-        for n in names[r % 3:] + names[:r % 3]:
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
             if timers is not None and r == a.rounds and n == "every_step":
                 for cell in timers.values():
                     cell[:] = [0, 0.0]
             sender = vs[n]["tap"]._engine.sender if vs[n]["tap"] is not None else None
+            held = getattr(sender, "release", None)  # nosend: its records go after the timing
+            sender = getattr(sender, "_sender", sender)
             c0, s0 = time.thread_time(), _cpu(sender)
             t = B.run_epoch(vs[n], batches, "cpu")
             c1 = time.thread_time()
+            if held is not None:
+                held()
             if sender is not None:
                 sender.flush(2.0)  # the sender's work on this epoch, done
                 time.sleep(0.005)  # and its last frame (taken off the queue before flush saw it empty)

@@ -1,40 +1,45 @@
-"""Sender-thread work for an every-step capture, in one process: making the queued items'
-payloads (a capture's statistics are one packed record, decoded by the collector), then
-building, encoding and handing the frame to ZeroMQ. The demo FNO on CPU; the sender's thread
-is stopped and its two stages are timed directly. (The receiving thread shares this
-process's GIL.)
+"""Sender-thread work for an every-step capture: making the queued items' payloads (since the
+seventh session a capture's statistics are one packed record, decoded by the collector), then
+building, encoding and handing the frame to ZeroMQ. The demo FNO (width 8, modes 4) on CPU, the
+torch path; the sender's thread is stopped and its two stages are timed directly (thread CPU
+time) on the queue of each step; the frames go to a drain process.
 
-    python bench/sender_cost.py [--steps 30]
+    python bench/sender_cost.py [--steps 30] [--tree DIR]
+
+--tree: import client_hooks (and collector) from another checkout, to compare trees.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--steps", type=int, default=30)
+ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+a = ap.parse_args()
+sys.path[:0] = [a.tree, os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))]
 
 import torch  # noqa: E402
 
 from client_hooks.engine import Engine, Options  # noqa: E402
 from client_hooks.sender import Sender  # noqa: E402
 
+_DRAIN = ("import sys, zmq; s = zmq.Context().socket(zmq.PULL); "
+          "print(s.bind_to_random_port('tcp://127.0.0.1'), flush=True)\n"
+          "while True: s.recv()")
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    a = ap.parse_args()
-    import zmq
-
     from examples.grid_lines.models import FNOGenerator
 
-    pull = zmq.Context.instance().socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    threading.Thread(target=lambda: [pull.recv() for _ in iter(int, 1)], daemon=True).start()
-    sender = Sender(f"tcp://127.0.0.1:{port}", "sender-cost")
+    drain = subprocess.Popen([sys.executable, "-c", _DRAIN], stdout=subprocess.PIPE, text=True)
+    atexit.register(drain.kill)
+    sender = Sender(f"tcp://127.0.0.1:{int(drain.stdout.readline())}", "sender-cost")
     sender._closing.set()  # stop its thread: the two stages run here, timed
     sender._thread.join()
     eng = Engine(sender, Options(every_n_steps=1, all_leaves=True, gradients="all"))
@@ -62,14 +67,14 @@ def main() -> None:
     decode, send = [], []
     for _ in range(a.steps):
         items = step()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         recs = sender._records(items)
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         sender._send_records(recs, None)
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         decode.append(t1 - t0)
         send.append(t2 - t1)
-    nrec = sum(n for _, n in recs)
+    nrec = sum(r[1] if isinstance(r, tuple) else 1 for r in recs)  # (record, records it holds) since packing
     print(f"{nrec} records a capture in {len(items)} queued items; median per capture: payloads "
           f"{statistics.median(decode) * 1e6:.1f} us, frame + encode + ZeroMQ {statistics.median(send) * 1e6:.1f} us "
           f"({(statistics.median(decode) + statistics.median(send)) / nrec * 1e6:.2f} us a record)")
