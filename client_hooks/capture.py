@@ -195,9 +195,9 @@ class Capture:
     def flush(self, sender) -> int:
         """Copy every vector to the host in one go per device; enqueue the records (those
         with a spec packed into one, see `_add_records`). A vector is a tensor, a Span, or a
-        tuple of those (values concatenated). Each piece
-        (a tensor, or a device's merged rows) is copied once however many entries share it;
-        an entry's values are (lo, hi) spans of the flat copy of its first piece's device."""
+        tuple of those (values concatenated). Each piece (a tensor, or a device's merged
+        rows) is copied once however many entries share it; an entry's values are (lo, hi)
+        spans of the flat copy of its first piece's device."""
         entries, self._entries = self._entries, {}
         host, none, merged = [], [], {}
         groups: dict = {}  # device -> [pieces, their total size, entries]

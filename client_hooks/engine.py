@@ -125,7 +125,7 @@ class Engine:
         self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
         self._changed: dict[tuple[str, str], bool] = {}  # value -> changed in place after its hook
         self._checking: list = []  # launched at once, version read at the next launch point
-        self._deferred: list = []  # (key, tensor, version, stream, Span to fill)
+        self._deferred: list = []  # (key or None, tensor, version, stream, (Span, lo, hi) to fill)
         self._deferred_bytes = 0
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
 

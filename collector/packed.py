@@ -116,10 +116,6 @@ def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool) 
 
 
 # -- expansion (collector) ------------------------------------------------------------------
-_decode_packed = msgspec.json.Decoder(Packed).decode
-_to_packed = msgspec.convert
-
-
 class PackedError(ValueError):
     """A packed record that cannot be expanded; the message says why (one line)."""
 
@@ -175,7 +171,7 @@ def expand(data: dict) -> list[tuple[str, str, dict]]:
     """A packed record's data as the (kind, name, payload) of the records it stands for, in
     order. Raises PackedError (a short reason) for anything malformed: nothing is expanded."""
     try:
-        p = _to_packed(data, Packed)
+        p = msgspec.convert(data, Packed)
     except msgspec.ValidationError as e:
         raise PackedError(f"packed data: {e}") from None
     values = _float_list(p.values)
