@@ -5,7 +5,7 @@ tensortap's Python and torch work on the training thread, the part of a GPU step
 that shows when the step is bound by its host (bench/overhead.py on a GPU measures the
 whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts seen).
 
-    python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations]
+    python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations] [--pieces]
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
 to compare trees; the same model and harness either way. Prints the median step time of
@@ -13,7 +13,8 @@ to compare trees; the same model and harness either way. Prints the median step 
 step: wall time, the training thread's CPU time, and the sender thread's CPU time (its work
 on the epoch's records is waited for after each epoch: on a host-bound GPU step the two
 threads contend for the GIL, so both count); with --timers, the inclusive host time of each
-entry point; with --ablations, three more variants that split the every-step cost (ABLATIONS).
+entry point; with --ablations, three more variants that split the every-step cost (ABLATIONS);
+--pieces: the gradient path's pieces timed alone (how much of it is torch's CPU arithmetic).
 The records go to a drain process.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ ap.add_argument("--rounds", type=int, default=15)
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 ap.add_argument("--timers", action="store_true")
+ap.add_argument("--pieces", action="store_true", help="time the gradient path's pieces alone, then stop")
 ap.add_argument("--ablations", action="store_true", help="also: " + "; ".join(
     ["nosend", "grads_only", "hooks_only"]) + " (see ABLATIONS)")
 ap.add_argument("--width", type=int, default=8)
@@ -106,6 +108,47 @@ def _variant(name: str, base) -> dict:
     return v
 
 
+def pieces() -> None:
+    """The gradient path's pieces alone (--pieces): the engine's grads_ready, then with
+    _add_gradients and the flush, against the torch ops inside them, on one backward's
+    gradients of the same FNO (best of 5 x 2000 calls)."""
+    import timeit
+
+    from client_hooks.capture import Capture
+    from client_hooks.engine import Engine, Options
+
+    class _NoSender:
+        def send_many(self, items, step=None, epoch=None):
+            return len(items)
+
+    torch.manual_seed(0)
+    m = B.build_fno(a.width, a.modes)
+    e = Engine(_NoSender(), Options(every_n_steps=1, all_leaves=True, gradients="all"))
+    e.watch(m, param_hooks=False)
+    m(torch.randn(1, 1, a.size, a.size)).abs().mean().backward()
+
+    def grads_ready():
+        e.capturing, e.capture = True, Capture(0, 0)
+        e._reset_grads()
+        e.grads_ready()
+
+    def whole():
+        grads_ready()
+        e._add_gradients()
+        e.capture.flush(_NoSender())
+
+    ws = e._wparams
+    snap = [w.detach().clone() for w in ws]
+    norms = list(torch._foreach_norm(ws)) * 2
+    for name, fn in (("grads_ready", grads_ready), ("grads_ready + _add_gradients + flush", whole),
+                     (f"torch._foreach_norm of the {len(ws)} parameters", lambda: torch._foreach_norm(ws)),
+                     ("torch._foreach_copy_ of them (the snapshot)", lambda: torch._foreach_copy_(snap, ws)),
+                     (f"torch.stack of {len(norms)} norms", lambda: torch.stack(norms))):
+        fn()
+        us = min(timeit.repeat(fn, number=2000, repeat=5)) / 2000 * 1e6
+        print(f"  {us:7.1f} us  {name}")
+
+
 def _cpu(sender) -> float:
     """The sender thread's CPU seconds so far (0 without one)."""
     return (sender.stats()["cpu_s"] or 0.0) if sender is not None else 0.0
@@ -164,4 +207,7 @@ def main() -> None:
             v["tap"].close()
 
 
-main()
+if a.pieces:
+    pieces()
+else:
+    main()
