@@ -102,13 +102,17 @@ class Hooks:
             h.remove()
 
     def _fwd(self, path: str):
+        name = f"{path}:output"
+
         def hook(module, args, output):
-            self._on_output(f"{path}:output", output)
+            self._on_output(name, output)
         return hook
 
     def _pre(self, path: str):
+        name = f"{path}:input"
+
         def hook(module, args):
-            self._on_output(f"{path}:input", args[0] if len(args) == 1 else args)
+            self._on_output(name, args[0] if len(args) == 1 else args)
         return hook
 
     def _grad(self, p: torch.Tensor) -> None:
