@@ -103,6 +103,37 @@ def test_gradient_records_equal_numpy_and_update_ratio_spans_the_optimizer_step(
     assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_capture_split_over_several_packed_records_and_entries_arrives_whole(pull, monkeypatch, split):
+    """split: at most 3 entries a packed record and 2 layers a gradient entry (the total norm in
+    an entry of its own), as a model with thousands of leaves would have: the same records,
+    values and sequence numbers as in one packed record."""
+    from client_hooks import capture, engine
+
+    if split:
+        monkeypatch.setattr(capture, "PACK_MAX_ENTRIES", 3)
+        monkeypatch.setattr(engine, "GRAD_LAYERS_PER_ENTRY", 2)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3), nn.Linear(3, 2))
+    x = torch.randn(8, 5)
+    with Tap(all_leaves=True, gradients="all") as tap:
+        tap.watch(model)
+        tap.log_batch({"x": x, "y": torch.randn(8, 2)}, epoch=0)
+        model(x).pow(2).mean().backward()
+        grads = {n: torch.cat([p.grad.reshape(-1) for p in m.parameters()]).numpy().astype(np.float64)
+                 for n, m in model.named_children() if any(True for _ in m.parameters())}
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert pull.wait_for(lambda r: len(pull.find("gradients")) == 5 and len(pull.find("activations")) == 6)
+    assert tap.sender.dropped == 0
+    seqs = sorted(r["seq"] for r in pull.records)
+    assert seqs == list(range(len(seqs)))  # hello, then every record: no gap, no repeat
+    assert sorted(r["name"] for r in pull.find("loader_stats")) == ["x", "y"]
+    for name, g in grads.items():
+        d = pull.find("gradients", name)[0]["data"]
+        assert d["count"] == g.size and d["norm"] == pytest.approx(np.linalg.norm(g), rel=1e-5), name
+    assert pull.find("gradients", "_total")[0]["data"]["norm"] == pytest.approx(total, rel=1e-5)
+
+
 @pytest.mark.parametrize("every", [1, 10])  # kept snapshot buffers (every step) or fresh ones
 def test_update_ratio_of_every_captured_step_spans_that_step(pull, every):
     torch.manual_seed(0)
