@@ -90,7 +90,7 @@ class _Readback:
             if self._vals is not None:
                 self._raw = np.asarray(self._vals, dtype="<f8").tobytes()
             else:
-                self._raw = self._take_host().numpy().astype("<f8", copy=False).tobytes()
+                self._raw = self._take_host().detach().numpy().astype("<f8", copy=False).tobytes()
                 _ring.give(self._slot)
         return self._raw
 
