@@ -3,6 +3,7 @@
 #   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
 #   2. bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, the grouped
 #      kernel's bandwidth by block size and warps, GPU time the capture adds kernel by kernel;
+#      bench/launch_cost.py: host time of a Triton launch, JIT path against the launcher;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, PREV_STEPS;
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
@@ -29,6 +30,8 @@ tail -4 "$OUT/tests.txt"
 python3 bench/fused_check.py > "$OUT/fused_check.txt" 2>&1
 rc_check=$?
 grep -v "^ok " "$OUT/fused_check.txt"
+python3 bench/launch_cost.py > "$OUT/launch_cost.txt" 2>&1
+tail -2 "$OUT/launch_cost.txt"
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/overhead.py $ARGS --steps ${STEPS:-600} > "$OUT/overhead.txt" 2>&1
 cat "$OUT/overhead.txt"
