@@ -5,7 +5,8 @@ Imports neither torch nor the web stack. See docs/PROTOCOL.md for the prose vers
 A frame is one ZeroMQ message holding UTF-8 JSON:
 - a single record: one JSON object (a `Record`);
 - a batch: a JSON array of records (at most `MAX_BATCH` of them).
-Frames larger than `MAX_FRAME_BYTES` are rejected by the collector.
+Frames larger than `MAX_FRAME_BYTES` are rejected by the collector. A record of kind "packed"
+stands for a capture's records (collector.packed): `decode` returns those in its place.
 
 JSON (not msgpack) so that the collector can append a valid record's bytes to the JSONL file
 as they arrived, with no re-encoding: a single-record frame whole, a batch's records split
@@ -137,8 +138,9 @@ def valid_run_id(run: str) -> bool:
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list[Record], Union[bytes, list, None]]:
     """Validate a frame: (records, raw). raw is what can be written to JSONL as it arrived,
     when the frame holds no newline: the frame itself for a single record, the records' own
-    bytes (a list of msgspec.Raw) for a batch. None when the frame holds a newline: the
-    caller encodes the records (`encode_lines`).
+    bytes (a list of msgspec.Raw) for a batch. None when the frame holds a newline, or a
+    packed record (expanded here into the records it stands for): the caller encodes the
+    records (`encode_lines`).
 
     Raises WireError with a short reason. A batch is all-or-nothing: one bad record rejects
     the frame, so a frame is always either fully written or fully quarantined.
