@@ -4,7 +4,6 @@ rejected whole, with a one-line reason; the sender counts it as the records it h
 from __future__ import annotations
 
 import math
-import time
 
 import msgspec
 import numpy as np
@@ -130,8 +129,7 @@ def test_the_sender_counts_a_packed_record_as_the_records_it_holds(tmp_path):
         s.send("metrics", "loss", {"value": 1.0}, step=0)
         s.send_many([("packed", "capture", _Payload(7), 500), ("metrics", "loss", {"value": 2.0}, 64)], step=1)
         assert s.flush(5.0)
-        time.sleep(0.1)
-        assert s.sent == 1 + 1 + 7 + 1  # hello, loss, the 7 packed ones, loss
+        assert wait_for(lambda: s.sent == 1 + 1 + 7 + 1, 5)  # hello, loss, the 7 packed ones, loss
         s.close()
         assert s.dropped == 0
         closed = Sender(col.endpoint, "pk2")
