@@ -246,9 +246,8 @@ class Capture:
         out = []  # (kind, name, payload, nbytes), sent together at the end
         if none:
             rb = _Readback(None, None, None, [])
-            for key, dec, nb in none:
-                for kind, name in _keys(key):
-                    out.append((kind, name, _payload(rb, [(0, 0)], dec if callable(dec) else _unread), nb))
+            for (kind, name), dec, nb in none:
+                out.extend((kind, n, _payload(rb, [(0, 0)], dec), nb) for n in _names(name))
         if host:
             rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
             at, items = 0, []
@@ -263,10 +262,9 @@ class Capture:
         return sender.send_many(out, self.step, self.epoch) if out else 0
 
 
-def _keys(key: tuple) -> list[tuple[str, str]]:
-    """(kind, name) of each record of an entry (`add_many`: a tuple of names)."""
-    kind, name = key
-    return [(kind, n) for n in name] if type(name) is tuple else [key]
+def _names(name) -> list[str]:
+    """The record names of an entry (`add_many`: a tuple of them)."""
+    return list(name) if type(name) is tuple else [name]
 
 
 def _add_records(out: list, rb: _Readback, items: list) -> None:
@@ -282,7 +280,7 @@ def _add_records(out: list, rb: _Readback, items: list) -> None:
     for c in range(0, len(packed), PACK_MAX_ENTRIES):
         pieces, entries, at, nrec, nbytes = [], [], 0, 0, 0
         for (kind, name), spans, spec, nb in packed[c:c + PACK_MAX_ENTRIES]:
-            names = list(name) if type(name) is tuple else [name]
+            names = _names(name)
             size = sum(hi - lo for lo, hi in spans)
             pieces += spans
             entries.append([kind, names, [[at, at + size]], spec])

@@ -204,8 +204,8 @@ class Engine:
             gs = [p.grad for p in ps if p.grad is not None]
             if gs:
                 layers[i] = gs
-        fused = self._fused_grads(layers)  # with the deferred values of their dtype: one launch
-        self.launch_deferred()  # the others
+        fused = self._fused_grads(layers)  # launches the deferred values too (one group per dtype)
+        self.launch_deferred()  # they, when the gradients are not fused (nothing left otherwise)
         for i, grads in layers.items():
             count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
             vec = fused[i] if fused else stats.grad_moments_vector(grads, host_ok=True)
@@ -410,8 +410,7 @@ class Engine:
                     self._defer(None, x, tg)
                 return out
             for r, tg in zip(cap.batch(dev, mod).add_group([[x] for x in rows]), targets):
-                for span, lo, hi in tg:
-                    span.lo, span.hi = 10 * r + lo, 10 * r + hi
+                _point(tg, r)
         except Exception as e:
             stats.fused_failed(e)
             return None
@@ -446,8 +445,8 @@ class Engine:
         extra_rows = None
         if extra is not None:
             dev, dtype, layers = extra
-            items = groups.pop((dev, dtype, stats.current_stream(dev)), [])
-            extra_rows = self._launch_group(dev, None, items, layers)
+            stream = stats.current_stream(dev)
+            extra_rows = self._launch_group(dev, stream, groups.pop((dev, dtype, stream), []), layers)
         for (dev, _, stream), items in groups.items():
             self._launch_group(dev, stream, items, [])
         return extra_rows
@@ -457,7 +456,7 @@ class Engine:
         a row per layer in `layers` (returned). On a Triton failure the deferred tensors are
         read by the torch path and None is returned."""
         try:
-            with _on_stream(dev, stream) if stream is not None else contextlib.nullcontext():
+            with _on_stream(dev, stream):
                 rows = self.capture.batch(dev, stats.fused_for(dev)).add_group([[t] for t, _ in items] + layers)
         except Exception as e:  # a Triton failure: these values by the torch path, now
             stats.fused_failed(e)
@@ -467,8 +466,7 @@ class Engine:
                     span.src, span.lo, span.hi = vec, lo, hi
             return None
         for (_, targets), r in zip(items, rows):
-            for span, lo, hi in targets:
-                span.lo, span.hi = 10 * r + lo, 10 * r + hi
+            _point(targets, r)
         return rows[len(items):]
 
     @guarded("activations")
@@ -564,6 +562,12 @@ def _fused_span(cap: Capture, t: torch.Tensor, mod) -> Optional[Span]:
         stats.fused_failed(e)
         return None
     return Span(t.device, 10 * row, 10 * row + 7)
+
+
+def _point(targets: tuple, row: int) -> None:
+    """Point each (Span, lo, hi) of `targets` at values lo..hi of the fused batch's `row`."""
+    for span, lo, hi in targets:
+        span.lo, span.hi = 10 * row + lo, 10 * row + hi
 
 
 def _on_stream(dev: torch.device, stream: int):

@@ -187,8 +187,7 @@ def _expand(recs: list[Record]) -> list[Record]:
     out = []
     for r in recs:
         if r.kind != PACKED_KIND:
-            out.append(Record(v=1, run=r.run, rank=r.rank, world=r.world, seq=r.seq, t=r.t, kind=r.kind,
-                              name=r.name, step=r.step, epoch=r.epoch, data=r.data))
+            out.append(r)  # an _AnyRecord: a Record in all but the type of `kind`
             continue
         try:
             items = expand(r.data)
