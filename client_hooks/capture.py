@@ -78,7 +78,7 @@ class _Readback:
     def values(self) -> list:
         if self._vals is None:
             if self._raw is not None:
-                self._vals = np.frombuffer(self._raw, dtype="<f8").tolist()
+                self._vals = np.frombuffer(self._raw, dtype="<f8").tolist()  # sender thread: host bytes
             else:
                 self._vals = self._take_host().tolist()  # sender thread: the one host conversion
                 _ring.give(self._slot)
@@ -90,6 +90,7 @@ class _Readback:
             if self._vals is not None:
                 self._raw = np.asarray(self._vals, dtype="<f8").tobytes()
             else:
+                # sender thread, after the copy's event: the one host conversion
                 self._raw = self._take_host().detach().numpy().astype("<f8", copy=False).tobytes()
                 _ring.give(self._slot)
         return self._raw
