@@ -70,8 +70,11 @@ class _Readback:
         self._raw: Optional[bytes] = None
 
     def _take_host(self) -> torch.Tensor:
-        if self._event is not None:
-            self._event.synchronize()  # sender thread: waits for this capture's copy only
+        # sender thread: waits for this capture's copy only. query() first: synchronize()
+        # lets go of the GIL even when the copy is done, and taking it back costs the
+        # training thread a hand-over (usually the copy is done by then)
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()
         host, self._host = self._host, None
         return host
 

@@ -509,13 +509,20 @@ class Engine:
 
     @guarded("metrics")
     def metrics(self, values: dict, step: Optional[int], epoch: Optional[int]) -> None:
-        """{name: tensor or number}, sent now (every step is fine). Each one-element tensor is
-        copied to the host on its own (`scalar_to_host`, without a capture's bookkeeping) and
+        """{name: tensor or number}, sent now (every step is fine). A one-element tensor of
+        this capture step goes with the capture's copy (a float64 copy of it now, in case it
+        changes in place before the step ends; a packed "value" entry); any other is copied
+        to the host on its own (`scalar_to_host`, without a capture's bookkeeping). Either is
         read on the sender thread."""
         items = []
+        with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
+                    continue
+                if with_capture and not v.is_complex():
+                    self.capture.add("metrics", name, v.detach().reshape(1).to(torch.float64, copy=True),
+                                     ["value"], 64)
                     continue
                 rb = scalar_to_host(v)
                 items.append(("metrics", name, lambda rb=rb: {"value": rb.values()[0]}, 64))

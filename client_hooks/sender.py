@@ -27,10 +27,11 @@ from collector.wire import MAX_BATCH, MAX_FRAME_BYTES, Record, encode, encode_ma
 Payload = Union[dict, Callable[[], dict]]  # a callable is resolved on the sender thread
 
 _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated payload
-# The sender thread's poll of an empty queue (an Event.set per enqueue would cost the
-# training thread more). Each wake-up costs some 20-30 us of CPU and takes the GIL: once a step
-# or so at 10 ms; a record waits at most that long before it is sent.
-IDLE_POLL_S = 0.01
+# The sender thread sleeps while the queue is empty; an enqueue wakes it (one Event.set, paid
+# only when it sleeps). Every wake-up takes the GIL, and a training thread bound by its host
+# pays for each: the GIL handed over and back. A 10 ms poll (the sixth and seventh sessions)
+# woke it about once a step for nothing. IDLE_WAIT_S bounds its sleep for the drop reports.
+IDLE_WAIT_S = 0.25
 
 
 def _count(data) -> int:
@@ -75,6 +76,8 @@ class Sender:
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._wake = threading.Event()  # set by an enqueue while the sender thread sleeps
+        self._sleeping = False  # the sender thread's: set before it looks at the queue to sleep
         self._close_deadline: Optional[float] = None
         self._closed = False
         self._drop_report_s = drop_report_s
@@ -114,6 +117,8 @@ class Sender:
                 return False
             self._queued_bytes += size
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
+        if self._sleeping:  # read after the append: see _run
+            self._wake.set()
         return True
 
     def send_many(self, items: list, step: Optional[int] = None, epoch: Optional[int] = None) -> int:
@@ -133,6 +138,8 @@ class Sender:
             self.dropped += sum(_count(it[2]) for it in items[keep:])
             self._queued_bytes += sum(sizes[:keep])
         self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
+        if self._sleeping:
+            self._wake.set()
         return keep
 
     # -- sender thread --------------------------------------------------------------------
@@ -212,10 +219,15 @@ class Sender:
     def _run(self) -> None:
         last_report, reported = time.monotonic(), 0
         while not self._closing.is_set():
+            # _sleeping before the queue is read: an enqueue either lands before that read
+            # (taken now) or sees _sleeping and sets _wake after the clear (no sleep then)
+            self._sleeping = True
+            self._wake.clear()
             items = self._take()
             if not items:
-                self._closing.wait(IDLE_POLL_S)  # close() wakes it at once
-            else:
+                self._wake.wait(min(IDLE_WAIT_S, self._drop_report_s))  # close() sets it too
+            self._sleeping = False
+            if items:
                 self._send_records(self._records(items), None)
             now = time.monotonic()
             if self.dropped != reported and now - last_report >= self._drop_report_s:
@@ -250,6 +262,7 @@ class Sender:
             self._closed = True  # later send() calls drop and count
         self._close_deadline = deadline  # bounds the frame the thread may be retrying
         self._closing.set()
+        self._wake.set()
         self._thread.join(timeout=timeout + 0.1)
         while self._queue and time.monotonic() < deadline:
             self._send_records(self._records(self._take()), deadline)

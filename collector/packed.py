@@ -23,6 +23,7 @@ An entry's values are the concatenation of its [lo, hi) spans. Its spec, by its 
   record: the norm of all gradients from the rows. One name per record.
 - ["total"]: {"norm": ...} of all gradients from layers' rows (10 values each). One name.
 - ["norm"]: {"norm": value}. One name.
+- ["value"]: {"value": value} (a metric such as the loss, read with the capture). One name.
 
 Imports neither torch nor the web stack: the client (client_hooks) and the collector share
 it, as they share collector.wire.
@@ -164,6 +165,9 @@ def _payloads(e: Entry, v: list) -> list[dict]:
     if how == "norm":
         _check(len(spec) == 1 and len(v) == 1, "norm spec takes one value")
         return [{"norm": v[0]}]
+    if how == "value":
+        _check(len(spec) == 1 and len(v) == 1, "value spec takes one value")
+        return [{"value": v[0]}]
     raise PackedError(f"unknown spec {how[:32]!r}")
 
 

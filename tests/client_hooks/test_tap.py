@@ -342,3 +342,34 @@ def test_a_logged_loss_is_the_value_at_the_call_even_if_changed_in_place_after(p
     assert [r["data"]["value"] for r in sorted(pull.find("metrics", "lr"), key=lambda r: r["step"])] == \
         [v / 10 for v in values]
     assert not pull.find("metrics", "not_a_scalar")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_loss_logged_in_a_capture_step_goes_with_its_capture_and_keeps_its_value(pull, dtype):
+    """Logged before the step ends, the loss is one more value of the capture's copy (one
+    packed record: its seq follows the step's other records, its time is theirs), read as it
+    was at the call."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    values = [0.1, -2.5, 3e5]
+    with Tap(first_n=0, every_n_steps=1) as tap:
+        tap.watch(model, optimizer=opt)
+        for step, v in enumerate(values):
+            tap.log_batch(torch.randn(4, 3), step=step)
+            model(torch.randn(4, 3)).sum().backward()
+            loss = torch.tensor(v, dtype=dtype)
+            tap.log_loss(loss)
+            loss.add_(1000.0)
+            opt.step()
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("metrics", "loss")) == 3)
+    recs = sorted(pull.find("metrics", "loss"), key=lambda r: r["step"])
+    assert [r["data"] for r in recs] == [{"value": float(torch.tensor(v, dtype=dtype))} for v in values]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for r in recs:
+        same_step = [x for x in pull.records if x["step"] == r["step"] and x["kind"] != "events"]
+        assert {x["kind"] for x in same_step} == {"loader_stats", "activations", "gradients", "metrics"}
+        assert {x["t"] for x in same_step} == {r["t"]}  # one packed record
+        seqs = sorted(x["seq"] for x in same_step)
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -36,6 +36,7 @@ def packed_data(entries=None, values=None) -> dict:
             ["activations", ["x_combined"], [[c, c + 5], [c + 5, d]], ["tensor", [2, 2], "complex64", True, None]],
             ["gradients", ["0", "2", "_total"], [[d, d + n4]], ["grads", [8, 3], [[0, 2], [2, 3]], 3, True]],
             ["gradients", ["_other"], [[d + n4, d + n4 + 1]], ["norm"]],
+            ["metrics", ["loss"], [[d + n4, d + n4 + 1]], ["value"]],
         ]
     return {"values": np.asarray(vals if values is None else values, dtype="<f8").tobytes(), "entries": entries}
 
@@ -50,7 +51,8 @@ def test_a_packed_record_expands_into_the_records_it_stands_for_with_consecutive
     assert raw is None  # the collector encodes the expanded records itself
     assert [(r.kind, r.name, r.seq) for r in recs] == [
         ("activations", "lin:output", 5), ("loader_stats", "images", 6), ("activations", "x_combined", 7),
-        ("gradients", "0", 8), ("gradients", "2", 9), ("gradients", "_total", 10), ("gradients", "_other", 11)]
+        ("gradients", "0", 8), ("gradients", "2", 9), ("gradients", "_total", 10), ("gradients", "_other", 11),
+        ("metrics", "loss", 12)]
     assert all((r.run, r.rank, r.world, r.t, r.step, r.epoch) == ("pk", 1, 2, 12.5, 7, 2) for r in recs)
     d = {r.name: r.data for r in recs}
     assert d["lin:output"] == tensor_stats_dict(REAL, [3, 3], "float32", False)
@@ -64,20 +66,21 @@ def test_a_packed_record_expands_into_the_records_it_stands_for_with_consecutive
     assert d["2"]["weight_norm"] == 2.0 and d["2"]["update_ratio"] == 0.0 and d["2"]["zero_frac"] == 0.0
     assert d["_total"] == {"norm": pytest.approx(math.sqrt(3.0 ** 2 + 2.0 ** 2))}
     assert d["_other"] == {"norm": 7.5}
+    assert d["loss"] == {"value": 7.5}
 
 
 def test_a_packed_kind_written_with_json_escapes_is_expanded_too():
     f = frame(packed_data()).replace(b'"kind":"packed"', b'"kind":"p\\u0061cked"')
     assert b'"packed"' not in f
     recs, raw = decode(f)
-    assert raw is None and len(recs) == 7 and "packed" not in {r.kind for r in recs}
+    assert raw is None and len(recs) == 8 and "packed" not in {r.kind for r in recs}
 
 
 def test_packed_and_plain_records_mix_in_one_batch():
     plain = Record(v=1, run="pk", rank=1, world=2, seq=4, t=1.0, kind="metrics", name="loss", data={"value": 1.0})
     packed = msgspec.json.decode(frame(packed_data(), seq=5))
     recs, raw = decode(msgspec.json.encode([plain, packed]))
-    assert raw is None and [r.seq for r in recs] == list(range(4, 12)) and recs[0].name == "loss"
+    assert raw is None and [r.seq for r in recs] == list(range(4, 13)) and recs[0].name == "loss"
 
 
 def _one(kind="activations", names=("x",), spans=((0, 7),), spec=("tensor", [1], "float32", False, None)):
@@ -89,6 +92,7 @@ BAD = {
     "partial float": lambda d: {**d, "values": d["values"][:-3]},
     "span outside": _one(spans=((0, 10_000),)),
     "unknown spec": _one(spec=("histogram",)),
+    "value spec count": _one(kind="metrics", names=("loss",), spans=((0, 2),), spec=("value",)),
     "value count": _one(spans=((0, 6),)),
     "events kind": _one(kind="events"),
     "stream kind": _one(kind="nope"),
@@ -127,23 +131,23 @@ def test_the_sender_counts_a_packed_record_as_the_records_it_holds(tmp_path):
     try:
         s = Sender(col.endpoint, "pk", rank=0, world=1)
         s.send("metrics", "loss", {"value": 1.0}, step=0)
-        s.send_many([("packed", "capture", _Payload(7), 500), ("metrics", "loss", {"value": 2.0}, 64)], step=1)
+        s.send_many([("packed", "capture", _Payload(8), 500), ("metrics", "loss", {"value": 2.0}, 64)], step=1)
         assert s.flush(5.0)
-        assert wait_for(lambda: s.sent == 1 + 1 + 7 + 1, 5)  # hello, loss, the 7 packed ones, loss
+        assert wait_for(lambda: s.sent == 1 + 1 + 8 + 1, 5)  # hello, loss, the 8 packed ones, loss
         s.close()
         assert s.dropped == 0
         closed = Sender(col.endpoint, "pk2")
         closed.close()
-        assert closed.send_many([("packed", "capture", _Payload(7), 500)]) == 0 and closed.dropped == 7
+        assert closed.send_many([("packed", "capture", _Payload(8), 500)]) == 0 and closed.dropped == 8
         run = tmp_path / "out" / "pk"
         assert wait_for(lambda: [r["name"] for r in read_jsonl(run / "events.jsonl")] == ["hello", "bye"], 10)
     finally:
         assert col.stop() == 0
     m = manifest(run)["ranks"]["0"]
-    assert m["received"] == m["written"] == m["sent_by_sender"] + 1 == 11 and m["gaps"] == 0
+    assert m["received"] == m["written"] == m["sent_by_sender"] + 1 == 12 and m["gaps"] == 0
     grads = read_jsonl(run / "gradients.jsonl")
     assert [r["name"] for r in grads] == ["0", "2", "_total", "_other"] and {r["step"] for r in grads} == {1}
-    assert [r["seq"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 9]
+    assert [r["seq"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 9, 10]
     assert len(read_jsonl(run / "activations.jsonl")) == 2 and len(read_jsonl(run / "loader_stats.jsonl")) == 1
 
 
