@@ -27,29 +27,37 @@ PACK_MAX_ENTRIES = 256  # entries of one packed record (a bigger capture sends s
 
 
 class _HostRing:
-    """A few reused pinned buffers (CUDA) so a capture allocates no page-locked memory."""
+    """Reused pinned buffers (CUDA) so a capture allocates no page-locked memory, each with
+    its own event (made once: creating one costs more than recording it). A slot is busy
+    from the copy until the sender thread has read it; the slots cover the captures that can
+    wait for the sender's next round (sender.IDLE_WAIT_S), a capture a step."""
 
-    def __init__(self, slots: int = 4):
+    def __init__(self, slots: int = 16):
         self._bufs: list[torch.Tensor] = []
+        self._events: list = []  # each slot's event, recorded on its device only
+        self._devs: list = []
         self._busy: list[bool] = []
         self._slots = slots
         self.one_off = 0  # buffers taken outside the ring (benchmarks report it)
         self._lock = threading.Lock()  # taken by the training and the sender thread
 
-    def take(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[int]]:
+    def take(self, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, Optional[int], object]:
+        """(buffer of n, its slot or None, its event: None for a one-off buffer)."""
         with self._lock:
             for i, buf in enumerate(self._bufs):
-                if not self._busy[i] and buf.numel() >= n and buf.dtype == dtype:
+                if not self._busy[i] and buf.numel() >= n and buf.dtype == dtype and self._devs[i] == device:
                     self._busy[i] = True
-                    return buf[:n], i
+                    return buf[:n], i, self._events[i]
             if len(self._bufs) < self._slots:
                 buf = torch.empty(max(n, 4096), dtype=dtype, pin_memory=True)
                 self._bufs.append(buf)
+                self._events.append(_event())
+                self._devs.append(device)
                 self._busy.append(True)
-                return buf[:n], len(self._bufs) - 1
+                return buf[:n], len(self._bufs) - 1, self._events[-1]
         # every slot in use (a slow sender): a one-off buffer from torch's caching host allocator
         self.one_off += 1
-        return torch.empty(n, dtype=dtype, pin_memory=True), None
+        return torch.empty(n, dtype=dtype, pin_memory=True), None, None
 
     def give(self, i: Optional[int]) -> None:
         if i is not None:
@@ -113,13 +121,18 @@ class _Packed:
         return {"values": b"".join([raw[8 * lo:8 * hi] for lo, hi in self._pieces]), "entries": self._entries}
 
 
-def _after_copy():
-    """An event recorded on the current stream, after the copy just queued. `blocking`: the
-    sender thread that waits on it sleeps. A default event's wait may spin (CUDA's automatic
-    scheduling spins when the cores outnumber the contexts), and in a GPU-bound run the
-    sender waits most of the time: on an H100 (sixth session) the sender thread used 12 s of
-    CPU in a 70 s benchmark. Not measured on a GPU since this change."""
-    event = torch.cuda.Event(blocking=True)
+def _event():
+    """`blocking`: the sender thread that waits on it sleeps. A default event's wait may spin
+    (CUDA's automatic scheduling spins when the cores outnumber the contexts), and in a
+    GPU-bound run the sender waits most of the time: on an H100 (sixth session) the sender
+    thread used 12 s of CPU in a 70 s benchmark."""
+    return torch.cuda.Event(blocking=True)
+
+
+def _after_copy(event=None):
+    """`event` (a ring slot's, else a new one) recorded on the current stream, after the copy
+    just queued."""
+    event = event or _event()
     event.record()
     return event
 
@@ -129,9 +142,9 @@ def to_host(flat: torch.Tensor) -> _Readback:
     if flat.device.type == "cpu":
         return _Readback(flat, None, None)  # already on the host; fresh tensor, nobody mutates it
     if flat.device.type == "cuda":
-        host, slot = _ring.take(flat.numel(), flat.dtype)
+        host, slot, event = _ring.take(flat.numel(), flat.dtype, flat.device)
         host.copy_(flat, non_blocking=True)
-        return _Readback(host, _after_copy(), slot)
+        return _Readback(host, _after_copy(event), slot)
     return _Readback(flat.to("cpu", non_blocking=True), None, None)  # other devices: best effort
 
 
@@ -141,9 +154,9 @@ def scalar_to_host(v: torch.Tensor) -> _Readback:
     event; elsewhere a copy (the caller's tensor may change in place later)."""
     flat = v.detach().reshape(1)
     if flat.device.type == "cuda":
-        host, slot = _ring.take(1, torch.float64)
+        host, slot, event = _ring.take(1, torch.float64, flat.device)
         host.copy_(flat, non_blocking=True)
-        return _Readback(host, _after_copy(), slot)
+        return _Readback(host, _after_copy(event), slot)
     return to_host(flat.to(torch.float64, copy=True))
 
 

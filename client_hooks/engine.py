@@ -99,6 +99,7 @@ SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snaps
 # deferred tensors held for the grouped launch, at most. Autograd keeps most of them for
 # backward anyway; what is held only for the launch is freed at the end of the forward.
 DEFER_MAX_BYTES = 1 << 30
+PLANS_MAX = 4096  # values with a known short way (Engine._plans); beyond, they are forgotten
 GRAD_LAYERS_PER_ENTRY = 512  # gradient layers of one packed entry (its records' names and values)
 
 
@@ -128,6 +129,9 @@ class Engine:
         self._deferred: list = []  # (key or None, tensor, version, stream, (Span, lo, hi) to fill)
         self._deferred_bytes = 0
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
+        # (kind, name) -> (dtype, shape, device, bytes, spec) of a real value that is deferred:
+        # its next captures, the same dtype, shape and device, take `_defer_known`
+        self._plans: dict = {}
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -337,6 +341,8 @@ class Engine:
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
                    cap: Optional[Capture] = None) -> None:
         """Queue the stats of one tensor (or {"value": x} for a scalar) into a capture."""
+        if cap is None and extra is None and self._defer_known(kind, name, value):
+            return
         extra, cap = extra or {}, (self.capture if cap is None else cap)
         if not isinstance(value, torch.Tensor):
             cap.add(kind, name, None, lambda v, x=value: {"value": x, **extra}, 128)
@@ -353,8 +359,33 @@ class Engine:
             vec = self._fused_real(cap, (kind, name), t)
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
+        spec = ["tensor", list(shape), dt, is_c, extra or None]
+        if type(vec) is Span and vec.lo < 0 and not (is_c or extra):  # deferred: see _defer_known
+            if len(self._plans) >= PLANS_MAX:
+                self._plans.clear()
+            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.numel() * t.element_size(), spec)
+        cap.add(kind, name, vec, spec, 600 if is_c else 300)
 
-        cap.add(kind, name, vec, ["tensor", list(shape), dt, is_c, extra or None], 600 if is_c else 300)
+    def _defer_known(self, kind: str, name: str, value) -> bool:
+        """add_tensor's short way for a value deferred before (its plan) when it comes again
+        alike (dtype, shape, device, contiguous, not found changed in place) into this step's
+        capture: its spec as it was, deferred without add_tensor's checks. False: take the
+        long way. One such call per watched module a capture step: the host time a capture
+        adds to a step bound by its host (bench/overhead.py on a GPU) is mostly such calls."""
+        key = (kind, name)
+        plan = self._plans.get(key)
+        if (plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor
+                or value.dtype is not plan[0] or value.shape != plan[1] or self._changed.get(key) is not False
+                or name in self.opts.pairs
+                or value.device != plan[2] or not value.is_contiguous() or value.is_inference()):
+            return False
+        span = Span(plan[2], -1, -1)  # its row is known once the group is launched
+        self._deferred.append((key, value, value._version, stats.current_stream(plan[2]), ((span, 0, 7),)))
+        self._deferred_bytes += plan[3]
+        self.capture.add(kind, name, span, plan[4], 300)
+        if self._deferred_bytes > DEFER_MAX_BYTES:
+            self.launch_deferred()
+        return True
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
         """A real tensor on the fused path: deferred into this step's grouped launch when its

@@ -205,6 +205,12 @@ class _Space:
         self.row0 = -1
 
 
+# device -> blocks the last finished batch used: a capture's first workspace takes that many,
+# so a steady capture fills one workspace and is merged in one launch (a capture of the demo
+# FNO at batch 64 needed two workspaces, and two merges, from FIRST_CAP)
+_size_hint: dict = {}
+HINT_MAX = 1 << 19  # blocks (32 MiB of partials, 2G elements): a rare huge capture is not copied
+
 _layouts: dict = {}  # (device, dtype, sizes) -> the group kernel's index tables (sizes do not change)
 
 
@@ -221,8 +227,11 @@ class Batch:
     def _space(self, nb: int) -> _Space:
         if self._spaces and self._spaces[-1].used + nb <= self._spaces[-1].cap:
             return self._spaces[-1]
-        last = self._spaces[-1].cap if self._spaces else FIRST_CAP // 2
-        sp = _Space(max(nb, 2 * last), self.device)
+        if self._spaces:
+            cap = max(nb, 2 * self._spaces[-1].cap)
+        else:  # as big as the last capture on this device needed: one workspace, one merge
+            cap = max(nb, _size_hint.get(self.device, FIRST_CAP))
+        sp = _Space(cap, self.device)
         self._spaces.append(sp)
         return sp
 
@@ -256,20 +265,15 @@ class Batch:
     def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
         """One row per layer, over all of that layer's tensors (each as one flat vector): one
         launch for every layer. The tensors must share one float dtype (see `usable`)."""
-        flat, sizes, ptrs = [], [], []
-        dtype = layers[0][0].dtype
-        for ts in layers:
-            for t in ts:
-                if not t.is_contiguous():
-                    t = t.contiguous()
-                    self._keep.append(t)
-                n = t.numel()
-                if t.dtype != dtype or not n:
-                    raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
-                flat.append(t)
-                sizes.append(n)
-                ptrs.append(t.data_ptr())
-        sizes = tuple(sizes)
+        flat = [t for ts in layers for t in ts]
+        dtype = flat[0].dtype
+        if not all([t.is_contiguous() for t in flat]):
+            flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
+            self._keep += flat
+        sizes = tuple([t.numel() for t in flat])
+        if not all(sizes) or any([t.dtype != dtype for t in flat]):
+            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
+        ptrs = [t.data_ptr() for t in flat]
         counts = tuple(map(len, layers))
         key = (self.device, dtype, sizes, counts)
         lay = _layouts.get(key)
@@ -298,6 +302,9 @@ class Batch:
         a capture holds more than ~200M elements). Idempotent."""
         if self._out is not None:
             return self._out
+        used = sum(sp.used for sp in self._spaces)
+        if used:
+            _size_hint[self.device] = min(max(used, FIRST_CAP), HINT_MAX)
         out = torch.empty(max(self.nrows, 1) * 10, dtype=torch.float64, device=self.device)
         for sp in self._spaces:
             if not sp.rows:

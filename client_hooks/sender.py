@@ -27,11 +27,14 @@ from collector.wire import MAX_BATCH, MAX_FRAME_BYTES, Record, encode, encode_ma
 Payload = Union[dict, Callable[[], dict]]  # a callable is resolved on the sender thread
 
 _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated payload
-# The sender thread sleeps while the queue is empty; an enqueue wakes it (one Event.set, paid
-# only when it sleeps). Every wake-up takes the GIL, and a training thread bound by its host
-# pays for each: the GIL handed over and back. A 10 ms poll (the sixth and seventh sessions)
-# woke it about once a step for nothing. IDLE_WAIT_S bounds its sleep for the drop reports.
-IDLE_WAIT_S = 0.25
+# The sender thread sleeps IDLE_WAIT_S between rounds, then sends what piled up in one go (a
+# record waits at most that long). Every wake-up takes the GIL, and a training thread bound
+# by its host pays for each (the GIL handed over and back): a 10 ms poll (sixth and seventh
+# sessions) woke it about once a step of the demo FNO on an H100, and waking it at each
+# enqueue did no better. An enqueue wakes it early only when the queue holds more than
+# WAKE_FRACTION of its bound (a burst), or close() and flush() do.
+IDLE_WAIT_S = 0.05
+WAKE_FRACTION = 0.25
 
 
 def _count(data) -> int:
@@ -76,8 +79,8 @@ class Sender:
         self._queued_bytes = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._wake = threading.Event()  # set by an enqueue while the sender thread sleeps
-        self._sleeping = False  # the sender thread's: set before it looks at the queue to sleep
+        self._wake = threading.Event()  # ends the sender thread's sleep early
+        self._wake_bytes = int(max_queue_bytes * WAKE_FRACTION)
         self._close_deadline: Optional[float] = None
         self._closed = False
         self._drop_report_s = drop_report_s
@@ -117,7 +120,7 @@ class Sender:
                 return False
             self._queued_bytes += size
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
-        if self._sleeping:  # read after the append: see _run
+        if self._queued_bytes > self._wake_bytes:
             self._wake.set()
         return True
 
@@ -138,7 +141,7 @@ class Sender:
             self.dropped += sum(_count(it[2]) for it in items[keep:])
             self._queued_bytes += sum(sizes[:keep])
         self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
-        if self._sleeping:
+        if self._queued_bytes > self._wake_bytes:
             self._wake.set()
         return keep
 
@@ -219,16 +222,12 @@ class Sender:
     def _run(self) -> None:
         last_report, reported = time.monotonic(), 0
         while not self._closing.is_set():
-            # _sleeping before the queue is read: an enqueue either lands before that read
-            # (taken now) or sees _sleeping and sets _wake after the clear (no sleep then)
-            self._sleeping = True
             self._wake.clear()
             items = self._take()
-            if not items:
-                self._wake.wait(min(IDLE_WAIT_S, self._drop_report_s))  # close() sets it too
-            self._sleeping = False
             if items:
                 self._send_records(self._records(items), None)
+            if len(items) < self.batch:  # the queue is empty: sleep (else on with the next batch)
+                self._wake.wait(min(IDLE_WAIT_S, self._drop_report_s))
             now = time.monotonic()
             if self.dropped != reported and now - last_report >= self._drop_report_s:
                 reported, last_report = self.dropped, now
@@ -247,6 +246,7 @@ class Sender:
     def flush(self, timeout: float = 1.0) -> bool:
         """Wait (bounded) until the queue is empty. For tests and epoch ends; never required."""
         deadline = time.monotonic() + timeout
+        self._wake.set()
         while self._queue and time.monotonic() < deadline:
             time.sleep(0.002)
         return not self._queue

@@ -77,6 +77,7 @@ def test_rows_of_one_batch_equal_numpy_for_every_dtype_and_special_value():
 
 def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypatch):
     monkeypatch.setattr(fused, "FIRST_CAP", 4)  # a tiny first workspace: rows spread over several
+    monkeypatch.setattr(fused, "_size_hint", {})  # (not sized by an earlier test's batch)
     g = torch.Generator().manual_seed(1)
     layers = [[torch.randn(5000, generator=g), torch.randn(7, generator=g)],
               [torch.randn(3, 4, generator=g)],
@@ -93,6 +94,23 @@ def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypa
     assert_row(out[after], ref10(torch.arange(10.0)), "after the group")
     with pytest.raises(TypeError):
         b.add_group([[torch.ones(3, device=DEV)], [torch.ones(3, device=DEV, dtype=torch.float64)]])
+
+
+def test_a_batch_like_the_last_one_fills_one_workspace(monkeypatch):
+    """The first workspace takes as many blocks as the last finished batch used: a steady
+    capture is merged in one launch."""
+    monkeypatch.setattr(fused, "FIRST_CAP", 4)
+    monkeypatch.setattr(fused, "_size_hint", {})
+    xs = [torch.randn(n).to(DEV) for n in (5 * fused.BLOCK, 9 * fused.BLOCK + 1, 3)]
+    spaces = []
+    for _ in range(2):
+        b = fused.Batch(torch.device(DEV))
+        rows = [b.add(x) for x in xs]
+        spaces.append(len(b._spaces))
+        out = b.finish().tolist()
+        for x, r in zip(xs, rows):
+            assert_row(out[r], ref10(x), f"row {r}")
+    assert spaces == [3, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -347,6 +365,46 @@ def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_lau
         z.real, z.imag = ri[:, 0], ri[:, 1]  # (1j * inf is NaN in NumPy's arithmetic)
         check_complex(z, rec["data"])
         assert rec["data"]["nan"] == 2 and rec["data"]["inf"] == 2
+
+
+def test_a_value_deferred_before_takes_the_short_way_while_it_comes_alike(pull, monkeypatch):
+    """From the third capture a deferred value comes by `Engine._defer_known` (its spec kept
+    from before); a value of another shape (a smaller batch) takes the long way, and so does
+    the next one (its plan is now the smaller batch's), then the short way again. Every
+    record equals NumPy on the value in its hook, with its own shape."""
+    from client_hooks import engine
+
+    short = []
+    known = engine.Engine._defer_known
+
+    def counting(self, kind, name, value):
+        took = known(self, kind, name, value)
+        short.append((kind, name, took))
+        return took
+    monkeypatch.setattr(engine.Engine, "_defer_known", counting)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DEV)
+    seen: dict = {}
+    _reference_hooks(model, seen)
+    batches = [8, 8, 8, 5, 8, 8]
+    refs, took = [], []
+    with Tap(every_n_steps=1, all_leaves=True) as tap:
+        tap.watch(model)
+        for n in batches:
+            x = torch.randn(n, 6, device=DEV)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x).square().mean().backward()
+            refs.append(dict(seen))
+            took.append({name for kind, name, t in short if t})
+            short.clear()
+    leaves = {"0:output", "1:output", "2:output"}
+    assert took == [set(), set(), leaves, set(), set(), leaves]
+    assert tap.sender.dropped == 0
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 3 * len(batches))
+    for rec in pull.find("activations"):
+        ref = refs[rec["step"]][rec["name"]]
+        assert rec["data"]["shape"] == list(ref.shape)
+        _check_value(rec["data"], ref, (rec["step"], rec["name"]))
 
 
 class _Doubles(nn.Module):
