@@ -43,9 +43,9 @@ def main() -> None:
         counts["hook"] += 1
         return add(b, x)
 
-    def count_group(b, layers):
+    def count_group(b, layers, *args):
         counts["groups"].append(sum(len(ts) for ts in layers))
-        return add_group(b, layers)
+        return add_group(b, layers, *args)
     fused.Batch.add, fused.Batch.add_group = count_add, count_group
 
     os.environ.update(TENSORTAP_LAUNCHES="1", TENSORTAP_ENDPOINT="tcp://127.0.0.1:9", TENSORTAP_RUN="launches")

@@ -126,10 +126,12 @@ class Engine:
         self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
         self._changed: dict[tuple[str, str], bool] = {}  # value -> changed in place after its hook
         self._checking: list = []  # launched at once, version read at the next launch point
-        self._deferred: list = []  # (key or None, tensor, version, stream, (Span, lo, hi) to fill)
+        # (key or None, tensor, version, stream, (Span, lo, hi) to fill, elements); each
+        # tensor contiguous, real, non-empty (checked when deferred)
+        self._deferred: list = []
         self._deferred_bytes = 0
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
-        # (kind, name) -> (dtype, shape, device, bytes, spec) of a real value that is deferred:
+        # (kind, name) -> (dtype, shape, device, elements, element size, spec) of a real value that is deferred:
         # its next captures, the same dtype, shape and device, take `_defer_known`
         self._plans: dict = {}
 
@@ -205,15 +207,17 @@ class Engine:
         self._grad_vecs = {}
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
-            gs = [p.grad for p in ps if p.grad is not None]
+            gs = [g for p in ps if (g := p.grad) is not None]
             if gs:
                 layers[i] = gs
         fused = self._fused_grads(layers)  # launches the deferred values too (one group per dtype)
         self.launch_deferred()  # they, when the gradients are not fused (nothing left otherwise)
-        for i, grads in layers.items():
-            count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
-            vec = fused[i] if fused else stats.grad_moments_vector(grads, host_ok=True)
-            self._grad_vecs[i] = (vec, count)
+        if fused:
+            self._grad_vecs = fused
+        else:
+            for i, grads in layers.items():
+                count = sum(g.numel() * (2 if g.is_complex() else 1) for g in grads)
+                self._grad_vecs[i] = (stats.grad_moments_vector(grads, host_ok=True), count)
         if self._grad_vecs:
             with torch.no_grad():  # the parameters themselves: no detached copies to make
                 self._wnorms = list(torch._foreach_norm(self._wparams))
@@ -226,27 +230,37 @@ class Engine:
 
     def _fused_grads(self, layers: dict) -> Optional[dict]:
         """CUDA with Triton: every layer's gradient statistics in one launch (rows of this
-        capture's fused batch), {layer: row}; None where that does not apply (CPU, mixed
-        dtypes, integer gradients), and the layers are done one by one."""
+        capture's fused batch), {layer: (row, element count)}; None where that does not
+        apply (CPU, mixed dtypes, integer gradients), and the layers are done one by one.
+        Each gradient is looked at once here (the launch takes these checks as they are)."""
         if not layers:
             return None
         first = next(iter(layers.values()))[0]
         mod = stats.fused_for(first.device)
         if mod is None:
             return None
-        flat, dev = {}, first.device
+        flat, counts, sizes, dev = {}, {}, [], first.device
         dt = stats.real_dtype(first.dtype)
         if dt not in stats.FUSED_DTYPES:
             return None
         for i, gs in layers.items():
+            fl, count = [], 0
             for g in gs:  # one dtype and one device (the addresses go into one table)
-                if stats.real_dtype(g.dtype) is not dt or g.device != dev or not g.numel():
+                if g.dtype is not dt:
+                    if not g.is_complex() or stats.real_dtype(g.dtype) is not dt:
+                        return None
+                    g = torch.view_as_real(g)  # a complex gradient: its real pairs
+                n = g.numel()
+                if not n or g.device != dev:
                     return None
-            flat[i] = [torch.view_as_real(g) if g.is_complex() else g for g in gs]
-        rows = self.launch_deferred((dev, dt, list(flat.values())))
+                fl.append(g if g.is_contiguous() else g.contiguous())
+                sizes.append(n)
+                count += n
+            flat[i], counts[i] = fl, count
+        rows = self.launch_deferred((dev, dt, list(flat.values()), tuple(sizes)))
         if rows is None:
             return None
-        return {i: Span(dev, 10 * r, 10 * r + 10) for i, r in zip(flat, rows)}
+        return {i: (Span(dev, 10 * r, 10 * r + 10), counts[i]) for i, r in zip(flat, rows)}
 
     def _snapshot(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
         """Exact copies of the watched weights, one foreach launch. With captures at least
@@ -363,7 +377,7 @@ class Engine:
         if type(vec) is Span and vec.lo < 0 and not (is_c or extra):  # deferred: see _defer_known
             if len(self._plans) >= PLANS_MAX:
                 self._plans.clear()
-            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.numel() * t.element_size(), spec)
+            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.numel(), t.element_size(), spec)
         cap.add(kind, name, vec, spec, 600 if is_c else 300)
 
     def _defer_known(self, kind: str, name: str, value) -> bool:
@@ -380,9 +394,9 @@ class Engine:
                 or value.device != plan[2] or not value.is_contiguous() or value.is_inference()):
             return False
         span = Span(plan[2], -1, -1)  # its row is known once the group is launched
-        self._deferred.append((key, value, value._version, stats.current_stream(plan[2]), ((span, 0, 7),)))
-        self._deferred_bytes += plan[3]
-        self.capture.add(kind, name, span, plan[4], 300)
+        self._deferred.append((key, value, value._version, stats.current_stream(plan[2]), ((span, 0, 7),), plan[3]))
+        self._deferred_bytes += plan[3] * plan[4]
+        self.capture.add(kind, name, span, plan[5], 300)
         if self._deferred_bytes > DEFER_MAX_BYTES:
             self.launch_deferred()
         return True
@@ -409,8 +423,11 @@ class Engine:
         """Hold `t` for the next grouped launch; `targets`: (Span, lo, hi) to point at values
         lo..hi of its row once launched. key None: a tensor of tensortap's own, which nobody
         else can change."""
-        self._deferred.append((key, t, t._version, stats.current_stream(t.device), targets))
-        self._deferred_bytes += t.numel() * t.element_size()
+        if key is None and not t.is_contiguous():  # (a value's own is deferred only when it is)
+            t = t.contiguous()
+        n = t.numel()
+        self._deferred.append((key, t, t._version, stats.current_stream(t.device), targets, n))
+        self._deferred_bytes += n * t.element_size()
         if self._deferred_bytes > DEFER_MAX_BYTES:
             self.launch_deferred()
 
@@ -466,37 +483,40 @@ class Engine:
                 self._changed.setdefault(key, False)
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
         groups: dict = {}
-        for key, t, version, stream, targets in deferred:
+        for key, t, version, stream, targets, n in deferred:
             if key is not None and t._version != version:  # changed after all: cannot be read now
                 self._changed[key] = True
                 say_once(f"in-place {key}", f"tensortap: {key[1]} changed in place after its hook; "
                          "this capture's record of it is dropped, and it is read in its hook from now on")
                 continue
-            groups.setdefault((t.device, t.dtype, stream), []).append((t, targets))
+            groups.setdefault((t.device, t.dtype, stream), []).append((t, targets, n))
         extra_rows = None
         if extra is not None:
-            dev, dtype, layers = extra
+            dev, dtype, layers, sizes = extra
             stream = stats.current_stream(dev)
-            extra_rows = self._launch_group(dev, stream, groups.pop((dev, dtype, stream), []), layers)
+            extra_rows = self._launch_group(dev, stream, groups.pop((dev, dtype, stream), []), layers, sizes)
         for (dev, _, stream), items in groups.items():
-            self._launch_group(dev, stream, items, [])
+            self._launch_group(dev, stream, items, [], ())
         return extra_rows
 
-    def _launch_group(self, dev: torch.device, stream, items: list, layers: list) -> Optional[list[int]]:
+    def _launch_group(self, dev: torch.device, stream, items: list, layers: list,
+                      sizes: tuple) -> Optional[list[int]]:
         """One grouped launch: a row per deferred tensor in `items` (their Spans filled), then
-        a row per layer in `layers` (returned). On a Triton failure the deferred tensors are
+        a row per layer in `layers` (returned; `sizes`: their tensors' element counts, each
+        tensor checked like a deferred one). On a Triton failure the deferred tensors are
         read by the torch path and None is returned."""
         try:
             with _on_stream(dev, stream):
-                rows = self.capture.batch(dev, stats.fused_for(dev)).add_group([[t] for t, _ in items] + layers)
+                rows = self.capture.batch(dev, stats.fused_for(dev)).add_group(
+                    [[t] for t, _, _ in items] + layers, tuple([n for _, _, n in items]) + sizes)
         except Exception as e:  # a Triton failure: these values by the torch path, now
             stats.fused_failed(e)
-            for t, targets in items:
+            for t, targets, _ in items:
                 vec = stats.tensor_stats_vector(t).to(torch.float64)
                 for span, lo, hi in targets:
                     span.src, span.lo, span.hi = vec, lo, hi
             return None
-        for (_, targets), r in zip(items, rows):
+        for (_, targets, _), r in zip(items, rows):
             _point(targets, r)
         return rows[len(items):]
 

@@ -262,17 +262,20 @@ class Batch:
             _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
         return row
 
-    def add_group(self, layers: list[list[torch.Tensor]]) -> list[int]:
+    def add_group(self, layers: list[list[torch.Tensor]], sizes: Optional[tuple] = None) -> list[int]:
         """One row per layer, over all of that layer's tensors (each as one flat vector): one
-        launch for every layer. The tensors must share one float dtype (see `usable`)."""
+        launch for every layer. The tensors must share one float dtype (see `usable`).
+        sizes: the tensors' element counts, from a caller that has checked each one
+        (contiguous, non-empty, of one float dtype): the launch reads only their addresses."""
         flat = [t for ts in layers for t in ts]
         dtype = flat[0].dtype
-        if not all([t.is_contiguous() for t in flat]):
-            flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
-            self._keep += flat
-        sizes = tuple([t.numel() for t in flat])
-        if not all(sizes) or any([t.dtype != dtype for t in flat]):
-            raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
+        if sizes is None:
+            if not all([t.is_contiguous() for t in flat]):
+                flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
+                self._keep += flat
+            sizes = tuple([t.numel() for t in flat])
+            if not all(sizes) or any([t.dtype != dtype for t in flat]):
+                raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
         ptrs = [t.data_ptr() for t in flat]
         counts = tuple(map(len, layers))
         key = (self.device, dtype, sizes, counts)

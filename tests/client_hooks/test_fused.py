@@ -258,9 +258,9 @@ class _Launches:
             self.one += 1
             return add(b, x)
 
-        def count_group(b, layers):
+        def count_group(b, layers, *args):
             self.groups.append(sum(len(ts) for ts in layers))
-            return add_group(b, layers)
+            return add_group(b, layers, *args)
         monkeypatch.setattr(fused.Batch, "add", count_add)
         monkeypatch.setattr(fused.Batch, "add_group", count_group)
 
@@ -481,10 +481,10 @@ def test_a_failed_grouped_launch_gives_the_deferred_values_by_the_torch_path(pul
     add_group = fused.Batch.add_group
     refs = []
 
-    def fails_on_step_1(b, layers):
+    def fails_on_step_1(b, layers, *args):
         if len(refs) == 1:
             raise RuntimeError("injected group launch failure")
-        return add_group(b, layers)
+        return add_group(b, layers, *args)
 
     monkeypatch.setattr(fused.Batch, "add_group", fails_on_step_1)
     monkeypatch.setattr(stats, "_fused_state", {"mod": fused})  # its "off" ends with the test
