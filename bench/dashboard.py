@@ -191,9 +191,10 @@ def main() -> None:
               f"{live['sent']} sent, {live['drawn']} drawn in a visible chart, {live['dropped']} dropped "
               f"by the sender; latency ms p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, "
               f"p99 {live['p99']:.0f}, max {live['max']:.0f}")
+    warm = "none" if load["warm"] is None else f"{load['warm']:.0f} ms"  # --repeats 1: no warm load
     print(f"\n2. page shows {a.big_layers} layers x {a.big_steps} steps "
           f"({a.big_steps * (a.big_layers + 4)} records; index filled in {fill_s:.1f} s): cold "
-          f"{load['cold']:.0f} ms, warm median {load['warm']:.0f} ms (all: "
+          f"{load['cold']:.0f} ms, warm median {warm} (all: "
           f"{', '.join(f'{x:.0f}' for x in load['all'])}); switching to it in an open page: median "
           f"{load['switch']:.0f} ms (all: {', '.join(f'{x:.0f}' for x in load['switch_all'])})")
     for label, r in api.items():

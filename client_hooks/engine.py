@@ -131,8 +131,8 @@ class Engine:
         self._deferred: list = []
         self._deferred_bytes = 0
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
-        # (kind, name) -> (dtype, shape, device, elements, element size, spec) of a real value that is deferred:
-        # its next captures, the same dtype, shape and device, take `_defer_known`
+        # (kind, name) -> (dtype, shape, device, elements, element size, spec) of a deferred
+        # real value: its next captures with the same dtype, shape and device take `_defer_known`
         self._plans: dict = {}
 
     # -- set-up ---------------------------------------------------------------------------
@@ -384,8 +384,8 @@ class Engine:
         """add_tensor's short way for a value deferred before (its plan) when it comes again
         alike (dtype, shape, device, contiguous, not found changed in place) into this step's
         capture: its spec as it was, deferred without add_tensor's checks. False: take the
-        long way. One such call per watched module a capture step: the host time a capture
-        adds to a step bound by its host (bench/overhead.py on a GPU) is mostly such calls."""
+        long way. One such call per watched module a capture step, on the training thread:
+        in a step bound by its host (bench/overhead.py on some H100s) each one shows."""
         key = (kind, name)
         plan = self._plans.get(key)
         if (plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor

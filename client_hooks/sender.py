@@ -31,9 +31,12 @@ _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated 
 # record waits at most that long). Every wake-up takes the GIL, and a training thread bound
 # by its host pays for each (the GIL handed over and back): a 10 ms poll (sixth and seventh
 # sessions) woke it about once a step of the demo FNO on an H100, and waking it at each
-# enqueue did no better. An enqueue wakes it early only when the queue holds more than
-# WAKE_FRACTION of its bound (a burst), or close() and flush() do.
+# enqueue did no better. An enqueue wakes it early when the queue holds a frame's worth of
+# records (WAKE_ITEMS: at 10k records/s, every ~6 ms, so the dashboard's latency budget
+# holds) or more than WAKE_FRACTION of its bound (a burst); close() and flush() do too. A
+# capture step queues one or two items (its packed record, the loss).
 IDLE_WAIT_S = 0.05
+WAKE_ITEMS = 64
 WAKE_FRACTION = 0.25
 
 
@@ -120,7 +123,7 @@ class Sender:
                 return False
             self._queued_bytes += size
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
-        if self._queued_bytes > self._wake_bytes:
+        if len(self._queue) >= WAKE_ITEMS or self._queued_bytes > self._wake_bytes:
             self._wake.set()
         return True
 
@@ -141,7 +144,7 @@ class Sender:
             self.dropped += sum(_count(it[2]) for it in items[keep:])
             self._queued_bytes += sum(sizes[:keep])
         self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
-        if self._queued_bytes > self._wake_bytes:
+        if len(self._queue) >= WAKE_ITEMS or self._queued_bytes > self._wake_bytes:
             self._wake.set()
         return keep
 

@@ -133,3 +133,48 @@ print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
     probe = ctx.socket(zmq.PULL)
     probe.bind(endpoint)
     probe.close()
+
+
+def test_the_sender_sleeps_between_rounds_and_wakes_early_for_a_burst_or_a_flush(monkeypatch):
+    """A record waits for the sender's next round (IDLE_WAIT_S; here 30 s, so it waits);
+    a burst past WAKE_FRACTION of the queue's bound, WAKE_ITEMS records, or flush(), wakes
+    the sender at once."""
+    from client_hooks import sender as sender_mod
+
+    monkeypatch.setattr(sender_mod, "IDLE_WAIT_S", 30.0)
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    s = Sender(f"tcp://127.0.0.1:{port}", "rounds", max_queue_bytes=40_000, drop_report_s=60.0)
+    try:
+        assert wait_for(lambda: s.sent == 1, 5)  # hello, taken in the thread's first round
+        time.sleep(0.2)  # the thread is asleep now
+        s.send("metrics", "loss", {"value": 1.0}, step=0)
+        time.sleep(0.5)
+        assert s.sent == 1  # waits for the next round
+        assert s.flush(5.0)  # wakes it
+        assert s.sent == 2 or wait_for(lambda: s.sent == 2, 5)
+        time.sleep(0.2)
+        # a burst: 5 records of ~2.2 kB each pass a quarter of the 40 kB bound
+        burst = [("gradients", f"layer{i}", {"norm": float(i)}, 2000) for i in range(5)]
+        t0 = time.monotonic()
+        assert s.send_many(burst, step=1) == 5
+        assert wait_for(lambda: s.sent == 7, 5)
+        assert time.monotonic() - t0 < 5
+        s.send("metrics", "loss", {"value": 2.0}, step=2)  # below the mark: waits again
+        time.sleep(0.5)
+        assert s.sent == 7
+        time.sleep(0.2)
+        for i in range(sender_mod.WAKE_ITEMS - 1):  # small records: a frame's worth of them
+            s.send("metrics", "lr", {"value": float(i)}, step=3)
+        assert wait_for(lambda: s.sent == 8 + sender_mod.WAKE_ITEMS - 1, 5)
+    finally:
+        t0 = time.monotonic()
+        s.close(timeout=1.0)
+        assert time.monotonic() - t0 < 2.0  # close() wakes it too
+    recs = []
+    while pull.poll(1000):
+        recs += decode(pull.recv())[0]
+    pull.close()
+    assert [r.name for r in recs] == (["hello", "loss"] + [f"layer{i}" for i in range(5)] + ["loss"]
+                                      + ["lr"] * (sender_mod.WAKE_ITEMS - 1) + ["bye"])
