@@ -131,8 +131,8 @@ class Engine:
         self._deferred: list = []
         self._deferred_bytes = 0
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
-        # (kind, name) -> (dtype, shape, device, elements, element size, spec) of a deferred
-        # real value: its next captures with the same dtype, shape and device take `_defer_known`
+        # (kind, name) -> (dtype, shape, device, its get_device(), elements, element size, spec)
+        # of a deferred real value: its next captures alike take `_defer_known`
         self._plans: dict = {}
 
     # -- set-up ---------------------------------------------------------------------------
@@ -377,7 +377,8 @@ class Engine:
         if type(vec) is Span and vec.lo < 0 and not (is_c or extra):  # deferred: see _defer_known
             if len(self._plans) >= PLANS_MAX:
                 self._plans.clear()
-            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.numel(), t.element_size(), spec)
+            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.get_device(), t.numel(),
+                                         t.element_size(), spec)
         cap.add(kind, name, vec, spec, 600 if is_c else 300)
 
     def _defer_known(self, kind: str, name: str, value) -> bool:
@@ -388,15 +389,19 @@ class Engine:
         in a step bound by its host (bench/overhead.py on some H100s) each one shows."""
         key = (kind, name)
         plan = self._plans.get(key)
-        if (plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor
-                or value.dtype is not plan[0] or value.shape != plan[1] or self._changed.get(key) is not False
-                or name in self.opts.pairs
-                or value.device != plan[2] or not value.is_contiguous() or value.is_inference()):
+        if plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor:
             return False
-        span = Span(plan[2], -1, -1)  # its row is known once the group is launched
-        self._deferred.append((key, value, value._version, stats.current_stream(plan[2]), ((span, 0, 7),), plan[3]))
-        self._deferred_bytes += plan[3] * plan[4]
-        self.capture.add(kind, name, span, plan[5], 300)
+        dtype, shape, dev, index, n, size, spec = plan
+        if (value.dtype is not dtype or value.get_device() != index or value.shape != shape
+                or self._changed.get(key) is not False or name in self.opts.pairs
+                or not value.is_contiguous() or value.is_inference()):
+            return False
+        span = Span(dev, -1, -1)  # its row is known once the group is launched
+        # the current stream as stats.current_stream gives it (index >= 0: a CUDA tensor's device)
+        stream = torch._C._cuda_getCurrentRawStream(index) if index >= 0 else 0
+        self._deferred.append((key, value, value._version, stream, ((span, 0, 7),), n))
+        self._deferred_bytes += n * size
+        self.capture._entries[key] = (span, spec, 300)  # Capture.add, without the call
         if self._deferred_bytes > DEFER_MAX_BYTES:
             self.launch_deferred()
         return True
