@@ -77,6 +77,18 @@ class _Readback:
         self._vals: Optional[list] = vals  # given: values that were host floats already
         self._raw: Optional[bytes] = None
 
+    def __del__(self):
+        """Dropped unread (its record dropped: a full queue, a closed sender): its ring slot
+        is free again once its copy is done. One still in flight keeps its slot (the next
+        captures take another). No lock: one list item set, which take() reads under its
+        lock; a __del__ may run inside take() itself."""
+        try:
+            if self._host is not None and self._slot is not None and (
+                    self._event is None or self._event.query()):
+                _ring._busy[self._slot] = False
+        except Exception:  # interpreter shutdown, a CUDA error: the slot stays taken
+            pass
+
     def _take_host(self) -> torch.Tensor:
         # sender thread: waits for this capture's copy only. query() first: synchronize()
         # lets go of the GIL even when the copy is done, and taking it back costs the

@@ -14,7 +14,8 @@ Kernels:
 - `_partials_one`: one program per BLOCK elements of one tensor; loads its block once into
   registers (without a mask, so as vectors, when the block is full) and computes the counts,
   finite min/max, the block's finite mean and (second pass over the same registers)
-  M2 = sum (x - mean_b)^2: 8 partials per block, written field-major into a workspace
+  M2 = sum (x - mean_b)^2, scaled by the block's largest deviation so that no square
+  underflows or overflows: 8 partials per block, written field-major into a workspace
   (`p[k * cap + block]`).
 - `_partials_group`: the same for many tensors in one launch (a layer's or a whole model's
   gradients, a forward's activations): the tensors' offsets from the first one come from a
@@ -68,7 +69,13 @@ def _block(x_ptr, offs, n, full, p_ptr, g, cap, ACC: tl.constexpr):
     c_zero = tl.sum((valid & (x == 0.0)).to(tl.int32), axis=0)
     mean = tl.sum(tl.where(fin, x, 0.0), axis=0) / tl.maximum(c_fin, 1).to(ACC)
     d = tl.where(fin, x - mean, 0.0)
-    m2 = tl.sum(d * d, axis=0)
+    # M2 = s^2 * sum((d / s)^2), s the largest |deviation| (at least 1e-30): the squares of
+    # deviations below ~1e-19 (float32) would vanish, those above ~1e19 overflow; scaled,
+    # neither happens. One division a block; a multiply an element.
+    s = tl.maximum(tl.max(tl.abs(d), axis=0), 1e-30)
+    e = d * (1.0 / s)
+    s64 = s.to(tl.float64)
+    m2 = s64 * s64 * tl.sum(e * e, axis=0).to(tl.float64)
     mn = tl.min(tl.where(fin, x, float("inf")), axis=0)
     mx = tl.max(tl.where(fin, x, float("-inf")), axis=0)
     tl.store(p_ptr + g, c_nan.to(tl.float64))
@@ -78,7 +85,7 @@ def _block(x_ptr, offs, n, full, p_ptr, g, cap, ACC: tl.constexpr):
     tl.store(p_ptr + 4 * cap + g, mn.to(tl.float64))
     tl.store(p_ptr + 5 * cap + g, mx.to(tl.float64))
     tl.store(p_ptr + 6 * cap + g, mean.to(tl.float64))
-    tl.store(p_ptr + 7 * cap + g, m2.to(tl.float64))
+    tl.store(p_ptr + 7 * cap + g, m2)
 
 
 @triton.jit(do_not_specialize=["n", "g0", "cap"])

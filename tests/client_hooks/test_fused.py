@@ -61,6 +61,10 @@ def tensors() -> dict:
         "non-contiguous": torch.randn(300, 200, generator=g).t(),
         "mean 100 std 0.01": torch.randn(50_000, generator=g) * 0.01 + 100.0,
         "signed zeros": torch.tensor([0.0, -0.0, 1.0, -0.0]),
+        # float32 squares of these deviations would vanish (~1e-51) or overflow (~1e40)
+        "tiny deviations": torch.tensor([1.9777587e-25, 0.0]),
+        "x1e-30": torch.randn(5000, generator=g) * 1e-30,
+        "x1e20": torch.randn(5000, generator=g) * 1e20,
     }
     return {k: v.to(DEV) for k, v in out.items()}
 
