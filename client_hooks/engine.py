@@ -14,8 +14,9 @@ forward: ~5 kernels before it, five rows in the launch), two foreach norms, a sn
 and a stack of the per-parameter norms; then one merge launch and one device-to-host copy.
 The step's tensor and gradient statistics go to the sender as one packed record
 (collector.packed): the collector, not this process, turns the values into payloads, sums
-the layers' norms, update ratios and the total gradient norm. A loss (`metrics`) is one copy
-to a pinned slot and one event a step.
+the layers' norms, update ratios and the total gradient norm. A loss (`metrics`) logged
+before the capture step ends is one more value of its copy; otherwise it is one copy to a
+pinned slot and one event a step.
 
 Grouping the forward's tensors means reading them later than their hook: an in-place change
 in between (an `inplace=True` ReLU after a Linear) would alter them. So each value (kind,
