@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in one go (docs/BENCHMARKS.md records the figures):
 #   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
-#   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per call, the grouped
-#      kernel's bandwidth by block size and warps, GPU time the capture adds kernel by kernel;
-#      bench/launch_cost.py: host time of a Triton launch, JIT path against the launcher;
+#   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per
+#      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
+#      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
+#      the launcher;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, PREV_STEPS;
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured

@@ -216,7 +216,7 @@ class _Space:
 # so a steady capture fills one workspace and is merged in one launch (a capture of the demo
 # FNO at batch 64 needed two workspaces, and two merges, from FIRST_CAP)
 _size_hint: dict = {}
-HINT_MAX = 1 << 19  # blocks (32 MiB of partials, 2G elements): a rare huge capture is not copied
+HINT_MAX = 1 << 19  # blocks (32 MiB of partials, 2G elements): a rare huge capture does not size every later one
 
 _layouts: dict = {}  # (device, dtype, sizes) -> the group kernel's index tables (sizes do not change)
 
