@@ -71,27 +71,40 @@ class _Later:
             self._sender.send_many(items, step, epoch)
 
 
+OUTERMOST = "(all of the above, outermost calls only)"
+
+
 def install_timers() -> dict:
     """Wrap tensortap's entry points (and a few inner calls) with wall-clock accumulators:
     {name: [calls, seconds]}, inclusive (end_step holds flush, grads_ready holds the grouped
-    launch). Installed on the classes, so only Taps made afterwards go through them."""
+    launch). Installed on the classes, so only Taps made afterwards go through them.
+    OUTERMOST: the outermost calls only, so each microsecond once: tensortap's own host time
+    (less noisy than a step's wall time, which holds the model's)."""
     import time
 
     from client_hooks import capture, engine, fused, hooks
 
     acc: dict = {}
+    top = acc.setdefault(OUTERMOST, [0, 0.0])
+    depth = [0]
 
     def timed(owner, attr, label):
         fn = getattr(owner, attr)
         cell = acc.setdefault(label, [0, 0.0])
 
         def wrapper(*a, **kw):
+            depth[0] += 1
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
+                dt = time.perf_counter() - t0
+                depth[0] -= 1
                 cell[0] += 1
-                cell[1] += time.perf_counter() - t0
+                cell[1] += dt
+                if not depth[0]:
+                    top[0] += 1
+                    top[1] += dt
         setattr(owner, attr, wrapper)
 
     E = engine.Engine
