@@ -231,14 +231,8 @@ class Capture:
         host, none, merged = [], [], {}
         groups: dict = {}  # device -> [pieces, their total size, entries]
         where: dict = {}  # id(piece) -> (its group, its offset in the group's flat copy)
-        rows_at: dict = {}  # device -> (its group, where its merged rows start in the group's copy)
         try:
             for key, (vec, dec, nb) in entries.items():
-                if type(vec) is Span and type(vec.src) is torch.device and vec.lo >= 0:
-                    at = rows_at.get(vec.src)  # the usual entry: rows of a device's batch, placed
-                    if at is not None:
-                        at[0][2].append((key, [(at[1] + vec.lo, at[1] + vec.hi)], dec, nb))
-                        continue
                 if vec is None:
                     none.append((key, dec, nb))
                     continue
@@ -247,14 +241,12 @@ class Capture:
                     continue
                 spans, grp = [], None
                 for part in (vec if isinstance(vec, tuple) else (vec,)):
-                    rows_of = None
                     if isinstance(part, Span):
                         src, lo, hi = part.src, part.lo, part.hi
                         if lo < 0:  # not read before this flush: the sender counts it as dropped
                             none.append((key, _unread, nb))
                             break
                         if not isinstance(src, torch.Tensor):  # a device: its fused batch's rows
-                            rows_of = src
                             if src not in merged:
                                 merged[src] = self._merged(src)
                             src = merged[src]
@@ -270,8 +262,6 @@ class Capture:
                             if grp is None:
                                 grp = groups[dev] = [[], 0, []]
                         at = where[id(src)] = (grp, grp[1])
-                        if rows_of is not None:
-                            rows_at[rows_of] = at
                         grp[0].append(src)
                         grp[1] += src.numel()
                     elif grp is None:
@@ -319,12 +309,8 @@ def _add_records(out: list, rb: _Readback, items: list) -> None:
     for c in range(0, len(packed), PACK_MAX_ENTRIES):
         pieces, entries, at, nrec, nbytes = [], [], 0, 0, 0
         for (kind, name), spans, spec, nb in packed[c:c + PACK_MAX_ENTRIES]:
-            names = list(name) if type(name) is tuple else [name]
-            if len(spans) == 1:
-                lo, hi = spans[0]
-                size = hi - lo
-            else:
-                size = sum([hi - lo for lo, hi in spans])
+            names = _names(name)
+            size = sum([hi - lo for lo, hi in spans])
             pieces += spans
             entries.append([kind, names, [[at, at + size]], spec])
             at += size

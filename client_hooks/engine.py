@@ -398,13 +398,8 @@ class Engine:
                 or not value.is_contiguous() or value.is_inference()):
             return False
         span = Span(dev, -1, -1)  # its row is known once the group is launched
-        # the current stream as stats.current_stream gives it (index >= 0: a CUDA tensor's device)
-        stream = torch._C._cuda_getCurrentRawStream(index) if index >= 0 else 0
-        self._deferred.append((key, value, value._version, stream, ((span, 0, 7),), n))
-        self._deferred_bytes += n * size
-        self.capture._entries[key] = (span, spec, 300)  # Capture.add, without the call
-        if self._deferred_bytes > DEFER_MAX_BYTES:
-            self.launch_deferred()
+        self.capture.add(kind, name, span, spec, 300)
+        self._hold(key, value, ((span, 0, 7),), n, n * size, stats.raw_stream(index))
         return True
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
@@ -432,8 +427,14 @@ class Engine:
         if key is None and not t.is_contiguous():  # (a value's own is deferred only when it is)
             t = t.contiguous()
         n = t.numel()
-        self._deferred.append((key, t, t._version, stats.current_stream(t.device), targets, n))
-        self._deferred_bytes += n * t.element_size()
+        self._hold(key, t, targets, n, n * t.element_size(), stats.current_stream(t.device))
+
+    def _hold(self, key: Optional[tuple], t: torch.Tensor, targets: tuple, n: int, nbytes: int,
+              stream: int) -> None:
+        """`_defer`'s bookkeeping (also `_defer_known`'s): `t` of n elements joins the next
+        grouped launch on `stream` (the current one), which comes early past DEFER_MAX_BYTES."""
+        self._deferred.append((key, t, t._version, stream, targets, n))
+        self._deferred_bytes += nbytes
         if self._deferred_bytes > DEFER_MAX_BYTES:
             self.launch_deferred()
 
@@ -475,8 +476,9 @@ class Engine:
         """A launch point: learn which watched values changed in place since their hook, and
         launch the deferred tensors' partials (one grouped launch per dtype and stream).
 
-        extra: (device, dtype, layers), the gradients at the end of backward: launched in
-        the group of the deferred tensors of that device and dtype on the current stream.
+        extra: (device, dtype, layers, their tensors' sizes), the gradients at the end of
+        backward: launched in the group of the deferred tensors of that device and dtype on
+        the current stream.
         Returns their rows, or None when they were not launched (the caller reads them
         another way)."""
         if not (self._checking or self._deferred or extra):

@@ -123,8 +123,7 @@ class Sender:
                 return False
             self._queued_bytes += size
         self._queue.append((kind, name, step, epoch, t or time.time(), data, size))
-        if len(self._queue) >= WAKE_ITEMS or self._queued_bytes > self._wake_bytes:
-            self._wake.set()
+        self._wake_if_due()
         return True
 
     def send_many(self, items: list, step: Optional[int] = None, epoch: Optional[int] = None) -> int:
@@ -144,9 +143,13 @@ class Sender:
             self.dropped += sum(_count(it[2]) for it in items[keep:])
             self._queued_bytes += sum(sizes[:keep])
         self._queue.extend([(k, n, step, epoch, t, d, sz) for (k, n, d, _), sz in zip(items[:keep], sizes)])
+        self._wake_if_due()
+        return keep
+
+    def _wake_if_due(self) -> None:
+        """Wake the sender thread before its round when a frame's worth or a burst is queued."""
         if len(self._queue) >= WAKE_ITEMS or self._queued_bytes > self._wake_bytes:
             self._wake.set()
-        return keep
 
     # -- sender thread --------------------------------------------------------------------
     def _take(self) -> list:
@@ -190,7 +193,7 @@ class Sender:
             frames = _frames([r for r, _ in recs])
         done = sent_objs = 0
         for frame, k in frames:
-            n = sum(c for _, c in recs[sent_objs:sent_objs + k]) if k > 1 else recs[sent_objs][1]
+            n = sum(c for _, c in recs[sent_objs:sent_objs + k])
             if not self._send_frame(frame, deadline):
                 # give back the unsent seqs: what never left is 'dropped', not a gap
                 lost = self._seq - first - done

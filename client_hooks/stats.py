@@ -264,7 +264,13 @@ def current_stream(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     index = device.index
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if index is None else index)
+    return raw_stream(torch.cuda.current_device() if index is None else index)
+
+
+def raw_stream(index: int) -> int:
+    """The current CUDA stream of device `index` as a number; 0 for an index below 0 (a
+    tensor's get_device() off CUDA)."""
+    return torch._C._cuda_getCurrentRawStream(index) if index >= 0 else 0
 
 
 def fused_failed(err: BaseException) -> None:
