@@ -250,6 +250,54 @@ def test_complex_parameters_join_the_grouped_gradient_launch_as_real_pairs(pull)
             assert d[k] == pytest.approx(w[i], rel=1e-5, abs=1e-9), (name, k)
 
 
+@pytest.mark.parametrize("rows", [True, False])
+def test_weight_norms_and_update_ratios_equal_numpy_from_rows_or_by_foreach(pull, monkeypatch, rows):
+    """rows: each layer's weights (a complex one as real pairs) join the gradients' grouped
+    launch and its update (before - after the step) one more, a row per layer. Otherwise (a
+    weight that is not contiguous) the foreach norms: the same records either way."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 6), _ComplexScale()).to(DEV)
+    if not rows:
+        model[0].weight.data = model[0].weight.data.t().contiguous().t()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    launches = _Launches(monkeypatch)
+    layers = {"0": lambda: [model[0].weight, model[0].bias], "1": lambda: [torch.view_as_real(model[1].w)]}
+
+    def flat(name):
+        return np.concatenate([p.detach().cpu().double().numpy().ravel() for p in layers[name]()])
+    with Tap(gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        tap.log_batch({"x": torch.ones(1, device=DEV)}, epoch=0)
+        model(torch.randn(5, 6, device=DEV)).square().mean().backward()
+        w0 = {n: flat(n) for n in layers}
+        opt.step()
+        w1 = {n: flat(n) for n in layers}
+    # 3 gradients (+ 3 weights); the updates (3)
+    assert launches.take()[1] == ([6, 3] if rows else [3])
+    assert pull.wait_for(lambda r: len(pull.find("gradients")) == 3)
+    for name in layers:
+        d = pull.find("gradients", name)[0]["data"]
+        assert d["weight_norm"] == pytest.approx(np.linalg.norm(w0[name]), rel=1e-6), name
+        assert d["update_ratio"] == pytest.approx(np.linalg.norm(w1[name] - w0[name]) / np.linalg.norm(w0[name]),
+                                                  rel=1e-5), name
+
+
+def test_a_nan_weight_gives_a_nan_weight_norm_from_its_row(pull):
+    """As a plain norm would: NaN for the layer that holds it; the others' as NumPy's."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(DEV)
+    with torch.no_grad():
+        model[1].bias[0] = math.nan
+    with Tap(gradients="all") as tap:
+        tap.watch(model)
+        tap.log_batch({"x": torch.ones(1, device=DEV)}, epoch=0)
+        model(torch.randn(5, 4, device=DEV)).square().mean().backward()
+    assert pull.wait_for(lambda r: len(pull.find("gradients")) == 3)
+    assert math.isnan(pull.find("gradients", "1")[0]["data"]["weight_norm"])
+    w = np.concatenate([model[0].weight.detach().cpu().double().numpy().ravel(),
+                        model[0].bias.detach().cpu().double().numpy()])
+    assert pull.find("gradients", "0")[0]["data"]["weight_norm"] == pytest.approx(np.linalg.norm(w), rel=1e-6)
+
+
 class _Launches:
     """Counts the fused launches of a Tap: tensors launched in their hook (`Batch.add`) and
     grouped launches (`Batch.add_group`, with how many tensors each)."""
@@ -292,7 +340,8 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
     """Every-step capture of a model with an in-place ReLU. First capture: every value
     launched in its hook and watched. Later captures: the Linear output that the ReLU changes
     stays launched in its hook; every other value (the batch field too) joins one grouped
-    launch at the end of the forward; the gradients stay one grouped launch. Every record of
+    launch at the end of the forward; the gradients (with the weights) stay one grouped launch,
+    the updates another. Every record of
     every step equals NumPy on the value as it was in its hook; none is lost.
     cap_bytes=1: DEFER_MAX_BYTES exceeded by each value, so each is launched at once, alone."""
     from client_hooks import engine
@@ -318,12 +367,13 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
             refs.append({**seen, "x": x.clone()})
             counts.append(launches.take())
     assert tap.sender.dropped == 0
-    # step 0: 6 values launched in their hooks, the 3 gradient layers grouped
-    assert counts[0] == (6, [6])
+    # step 0: 6 values launched in their hooks; the 3 gradient layers (6 tensors) and their
+    # weights (6) grouped, then the 3 layers' updates (6)
+    assert counts[0] == (6, [12, 6])
     if cap_bytes is None:  # then: the changed Linear output alone; 5 values in one group
-        assert counts[1] == counts[2] == (1, [5, 6])
+        assert counts[1] == counts[2] == (1, [5, 12, 6])
     else:
-        assert counts[1] == counts[2] == (1, [1] * 5 + [6])
+        assert counts[1] == counts[2] == (1, [1] * 5 + [12, 6])
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 15 and len(pull.find("loader_stats")) == 3)
     for rec in pull.find("activations") + pull.find("loader_stats"):
         ref = refs[rec["step"]][rec["name"]]
@@ -360,7 +410,8 @@ def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_lau
             counts.append(launches.take())
     assert tap.sender.dropped == 0
     # the batch field and the 3 leaves' outputs; x_combined's 5 rows + the 2 layers' 4 tensors
-    assert counts[2] == (0, [4, 5 + 4])
+    # and their 4 weights; the 4 updates
+    assert counts[2] == (0, [4, 5 + 4 + 4, 4])
     assert counts[1] == (0, []) and counts[3][1] == [5]  # no capture; at once, in its own launch
     assert pull.wait_for(lambda r: len(pull.find("activations", "x_combined")) == 3)
     for rec in pull.find("activations", "x_combined"):
