@@ -178,12 +178,10 @@ def batch_speed(device: str) -> None:
 
 def group_bandwidth(device: str) -> None:
     """GPU time of one grouped partials launch over 17 float32 tensors of 64x64x64x64 (the
-    demo FNO's forward at batch 64: 1.14 GB read), CUDA events over 10 launches: the engine's
-    kernel (`_chunk`: fused.LANES lanes, fused.ITERS loads each, 8 warps), other lane counts,
-    loads and warps, the per-block kernel (`_block`, what float32 took before, and float64
-    still takes) at its block sizes, and the engine's with every tensor 4 bytes off the
-    16-byte grid (no vector loads). Each configuration's rows are checked against the
-    engine's on aligned copies."""
+    demo FNO's forward at batch 64: 1.14 GB read), for the kernel's block size and warps
+    (the engine's are fused.BLOCK and 8) and a few others, and the engine's with every tensor
+    4 bytes off the 16-byte grid (no vector loads); CUDA events over 10 launches. Each
+    configuration's rows are checked against the engine's on aligned copies."""
     from client_hooks import fused
 
     full = [torch.randn(64 * 64 * 64 * 64 + 1, device=device) for _ in range(17)]
@@ -193,20 +191,14 @@ def group_bandwidth(device: str) -> None:
         b = fused.Batch(torch.device(device))
         b.add_group([[x[off:off + n].clone()] for x in full])
         ref[off] = b.finish().clone()
-    saved = (fused.USE_LANES, fused.LANES, fused.ITERS, fused.BLOCK, fused._launch)
-    launch0 = fused._launch
-    engine = (True, fused.LANES, fused.ITERS, fused.BLOCK, 8, 0)
-    # (lanes kernel, LANES, ITERS, BLOCK, warps, offset in elements); the last: the engine's
-    # on the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
-    configs = [engine, (True, 1024, 16, 0, 8, 0), (True, 2048, 8, 0, 8, 0), (True, 1024, 8, 0, 4, 0),
-               (True, 512, 16, 0, 4, 0), (True, 2048, 4, 0, 16, 0),
-               (False, 0, 0, 4096, 8, 0), (False, 0, 0, 2048, 4, 0), engine[:5] + (1,)]
+    block0, launch0 = fused.BLOCK, fused._launch
     try:
-        for lanes, nl, iters, block, warps, off in configs:
+        # the last: the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
+        for block, warps, off in ((block0, 8, 0), (4096, 4, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
+                                  (block0, 8, 1)):
             xs = [x[off:off + n] for x in full]
             gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
-            fused.USE_LANES, fused.LANES, fused.ITERS = lanes, nl or saved[1], iters or saved[2]
-            fused.BLOCK = block or saved[3]
+            fused.BLOCK = block
             fused._layouts.clear()
             fused._launch = (lambda fn, grid, args, num_warps, w=warps: launch0(fn, grid, args, w))
             rows = None
@@ -224,12 +216,10 @@ def group_bandwidth(device: str) -> None:
             torch.cuda.synchronize()
             ms = e0.elapsed_time(e1) / 10
             same = bool(torch.allclose(rows, ref[off], rtol=1e-6, atol=1e-9))
-            what = (f"lanes {nl:4d} x {iters:2d}" if lanes else f"block {block:5d}    ") + f" warps {warps:2d}"
-            what += " unaligned" if off else (" (engine)" if (lanes, nl, iters, warps) == engine[:3] + (8,) else "")
-            print(f"group partials {what}: "
+            print(f"group partials BLOCK {block:5d} warps {warps:2d}{' unaligned' if off else ''}: "
                   f"{ms:.3f} ms for {gb:.2f} GB ({gb / ms:.2f} TB/s){'' if same else '  ROWS DIFFER'}")
     finally:
-        fused.USE_LANES, fused.LANES, fused.ITERS, fused.BLOCK, fused._launch = saved
+        fused.BLOCK, fused._launch = block0, launch0
         fused._layouts.clear()
     del full
 

@@ -516,7 +516,7 @@ class Engine:
         re, im, ab, ang = stats.complex_parts(t, pair)
         dev = t.device
         try:
-            p = torch.stack([re, im, ang]).add_(ab, alpha=0)  # + |z| * 0: one kernel, not two
+            p = torch.stack([re, im, ang]).add_(ab * 0)
             rows = (p[0], p[1], ab, p[2], ang)
             # nan, inf; nfinite, then real's (min, max, mean, std); imag's, abs', angle's
             out = tuple(Span(dev, -1, -1) for _ in range(6))

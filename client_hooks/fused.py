@@ -42,13 +42,7 @@ import triton.language as tl
 
 from client_hooks import stats
 
-BLOCK = 4096  # elements per program of the float64 partials kernels (`_block`)
-# float16, bfloat16 and float32 (`_chunk`): LANES lanes, ITERS loads each, float64 sums
-# per lane, reduced once a program (`_block`'s 9 block reductions per 4096 elements held it
-# at 1.74-1.93 TB/s on an H100)
-LANES = 1024
-ITERS = 8
-USE_LANES = True  # False: every dtype through `_block` (bench/fused_check.py compares)
+BLOCK = 4096  # elements per program of the partials kernels
 RB = 1024  # partials per iteration of the merge
 NF = 8  # partial fields per block
 FIRST_CAP = 16384  # blocks in a capture's first workspace (1 MiB of partials, 67M elements)
@@ -92,74 +86,6 @@ def _block(x_ptr, offs, n, full, p_ptr, g, cap, ACC: tl.constexpr):
     tl.store(p_ptr + 5 * cap + g, mx.to(tl.float64))
     tl.store(p_ptr + 6 * cap + g, mean.to(tl.float64))
     tl.store(p_ptr + 7 * cap + g, m2)
-
-
-@triton.jit
-def _chunk(x_ptr, start, n, p_ptr, g, cap, LANES: tl.constexpr, ITERS: tl.constexpr):
-    """The 8 partials of elements start .. start + LANES * ITERS of a float16/bfloat16/float32
-    tensor, with one reduction of each for the whole program. Each lane sums, in float64,
-    its finite values' deviations from its own first finite value, and their squares (a
-    float32 deviation squared neither underflows nor overflows in float64): that pivot is
-    one of the lane's values, so the lane's M2 = S2 - S1^2 / n loses at most about one digit
-    to cancellation. The lanes are then merged by Chan's formula."""
-    lane = tl.arange(0, LANES)
-    pivot = tl.zeros([LANES], dtype=tl.float64)
-    s1 = tl.zeros([LANES], dtype=tl.float64)
-    s2 = tl.zeros([LANES], dtype=tl.float64)
-    c_nan = tl.zeros([LANES], dtype=tl.int32)
-    c_inf = tl.zeros([LANES], dtype=tl.int32)
-    c_fin = tl.zeros([LANES], dtype=tl.int32)
-    c_zero = tl.zeros([LANES], dtype=tl.int32)
-    mn = tl.full([LANES], float("inf"), dtype=tl.float32)
-    mx = tl.full([LANES], float("-inf"), dtype=tl.float32)
-    for it in range(ITERS):
-        offs = start + it * LANES + lane
-        valid = offs < n
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        fin = valid & (ax < float("inf"))
-        x64 = x.to(tl.float64)
-        pivot = tl.where(fin & (c_fin == 0), x64, pivot)
-        d = tl.where(fin, x64 - pivot, 0.0)
-        s1 += d
-        s2 += d * d
-        c_nan += (valid & (x != x)).to(tl.int32)
-        c_inf += (valid & (ax == float("inf"))).to(tl.int32)
-        c_fin += fin.to(tl.int32)
-        c_zero += (valid & (x == 0.0)).to(tl.int32)
-        mn = tl.minimum(mn, tl.where(fin, x, float("inf")))
-        mx = tl.maximum(mx, tl.where(fin, x, float("-inf")))
-    cf = c_fin.to(tl.float64)
-    cd = tl.maximum(cf, 1.0)
-    lane_mean = pivot + s1 / cd
-    lane_m2 = tl.maximum(s2 - s1 * s1 / cd, 0.0)
-    nf = tl.sum(c_fin, axis=0)
-    mean = tl.sum(cf * lane_mean, axis=0) / tl.maximum(nf, 1).to(tl.float64)
-    dm = lane_mean - mean
-    tl.store(p_ptr + g, tl.sum(c_nan, axis=0).to(tl.float64))
-    tl.store(p_ptr + cap + g, tl.sum(c_inf, axis=0).to(tl.float64))
-    tl.store(p_ptr + 2 * cap + g, nf.to(tl.float64))
-    tl.store(p_ptr + 3 * cap + g, tl.sum(c_zero, axis=0).to(tl.float64))
-    tl.store(p_ptr + 4 * cap + g, tl.min(mn, axis=0).to(tl.float64))
-    tl.store(p_ptr + 5 * cap + g, tl.max(mx, axis=0).to(tl.float64))
-    tl.store(p_ptr + 6 * cap + g, mean)
-    tl.store(p_ptr + 7 * cap + g, tl.sum(lane_m2 + cf * dm * dm, axis=0))
-
-
-@triton.jit(do_not_specialize=["n", "g0", "cap"])
-def _lanes_one(x_ptr, p_ptr, n, g0, cap, LANES: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    _chunk(x_ptr, pid.to(tl.int64) * (LANES * ITERS), n, p_ptr, g0 + pid, cap, LANES, ITERS)
-
-
-@triton.jit(do_not_specialize=["g0", "cap"])
-def _lanes_group(x0, rel, seg_n, seg_b0, blk_seg, p_ptr, g0, cap,
-                 LANES: tl.constexpr, ITERS: tl.constexpr, UNIT: tl.constexpr):
-    pid = tl.program_id(0)
-    s = tl.load(blk_seg + pid)
-    b = pid - tl.load(seg_b0 + s)
-    x_ptr = x0 + tl.load(rel + s) * UNIT  # see _partials_group
-    _chunk(x_ptr, b.to(tl.int64) * (LANES * ITERS), tl.load(seg_n + s), p_ptr, g0 + pid, cap, LANES, ITERS)
 
 
 @triton.jit(do_not_specialize=["n", "g0", "cap"])
@@ -244,17 +170,6 @@ def usable(x: torch.Tensor) -> bool:
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _lanes(dtype: torch.dtype) -> bool:
-    """Whether tensors of `dtype` go through `_chunk` (else `_block`)."""
-    return USE_LANES and dtype != torch.float64
-
-
-def _per_program(dtype: torch.dtype) -> int:
-    """Elements a program of the partials kernels takes for `dtype` (a row's blocks are its
-    tensors' programs)."""
-    return LANES * ITERS if _lanes(dtype) else BLOCK
 
 
 _tables: dict = {}  # (device, stream, values) -> the table on the device (never written again)
@@ -346,15 +261,12 @@ class Batch:
             x = x.contiguous()
             self._keep.append(x)
         n = x.numel()
-        nb = triton.cdiv(n, _per_program(x.dtype))
+        nb = triton.cdiv(n, BLOCK)
         sp = self._space(nb)
         g0 = sp.used
         (row,) = self._rows(sp, [nb])
         with _on(x.device):
-            if _lanes(x.dtype):
-                _launch(_lanes_one, nb, (x, sp.buf, n, g0, sp.cap, LANES, ITERS), 8)
-            else:
-                _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
+            _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
         return row
 
     def add_group(self, layers: list[list[torch.Tensor]], sizes: Optional[tuple] = None) -> list[int]:
@@ -373,11 +285,10 @@ class Batch:
                 raise TypeError("tensortap: a fused group needs non-empty tensors of one dtype")
         ptrs = [t.data_ptr() for t in flat]
         counts = tuple(map(len, layers))
-        per = _per_program(dtype)
-        key = (self.device, per, sizes, counts)
+        key = (self.device, dtype, sizes, counts)
         lay = _layouts.get(key)
         if lay is None:
-            lay = _layout(sizes, counts, self.device, per)
+            lay = _layout(sizes, counts, self.device)
             if len(_layouts) > 64:
                 _layouts.clear()
             _layouts[key] = lay
@@ -392,12 +303,8 @@ class Batch:
         base, step = ptrs[0], size * unit
         rel = _table(tuple([(p - base) // step for p in ptrs]), self.device)
         with _on(self.device):
-            if _lanes(dtype):
-                _launch(_lanes_group, total,
-                        (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, LANES, ITERS, unit), 8)
-            else:
-                _launch(_partials_group, total,
-                        (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), 8)
+            _launch(_partials_group, total,
+                    (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), 8)
         return rows
 
     def finish(self) -> torch.Tensor:
@@ -420,18 +327,18 @@ class Batch:
         return self._out
 
 
-def _layout(sizes: tuple, counts: tuple, device: torch.device, per: int):
+def _layout(sizes: tuple, counts: tuple, device: torch.device):
     """Index tables of a group: per tensor its size and first block, per block its tensor;
-    per layer its number of blocks (`per` elements a block)."""
+    per layer its number of blocks."""
     seg_b0, blk_seg, b = [], [], 0
     for s, n in enumerate(sizes):
-        nb = triton.cdiv(n, per)
+        nb = triton.cdiv(n, BLOCK)
         seg_b0.append(b)
         blk_seg.extend([s] * nb)
         b += nb
     layer_blocks, i = [], 0
     for c in counts:
-        layer_blocks.append(sum(triton.cdiv(n, per) for n in sizes[i:i + c]))
+        layer_blocks.append(sum(triton.cdiv(n, BLOCK) for n in sizes[i:i + c]))
         i += c
     # a plain (waiting) upload, not `_to_device`: made once per layout and then used from any
     # stream, so it must be on the device before it is cached

@@ -58,7 +58,6 @@ def tensors() -> dict:
         "one element": torch.tensor([2.5]),
         "all nan": torch.full((17,), math.nan),
         "3 blocks + 5": torch.randn(4096 * 3 + 5, generator=g),
-        "3 lane chunks + 5": torch.randn(8192 * 3 + 5, generator=g),
         "non-contiguous": torch.randn(300, 200, generator=g).t(),
         "mean 100 std 0.01": torch.randn(50_000, generator=g) * 0.01 + 100.0,
         "signed zeros": torch.tensor([0.0, -0.0, 1.0, -0.0]),
@@ -78,23 +77,6 @@ def test_rows_of_one_batch_equal_numpy_for_every_dtype_and_special_value():
     assert len(out) == len(ts)
     for k, t in ts.items():
         assert_row(out[rows[k]], ref10(t), k)
-
-
-def test_the_std_of_a_far_offset_keeps_its_digits_whatever_comes_first():
-    """`_chunk` sums each lane's deviations from its first finite value. A small spread far
-    from 0 (1e4 + 0.001 noise: a pivot of 0 would cancel about 11 of float64's digits) after a
-    first pass of NaN, and a lane's first value an outlier of the rest: the std as NumPy's,
-    to 1e-6 of itself (assert_row's tolerance goes by max_abs, too loose to see this)."""
-    g = torch.Generator().manual_seed(7)
-    cases = {"nan first": torch.cat([torch.full((1024 * 3,), math.nan), torch.randn(20_000, generator=g) * 1e-3 + 1e4]),
-             "outliers first": torch.cat([torch.full((1024,), 3e5), torch.randn(9000, generator=g) * 1e-2 + 5.0])}
-    b = fused.Batch(torch.device(DEV))
-    rows = {k: b.add(t.to(DEV)) for k, t in cases.items()}
-    out = b.finish().tolist()
-    for k, t in cases.items():
-        want = ref10(t)
-        assert out[rows[k]][6] == pytest.approx(want[6], rel=1e-6), k
-        assert out[rows[k]][5] == pytest.approx(want[5], rel=1e-9), k
 
 
 def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypatch):
@@ -123,8 +105,7 @@ def test_a_batch_like_the_last_one_fills_one_workspace(monkeypatch):
     capture is merged in one launch."""
     monkeypatch.setattr(fused, "FIRST_CAP", 4)
     monkeypatch.setattr(fused, "_size_hint", {})
-    per = fused._per_program(torch.float32)
-    xs = [torch.randn(n).to(DEV) for n in (5 * per, 9 * per + 1, 3)]
+    xs = [torch.randn(n).to(DEV) for n in (5 * fused.BLOCK, 9 * fused.BLOCK + 1, 3)]
     spaces = []
     for _ in range(2):
         b = fused.Batch(torch.device(DEV))
@@ -136,21 +117,17 @@ def test_a_batch_like_the_last_one_fills_one_workspace(monkeypatch):
     assert spaces == [3, 1]
 
 
-@pytest.mark.parametrize("lanes", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_a_group_reads_full_and_partial_blocks_at_any_alignment_and_address_order(dtype, lanes, monkeypatch):
+def test_a_group_reads_full_and_partial_blocks_at_any_alignment_and_address_order(dtype):
     """The group kernel finds each tensor from its offset to the first one: in 16-byte units
     when every address is aligned (full blocks then load as vectors), else in elements; a
-    tensor may lie below the first. Blocks are full, partial, or a tensor is one element.
-    lanes: float16/bfloat16/float32 by `_chunk` (as the engine does), else by `_block`."""
-    monkeypatch.setattr(fused, "USE_LANES", lanes)
-    B = fused._per_program(dtype)
+    tensor may lie below the first. Blocks are full, partial, or a tensor is one element."""
     g = torch.Generator().manual_seed(2)
-    big = (torch.randn(3 * B + 40, generator=g) * 3 + 1).to(DEV, dtype)
-    big[B + 7], big[2 * B], big[-1] = math.nan, math.inf, 0.0
-    low = torch.randn(B * 2, generator=g).to(DEV, dtype)  # exactly two full blocks
-    aligned = [[big[B:]], [low], [big[:5]], [torch.tensor([-7.0], device=DEV, dtype=dtype)]]
-    unaligned = [[big[1:]], [big[3:B + 3]], [low[1:]]]  # views off the 16-byte grid
+    big = (torch.randn(3 * 4096 + 40, generator=g) * 3 + 1).to(DEV, dtype)
+    big[4096 + 7], big[2 * 4096], big[-1] = math.nan, math.inf, 0.0
+    low = torch.randn(4096 * 2, generator=g).to(DEV, dtype)  # exactly two full blocks
+    aligned = [[big[4096:]], [low], [big[:5]], [torch.tensor([-7.0], device=DEV, dtype=dtype)]]
+    unaligned = [[big[1:]], [big[3:4096 + 3]], [low[1:]]]  # views off the 16-byte grid
     for layers in (aligned, unaligned, aligned[::-1]):
         b = fused.Batch(torch.device(DEV))
         rows = b.add_group(layers)
