@@ -195,7 +195,7 @@ def group_bandwidth(device: str) -> None:
     try:
         # the last: the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
         for block, warps, off in ((block0, 8, 0), (4096, 4, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
-                                  (block0, 8, 1)):
+                                  (2048, 8, 0), (1024, 4, 0), (block0, 8, 1)):
             xs = [x[off:off + n] for x in full]
             gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
             fused.BLOCK = block
