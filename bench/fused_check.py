@@ -179,7 +179,7 @@ def batch_speed(device: str) -> None:
 def group_bandwidth(device: str) -> None:
     """GPU time of one grouped partials launch over 17 float32 tensors of 64x64x64x64 (the
     demo FNO's forward at batch 64: 1.14 GB read), for the kernel's block size and warps
-    (the engine's are fused.BLOCK and 8) and a few others, and the engine's with every tensor
+    (the engine's are fused.BLOCK and fused.WARPS) and a few others, and the engine's with every tensor
     4 bytes off the 16-byte grid (no vector loads); CUDA events over 10 launches. Each
     configuration's rows are checked against the engine's on aligned copies."""
     from client_hooks import fused
@@ -194,8 +194,9 @@ def group_bandwidth(device: str) -> None:
     block0, launch0 = fused.BLOCK, fused._launch
     try:
         # the last: the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
-        for block, warps, off in ((block0, 8, 0), (4096, 4, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
-                                  (2048, 8, 0), (1024, 4, 0), (block0, 8, 1)):
+        w0 = fused.WARPS
+        for block, warps, off in ((block0, w0, 0), (4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
+                                  (2048, 8, 0), (1024, 4, 0), (block0, w0, 1)):
             xs = [x[off:off + n] for x in full]
             gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
             fused.BLOCK = block

@@ -43,6 +43,9 @@ import triton.language as tl
 from client_hooks import stats
 
 BLOCK = 4096  # elements per program of the partials kernels
+# warps of a partials program: 4 read 1.87-1.88 TB/s on two H100s where 8 read 1.72-1.74
+# (bench/fused_check.py, grouped launch over the demo FNO's forward)
+WARPS = 4
 RB = 1024  # partials per iteration of the merge
 NF = 8  # partial fields per block
 FIRST_CAP = 16384  # blocks in a capture's first workspace (1 MiB of partials, 67M elements)
@@ -269,7 +272,7 @@ class Batch:
         g0 = sp.used
         (row,) = self._rows(sp, [nb])
         with _on(x.device):
-            _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), 8)
+            _launch(_partials_one, nb, (x, sp.buf, n, g0, sp.cap, BLOCK, _acc(x.dtype)), WARPS)
         return row
 
     def add_group(self, layers: list[list[torch.Tensor]], sizes: Optional[tuple] = None) -> list[int]:
@@ -307,7 +310,7 @@ class Batch:
         rel = _table(tuple([(p - base) // step for p in ptrs]), self.device)
         with _on(self.device):
             _launch(_partials_group, total,
-                    (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), 8)
+                    (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), WARPS)
         return rows
 
     def finish(self) -> torch.Tensor:
