@@ -10,7 +10,7 @@ On CUDA with Triton (client_hooks.fused) a capture step costs, on the training t
 grouped kernel launch for the real tensors met during the forward (their block partials); at
 the end of backward one grouped launch for every gradient layer together with the values
 deferred since the forward (a complex value or declared pair recorded after the model's
-forward: ~5 kernels before it, five rows in the launch), two foreach norms, a snapshot copy
+forward: ~4 kernels before it, five rows in the launch), two foreach norms, a snapshot copy
 and a stack of the per-parameter norms; then one merge launch and one device-to-host copy.
 The step's tensor and gradient statistics go to the sender as one packed record
 (collector.packed): the collector, not this process, turns the values into payloads, sums
@@ -119,8 +119,6 @@ class Engine:
         self._wrange: list[tuple[int, int]] = []  # each layer's slice of _wparams
         self._grad_vecs: dict[int, tuple[Any, int]] = {}  # layer -> (moments: tensor or host list, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
-        # fused path: the weights' rows came with the gradients' launch (first row, sizes, dtype)
-        self._wrows: Optional[tuple[int, tuple, torch.dtype]] = None
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
@@ -194,7 +192,7 @@ class Engine:
         return self.batch_in_epoch < o.first_n or bool(o.every_n_steps) and nxt % o.every_n_steps == 0
 
     def _reset_grads(self) -> None:
-        self._grad_vecs, self._wnorms, self._before, self._total, self._wrows = {}, [], [], None, None
+        self._grad_vecs, self._wnorms, self._before, self._total = {}, [], [], None
 
     @guarded("gradients")
     def grads_ready(self) -> None:
@@ -223,8 +221,7 @@ class Engine:
                 self._grad_vecs[i] = (stats.grad_moments_vector(grads, host_ok=True), count)
         if self._grad_vecs:
             with torch.no_grad():  # the parameters themselves: no detached copies to make
-                if self._wrows is None:  # else their rows came with the gradients' launch
-                    self._wnorms = list(torch._foreach_norm(self._wparams))
+                self._wnorms = list(torch._foreach_norm(self._wparams))
                 self._before = self._snapshot(self._wparams)
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
@@ -261,39 +258,10 @@ class Engine:
                 sizes.append(n)
                 count += n
             flat[i], counts[i] = fl, count
-        group = list(flat.values())
-        weights = self._weight_layers(flat, dev, dt)
-        if weights is not None:  # a row of each layer's weights too (their norms, before the step)
-            group += weights[0]
-            sizes += weights[1]
-        rows = self.launch_deferred((dev, dt, group, tuple(sizes)))
+        rows = self.launch_deferred((dev, dt, list(flat.values()), tuple(sizes)))
         if rows is None:
             return None
-        if weights is not None:
-            self._wrows = (rows[len(flat)], tuple(weights[1]), dt)
         return {i: (Span(dev, 10 * r, 10 * r + 10), counts[i]) for i, r in zip(flat, rows)}
-
-    def _weight_layers(self, keys, dev: torch.device, dt: torch.dtype) -> Optional[tuple[list, list]]:
-        """The watched parameters of layers `keys` for the gradients' grouped launch: a list of
-        real `dt` tensors per layer (a complex one as its real pairs), and their sizes; None
-        when one does not fit (another dtype or device, not contiguous, empty): their norms
-        are then taken by foreach."""
-        index = dev.index if dev.type == "cuda" else -1
-        layers, sizes = [], []
-        for i in keys:
-            a, b = self._wrange[i]
-            ws = []
-            for p in self._wparams[a:b]:
-                w = _real_view(p, dt)
-                if w is None or w.get_device() != index or not w.is_contiguous():
-                    return None
-                n = w.numel()
-                if not n:
-                    return None
-                ws.append(w)
-                sizes.append(n)
-            layers.append(ws)
-        return layers, sizes
 
     def _snapshot(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
         """Exact copies of the watched weights, one foreach launch. With captures at least
@@ -341,9 +309,6 @@ class Engine:
             torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         keys = sorted(self._grad_vecs)
         vecs = [self._grad_vecs[i][0] for i in keys]
-        if self._wrows is not None:
-            self._add_grad_rows(keys, vecs[0].src, vecs[0].lo // 10)
-            return
         if isinstance(vecs[0], Span):  # rows of the fused batch on device `src`
             src = dev = vecs[0].src
             r0 = 10 * (vecs[0].lo // 10)  # add_group gave the layers consecutive rows
@@ -358,57 +323,30 @@ class Engine:
         if pn.device != dev:
             pn = pn.to(dev)
         npar = len(self._wparams)
-        add_many = self.capture.add_many
-        for j0, j1, a, b, names, spec in self._grad_entry_specs(keys, False):
-            # layers j0..j1 of keys, parameters a..b
-            add_many("gradients", names, (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b),
-                                          Span(pn, npar + a, npar + b)), spec, 500)
-
-    def _add_grad_rows(self, keys: list, dev: torch.device, g0: int) -> None:
-        """`_add_gradients` when the layers' gradient and weight rows came from the fused
-        launch (rows g0.. and the weights' from `_wrows`): one more grouped launch for the
-        updates (the snapshot, now before - after), a row per layer; the packed entries take
-        rows only (collector.packed "grad_rows"): no norms or stack here."""
-        w0, sizes, dt = self._wrows
-        layers = [[_real_view(x, dt) for x in self._before[a:b]] for a, b in (self._wrange[i] for i in keys)]
-        try:
-            u0 = self.capture.batch(dev, stats.fused_for(dev)).add_group(layers, sizes)[0]
-            upd, u0 = dev, 10 * u0
-        except Exception as e:  # a Triton failure: the updates' rows by the torch path
-            stats.fused_failed(e)
-            upd, u0 = torch.stack([stats.grad_moments_vector(ts).to(torch.float64) for ts in layers]).reshape(-1), 0
-        add_many = self.capture.add_many
-        for j0, j1, _, _, names, spec in self._grad_entry_specs(keys, True):
-            rows = Span(dev, 10 * (g0 + j0), 10 * (g0 + j1))
-            add_many("gradients", names, (rows,) if spec[0] == "total" else (
-                rows, Span(dev, 10 * (w0 + j0), 10 * (w0 + j1)), Span(upd, u0 + 10 * j0, u0 + 10 * j1)), spec, 500)
-
-    def _grad_entry_specs(self, keys: list, rows: bool) -> list:
-        """`_make_grad_specs` of these layers (their element counts in `_grad_vecs`), cached."""
-        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys), rows)
+        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys))
         specs = self._grad_specs.get(dk)
         if specs is None:
             if len(self._grad_specs) > 16:
                 self._grad_specs.clear()
-            specs = self._grad_specs[dk] = self._make_grad_specs(keys, dk[1], rows)
-        return specs
+            specs = self._grad_specs[dk] = self._make_grad_specs(keys, dk[1])
+        add_many = self.capture.add_many
+        for j0, j1, a, b, names, spec in specs:  # layers j0..j1 of keys, parameters a..b
+            add_many("gradients", names, (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b),
+                                          Span(pn, npar + a, npar + b)), spec, 500)
 
-    def _make_grad_specs(self, keys: list, counts: tuple, rows: bool) -> list:
-        """The packed entries of the gradient records (collector.packed "grads", or with
-        `rows` "grad_rows"): one for up to GRAD_LAYERS_PER_ENTRY layers, with the total norm
-        in it when that is all of them, else in an entry of its own. (j0, j1, a, b, names,
-        spec) each: layers j0..j1 of keys, their parameters a..b of the watched ones."""
+    def _make_grad_specs(self, keys: list, counts: tuple) -> list:
+        """The packed entries of the gradient records (collector.packed "grads"): one for up
+        to GRAD_LAYERS_PER_ENTRY layers, with the total norm in it when that is all of them,
+        else in an entry of its own. (j0, j1, a, b, names, spec) each: layers j0..j1 of keys,
+        their parameters a..b of the watched ones."""
         out, n, per = [], len(keys), GRAD_LAYERS_PER_ENTRY
         for j0 in range(0, n, per):
             ks, j1 = keys[j0:j0 + per], min(n, j0 + per)
             a, b = self._wrange[ks[0]][0], self._wrange[ks[-1]][1]
             total = self._covers_all and n <= per
             names = tuple(self._layers[i][0] for i in ks) + (("_total",) if total else ())
-            if rows:
-                spec = ["grad_rows", list(counts[j0:j1]), total]
-            else:
-                spec = ["grads", list(counts[j0:j1]), [[x - a, y - a] for x, y in (self._wrange[i] for i in ks)],
-                        b - a, total]
+            spec = ["grads", list(counts[j0:j1]), [[x - a, y - a] for x, y in (self._wrange[i] for i in ks)],
+                    b - a, total]
             out.append((j0, j1, a, b, names, spec))
         if self._covers_all and n > per:
             out.append((0, n, 0, 0, ("_total",), ["total"]))
@@ -678,15 +616,6 @@ def _rows(vecs: list) -> torch.Tensor:
     dev = next(v.device for v in vecs if isinstance(v, torch.Tensor))
     return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=dev)
                         for v in vecs])
-
-
-def _real_view(t: torch.Tensor, dt: torch.dtype) -> Optional[torch.Tensor]:
-    """`t` as a real tensor of dtype `dt` (a complex one as its real pairs), else None."""
-    if t.dtype is dt:
-        return t
-    if t.is_complex() and stats.real_dtype(t.dtype) is dt:
-        return torch.view_as_real(t.detach())
-    return None
 
 
 def _fused_span(cap: Capture, t: torch.Tensor, mod) -> Optional[Span]:

@@ -12,11 +12,11 @@ with min/max/mean/std (population), norm (L2) and max_abs over the finite elemen
 
 Kernels:
 - `_partials_one`: one program per BLOCK elements of one tensor; loads its block once into
-  registers (without a mask, so as vectors, when the block is full) and computes the counts
-  (two to a reduction), finite min/max, the block's finite mean and (second pass over the
-  same registers) M2 = sum (x - mean_b)^2, scaled by the block's largest deviation (from
-  min and max) so that no square underflows or overflows: 6 block reductions, 8 partials per
-  block, written field-major into a workspace (`p[k * cap + block]`).
+  registers (without a mask, so as vectors, when the block is full) and computes the counts,
+  finite min/max, the block's finite mean and (second pass over the same registers)
+  M2 = sum (x - mean_b)^2, scaled by the block's largest deviation so that no square
+  underflows or overflows: 8 partials per block, written field-major into a workspace
+  (`p[k * cap + block]`).
 - `_partials_group`: the same for many tensors in one launch (a layer's or a whole model's
   gradients, a forward's activations): the tensors' offsets from the first one come from a
   table (in 16-byte units when all are aligned, which keeps the loads vectorised), each
@@ -66,24 +66,21 @@ def _block(x_ptr, offs, n, full, p_ptr, g, cap, ACC: tl.constexpr):
     isnan = valid & (x != x)
     isinf = valid & (ax == float("inf"))
     fin = valid & (ax < float("inf"))  # False for NaN
-    # two counts (each at most BLOCK < 2^16) a reduction, packed into one int32 per element:
-    # each block reduction is a round of shuffles and a barrier, and they bound the kernel
-    nan_inf = tl.sum(isnan.to(tl.int32) + (isinf.to(tl.int32) << 16), axis=0)
-    fin_zero = tl.sum(fin.to(tl.int32) + ((valid & (x == 0.0)).to(tl.int32) << 16), axis=0)
-    c_nan, c_inf = nan_inf & 0xFFFF, nan_inf >> 16
-    c_fin, c_zero = fin_zero & 0xFFFF, fin_zero >> 16
-    mn = tl.min(tl.where(fin, x, float("inf")), axis=0)
-    mx = tl.max(tl.where(fin, x, float("-inf")), axis=0)
+    c_nan = tl.sum(isnan.to(tl.int32), axis=0)
+    c_inf = tl.sum(isinf.to(tl.int32), axis=0)
+    c_fin = tl.sum(fin.to(tl.int32), axis=0)
+    c_zero = tl.sum((valid & (x == 0.0)).to(tl.int32), axis=0)
     mean = tl.sum(tl.where(fin, x, 0.0), axis=0) / tl.maximum(c_fin, 1).to(ACC)
     d = tl.where(fin, x - mean, 0.0)
-    # M2 = s^2 * sum((d / s)^2), s the largest |deviation| (at least 1e-30), from the finite
-    # min and max (no reduction of its own): the squares of deviations below ~1e-19 (float32)
-    # would vanish, those above ~1e19 overflow; scaled, neither happens. One division a
-    # block; a multiply an element.
-    s = tl.maximum(tl.maximum(mx - mean, mean - mn), 1e-30)
+    # M2 = s^2 * sum((d / s)^2), s the largest |deviation| (at least 1e-30): the squares of
+    # deviations below ~1e-19 (float32) would vanish, those above ~1e19 overflow; scaled,
+    # neither happens. One division a block; a multiply an element.
+    s = tl.maximum(tl.max(tl.abs(d), axis=0), 1e-30)
     e = d * (1.0 / s)
     s64 = s.to(tl.float64)
     m2 = s64 * s64 * tl.sum(e * e, axis=0).to(tl.float64)
+    mn = tl.min(tl.where(fin, x, float("inf")), axis=0)
+    mx = tl.max(tl.where(fin, x, float("-inf")), axis=0)
     tl.store(p_ptr + g, c_nan.to(tl.float64))
     tl.store(p_ptr + cap + g, c_inf.to(tl.float64))
     tl.store(p_ptr + 2 * cap + g, c_fin.to(tl.float64))

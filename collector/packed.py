@@ -21,11 +21,6 @@ An entry's values are the concatenation of its [lo, hi) spans. Its spec, by its 
   norm of each of the nparams watched parameters, then each one's update norm; a layer's
   parameters are [a, b) of `ranges`, its element count in `counts`. With total, one more
   record: the norm of all gradients from the rows. One name per record.
-- ["grad_rows", counts, total]: the same records from rows alone: the layers' gradient rows,
-  then a row of each layer's weights (all its watched parameters as one vector), then a row
-  of each one's update (weights before the optimizer step minus after); a norm is NaN when
-  its row counts a NaN, else inf when it counts an inf (as a plain L2 norm would be). The
-  client sends this one when every row comes from its fused kernels.
 - ["total"]: {"norm": ...} of all gradients from layers' rows (10 values each). One name.
 - ["norm"]: {"norm": value}. One name.
 - ["value"]: {"value": value} (a metric such as the loss, read with the capture). One name.
@@ -106,31 +101,18 @@ def total_norm(rows: list) -> float:
     return math.sqrt(sum(v[8] * v[8] for v in rows))
 
 
-def _layer(row: list, count: int, wn: float, dn: float) -> dict:
-    ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-    return grad_stats_dict(row + [wn], count, ratio if ratio == ratio else None)
-
-
 def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool) -> list[dict]:
     """The "grads" spec's records (see the module docstring)."""
     nl = len(counts)
     wn_all, dn_all = v[10 * nl:10 * nl + npar], v[10 * nl + npar:10 * nl + 2 * npar]
-    out = [_layer(v[10 * j:10 * j + 10], count, math.sqrt(sum(x * x for x in wn_all[a:b])),
-                  math.sqrt(sum(x * x for x in dn_all[a:b])))
-           for j, (count, (a, b)) in enumerate(zip(counts, ranges))]
+    out = []
+    for j, (count, (a, b)) in enumerate(zip(counts, ranges)):
+        wn = math.sqrt(sum(x * x for x in wn_all[a:b]))
+        dn = math.sqrt(sum(x * x for x in dn_all[a:b]))
+        ratio = dn / wn if wn else (None if dn == 0 else math.inf)
+        out.append(grad_stats_dict(v[10 * j:10 * j + 10] + [wn], count, ratio if ratio == ratio else None))
     if total:
         out.append({"norm": total_norm([v[j:j + 10] for j in range(0, 10 * nl, 10)])})
-    return out
-
-
-def grad_rows_payloads(v: list, counts: list, total: bool) -> list[dict]:
-    """The "grad_rows" spec's records (see the module docstring)."""
-    nl = len(counts)
-    rows = [v[j:j + 10] for j in range(0, 30 * nl, 10)]
-    out = [_layer(rows[j], count, total_norm([rows[nl + j]]), total_norm([rows[2 * nl + j]]))
-           for j, count in enumerate(counts)]
-    if total:
-        out.append({"norm": total_norm(rows[:nl])})
     return out
 
 
@@ -177,12 +159,6 @@ def _payloads(e: Entry, v: list) -> list[dict]:
                    and 0 <= r[0] <= r[1] <= npar for r in ranges), "grads ranges must lie within nparams")
         _check(len(v) == 10 * len(counts) + 2 * npar, f"grads values: {len(v)}")
         return grads_payloads(v, counts, ranges, npar, spec[4])
-    if how == "grad_rows":
-        _check(len(spec) == 3 and isinstance(spec[1], list) and isinstance(spec[2], bool)
-               and all(type(c) is int and c >= 0 for c in spec[1]),
-               "grad_rows spec must be [\"grad_rows\", counts, total] with integer counts >= 0")
-        _check(len(v) == 30 * len(spec[1]), f"grad_rows values: {len(v)}")
-        return grad_rows_payloads(v, spec[1], spec[2])
     if how == "total":
         _check(len(spec) == 1 and len(v) % 10 == 0, "total spec takes whole rows")
         return [{"norm": total_norm([v[j:j + 10] for j in range(0, len(v), 10)])}]

@@ -250,15 +250,11 @@ def test_complex_parameters_join_the_grouped_gradient_launch_as_real_pairs(pull)
             assert d[k] == pytest.approx(w[i], rel=1e-5, abs=1e-9), (name, k)
 
 
-@pytest.mark.parametrize("rows", [True, False])
-def test_weight_norms_and_update_ratios_equal_numpy_from_rows_or_by_foreach(pull, monkeypatch, rows):
-    """rows: each layer's weights (a complex one as real pairs) join the gradients' grouped
-    launch and its update (before - after the step) one more, a row per layer. Otherwise (a
-    weight that is not contiguous) the foreach norms: the same records either way."""
+def test_weight_norms_and_update_ratios_equal_numpy_with_complex_weights(pull, monkeypatch):
+    """The weights' and updates' norms (foreach, beside the gradients' one grouped launch):
+    a complex weight counts as its real pairs, as NumPy's norm of its (re, im) values."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 6), _ComplexScale()).to(DEV)
-    if not rows:
-        model[0].weight.data = model[0].weight.data.t().contiguous().t()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     launches = _Launches(monkeypatch)
     layers = {"0": lambda: [model[0].weight, model[0].bias], "1": lambda: [torch.view_as_real(model[1].w)]}
@@ -272,8 +268,7 @@ def test_weight_norms_and_update_ratios_equal_numpy_from_rows_or_by_foreach(pull
         w0 = {n: flat(n) for n in layers}
         opt.step()
         w1 = {n: flat(n) for n in layers}
-    # 3 gradients (+ 3 weights); the updates (3)
-    assert launches.take()[1] == ([6, 3] if rows else [3])
+    assert launches.take()[1] == [3]  # the 3 gradients in one group
     assert pull.wait_for(lambda r: len(pull.find("gradients")) == 3)
     for name in layers:
         d = pull.find("gradients", name)[0]["data"]
@@ -282,7 +277,7 @@ def test_weight_norms_and_update_ratios_equal_numpy_from_rows_or_by_foreach(pull
                                                   rel=1e-5), name
 
 
-def test_a_nan_weight_gives_a_nan_weight_norm_from_its_row(pull):
+def test_a_nan_weight_gives_a_nan_weight_norm(pull):
     """As a plain norm would: NaN for the layer that holds it; the others' as NumPy's."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(DEV)
     with torch.no_grad():
@@ -340,8 +335,7 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
     """Every-step capture of a model with an in-place ReLU. First capture: every value
     launched in its hook and watched. Later captures: the Linear output that the ReLU changes
     stays launched in its hook; every other value (the batch field too) joins one grouped
-    launch at the end of the forward; the gradients (with the weights) stay one grouped launch,
-    the updates another. Every record of
+    launch at the end of the forward; the gradients stay one grouped launch. Every record of
     every step equals NumPy on the value as it was in its hook; none is lost.
     cap_bytes=1: DEFER_MAX_BYTES exceeded by each value, so each is launched at once, alone."""
     from client_hooks import engine
@@ -367,13 +361,12 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
             refs.append({**seen, "x": x.clone()})
             counts.append(launches.take())
     assert tap.sender.dropped == 0
-    # step 0: 6 values launched in their hooks; the 3 gradient layers (6 tensors) and their
-    # weights (6) grouped, then the 3 layers' updates (6)
-    assert counts[0] == (6, [12, 6])
+    # step 0: 6 values launched in their hooks, the 3 gradient layers grouped
+    assert counts[0] == (6, [6])
     if cap_bytes is None:  # then: the changed Linear output alone; 5 values in one group
-        assert counts[1] == counts[2] == (1, [5, 12, 6])
+        assert counts[1] == counts[2] == (1, [5, 6])
     else:
-        assert counts[1] == counts[2] == (1, [1] * 5 + [12, 6])
+        assert counts[1] == counts[2] == (1, [1] * 5 + [6])
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 15 and len(pull.find("loader_stats")) == 3)
     for rec in pull.find("activations") + pull.find("loader_stats"):
         ref = refs[rec["step"]][rec["name"]]
@@ -410,8 +403,7 @@ def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_lau
             counts.append(launches.take())
     assert tap.sender.dropped == 0
     # the batch field and the 3 leaves' outputs; x_combined's 5 rows + the 2 layers' 4 tensors
-    # and their 4 weights; the 4 updates
-    assert counts[2] == (0, [4, 5 + 4 + 4, 4])
+    assert counts[2] == (0, [4, 5 + 4])
     assert counts[1] == (0, []) and counts[3][1] == [5]  # no capture; at once, in its own launch
     assert pull.wait_for(lambda r: len(pull.find("activations", "x_combined")) == 3)
     for rec in pull.find("activations", "x_combined"):

@@ -69,26 +69,6 @@ def test_a_packed_record_expands_into_the_records_it_stands_for_with_consecutive
     assert d["loss"] == {"value": 7.5}
 
 
-def _row(nan=0.0, inf=0.0, norm=0.0) -> list:
-    return [nan, inf, 4.0, -1.0, 1.0, 0.0, 0.5, 0.0, norm, 1.0]
-
-
-def test_grad_rows_take_each_layers_weight_and_update_norms_from_rows_nonfinite_as_a_norm_would():
-    """"grad_rows": gradient rows, then a weight row and an update row per layer. A weight row
-    that counts a NaN gives a NaN weight norm (as torch's or NumPy's norm would); an update
-    row that counts an inf, an inf update norm."""
-    grads = _row(norm=3.0) + _row(norm=2.0) + _row(norm=1.0)
-    weights = _row(norm=5.0) + _row(nan=1.0, inf=1.0, norm=2.0) + _row(norm=0.0)
-    updates = _row(norm=0.05) + _row(norm=0.5) + _row(inf=2.0, norm=1.0)
-    entries = [["gradients", ["a", "b", "c", "_total"], [[0, 90]], ["grad_rows", [8, 3, 5], True]]]
-    recs, _ = decode(frame(packed_data(entries, grads + weights + updates)))
-    d = {r.name: r.data for r in recs}
-    assert d["a"] == grad_stats_dict(_row(norm=3.0) + [5.0], 8, pytest.approx(0.01))
-    assert math.isnan(d["b"]["weight_norm"]) and d["b"]["update_ratio"] is None and d["b"]["norm"] == 2.0
-    assert d["c"]["weight_norm"] == 0.0 and d["c"]["update_ratio"] == math.inf and d["c"]["count"] == 5
-    assert d["_total"] == {"norm": pytest.approx(math.sqrt(9 + 4 + 1))}
-
-
 def test_a_packed_kind_written_with_json_escapes_is_expanded_too():
     f = frame(packed_data()).replace(b'"kind":"packed"', b'"kind":"p\\u0061cked"')
     assert b'"packed"' not in f
@@ -120,8 +100,6 @@ BAD = {
     "names count": _one(names=("x", "y")),
     "bad shape": _one(spec=("tensor", [-1], "float32", False, None)),
     "grads range": _one(kind="gradients", spans=((0, 12),), spec=("grads", [3], [[0, 5]], 1, False)),
-    "grad_rows count": _one(kind="gradients", spans=((0, 20),), spec=("grad_rows", [3], False)),
-    "grad_rows spec": _one(kind="gradients", spans=((0, 30),), spec=("grad_rows", [3])),
     "no entries": lambda d: {**d, "entries": []},
     "unknown field": lambda d: {**d, "extra": 1},
     "entry shape": lambda d: {**d, "entries": [["activations", "x", [[0, 7]]]]},
