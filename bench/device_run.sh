@@ -7,10 +7,12 @@
 #      the launcher;
 #   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, PREV_STEPS;
+#      AB=N repeats 3 and 4 N times, alternated;
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
 #      more for the same Tap (1.52x against 1.32x on one H100);
 #   6. LAUNCHES=1: bench/launches.py (Triton launches per every-step capture);
-#      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point.
+#      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point
+#      (and the same for .prev/ when it is there).
 # Exits non-zero when the tests or fused_check failed.
 # Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
 set -u
@@ -37,13 +39,19 @@ if [ "${QUICK:-0}" != 1 ]; then
     tail -2 "$OUT/launch_cost.txt"
 fi
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
-python3 bench/overhead.py $ARGS --steps ${STEPS:-600} > "$OUT/overhead.txt" 2>&1
-cat "$OUT/overhead.txt"
-if [ -d .prev ]; then
-    echo "--- previous tree ($(cat .prev/REV 2>/dev/null)) ---"
-    python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-250} > "$OUT/overhead_prev.txt" 2>&1
-    tail -9 "$OUT/overhead_prev.txt"
-fi
+# AB=N: this tree and .prev/ alternated N times (STEPS and PREV_STEPS each time): a machine
+# whose speed drifts within the call then tilts neither (one pass each tilted three calls
+# of the ninth session by up to 6 points, `gate_off` reading 0.94-1.02x)
+for ab in $(seq 1 "${AB:-1}"); do
+    python3 bench/overhead.py $ARGS --steps ${STEPS:-600} > "$OUT/overhead_$ab.txt" 2>&1
+    echo "--- this tree, pass $ab ---"
+    cat "$OUT/overhead_$ab.txt"
+    if [ -d .prev ]; then
+        echo "--- previous tree ($(cat .prev/REV 2>/dev/null)), pass $ab ---"
+        python3 .prev/bench/overhead.py $ARGS --steps ${PREV_STEPS:-250} > "$OUT/overhead_prev_$ab.txt" 2>&1
+        tail -9 "$OUT/overhead_prev_$ab.txt"
+    fi
+done
 if [ "${PAIR_STEPS:-400}" != 0 ]; then
     python3 bench/overhead.py $ARGS --steps ${PAIR_STEPS:-400} --variants every_step > "$OUT/overhead_pair.txt" 2>&1
     tail -8 "$OUT/overhead_pair.txt"
@@ -55,6 +63,12 @@ fi
 if [ "${PROFILE:-0}" != 0 ]; then
     python3 bench/profile_step.py --steps 50 --rounds ${PROFILE} --timers --no-cprofile > "$OUT/profile.txt" 2>&1
     cat "$OUT/profile.txt"
+    if [ -d .prev ]; then  # the same host timers for the previous tree, on this machine
+        echo "--- previous tree ($(cat .prev/REV 2>/dev/null)), profile ---"
+        python3 .prev/bench/profile_step.py --steps 50 --rounds ${PROFILE} --timers --no-cprofile \
+            > "$OUT/profile_prev.txt" 2>&1
+        tail -22 "$OUT/profile_prev.txt"
+    fi
 fi
 echo "tests rc=$rc_tests, fused_check rc=$rc_check"
 [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]
