@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # the host: the every-step figure depends on it (run 1 of the sixth session: a slower host, 1.52x)
 echo "cpus $(nproc), cgroup cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo -), load $(cut -d' ' -f1-3 /proc/loadavg)"
-# the host's Python speed: a pure-Python loop (the project's VM: 0.14-0.19 s; the ninth
+# the host's Python speed: a pure-Python loop (the project's VM: 0.12-0.19 s; the ninth
 # session's four H100 hosts 0.13-0.20 s)
 python3 -c "import time; t = time.perf_counter(); [sum(range(100)) for _ in range(200000)]; print(f'host Python: {time.perf_counter() - t:.3f} s for the reference loop')"
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
