@@ -149,14 +149,20 @@ def _after_copy(event=None):
     return event
 
 
+def _to_ring(flat: torch.Tensor, dtype: torch.dtype) -> _Readback:
+    """CUDA `flat` into a pinned ring slot of `dtype` (the cast in the copy): one
+    non-blocking copy, then the slot's event."""
+    host, slot, event = _ring.take(flat.numel(), dtype, flat.device)
+    host.copy_(flat, non_blocking=True)
+    return _Readback(host, _after_copy(event), slot)
+
+
 def to_host(flat: torch.Tensor) -> _Readback:
     """Start the copy of `flat` to the host (training thread; non-blocking on CUDA)."""
     if flat.device.type == "cpu":
         return _Readback(flat, None, None)  # already on the host; fresh tensor, nobody mutates it
     if flat.device.type == "cuda":
-        host, slot, event = _ring.take(flat.numel(), flat.dtype, flat.device)
-        host.copy_(flat, non_blocking=True)
-        return _Readback(host, _after_copy(event), slot)
+        return _to_ring(flat, flat.dtype)
     return _Readback(flat.to("cpu", non_blocking=True), None, None)  # other devices: best effort
 
 
@@ -166,9 +172,7 @@ def scalar_to_host(v: torch.Tensor) -> _Readback:
     event; elsewhere a copy (the caller's tensor may change in place later)."""
     flat = v.detach().reshape(1)
     if flat.device.type == "cuda":
-        host, slot, event = _ring.take(1, torch.float64, flat.device)
-        host.copy_(flat, non_blocking=True)
-        return _Readback(host, _after_copy(event), slot)
+        return _to_ring(flat, torch.float64)
     return to_host(flat.to(torch.float64, copy=True))
 
 
