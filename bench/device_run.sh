@@ -5,7 +5,9 @@
 #      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
 #      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
 #      the launcher;
-#   3. bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
+#   3. bench/capture_memory.py: the peak memory of a capture step against a plain one
+#      (printed only: $OUT returns at most 8 files);
+#      bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
 #   4. if .prev/ holds an earlier tree (git archive), its overhead.py right after, PREV_STEPS;
 #      AB=N repeats 3 and 4 N times, alternated;
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
@@ -42,6 +44,7 @@ if [ "${QUICK:-0}" != 1 ]; then
     tail -2 "$OUT/launch_cost.txt"
 fi
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
+python3 bench/capture_memory.py --device cuda --width 64 --modes 16 --batch 64 --size 64 2>&1 | tail -12
 # AB=N: this tree and .prev/ alternated N times (STEPS and PREV_STEPS each time): a machine
 # whose speed drifts within the call then tilts neither (one pass each tilted three calls
 # of the ninth session by up to 6 points, `gate_off` reading 0.94-1.02x)

@@ -26,7 +26,10 @@ value found unchanged is deferred into the group from the next capture on; a cha
 stays launched at once. A deferred value that is found changed after all (the model's
 behaviour changed) cannot be read: its record is dropped and counted by the sender, a warning
 says why, and it is launched at once from then on. Deferred tensors are held until the group
-launches: at most DEFER_MAX_BYTES, beyond which the group launches early.
+launches: at most `defer_cap` bytes (1 GiB, or 1/64 of a smaller GPU's memory), beyond which
+the group launches early. Those autograd saves for backward cost nothing more; the others
+(e.g. an output that feeds only an addition) raise the forward's peak memory on capture steps
+(bench/capture_memory.py: 516 MiB for the demo FNO at batch 64, under the 1 GiB cap).
 """
 from __future__ import annotations
 
@@ -97,9 +100,12 @@ def guarded(kind: str):
 
 
 SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
-# deferred tensors held for the grouped launch, at most. Autograd keeps most of them for
-# backward anyway; what is held only for the launch is freed at the end of the forward.
+# deferred tensors held for the grouped launch, at most: DEFER_MAX_BYTES, and on a GPU at
+# most 1/DEFER_MEMORY_SHARE of its memory (a 16 GiB GPU: 256 MiB). Autograd keeps about half
+# of them for backward anyway; what is held only for the launch is freed at the end of the
+# forward, and until then adds to the peak memory of a capture step
 DEFER_MAX_BYTES = 1 << 30
+DEFER_MEMORY_SHARE = 64
 PLANS_MAX = 4096  # values with a known short way (Engine._plans); beyond, they are forgotten
 GRAD_LAYERS_PER_ENTRY = 512  # gradient layers of one packed entry (its records' names and values)
 
@@ -131,6 +137,7 @@ class Engine:
         # tensor contiguous, real, non-empty (checked when deferred)
         self._deferred: list = []
         self._deferred_bytes = 0
+        self._cap_index, self._cap = None, 0  # the last deferred tensor's device, its defer_cap
         self._grad_specs: dict = {}  # (layers, their counts) -> (record names, packed spec)
         # (kind, name) -> (dtype, shape, device, its get_device(), elements, element size, spec)
         # of a deferred real value: its next captures alike take `_defer_known`
@@ -399,7 +406,7 @@ class Engine:
             return False
         span = Span(dev, -1, -1)  # its row is known once the group is launched
         self.capture.add(kind, name, span, spec, 300)
-        self._hold(key, value, ((span, 0, 7),), n, n * size, stats.raw_stream(index))
+        self._hold(key, value, ((span, 0, 7),), n, n * size, stats.raw_stream(index), index)
         return True
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
@@ -427,15 +434,18 @@ class Engine:
         if key is None and not t.is_contiguous():  # (a value's own is deferred only when it is)
             t = t.contiguous()
         n = t.numel()
-        self._hold(key, t, targets, n, n * t.element_size(), stats.current_stream(t.device))
+        self._hold(key, t, targets, n, n * t.element_size(), stats.current_stream(t.device), t.get_device())
 
     def _hold(self, key: Optional[tuple], t: torch.Tensor, targets: tuple, n: int, nbytes: int,
-              stream: int) -> None:
+              stream: int, index: int) -> None:
         """`_defer`'s bookkeeping (also `_defer_known`'s): `t` of n elements joins the next
-        grouped launch on `stream` (the current one), which comes early past DEFER_MAX_BYTES."""
+        grouped launch on `stream` (the current one) of device `index` (t.get_device()), which
+        comes early past `defer_cap(index)`."""
         self._deferred.append((key, t, t._version, stream, targets, n))
         self._deferred_bytes += nbytes
-        if self._deferred_bytes > DEFER_MAX_BYTES:
+        if index != self._cap_index:
+            self._cap_index, self._cap = index, defer_cap(index)
+        if self._deferred_bytes > self._cap:
             self.launch_deferred()
 
     def _fused_complex(self, cap: Capture, t: torch.Tensor, pair) -> Optional[tuple]:
@@ -607,6 +617,25 @@ class Engine:
         self._snap = []
         if self._hooks is not None:
             self._hooks.detach()
+
+
+_memory: dict = {}  # CUDA device index -> its total memory in bytes
+
+
+def device_memory(index: int) -> Optional[int]:
+    """Total memory of CUDA device `index` (read once), None off CUDA (index < 0)."""
+    if index < 0:
+        return None
+    total = _memory.get(index)
+    if total is None:
+        total = _memory[index] = torch.cuda.get_device_properties(index).total_memory
+    return total
+
+
+def defer_cap(index: int) -> int:
+    """Bytes of deferred tensors held at most on device `index` (t.get_device())."""
+    total = device_memory(index)
+    return DEFER_MAX_BYTES if total is None else min(DEFER_MAX_BYTES, total // DEFER_MEMORY_SHARE)
 
 
 def _rows(vecs: list) -> torch.Tensor:

@@ -330,17 +330,34 @@ def _check_value(d: dict, ref: torch.Tensor, what: str) -> None:
         assert d[k] == pytest.approx(want[i], rel=1e-5, abs=1e-7), (what, k)
 
 
-@pytest.mark.parametrize("cap_bytes", [None, 1])
+def test_the_deferred_bytes_cap_is_1_gib_or_a_64th_of_a_smaller_gpu(monkeypatch):
+    from client_hooks import engine
+
+    assert engine.defer_cap(-1) == 1 << 30  # CPU (Triton's interpreter): no device memory
+    monkeypatch.setattr(engine, "_memory", {0: 16 << 30, 1: 80 << 30})
+    assert engine.defer_cap(0) == 256 << 20 and engine.defer_cap(1) == 1 << 30
+    if torch.cuda.is_available():
+        monkeypatch.setattr(engine, "_memory", {})
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert engine.defer_cap(0) == min(1 << 30, total // 64)
+
+
+@pytest.mark.parametrize("cap_bytes", [None, 1, "share"])
 def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_second_capture(pull, monkeypatch, cap_bytes):
     """Every-step capture of a model with an in-place ReLU. First capture: every value
     launched in its hook and watched. Later captures: the Linear output that the ReLU changes
     stays launched in its hook; every other value (the batch field too) joins one grouped
     launch at the end of the forward; the gradients stay one grouped launch. Every record of
     every step equals NumPy on the value as it was in its hook; none is lost.
-    cap_bytes=1: DEFER_MAX_BYTES exceeded by each value, so each is launched at once, alone."""
+    cap_bytes=1: DEFER_MAX_BYTES exceeded by each value, so each is launched at once, alone.
+    "share": a device of 64 x 1500 bytes holds at most 1500 bytes of deferred values (its
+    1/DEFER_MEMORY_SHARE): x (192 bytes), the ReLU's output (1024), then the second Linear's
+    (512) pass it, and those three launch together; the last two at the end of the forward."""
     from client_hooks import engine
 
-    if cap_bytes is not None:
+    if cap_bytes == "share":
+        monkeypatch.setattr(engine, "device_memory", lambda index: engine.DEFER_MEMORY_SHARE * 1500)
+    elif cap_bytes is not None:
         monkeypatch.setattr(engine, "DEFER_MAX_BYTES", cap_bytes)
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 16), nn.Tanh(),
@@ -365,6 +382,8 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
     assert counts[0] == (6, [6])
     if cap_bytes is None:  # then: the changed Linear output alone; 5 values in one group
         assert counts[1] == counts[2] == (1, [5, 6])
+    elif cap_bytes == "share":
+        assert counts[1] == counts[2] == (1, [3, 2, 6])
     else:
         assert counts[1] == counts[2] == (1, [1] * 5 + [6])
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 15 and len(pull.find("loader_stats")) == 3)
