@@ -9,8 +9,9 @@ than training alone would keep them.
 
 Prints, for each step of an every-step capture: the bytes deferred at the end of the forward,
 the part of them that autograd does not save (what the capture adds to the forward's peak),
-and what autograd saves (training's own activations). On CUDA also the peak allocated memory
-of a step over the memory at its start (torch.cuda.max_memory_allocated), for `none`,
+what autograd saves (training's own activations), and the weight snapshot (for the update
+ratios) that captures every few steps keep between them. On CUDA also the peak allocated memory
+of a step over the memory at its start (torch.cuda.max_memory_allocated), and that start, for `none`,
 `every_step` and `every_step` with each value launched in its hook (no grouping: nothing
 held). On CPU the kernels are not run (the bookkeeping is the same). The records go to an
 endpoint nobody listens on (they are dropped).
@@ -73,7 +74,7 @@ def main() -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         if tap is not None:
             tap.watch(model, optimizer=opt)
-        peaks = []
+        peaks, starts = [], []
         for step in range(a.steps):  # the step of bench/overhead.py's run_step
             x = torch.randn(a.batch, 1, a.size, a.size, device=a.device)
             y = torch.randn(a.batch, 2, a.size, a.size, device=a.device)
@@ -86,6 +87,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
                 start = torch.cuda.memory_allocated()
+                starts.append(start / MiB)
                 torch.cuda.reset_peak_memory_stats()
             held.clear()
             if tap is not None:
@@ -109,12 +111,15 @@ def main() -> None:
             if variant == "every_step":
                 group = {ptr: n for ptr, n in (forward_end[-1] if forward_end else [])}
                 extra = sum(n for ptr, n in group.items() if ptr not in saved)
+                snap = sum(b.numel() * b.element_size() for b in tap._engine._snap)
                 print(f"capture {step}: {len(group)} tensors deferred at the end of the forward, "
                       f"{sum(group.values()) / MiB:.0f} MiB; not saved by autograd (held only by the "
-                      f"capture) {extra / MiB:.0f} MiB; autograd saved {sum(saved.values()) / MiB:.0f} MiB")
+                      f"capture) {extra / MiB:.0f} MiB; autograd saved {sum(saved.values()) / MiB:.0f} MiB; "
+                      f"weight snapshot kept between captures {snap / MiB:.0f} MiB")
         if cuda:
             print(f"{variant:22s} peak of a step over its start: {statistics.median(peaks[1:] or peaks):8.0f} MiB "
-                  f"(steps: {', '.join(f'{p:.0f}' for p in peaks)})")
+                  f"(steps: {', '.join(f'{p:.0f}' for p in peaks)}); allocated at its start: "
+                  f"{statistics.median(starts[1:] or starts):.0f} MiB")
         if tap is not None:
             tap.close(0.2)
 
