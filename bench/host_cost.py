@@ -15,7 +15,8 @@ on the epoch's records is waited for after each epoch: on a host-bound GPU step 
 threads contend for the GIL, so both count); with --timers, the inclusive host time of each
 entry point over every_step's rounds, first the outermost calls' sum (tensortap's own host
 time on the training thread, steadier than the wall time); with --ablations, three more
-variants that split the every-step cost (ABLATIONS); --pieces: the gradient path's pieces timed alone (how much of it is torch's CPU arithmetic).
+variants that split the every-step cost (ABLATIONS); --pieces: the gradient path's pieces
+timed alone (how much of it is torch's CPU arithmetic).
 The records go to a drain process.
 """
 from __future__ import annotations

@@ -433,8 +433,8 @@ class Engine:
         else can change."""
         if key is None and not t.is_contiguous():  # (a value's own is deferred only when it is)
             t = t.contiguous()
-        n = t.numel()
-        self._hold(key, t, targets, n, n * t.element_size(), stats.current_stream(t.device), t.get_device())
+        n, index = t.numel(), t.get_device()
+        self._hold(key, t, targets, n, n * t.element_size(), stats.raw_stream(index), index)
 
     def _hold(self, key: Optional[tuple], t: torch.Tensor, targets: tuple, n: int, nbytes: int,
               stream: int, index: int) -> None:
