@@ -15,7 +15,8 @@ round, with one device sync around each epoch's timing so the GPU pipeline stays
   naive_item   reference: the same statistics read with one .item() per statistic, every step
 Prints a markdown table and the device: median step (or epoch-mean) time; ratio to `none` of
 the medians and of the means (the mean carries a once-an-epoch capture; the median does not);
-median and middle half of the paired ratios (same step or round, adjacent in time).
+median and middle half of the paired ratios (same step or round, adjacent in time); with
+--interleave epoch also every round's time.
 The collector is a real `python -m collector collect` subprocess (an in-process ZeroMQ PULL
 drain if it cannot start).
 """
@@ -244,6 +245,10 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
         q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
         print(f"| {n} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.3f}x | "
               f"{statistics.fmean(ts) / mean0:.3f}x | {statistics.median(paired):.3f}x | {q1:.3f}-{q3:.3f}x |")
+    if unit == "round":  # each round's time, in the order run: drift and outliers show
+        print("\nper round (ms, round 1 first):")
+        for n in variants:
+            print(f"  {n:<11} " + " ".join(f"{t * 1e3:.2f}" for t in variants[n]["times"]))
     if sender is not None:
         st = sender.stats()
         print(f"\nsender (every_step + default share one): {st}")
