@@ -144,10 +144,26 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def check_run_folder(path: str) -> None:
+    """A run folder (manifest.json or a stream file in it), else one line that says what the
+    folder is: missing, an artifact root (its runs named), or no run at all."""
+    from collector.load import is_run_dir
+
+    if not os.path.isdir(path):
+        raise UsageError(f"no such run folder: {path!r}")
+    if is_run_dir(path):
+        return
+    runs = sorted(((e.stat().st_mtime, e.name) for e in os.scandir(path) if is_run_dir(e.path)), reverse=True)
+    if runs:
+        newest = ", ".join(name for _, name in runs[:3])
+        raise UsageError(f"{path!r} is a folder of {len(runs)} run(s), not a run: pass one of them "
+                         f"(newest first: {newest})")
+    raise UsageError(f"{path!r} holds no tensortap run (no manifest.json or *.jsonl stream files)")
+
+
 def cmd_replay(a) -> int:
     check_zmq_endpoint(a.to)
-    if not os.path.isdir(a.run_dir):
-        raise UsageError(f"no such run folder: {a.run_dir!r}")
+    check_run_folder(a.run_dir)
     if a.speed <= 0:
         raise UsageError("--speed must be > 0")
     from collector.replay import replay_main
@@ -156,8 +172,7 @@ def cmd_replay(a) -> int:
 
 
 def cmd_report(a) -> int:
-    if not os.path.isdir(a.run_dir):
-        raise UsageError(f"no such run folder: {a.run_dir!r}")
+    check_run_folder(a.run_dir)  # before findings.json is written into it
     from collector.diagnosis.report import report_main
 
     return report_main(a) or 0

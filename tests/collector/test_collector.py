@@ -201,6 +201,27 @@ def test_bad_cli_arguments_give_one_line_and_a_nonzero_exit(tmp_path):
         assert len(lines) == 1 and "error" in lines[0], (args, r.stderr)
 
 
+def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothing(tmp_path):
+    """A folder of runs (the artifact root) names its newest runs; a folder with no run says
+    that; neither gets a findings.json."""
+    root, empty = tmp_path / "root", tmp_path / "empty"
+    for name in ("old-run", "new-run"):
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text("")
+    os.utime(root / "old-run", (1, 1))
+    empty.mkdir()
+    for folder, says in ((root, "is a folder of 2 run(s), not a run: pass one of them (newest first: new-run, old-run)"),
+                         (empty, "holds no tensortap run")):
+        for args in (["report", str(folder)], ["replay", str(folder), "--to", "tcp://127.0.0.1:1"]):
+            r = _cli(*args)
+            assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and says in lines[0], (args, r.stderr)
+        assert sorted(p.name for p in folder.iterdir()) == (["new-run", "old-run"] if folder == root else [])
+    r = _cli("report", str(root / "new-run"))  # a run folder: reported (no findings in an empty stream)
+    assert r.returncode == 0 and "new-run" in r.stdout, r.stderr
+
+
 def test_an_address_in_use_is_a_one_line_error(tmp_path):
     col = CollectorProc(str(tmp_path))
     try:
