@@ -203,12 +203,17 @@ COMMANDS = {"collect": cmd_collect, "serve": cmd_serve, "replay": cmd_replay,
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        rc = COMMANDS[args.cmd](args)
+        sys.stdout.flush()  # here, so that a reader gone away is caught below
+        return rc
     except UsageError as e:
         print(f"tensortap {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tensortap report RUN | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -219,9 +219,14 @@ def loss_plateau(records: list[dict]) -> list[dict]:
           "late_below_early": sig(below), "consistency_threshold": PLATEAU_CONSISTENT,
           "run_relative_decrease": sig(run_rel)}
     if rel < PLATEAU_REL or below < PLATEAU_CONSISTENT:
+        if rel < PLATEAU_REL:
+            why = f"its median {_moved(rel)}"
+        else:  # the median fell, but late values are not consistently below early ones
+            why = (f"its median {_moved(rel)}, but a late value is below an early one in only "
+                   f"{below:.0%} of pairs: noise around a level, not progress")
         return [finding("loss_plateau", "high", ev,
-                        f"the loss has not fallen over the last {w} of {n} steps ({rel:+.1%}; "
-                        f"{run_rel:+.1%} over the whole run): see the other findings for why "
+                        f"the loss has not fallen over the last {w} of {n} steps ({why}; "
+                        f"{_moved(run_rel)} over the whole run): see the other findings for why "
                         "(gradients, scale, inputs)")]
     recent = max(PLATEAU_MIN_POINTS, n // 3)
     _, _, rel2 = _thirds(vals[-recent:])
@@ -232,6 +237,13 @@ def loss_plateau(records: list[dict]) -> list[dict]:
                         f"the loss stopped falling over the last {recent} steps: "
                         "a learning-rate decay or more capacity may help")]
     return []
+
+
+def _moved(decrease: float) -> str:
+    """A relative decrease in words: "down 9.7%", "up 4.0%", "unchanged"."""
+    if abs(decrease) < 0.0005:
+        return "unchanged"
+    return f"{'down' if decrease > 0 else 'up'} {abs(decrease):.1%}"
 
 
 def _ends(window: list[float]) -> tuple[list[float], list[float]]:

@@ -222,6 +222,17 @@ def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothin
     assert r.returncode == 0 and "new-run" in r.stdout, r.stderr
 
 
+def test_report_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`tensortap report RUN | head -1`: the reader leaves before the report is written."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    p = subprocess.Popen([sys.executable, "-m", "collector", "report", str(tmp_path / "run")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before it has written anything: its first write meets a closed pipe
+    err = p.stderr.read()
+    assert p.wait(60) == 0 and err == ""
+
+
 def test_an_address_in_use_is_a_one_line_error(tmp_path):
     col = CollectorProc(str(tmp_path))
     try:

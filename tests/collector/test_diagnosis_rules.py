@@ -337,9 +337,21 @@ def test_loss_plateau_over_the_run_and_lately(values, severity):
 
 
 def test_a_noisy_tail_is_a_plateau_by_consistency_not_by_medians():
-    ev = one(V.loss_plateau(loss_stream(NOISY_TAIL)), "loss_plateau")["evidence"]
+    f = one(V.loss_plateau(loss_stream(NOISY_TAIL)), "loss_plateau")
+    ev = f["evidence"]
     assert ev["relative_decrease"] > 0.05 and ev["late_below_early"] == 0.5
     assert ev["steps"] == [20, 39] and ev["window"] == 20
+    # the hint says which way the median moved and why that is not progress
+    assert f"its median down {ev['relative_decrease']:.1%}, but a late value is below an early one in only 50% of pairs" in f["hint"]
+
+
+@pytest.mark.parametrize("values,says", [
+    ([1.0 + 0.01 * i for i in range(20)], "(its median up "),
+    ([1.0] * 20, "(its median unchanged; unchanged over the whole run)"),
+    ([1.0 - 0.006 * i for i in range(20)], "(its median down 4."),
+])
+def test_the_plateau_hint_says_which_way_the_loss_moved(values, says):
+    assert says in one(V.loss_plateau(loss_stream(values)), "loss_plateau")["hint"]
 
 
 def test_losses_of_several_ranks_are_averaged_per_step():
