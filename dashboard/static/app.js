@@ -240,9 +240,12 @@ async function loadFindings(run, gen) {
     const msg = f.hint || f.message || f.detail || f.summary || "";
     const rest = Object.fromEntries(Object.entries(f).filter(([k]) =>
       !["severity", "level", "title", "rule", "code", "id", "hint", "message", "detail", "summary"].includes(k)));
+    // the evidence folded: one line of it shown, the whole on a click
+    const ev = Object.keys(rest).length === 1 && rest.evidence !== undefined ? rest.evidence : rest;
     return el("div", {class: "finding " + String(sev).toLowerCase()}, el("span", {class: "sev"}, sev),
       el("span", {class: "title"}, title), msg ? el("div", {}, msg) : null,
-      Object.keys(rest).length ? el("pre", {}, JSON.stringify(rest, null, 1)) : null);
+      Object.keys(rest).length ? el("details", {class: "evidence"},
+        el("summary", {}, "evidence ", el("code", {}, jsonLine(ev))), el("pre", {}, compactJSON(ev))) : null);
   }) : [el("p", {class: "muted"}, "nothing flagged")]));
 }
 
@@ -253,7 +256,7 @@ function kvTable(obj) {
     if (rows && rows.length && rows.every(([, r]) => r && typeof r === "object" && !Array.isArray(r))) tables.push([k, rows]);
     else scalars.push(...(rows ? flatten(v, k + ".") : [[k, Array.isArray(v) ? JSON.stringify(v) : v]]));
   }
-  const parts = [el("p", {class: "muted small"}, scalars.map(([k, v]) => `${k}: ${fmt(v)}`).join(" · "))];
+  const parts = [el("p", {class: "muted small"}, scalars.map(([k, v]) => `${k}: ${fmtField(k, v)}`).join(" · "))];
   for (const [k, rows] of tables) {
     const cols = [...new Set(rows.flatMap(([, r]) => flatten(r).map(([c]) => c)))];
     parts.push(el("table", {}, el("thead", {}, el("tr", {}, el("th", {class: "name"}, k), ...cols.map(c => el("th", {}, c)))),
@@ -286,7 +289,7 @@ async function refreshHealth() {
   const h = await api("/api/health");
   $("health").replaceChildren(...flatten(h).map(([k, v]) =>
     el("span", {class: "chip" + (/gap|drop|reject|dup|error|degraded|lost/.test(k) && v && v !== "ok" ? " warn" : "")},
-      k, el("b", {}, fmt(v)))));
+      k, el("b", {}, fmtField(k, v)))));
 }
 
 function setLive(live) {
@@ -316,7 +319,8 @@ async function openRun() {
   const manifest = await api(`/api/runs/${enc(run)}/manifest`);
   if (gen !== S.gen) return;
   setLive(summary.live);
-  $("run-meta").textContent = `${summary.records} records · ranks ${summary.ranks.join(", ")}` +
+  const ranks = summary.ranks.length === 1 ? `rank ${summary.ranks[0]}` : `ranks ${summary.ranks.join(", ")}`;
+  $("run-meta").textContent = `${summary.records} records · ${ranks}` +
     (cmp ? ` · overlaid (dotted): ${cmp}` : "");
   $("manifest").replaceChildren(...kvTable(manifest));
   $("loss-log").checked = false;

@@ -31,6 +31,38 @@ function fmt(v) {
   return (a !== 0 && (a < 1e-3 || a >= 1e6)) ? v.toExponential(3) : String(Number(v.toPrecision(5)));
 }
 
+// A value of a key-value view: the Unix times (seconds) of these fields as local date and time
+// (a manifest's created/updated, the health's loaded_at), any other value by fmt.
+const TIME_KEY = /(^|\.)(created|updated|loaded_at)$/;
+
+function fmtField(key, v) {
+  if (TIME_KEY.test(key) && typeof v === "number" && v > 1e9 && v < 1e11) {
+    const d = new Date(v * 1000), p = n => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ` +
+      `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+  }
+  return fmt(v);
+}
+
+// JSON with objects one key a line and arrays of plain values on one line, so that a
+// finding's evidence (a list of 68 steps, say) stays a few lines long.
+function compactJSON(v, indent = "") {
+  const plain = x => x === null || typeof x !== "object";
+  if (Array.isArray(v) && v.every(plain)) return JSON.stringify(v).replace(/,/g, ", ");
+  if (plain(v)) return JSON.stringify(v);
+  const inner = indent + "  ", arr = Array.isArray(v);
+  const items = arr ? v.map(x => inner + compactJSON(x, inner))
+    : Object.entries(v).map(([k, x]) => `${inner}${JSON.stringify(k)}: ${compactJSON(x, inner)}`);
+  if (!items.length) return arr ? "[]" : "{}";
+  return (arr ? "[\n" : "{\n") + items.join(",\n") + "\n" + indent + (arr ? "]" : "}");
+}
+
+// The first `width` characters of `v` as one line of JSON ("..." where cut).
+function jsonLine(v, width = 160) {
+  const s = compactJSON(v).replace(/\n */g, " ");  // (a string's own newline is escaped: \\n)
+  return s.length <= width ? s : s.slice(0, width - 3) + "...";
+}
+
 // {"a": {"b": 1}, "c": "x"} -> [["a.b", 1], ["c", "x"]]
 function flatten(obj, prefix = "", out = []) {
   for (const [k, v] of Object.entries(obj || {})) {

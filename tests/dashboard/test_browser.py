@@ -87,6 +87,44 @@ def test_page_shows_a_run_and_a_new_finding_appears(page):
     assert page.problems == []
 
 
+def test_long_evidence_stays_folded_and_times_read_as_dates(page):
+    """A finding's evidence (here 300 steps per layer) is one line until opened, so the charts
+    stay in the first screen; opened, each list is on one line. Unix times of the manifest and
+    the health read as local date and time; one rank reads "rank 0"."""
+    loaded = time.time()
+    index = Index(health=lambda: {"status": "ok", "mode": "serve", "loaded_at": loaded})
+    fill_run(index, "long-evidence", steps=40, t0=time.time() - 100)
+    ri = index.get("long-evidence")
+    ri.manifest = {**ri.manifest, "created": 1795717160.67, "updated": 1795717183.24}
+    steps = list(range(0, 1200, 4))
+    ri.findings = [{"rule": "frozen_parameters", "severity": "high", "hint": "weights never change",
+                    "evidence": {"layers": {f"layer.{i}": {"captures": 300, "steps": steps} for i in range(8)}}}]
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=long-evidence")
+        page.wait_for_selector("#findings details.evidence")
+        chart_has(page, "chart-metrics", 39)
+        box = page.evaluate("document.querySelector('#findings .finding').getBoundingClientRect().height")
+        assert box < 120, box  # folded: title, hint and one line of evidence
+        loss_top = page.evaluate("document.getElementById('chart-metrics').getBoundingClientRect().top")
+        assert loss_top < 1000, loss_top  # the loss chart is in the first screen
+        summary = page.inner_text("#findings details.evidence summary")
+        assert summary.startswith('evidence { "layers": { "layer.0": { "captures": 300, "steps": [0, 4, 8')
+        assert summary.endswith("...") and len(summary) <= len("evidence ") + 160
+        page.click("#findings details.evidence summary")
+        text = page.inner_text("#findings details.evidence pre")
+        assert '"steps": [' + ", ".join(map(str, steps)) + "]" in text.replace("\n", "")
+        assert text.count("\n") < 8 * 6  # a few lines per layer, not one per step
+        manifest, health = page.inner_text("#manifest"), page.inner_text("#health")
+        for shown in (manifest, health):
+            assert "e+9" not in shown
+        want = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in (1795717160.67, 1795717183.24)]
+        assert f"created: {want[0]}" in manifest and f"updated: {want[1]}" in manifest
+        assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
+        assert page.inner_text("#run-meta").endswith("records · rank 0")
+        leave(page)
+    assert page.problems == []
+
+
 def test_hostile_names_render_as_text(page):
     index = Index()
     run = "xss-run"
