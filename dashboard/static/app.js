@@ -212,15 +212,19 @@ async function loadTables(run, gen) {
   $("loader").replaceChildren(rs.length ? statTable(rs) : "");
   const latest = new Map();
   for (const r of patch) latest.set(r.name, r);
-  const rows = [];
-  for (const r of latest.values()) for (const [k, v] of flatten(r.data)) rows.push([r.name, k, v]);
-  const scaling = rows.filter(([, k]) => /scal/i.test(k)).map(([n, k, v]) => `${n}: ${k} = ${fmt(v)}`);
-  $("patch-scaling").textContent = latest.size ? "Scaling: " + (scaling.join("; ") ||
-    "not stated by the sender") : "";
+  // the scaling statement (a sentence) above the table, once per metric set; the numbers below
+  const rows = [], scaling = [];
+  for (const r of latest.values()) {
+    const stated = r.data && typeof r.data.scaling === "string" ? r.data.scaling : null;
+    scaling.push(`${r.name}: ${stated ?? "scaling not stated by the sender"}`);
+    for (const [k, v] of flatten(r.data)) if (!(k === "scaling" && stated !== null)) rows.push([r.name, k, v]);
+  }
+  $("patch-scaling").textContent = latest.size ? "Scaling. " + scaling.join(" · ") : "";
   $("patch").replaceChildren(rows.length ? el("table", {},
     el("thead", {}, el("tr", {}, el("th", {class: "name"}, "name"), el("th", {class: "name"}, "metric"), el("th", {}, "value"))),
     el("tbody", {}, ...rows.map(([n, k, v]) => el("tr", {}, el("td", {class: "name"}, n),
-      el("td", {class: "name"}, k), el("td", {}, fmt(v)))))) : el("p", {class: "muted"}, "no patch metrics yet"));
+      el("td", {class: "name"}, k), el("td", {class: typeof v === "string" ? "text" : ""}, fmt(v)))))) :
+    el("p", {class: "muted"}, "no patch metrics yet"));
 }
 
 function scheduleTables() {

@@ -90,10 +90,15 @@ def test_page_shows_a_run_and_a_new_finding_appears(page):
 def test_long_evidence_stays_folded_and_times_read_as_dates(page):
     """A finding's evidence (here 300 steps per layer) is one line until opened, so the charts
     stay in the first screen; opened, each list is on one line. Unix times of the manifest and
-    the health read as local date and time; one rank reads "rank 0"."""
+    the health read as local date and time; one rank reads "rank 0". A long scaling statement
+    of the patch metrics is said once, above their table, which stays within its panel."""
     loaded = time.time()
     index = Index(health=lambda: {"status": "ok", "mode": "serve", "loaded_at": loaded})
     fill_run(index, "long-evidence", steps=40, t0=time.time() - 100)
+    said = ("no scaling applied: raw predicted amplitude compared with target amplitude; "
+            "least-squares optimal scale of the compared prediction: 1.80217")
+    index.add(rec("long-evidence", "patch_metrics", "patch_metrics",
+                  {"mae": 0.2647, "count": 32768, "scaling": said, "optimal_scale": 1.8022}, step=40))
     ri = index.get("long-evidence")
     ri.manifest = {**ri.manifest, "created": 1795717160.67, "updated": 1795717183.24}
     steps = list(range(0, 1200, 4))
@@ -121,6 +126,11 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
         assert f"created: {want[0]}" in manifest and f"updated: {want[1]}" in manifest
         assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
         assert page.inner_text("#run-meta").endswith("records · rank 0")
+        page.wait_for_selector("#patch table")
+        assert page.inner_text("#patch-scaling").count(said) == 1 and said not in page.inner_text("#patch")
+        assert page.evaluate("""(() => { const t = document.querySelector('#patch table');
+            return t.getBoundingClientRect().right <= t.parentElement.getBoundingClientRect().right + 1; })()""")
+        assert "0.2647" in page.inner_text("#patch") and "1.8022" in page.inner_text("#patch")
         leave(page)
     assert page.problems == []
 
