@@ -207,8 +207,10 @@ async function loadTables(run, gen) {
   const first = new Map();  // the first record of each field is the first batch
   for (const r of loader) if (!first.has(r.name)) first.set(r.name, r);
   const rs = [...first.values()];
-  $("loader-caption").textContent = rs.length ? `first record of each field: step ${fmt(rs[0].step)}, ` +
-    `epoch ${fmt(rs[0].epoch)}, rank ${rs[0].rank} (${loader.length} records in all)` : "no loader records yet";
+  // the batch's step and epoch (a loader's presence and length, logged once, carry none)
+  const at = rs.find(r => r.step !== null && r.step !== undefined) || rs[0];
+  $("loader-caption").textContent = rs.length ? `first record of each field: step ${fmt(at?.step)}, ` +
+    `epoch ${fmt(at?.epoch)}, rank ${at?.rank} (${loader.length} records in all)` : "no loader records yet";
   $("loader").replaceChildren(rs.length ? statTable(rs) : "");
   const latest = new Map();
   for (const r of patch) latest.set(r.name, r);

@@ -94,6 +94,9 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
     of the patch metrics is said once, above their table, which stays within its panel."""
     loaded = time.time()
     index = Index(health=lambda: {"status": "ok", "mode": "serve", "loaded_at": loaded})
+    # a loader's presence comes first and carries no step (Tap.log_loaders)
+    index.add(rec("long-evidence", "loader_stats", "train_loader", {"present": True, "length": 272},
+                  t=time.time() - 101))
     fill_run(index, "long-evidence", steps=40, t0=time.time() - 100)
     said = ("no scaling applied: raw predicted amplitude compared with target amplitude; "
             "least-squares optimal scale of the compared prediction: 1.80217")
@@ -127,6 +130,7 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
         assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
         assert page.inner_text("#run-meta").endswith("records · rank 0")
         page.wait_for_selector("#patch table")
+        assert page.inner_text("#loader-caption").startswith("first record of each field: step 0, epoch 0, rank 0")
         assert page.inner_text("#patch-scaling").count(said) == 1 and said not in page.inner_text("#patch")
         assert page.evaluate("""(() => { const t = document.querySelector('#patch table');
             return t.getBoundingClientRect().right <= t.parentElement.getBoundingClientRect().right + 1; })()""")
