@@ -12,6 +12,18 @@ def finding(rule: str, severity: str, evidence: dict, hint: str) -> dict:
     return {"rule": rule, "severity": severity, "evidence": evidence, "hint": hint}
 
 
+def listed(names: Iterable[str], width: int = 60) -> str:
+    """Names for a hint, as many as fit in about `width` characters: "a, b and 3 more"."""
+    names = list(names)
+    shown = names[:1]
+    for n in names[1:]:
+        if len(", ".join(shown + [n])) > width:
+            break
+        shown.append(n)
+    rest = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
 def num(x: Any) -> Optional[float]:
     """A finite float, or None (missing, null, NaN, Inf, non-numeric)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

@@ -5,7 +5,7 @@ Per layer, a series of {"norm", "count", "zero_frac", "weight_norm", "update_rat
 "_total" holds the total norm. Thresholds are module constants (docs/DIAGNOSIS.md)."""
 from __future__ import annotations
 
-from collector.diagnosis.common import by_name, finding, median, num, sig
+from collector.diagnosis.common import by_name, finding, listed, median, num, sig
 
 VANISH_RATIO = 1e-3        # first/last layer median grad norm below this: vanishing (high)
 VANISH_RATIO_MEDIUM = 1e-2  # ... below this: medium
@@ -88,13 +88,13 @@ def dead_parameters(records: list[dict]) -> list[dict]:
     out = []
     if no_grad:
         out.append(finding("no_gradient", "high", {"layers": no_grad, "count": len(no_grad)},
-                           "these parameters never get a gradient: detached graph, unused module "
+                           f"{listed(no_grad)} never get a gradient: detached graph, unused module "
                            "or requires_grad=False"))
     if frozen:
         out.append(finding("frozen_parameters", "high",
                            {"layers": frozen, "count": len(frozen), "update_ratio": 0.0},
-                           "these weights get gradients but never change: are they in the optimizer? "
-                           "(lr 0, frozen, or a parameter list that misses them)"))
+                           f"{listed(frozen)} get gradients but never change: are they in the "
+                           "optimizer? (lr 0, frozen, or a parameter list that misses them)"))
     return out
 
 
@@ -120,12 +120,13 @@ def update_ratios(records: list[dict]) -> list[dict]:
     if small:
         out.append(finding("update_ratio_small", "medium",
                            {"layers": small, "threshold": UPDATE_SMALL},
-                           "weights barely move per step: learning rate too small or gradients too small"))
+                           f"weights barely move per step ({listed(small)}): learning rate too small "
+                           "or gradients too small"))
     if large:
         worst = max(v["update_ratio_max"] for v in large.values())
         sev = "high" if worst > UPDATE_LARGE else "medium"
         out.append(finding("update_ratio_large", sev,
                            {"layers": large, "worst": sig(worst), "threshold": UPDATE_LARGE_MEDIUM},
-                           "each step rewrites a large part of these weights: weights initialised "
+                           f"a step rewrites a large part of {listed(large)}: weights initialised "
                            "too small for the learning rate, or the learning rate is too large"))
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from collector.diagnosis.common import by_name, components, finding, max_abs, median, num, rms, sig
+from collector.diagnosis.common import by_name, components, finding, listed, max_abs, median, num, rms, sig
 
 DEAD_ABS = 1e-6          # an activation whose |values| all stay below this is dead
 SAT_BOUND = 1.0          # tanh/sin-like range [-1, 1] (sigmoid [0, 1] is inside it)
@@ -88,18 +88,18 @@ def activations(records: list[dict]) -> list[dict]:
     if dead:
         sev = "high" if any(k.split(".")[0] in OUTPUT_NAMES for k in dead) else "medium"
         out.append(finding("dead_activation", sev, {"tensors": dead, "threshold": DEAD_ABS},
-                           "these activations are all ~0: dead units (ReLU), zero init, or a "
+                           f"{listed(dead)} are all ~0: dead units (ReLU), zero init, or a "
                            "multiplication by ~0 upstream"))
     if sat:
         out.append(finding("saturated_activation", "high", {"tensors": sat, "rms_threshold": SAT_RMS},
-                           "values sit at the +-1 bounds of a tanh/sigmoid-like output, where its "
-                           "gradient is ~0: normalise the input or scale the pre-activation"))
+                           f"{listed(sat)} sit at the +-1 bounds of a tanh/sigmoid-like output, where "
+                           "its gradient is ~0: normalise the input or scale the pre-activation"))
     if collapsed:
         out.append(finding("collapsed_output", "high", {"tensors": collapsed,
                                                         "abs_threshold": COLLAPSE_ABS,
                                                         "rel_threshold": COLLAPSE_REL},
-                           "the output has ~no spread (the same value everywhere): the model "
-                           "ignores its input"))
+                           f"the output ({listed(collapsed)}) has ~no spread (the same value "
+                           "everywhere): the model ignores its input"))
     return out
 
 
@@ -139,8 +139,8 @@ def weak_layers(records: list[dict]) -> list[dict]:
         return []
     sev = "high" if any(v["captures"] >= WEAK_PERSIST for v in weak.values()) else "medium"
     return [finding("weak_layer", sev, {"layers": weak, "count": len(weak), "threshold": WEAK_GAIN},
-                    "these layers pass on < 5% of their input's RMS all through the last half of "
-                    "the run: weights far below unit gain (init scale?) that the optimizer has not grown")]
+                    f"{listed(weak)} pass on < 5% of their input's RMS through the last half of the "
+                    "run: weights far below unit gain (init scale?), not grown by the optimizer")]
 
 
 def input_range(records: list[dict]) -> list[dict]:
@@ -220,14 +220,12 @@ def loss_plateau(records: list[dict]) -> list[dict]:
           "run_relative_decrease": sig(run_rel)}
     if rel < PLATEAU_REL or below < PLATEAU_CONSISTENT:
         if rel < PLATEAU_REL:
-            why = f"its median {_moved(rel)}"
+            why = f"median {_moved(rel)}"
         else:  # the median fell, but late values are not consistently below early ones
-            why = (f"its median {_moved(rel)}, but a late value is below an early one in only "
-                   f"{below:.0%} of pairs: noise around a level, not progress")
+            why = f"median {_moved(rel)}, but late values beat early ones in only {below:.0%} of pairs"
         return [finding("loss_plateau", "high", ev,
                         f"the loss has not fallen over the last {w} of {n} steps ({why}; "
-                        f"{_moved(run_rel)} over the whole run): see the other findings for why "
-                        "(gradients, scale, inputs)")]
+                        f"{_moved(run_rel)} over the run): look at the other findings for why")]
     recent = max(PLATEAU_MIN_POINTS, n // 3)
     _, _, rel2 = _thirds(vals[-recent:])
     if rel2 < RECENT_REL:
