@@ -70,15 +70,19 @@ class TapCallback(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.enabled or self._engine is not None:
             return
+        from client_hooks import hooks as _hooks
         from client_hooks.engine import Engine
 
+        # a module path that is not there: a one-line ValueError before anything is opened
+        model = _hooks.submodule(pl_module, self._watch, "watch") if self._watch else pl_module
+        _hooks.activation_targets(model, self._opts.activations, self._opts.all_leaves)
+        _hooks.gradient_layers(model, self._opts.gradients, self._opts.all_leaves)
         run = self._run or os.environ.get("TENSORTAP_RUN")
         try:
             sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
         except Exception as e:
             return self._give_up(e)
         self._engine = Engine(sender, self._opts)
-        model = pl_module.get_submodule(self._watch) if self._watch else pl_module
         self._engine.watch(model, param_hooks=False)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

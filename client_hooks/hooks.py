@@ -7,6 +7,7 @@ them. Between capture steps the model carries no tensortap hook.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -23,6 +24,20 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
 
 
+def submodule(model: nn.Module, path: str, option: str) -> nn.Module:
+    """model.get_submodule(path), or a one-line ValueError that names the option, the path and
+    the closest module path there is (else the first ones): a typo in a layer name is found
+    when the model is watched, before training."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=1, cutoff=0.8)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"its modules start with {', '.join(map(repr, names[:5]))}" if names else "it has no submodules")
+        raise ValueError(f"tensortap: {option}: {type(model).__name__} has no submodule {path!r}; {hint}") from None
+
+
 def activation_targets(model: nn.Module, names: Targets, all_leaves: bool) -> list[tuple[str, nn.Module]]:
     """None: the model's direct children; a list of module paths; all_leaves: every leaf."""
     if all_leaves:
@@ -31,7 +46,7 @@ def activation_targets(model: nn.Module, names: Targets, all_leaves: bool) -> li
         return list(model.named_children()) or [("model", model)]
     if isinstance(names, str):
         names = [names]
-    return [(n, model.get_submodule(n)) for n in names]
+    return [(n, submodule(model, n, "activations")) for n in names]
 
 
 def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[tuple[str, list[nn.Parameter]]]:
@@ -43,14 +58,14 @@ def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[t
     if spec == "all" or (spec is None and all_leaves):
         return [(n or "model", _own_params(m)) for n, m in model.named_modules() if _own_params(m)]
     if spec is None or isinstance(spec, str):
-        root = model if spec is None else model.get_submodule(spec)
+        root = model if spec is None else submodule(model, spec, "gradients")
         prefix = "" if spec is None else spec + "."
         owners = [(prefix + n if n else spec or "model", _own_params(m))
                   for n, m in root.named_modules() if _own_params(m)]
         return owners[:1] + owners[-1:] if len(owners) > 1 else owners
     out = []
     for n in spec:
-        ps = [p for p in model.get_submodule(n).parameters() if p.requires_grad]
+        ps = [p for p in submodule(model, n, "gradients").parameters() if p.requires_grad]
         out.append((n, ps))
     return [(n, ps) for n, ps in out if ps]
 

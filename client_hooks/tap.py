@@ -94,7 +94,8 @@ turned into one RuntimeWarning per kind and never raised.
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model, optimizer=None):
-        """Choose the modules and layers to measure (no hook is registered now); returns model."""
+        """Choose the modules and layers to measure (no hook is registered now); returns model.
+        A module path of `activations` or `gradients` that the model lacks is a ValueError."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
             self._optimizer = optimizer

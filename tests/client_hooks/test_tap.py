@@ -373,3 +373,35 @@ def test_a_loss_logged_in_a_capture_step_goes_with_its_capture_and_keeps_its_val
         assert {x["t"] for x in same_step} == {r["t"]}  # one packed record
         seqs = sorted(x["seq"] for x in same_step)
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def named_model():
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict(encoder=nn.Linear(4, 4), act=nn.ReLU(), decoder=nn.Linear(4, 2)))
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"gradients": ["decodr"]}, "tensortap: gradients: Sequential has no submodule 'decodr'; did you mean 'decoder'?"),
+    ({"gradients": "encoderr"}, "tensortap: gradients: Sequential has no submodule 'encoderr'; did you mean 'encoder'?"),
+    ({"activations": ["zzz"]}, "tensortap: activations: Sequential has no submodule 'zzz'; its modules start with "
+                               "'encoder', 'act', 'decoder'"),
+])
+def test_a_module_path_that_is_not_there_is_one_clear_error_at_watch(pull, kw, says):
+    with pytest.raises(ValueError) as e:
+        Tap(**kw).watch(named_model())
+    assert str(e.value) == says
+
+
+def test_the_callback_finds_a_bad_module_path_before_it_opens_anything(pull):
+    from types import SimpleNamespace
+
+    from client_hooks import TapCallback, session
+
+    cb = TapCallback(watch="decodr")
+    with pytest.raises(ValueError, match="tensortap: watch: Sequential has no submodule 'decodr'; did you mean 'decoder'"):
+        cb.setup(SimpleNamespace(global_rank=0, world_size=1), named_model(), "fit")
+    cb2 = TapCallback(watch="decoder", gradients=["bias_typo"])
+    with pytest.raises(ValueError, match="tensortap: gradients: Linear has no submodule 'bias_typo'; it has no submodules"):
+        cb2.setup(SimpleNamespace(global_rank=0, world_size=1), named_model(), "fit")
+    assert session._senders == {}  # no socket, no thread
