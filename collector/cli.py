@@ -185,7 +185,7 @@ def cmd_demo(a) -> int:
            "--torch-epochs", "1", "--torch-loss-mode", "mae"]
     if a.inject:
         cmd += ["--inject", a.inject]
-    return subprocess.call(cmd, env={**os.environ, "DEBUG_FNO_LOSS": "1"})
+    return subprocess.call(cmd, env={**os.environ, "DEBUG_FNO_LOSS": "1", "TENSORTAP_DEMO_PROG": "tensortap demo"})
 
 
 def cmd_keys(a) -> int:

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     try:
         a = parse_args(argv)
     except UsageError as e:
-        print(f"compare: error: {e}", file=sys.stderr)
+        # `tensortap demo` runs this module: its errors carry the command the user typed
+        print(f"{os.environ.get('TENSORTAP_DEMO_PROG', 'compare')}: error: {e}", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*(LitLogger|litlogger|tensorboardX).*")

@@ -192,13 +192,14 @@ def test_bad_cli_arguments_give_one_line_and_a_nonzero_exit(tmp_path):
         ["collect", "--http", "0.0.0.0:8050", "--out", str(tmp_path)],
         ["report", str(tmp_path / "missing")],
         ["replay", str(tmp_path / "missing"), "--to", "tcp://127.0.0.1:1"],
+        ["demo", "--architectures", "nope", "--output-dir", str(tmp_path / "demo")],
     ]
     for args in cases:
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "error" in lines[0], (args, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"tensortap {args[0]}: error: "), (args, r.stderr)
 
 
 def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothing(tmp_path):
