@@ -77,6 +77,9 @@ const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2
 // Points per trace kept while live: past it a trace is thinned 2:1 (the whole history stays
 // visible at half the resolution), so the cost of a redraw stays bounded.
 const LIVE_CAP = 300;
+// A trace of fewer points than this is drawn with markers: a line of one point (a validation
+// loss after the first epoch) shows nothing. Past it (a live loss growing) the markers go.
+const SPARSE_MAX = 30;
 const HIDDEN_MS = 2000;
 
 // A plotly chart whose traces are keyed by a string. New traces and new points are queued
@@ -90,6 +93,7 @@ class Chart {
     this.newTraces = [];
     this.pending = new Map(); // index -> {x: [], y: []}
     this.lengths = [];       // index -> points in the trace
+    this.sparse = new Set(); // indices drawn with markers (fewer than SPARSE_MAX points)
     this.drawn = false;
     this.visible = true;     // in the viewport (an IntersectionObserver keeps this)
     this.flushedAt = 0;
@@ -111,9 +115,11 @@ class Chart {
     this.keys.set(key, i);
     this.specs.push(spec);
     this.lengths.push(x.length);
+    const sparse = x.length < SPARSE_MAX;
+    if (sparse) this.sparse.add(i);
     this.newTraces.push({
-      type: "scatter", mode: "lines", name: plotlyText(spec.label), x, y,
-      line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"},
+      type: "scatter", mode: sparse ? "lines+markers" : "lines", name: plotlyText(spec.label), x, y,
+      line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"}, marker: {size: 5, color: spec.color},
       visible: spec.visible === undefined ? true : spec.visible,
       hovertemplate: "%{y:.4g} @ step %{x}<extra>" + plotlyText(spec.label) + "</extra>",
     });
@@ -151,8 +157,13 @@ class Chart {
       this.pending = new Map();
       const full = [];
       idx.forEach((i, k) => { this.lengths[i] += xs[k].length; if (this.lengths[i] > LIVE_CAP) full.push(i); });
-      if (full.length) return this.thin(idx, xs, ys, full);
-      await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx);
+      if (full.length) await this.thin(idx, xs, ys, full);
+      else await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx);
+      const dense = idx.filter(i => this.sparse.has(i) && this.lengths[i] >= SPARSE_MAX);
+      if (dense.length) {  // once per trace: its markers go
+        dense.forEach(i => this.sparse.delete(i));
+        await Plotly.restyle(this.div, {mode: "lines"}, dense);
+      }
     }
   }
 

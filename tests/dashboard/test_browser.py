@@ -102,6 +102,7 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
             "least-squares optimal scale of the compared prediction: 1.80217")
     index.add(rec("long-evidence", "patch_metrics", "patch_metrics",
                   {"mae": 0.2647, "count": 32768, "scaling": said, "optimal_scale": 1.8022}, step=40))
+    index.add(rec("long-evidence", "metrics", "val_loss", {"value": 0.5}, step=39, epoch=0))  # one epoch
     ri = index.get("long-evidence")
     ri.manifest = {**ri.manifest, "created": 1795717160.67, "updated": 1795717183.24}
     steps = list(range(0, 1200, 4))
@@ -129,6 +130,12 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
         assert f"created: {want[0]}" in manifest and f"updated: {want[1]}" in manifest
         assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
         assert page.inner_text("#run-meta").endswith("records · rank 0")
+        # a one-point series (a validation loss after one epoch) is drawn as a marker; 40 as a line
+        modes = page.evaluate("Object.fromEntries(document.getElementById('chart-metrics').data.map(t => [t.name, t.mode]))")
+        assert modes == {"loss": "lines", "val_loss": "lines+markers"}
+        points = page.evaluate("[...document.querySelectorAll('#chart-metrics .scatterlayer .trace')]"
+                               ".map(t => t.querySelectorAll('path.point').length)")
+        assert points == [0, 1]
         page.wait_for_selector("#patch table")
         assert page.inner_text("#loader-caption").startswith("first record of each field: step 0, epoch 0, rank 0")
         assert page.inner_text("#patch-scaling").count(said) == 1 and said not in page.inner_text("#patch")
@@ -187,6 +194,13 @@ def test_live_record_from_a_sender_appears_in_the_chart(page, tmp_path):
             y = page.evaluate("(() => { const t = document.getElementById('chart-metrics').data[0];"
                               " return t.y[Array.from(t.x).indexOf(777)]; })()")
             assert y == pytest.approx(0.123)
+            # 6 points so far: drawn with markers; past 30 the live trace turns into a plain line
+            assert page.evaluate("document.getElementById('chart-metrics').data[0].mode") == "lines+markers"
+            for step in range(800, 830):
+                sender.send("metrics", "loss", {"value": 0.1}, step=step)
+            chart_has(page, "chart-metrics", 829, timeout_ms=5_000)
+            page.wait_for_function("() => document.getElementById('chart-metrics').data[0].mode === 'lines'",
+                                   timeout=5_000)
             leave(page)
         finally:
             sender.close()
