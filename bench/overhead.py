@@ -16,7 +16,7 @@ round, with one device sync around each epoch's timing so the GPU pipeline stays
 Prints a markdown table and the device: median step (or epoch-mean) time; ratio to `none` of
 the medians and of the means (the mean carries a once-an-epoch capture; the median does not);
 median and middle half of the paired ratios (same step or round, adjacent in time); with
---interleave epoch also every round's time.
+--interleave epoch also every round's time and the ratio of the fastest quarters of rounds.
 The collector is a real `python -m collector collect` subprocess (an in-process ZeroMQ PULL
 drain if it cannot start).
 """
@@ -249,6 +249,11 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
         print("\nper round (ms, round 1 first):")
         for n in variants:
             print(f"  {n:<11} " + " ".join(f"{t * 1e3:.2f}" for t in variants[n]["times"]))
+        # a device host's noise comes as slow rounds over a steady floor (eleventh session):
+        # the mean of each variant's fastest quarter of rounds, over `none`'s, is that floor's ratio
+        floor = {n: statistics.fmean(sorted(v["times"])[:max(1, len(v["times"]) // 4)]) for n, v in variants.items()}
+        print("fastest quarter of rounds, over none's: " + ", ".join(
+            f"{n} {floor[n] / floor['none']:.3f}x" for n in variants if n != "none"))
     if sender is not None:
         st = sender.stats()
         print(f"\nsender (every_step + default share one): {st}")
