@@ -137,11 +137,30 @@ def cmd_serve(a) -> int:
     http = check_http(a.http)
     if not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
+    index = load_root(a.root)
+    if not index.runs:  # the folder above the runs' root, say: name where the runs are
+        roots = _run_roots(a.root)
+        if roots:
+            print(f"tensortap serve: note: {a.root!r} holds no run; runs are one level down, in "
+                  + ", ".join(f"{p!r} ({n})" for p, n in roots[:3]) + ": serve one of those", file=sys.stderr)
     col = Collector(Config(zmq=None, http=http, out=a.root, token=a.token, ready_file=a.ready_file),
-                    index=load_root(a.root))
+                    index=index)
     col.start()
     col.serve_forever()
     return 0
+
+
+def _run_roots(path: str) -> list[tuple[str, int]]:
+    """The subfolders of `path` that hold runs, with how many, most first."""
+    from collector.load import is_run_dir
+
+    out = []
+    for e in os.scandir(path):
+        if e.is_dir() and not is_run_dir(e.path):
+            n = sum(1 for r in os.scandir(e.path) if is_run_dir(r.path))
+            if n:
+                out.append((e.path, n))
+    return sorted(out, key=lambda x: -x[1])
 
 
 def check_run_folder(path: str) -> None:

@@ -152,3 +152,19 @@ def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_serve_of_the_folder_above_the_runs_says_where_they_are(original, tmp_path):
+    shutil.copytree(original, tmp_path / "artifacts" / "orig")
+    ready = str(tmp_path / "ready.json")
+    proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(tmp_path), "--http",
+                             f"127.0.0.1:{free_port()}", "--ready-file", ready], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: os.path.exists(ready), timeout=30)  # it serves (an empty root) all the same
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=20)[1]
+    note = [line for line in err.splitlines() if "note:" in line]
+    assert note == [f"tensortap serve: note: {str(tmp_path)!r} holds no run; runs are one level down, in "
+                    f"{str(tmp_path / 'artifacts')!r} (1): serve one of those"]
