@@ -12,7 +12,7 @@ async function api(path) {
 
 // State, exposed for tests and the benchmark (window.__tt.latency: ms from wire t to drawn).
 const S = {run: null, cmp: null, gen: 0, charts: new Map(), es: null, findings: -1,
-  latency: [], waiting: [], flushing: false, runs: []};
+  latency: [], flushing: false, runs: []};
 window.__tt = S;
 
 // Which statistic each chart draws: the first of these a series has (exact, then by suffix).
@@ -112,12 +112,11 @@ function onLive(msg) {
   for (const [, kind, name, , step, t, flat] of msg.items) {
     if (kind === "metrics" || kind === "gradients" || kind === "activations") {
       const stats = Object.keys(flat);
-      let seen = false;
+      const rec = {t, left: 0};  // drawn once each visible chart it went to has been redrawn
       for (const [c, key, stat] of place(kind, name, stats, "", () => [], () => [])) {
         if (stat in flat) c.push(key, step, flat[stat]);
-        seen = seen || c.visible;
+        if (c.visible && c.waiting.at(-1) !== rec) { c.waiting.push(rec); rec.left++; }
       }
-      if (seen) S.waiting.push(t);
     } else if (kind === "loader_stats" || kind === "patch_metrics") {
       scheduleTables();
     }
@@ -128,8 +127,11 @@ function onLive(msg) {
 }
 
 // Draw what arrived, once per animation frame at most; charts out of view less often
-// (Chart.due). The latency figure (window.__tt.latency) is per record drawn in a visible
-// chart: from its wire time t to the end of the frame that drew it.
+// (Chart.due). One chart at a time, with a turn of the event loop between two: live messages
+// that come meanwhile are taken in at once, and a chart drawn early in a round does not wait
+// for the others to show. The latency figure (window.__tt.latency) is per record that went to
+// a visible chart: from its wire time t to the end of the redraw of the last of its visible
+// charts that drew it.
 // A plotly redraw costs about the same for 1 or 500 new points, so redraws are spaced: at
 // least MIN_FRAME_MS apart, and the page spends at most about half its time drawing (a busy
 // main thread would leave server-sent events queued, which is worse for latency).
@@ -144,19 +146,21 @@ function requestDraw() {
 }
 
 async function draw() {
-  const gen = S.gen, times = S.waiting, now0 = S.lastDraw = performance.now();
-  S.waiting = [];
-  let deferred = false;
+  const gen = S.gen, now0 = S.lastDraw = performance.now();
+  let deferred = false, drawn = 0;
   try {
     for (const c of [...S.charts.values()]) {
-      if (c.due(now0)) await c.flush(); else deferred = deferred || c.dirty();
+      if (gen !== S.gen) break;
+      if (!c.due(performance.now())) { deferred = deferred || c.dirty(); continue; }
+      if (drawn++) await new Promise(r => setTimeout(r, 0));  // live messages in between
+      const recs = c.waiting;
+      c.waiting = [];
+      await c.flush();
+      const now = Date.now();
+      for (const r of recs) if (--r.left === 0 && gen === S.gen) S.latency.push(now - r.t * 1000);
     }
     S.drawMs = performance.now() - now0;
-    if (gen === S.gen) {
-      const now = Date.now();
-      for (const t of times) S.latency.push(now - t * 1000);
-      if (S.latency.length > 200000) S.latency.splice(0, 100000);
-    }
+    if (S.latency.length > 200000) S.latency.splice(0, 100000);
   } finally {
     S.flushing = false;
     if (S.again) { S.again = false; requestDraw(); }
@@ -316,7 +320,7 @@ async function openRun() {
   for (const c of S.charts.values()) c.purge();
   S.charts = new Map();
   S.colors = new Map();
-  S.run = run; S.cmp = cmp; S.findings = -1; S.waiting = [];
+  S.run = run; S.cmp = cmp; S.findings = -1;
   $("activations").replaceChildren();
   $("empty").hidden = true;
   $("run").hidden = false;

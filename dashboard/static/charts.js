@@ -94,6 +94,7 @@ class Chart {
     this.pending = new Map(); // index -> {x: [], y: []}
     this.lengths = [];       // index -> points in the trace
     this.sparse = new Set(); // indices drawn with markers (fewer than SPARSE_MAX points)
+    this.waiting = [];       // live records sent here while in view, not drawn yet (latency)
     this.drawn = false;
     this.visible = true;     // in the viewport (an IntersectionObserver keeps this)
     this.flushedAt = 0;
