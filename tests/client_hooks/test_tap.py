@@ -383,7 +383,8 @@ def named_model():
 
 @pytest.mark.parametrize("kw,says", [
     ({"gradients": ["decodr"]}, "tensortap: gradients: Sequential has no submodule 'decodr'; did you mean 'decoder'?"),
-    ({"gradients": "encoderr"}, "tensortap: gradients: Sequential has no submodule 'encoderr'; did you mean 'encoder'?"),
+    ({"gradients": "encoderr"},
+     "tensortap: gradients: Sequential has no submodule 'encoderr'; did you mean 'encoder'?"),
     ({"activations": ["zzz"]}, "tensortap: activations: Sequential has no submodule 'zzz'; its modules start with "
                                "'encoder', 'act', 'decoder'"),
 ])
@@ -399,9 +400,11 @@ def test_the_callback_finds_a_bad_module_path_before_it_opens_anything(pull):
     from client_hooks import TapCallback, session
 
     cb = TapCallback(watch="decodr")
-    with pytest.raises(ValueError, match="tensortap: watch: Sequential has no submodule 'decodr'; did you mean 'decoder'"):
+    says = "tensortap: watch: Sequential has no submodule 'decodr'; did you mean 'decoder'"
+    with pytest.raises(ValueError, match=says):
         cb.setup(SimpleNamespace(global_rank=0, world_size=1), named_model(), "fit")
     cb2 = TapCallback(watch="decoder", gradients=["bias_typo"])
-    with pytest.raises(ValueError, match="tensortap: gradients: Linear has no submodule 'bias_typo'; it has no submodules"):
+    says = "tensortap: gradients: Linear has no submodule 'bias_typo'; it has no submodules"
+    with pytest.raises(ValueError, match=says):
         cb2.setup(SimpleNamespace(global_rank=0, world_size=1), named_model(), "fit")
     assert session._senders == {}  # no socket, no thread

@@ -131,7 +131,8 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
         assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
         assert page.inner_text("#run-meta").endswith("records · rank 0")
         # a one-point series (a validation loss after one epoch) is drawn as a marker; 40 as a line
-        modes = page.evaluate("Object.fromEntries(document.getElementById('chart-metrics').data.map(t => [t.name, t.mode]))")
+        modes = page.evaluate("Object.fromEntries(document.getElementById('chart-metrics').data"
+                              ".map(t => [t.name, t.mode]))")
         assert modes == {"loss": "lines", "val_loss": "lines+markers"}
         points = page.evaluate("[...document.querySelectorAll('#chart-metrics .scatterlayer .trace')]"
                                ".map(t => t.querySelectorAll('path.point').length)")
