@@ -11,6 +11,10 @@
 3. API series query on that run: one (kind, name, stat) of 5,000 points. Goal < 50 ms.
 
     .venv/bin/python bench/dashboard.py [--seconds 10] [--rate 10000] [--layers 20]
+    .venv/bin/python bench/dashboard.py --live-only [--tree PATH]   # figure 1 only
+
+--tree PATH measures another checkout's collector and page (e.g. a `git archive` of an earlier
+commit) with this script: run it alternately with and without to compare two trees.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TREE = os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]) if "--tree" in sys.argv[:-1] else \
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TREE)  # the collector, the page and the test helpers come from TREE
 
 import httpx  # noqa: E402
 
@@ -196,6 +202,8 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, default=50)
     ap.add_argument("--big-steps", type=int, default=5_000)
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--live-only", action="store_true", help="figure 1 only (the latency)")
+    ap.add_argument("--tree", default=TREE, help="checkout whose collector and page are measured")
     a = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -203,6 +211,11 @@ def main() -> None:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
         # 1000 px: the loss chart and the three gradient charts in view; 600 px: the loss only
         lives = [live_latency(browser, a.seconds, a.rate, a.layers, h) for h in (1000, 600)]
+        if a.live_only:
+            browser.close()
+            print(f"tree {TREE}; load average at end {os.getloadavg()[0]:.2f}")
+            print_lives(lives)
+            return
         t0 = time.perf_counter()
         index = big_index(a.big_layers, a.big_steps)
         fill_s = time.perf_counter() - t0
@@ -213,12 +226,7 @@ def main() -> None:
         browser.close()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, no GPU; load average at end "
           f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}")
-    for live in lives:
-        print(f"\n1. hook -> page at {live['rate']} records/s ({live['layers']} gradient layers + loss + 3 "
-              f"activations per step), 1400x{live['height']} viewport, {live['seconds']:.0f} s measured: "
-              f"{live['sent']} sent, {live['drawn']} drawn in a visible chart, {live['dropped']} dropped "
-              f"by the sender; latency ms p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, "
-              f"p99 {live['p99']:.0f}, max {live['max']:.0f}")
+    print_lives(lives)
     warm = "none" if load["warm"] is None else f"{load['warm']:.0f} ms"  # --repeats 1: no warm load
     print(f"\n2. page shows {a.big_layers} layers x {a.big_steps} steps "
           f"({a.big_steps * (a.big_layers + 4)} records; index filled in {fill_s:.1f} s): cold "
@@ -229,6 +237,15 @@ def main() -> None:
           f"{statistics.median(profiled[2:]):.0f} ms (all: {', '.join(f'{x:.0f}' for x in profiled)})")
     for label, r in api.items():
         print(f"\n3. API {label}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['bytes']} bytes")
+
+
+def print_lives(lives: list[dict]) -> None:
+    for live in lives:
+        print(f"\n1. hook -> page at {live['rate']} records/s ({live['layers']} gradient layers + loss + 3 "
+              f"activations per step), 1400x{live['height']} viewport, {live['seconds']:.0f} s measured: "
+              f"{live['sent']} sent, {live['drawn']} drawn in a visible chart, {live['dropped']} dropped "
+              f"by the sender; latency ms p50 {live['p50']:.0f}, p95 {live['p95']:.0f}, "
+              f"p99 {live['p99']:.0f}, max {live['max']:.0f}")
 
 
 if __name__ == "__main__":

@@ -126,10 +126,11 @@ function onLive(msg) {
   requestDraw();
 }
 
-// Draw what arrived, once per animation frame at most; charts out of view less often
-// (Chart.due). One chart at a time, with a turn of the event loop between two: live messages
-// that come meanwhile are taken in at once, and a chart drawn early in a round does not wait
-// for the others to show. The latency figure (window.__tt.latency) is per record that went to
+// Draw what arrived, once per animation frame at most; a chart out of view only once, then
+// when it scrolls into view (Chart.due). One chart at a time, charts in view first, with a
+// turn of the event loop between two: live messages that come meanwhile are taken in at once,
+// and a chart drawn early in a round does not wait for the others to show. A record whose
+// chart leaves the view before it is drawn is left out of the figure. The latency figure (window.__tt.latency) is per record that went to
 // a visible chart: from its wire time t to the end of the redraw of the last of its visible
 // charts that drew it.
 // A plotly redraw costs about the same for 1 or 500 new points, so redraws are spaced: at
@@ -147,26 +148,24 @@ function requestDraw() {
 
 async function draw() {
   const gen = S.gen, now0 = S.lastDraw = performance.now();
-  let deferred = false, drawn = 0;
+  let drawn = 0;
   try {
-    for (const c of [...S.charts.values()]) {
+    const all = [...S.charts.values()];  // the charts in view first
+    for (const c of all.filter(c => c.visible).concat(all.filter(c => !c.visible))) {
       if (gen !== S.gen) break;
-      if (!c.due(performance.now())) { deferred = deferred || c.dirty(); continue; }
+      if (!c.due()) continue;
       if (drawn++) await new Promise(r => setTimeout(r, 0));  // live messages in between
       const recs = c.waiting;
       c.waiting = [];
       await c.flush();
       const now = Date.now();
-      for (const r of recs) if (--r.left === 0 && gen === S.gen) S.latency.push(now - r.t * 1000);
+      for (const r of recs) if (--r.left === 0 && !r.gone && gen === S.gen) S.latency.push(now - r.t * 1000);
     }
     S.drawMs = performance.now() - now0;
     if (S.latency.length > 200000) S.latency.splice(0, 100000);
   } finally {
     S.flushing = false;
     if (S.again) { S.again = false; requestDraw(); }
-    else if (deferred && !S.hiddenTimer) {
-      S.hiddenTimer = setTimeout(() => { S.hiddenTimer = null; requestDraw(); }, 500);
-    }
   }
 }
 Chart.onVisible = requestDraw;

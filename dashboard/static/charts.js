@@ -80,7 +80,6 @@ const LIVE_CAP = 300;
 // A trace of fewer points than this is drawn with markers: a line of one point (a validation
 // loss after the first epoch) shows nothing. Past it (a live loss growing) the markers go.
 const SPARSE_MAX = 30;
-const HIDDEN_MS = 2000;
 
 // A plotly chart whose traces are keyed by a string. New traces and new points are queued
 // and drawn together by flush(): one plotly call per chart per frame, not one per record.
@@ -97,14 +96,14 @@ class Chart {
     this.waiting = [];       // live records sent here while in view, not drawn yet (latency)
     this.drawn = false;
     this.visible = true;     // in the viewport (an IntersectionObserver keeps this)
-    this.flushedAt = 0;
     Chart.observer.observe(div);
     div.__chart = this;
   }
 
-  // Charts outside the viewport are redrawn every HIDDEN_MS only (and at once when they
-  // scroll into view): a redraw costs the same whether anyone sees it or not.
-  due(now) { return this.dirty() && (this.visible || now - this.flushedAt >= HIDDEN_MS); }
+  // A chart outside the viewport is drawn once, then not again until it scrolls into view:
+  // a redraw costs the same whether anyone sees it or not, and one of a chart left alone
+  // for seconds is long (a chart in view would wait behind it). Its new points wait, thinned.
+  due() { return this.dirty() && (this.visible || !this.drawn); }
 
   has(key) { return this.keys.has(key); }
   spec(key) { return this.specs[this.keys.get(key)]; }
@@ -133,13 +132,17 @@ class Chart {
     if (!p) this.pending.set(i, p = {x: [], y: []});
     p.x.push(x);
     p.y.push(y);
+    if (!this.visible && p.x.length > 2 * LIVE_CAP) {  // out of view: thinned 2:1 as they wait
+      const keep = (_, j) => j % 2 === 0 || j === p.x.length - 1;
+      p.x = p.x.filter(keep);
+      p.y = p.y.filter(keep);
+    }
   }
 
   dirty() { return this.newTraces.length > 0 || this.pending.size > 0 || !this.drawn; }
 
   // Draw what is queued.
   async flush() {
-    this.flushedAt = performance.now();
     if (!this.drawn) {
       const traces = this.newTraces;
       this.newTraces = [];
@@ -195,7 +198,13 @@ Chart.observer = new IntersectionObserver((entries) => {
   let shown = false;
   for (const e of entries) {
     const c = e.target.__chart;
-    if (c) { shown = shown || (e.isIntersecting && !c.visible); c.visible = e.isIntersecting; }
+    if (!c) continue;
+    shown = shown || (e.isIntersecting && !c.visible);
+    if (c.visible && !e.isIntersecting) {  // left the view: its undrawn records are not "drawn in view"
+      for (const r of c.waiting) r.gone = true;
+      c.waiting = [];
+    }
+    c.visible = e.isIntersecting;
   }
   if (shown) Chart.onVisible();
 });

@@ -206,3 +206,46 @@ def test_live_record_from_a_sender_appears_in_the_chart(page, tmp_path):
         finally:
             sender.close()
     assert page.problems == []
+
+
+def test_a_chart_out_of_view_waits_for_the_view_then_catches_up(browser, tmp_path):
+    """Live, a chart out of view is not redrawn (a chart in view would wait behind it); its new
+    points wait, thinned 2:1 past 600, and it catches up as soon as it scrolls into view."""
+    from client_hooks.sender import Sender
+
+    ctx = browser.new_context(viewport={"width": 1400, "height": 600})  # the loss chart in view
+    page = ctx.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    with collector_process(str(tmp_path)) as info:
+        sender = Sender(info["zmq"], "live-run", batch=64)
+        try:
+            send = lambda step: (sender.send("metrics", "loss", {"value": 1.0 / (step + 1)}, step=step),  # noqa: E731
+                                 sender.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1}, step=step))
+            for step in range(5):
+                send(step)
+            sender.flush()
+            page.goto(f"{info['http']}#run=live-run")
+            chart_has(page, "chart-metrics", 4)
+            chart_has(page, "chart-grad-norm", 4)  # drawn once, out of view
+            assert not page.evaluate("document.getElementById('chart-grad-norm').__chart.visible")
+            page.wait_for_selector("#runs .dot.live")
+            time.sleep(0.3)
+            for step in range(5, 1405):
+                send(step)
+            sender.flush()
+            chart_has(page, "chart-metrics", 1404)
+            time.sleep(2.5)  # longer than the 2 s after which the page redrew such a chart before
+            last = "(() => { const x = document.getElementById('chart-grad-norm').data[0].x; return x.at(-1); })()"
+            assert page.evaluate(last) == 4  # not redrawn out of view
+            page.evaluate("document.getElementById('chart-grad-norm').scrollIntoView()")
+            chart_has(page, "chart-grad-norm", 1404)
+            xs = page.evaluate("Array.from(document.getElementById('chart-grad-norm').data[0].x)")
+            # the whole history at a lower resolution: first and last step, points all through
+            assert xs[0] == 0 and xs[-1] == 1404 and len(xs) <= 300 + 1 and xs == sorted(xs)
+            assert max(b - a for a, b in zip(xs, xs[1:])) < 40
+            page.goto("about:blank")
+        finally:
+            sender.close()
+    ctx.close()
+    assert problems == []
