@@ -129,13 +129,14 @@ function onLive(msg) {
 // Draw what arrived, once per animation frame at most; a chart out of view only once, then
 // when it scrolls into view (Chart.due). One chart at a time, charts in view first, with a
 // turn of the event loop between two: live messages that come meanwhile are taken in at once,
-// and a chart drawn early in a round does not wait for the others to show. A record whose
-// chart leaves the view before it is drawn is left out of the figure. The latency figure (window.__tt.latency) is per record that went to
-// a visible chart: from its wire time t to the end of the redraw of the last of its visible
-// charts that drew it.
-// A plotly redraw costs about the same for 1 or 500 new points, so redraws are spaced: at
-// least MIN_FRAME_MS apart, and the page spends at most about half its time drawing (a busy
-// main thread would leave server-sent events queued, which is worse for latency).
+// and a chart drawn early in a round does not wait for the others to show. The latency figure
+// (window.__tt.latency) is per record that went to a visible chart: from its wire time t to
+// the end of the redraw of the last of its visible charts that drew it. A record whose chart
+// leaves the view before it is drawn is left out of the figure.
+// A plotly redraw costs about the same for 1 or 500 new points, so rounds are spaced: one
+// starts at least MIN_FRAME_MS, and at least the last round's length, after the last one
+// started (so a round longer than MIN_FRAME_MS is followed by the next at once; the turns
+// between its charts keep server-sent events from queueing behind it).
 const MIN_FRAME_MS = 30;
 
 function requestDraw() {
