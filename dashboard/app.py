@@ -25,7 +25,7 @@ from dashboard.security import Guard
 
 STATIC = Path(__file__).parent / "static"
 RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # collector.wire.RUN_ID_PATTERN
-SSE_INTERVAL_S = 0.025  # how often a live stream looks for new records (latency floor)
+SSE_INTERVAL_S = 0.010  # how often a live stream looks for new records (latency floor)
 SSE_HEARTBEAT_S = 1.0  # a quiet stream still writes this often, so a gone client is noticed
 SSE_MAX_S = 600.0  # then the stream ends; EventSource reconnects with Last-Event-ID
 
