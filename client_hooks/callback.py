@@ -73,17 +73,17 @@ class TapCallback(Callback):
         from client_hooks import hooks as _hooks
         from client_hooks.engine import Engine
 
-        # a module path that is not there: a one-line ValueError before anything is opened
+        # the model first (no hook registered yet): a module path that is not there is a
+        # one-line ValueError before any socket or thread is opened
         model = _hooks.submodule(pl_module, self._watch, "watch") if self._watch else pl_module
-        _hooks.activation_targets(model, self._opts.activations, self._opts.all_leaves)
-        _hooks.gradient_layers(model, self._opts.gradients, self._opts.all_leaves)
+        engine = Engine(None, self._opts)
+        engine.watch(model, param_hooks=False)
         run = self._run or os.environ.get("TENSORTAP_RUN")
         try:
-            sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
+            engine.sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
         except Exception as e:
             return self._give_up(e)
-        self._engine = Engine(sender, self._opts)
-        self._engine.watch(model, param_hooks=False)
+        self._engine = engine
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._engine is not None:
