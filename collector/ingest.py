@@ -108,6 +108,7 @@ class Ingest:
         self.last_handoff = time.monotonic()
         self.frames = self.records = self.written = self.rejected = self.write_failed = 0
         self.rejected_by_reason: Counter = Counter()
+        self.rejected_no_run = 0  # of `rejected`: frames naming no usable run (the root's _rejected.jsonl)
         self.fsync_ms_last = self.fsync_ms_max = 0.0
         self.degraded: Optional[str] = None
         self.started = time.time()
@@ -232,6 +233,7 @@ class Ingest:
             pass
         if run is None or not valid_run_id(run):
             run = None
+            self.rejected_no_run += 1
         else:
             self.open_run(run)
         self.queue.put(("reject", run, rejected_line(reason, frame)), 512, self.stop)

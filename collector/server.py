@@ -24,6 +24,7 @@ DIAGNOSE_S = 5.0
 # Live diagnosis re-reads a run's files: only for runs up to this size (the demo's are
 # ~1 MB); larger ones get a note and `tensortap report RUN_DIR` on demand.
 DIAGNOSE_MAX_BYTES = 32 << 20
+SUMMARY_RUNS = 20  # runs the stop summary lists one by one
 
 
 TOO_LARGE = {"rule": "not_diagnosed", "severity": "low", "evidence": {"max_bytes": DIAGNOSE_MAX_BYTES},
@@ -235,6 +236,43 @@ class Collector:
             if "tensortap-http" in threads:
                 threads["tensortap-http"].join(5)
 
+    def summary(self, max_runs: int = SUMMARY_RUNS) -> list[str]:
+        """What this collector took in, a line per run (after shutdown): written, lost
+        (sequence gaps, records the sender dropped, failed writes), duplicates, rejected
+        frames, findings. Runs with loss or findings first, then the newest."""
+        ing = self.ingest
+        if ing is None:
+            return []
+        started = time.time() - ing.started
+        out = os.path.abspath(self.cfg.out)
+        runs = []
+        for run, rf in list(ing.runs.items()):
+            m = rf.manifest()["totals"]
+            lost = {"gap": m.get("gaps", 0), "dropped by the sender": m.get("dropped_by_sender", 0),
+                    "failed write": m.get("write_failed", 0)}
+            findings = [f for f in (self.index.run(run).findings or []) if f.get("rule") != TOO_LARGE["rule"]]
+            runs.append((run, m.get("written", 0), lost, m.get("duplicates", 0), rf.rejected, findings))
+        runs.sort(key=lambda r: (not (sum(r[2].values()) or r[5]), -ing.runs[r[0]].created))
+        lines = [f"tensortap collector: stopped after {_duration(started)}; {_n(len(runs), 'run')} under {out}"]
+        width = max((len(r[0]) for r in runs[:max_runs]), default=0)
+        for run, written, lost, dups, rejected, findings in runs[:max_runs]:
+            n = sum(lost.values())
+            parts = [_n(written, "record") + " written",
+                     f"{n} lost ({', '.join(_lost(v, k) for k, v in lost.items() if v)})" if n else "none lost"]
+            if dups:
+                parts.append(_n(dups, "duplicate"))
+            if rejected:
+                parts.append(_n(rejected, "frame") + " rejected")
+            parts.append(_n(len(findings), "finding"))
+            tail = f"  -> tensortap report {os.path.join(out, run)}" if findings else ""
+            lines.append(f"  {run:<{width}}  " + ", ".join(parts) + tail)
+        if len(runs) > max_runs:
+            lines.append(f"  ... and {len(runs) - max_runs} more (each run's manifest.json has its counts)")
+        if ing.rejected_no_run:
+            lines.append(f"  {_n(ing.rejected_no_run, 'frame')} rejected that named no usable run: "
+                         f"{os.path.join(out, '_rejected.jsonl')}")
+        return lines
+
     def serve_forever(self) -> None:
         """Block until SIGINT/SIGTERM, then shut down in order."""
         def _on_signal(signum, _frame):
@@ -248,3 +286,24 @@ class Collector:
             self.shutdown()
             for s, h in old.items():
                 signal.signal(s, h)
+        if not self.cfg.quiet and self.ingest is not None:
+            try:
+                print("\n".join(self.summary()), file=sys.stderr, flush=True)
+            except Exception as e:  # a summary must not turn a clean stop into a failure
+                print(f"tensortap collector: stopped (no summary: {e!r})", file=sys.stderr)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _lost(count: int, what: str) -> str:
+    return f"{count} {what}" if what.startswith("dropped") else _n(count, what)
+
+
+def _duration(seconds: float) -> str:
+    """1.2 s, 3m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"

@@ -23,14 +23,15 @@ class CollectorProc:
     """`python -m collector collect` in a subprocess; waits for its ready file."""
 
     def __init__(self, out: str, zmq_port: int | None = None, http: bool = False,
-                 extra: list[str] | None = None, env: dict | None = None) -> None:
+                 extra: list[str] | None = None, env: dict | None = None, quiet: bool = True) -> None:
         self.out = out
         self.zmq_port = zmq_port or free_port()
         self.ready = os.path.join(out, f".ready-{self.zmq_port}-{time.monotonic_ns()}")
         os.makedirs(out, exist_ok=True)
         http_arg = "127.0.0.1:0" if http else "off"
         cmd = [sys.executable, "-m", "collector", "collect", "--zmq", f"tcp://127.0.0.1:{self.zmq_port}",
-               "--http", http_arg, "--out", out, "--ready-file", self.ready, "--quiet", *(extra or [])]
+               "--http", http_arg, "--out", out, "--ready-file", self.ready, *(["--quiet"] if quiet else []),
+               *(extra or [])]
         # output to a file, not a pipe: a pipe nobody reads can fill and stall the collector
         self.log = tempfile.NamedTemporaryFile(prefix="tensortap-collector-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},

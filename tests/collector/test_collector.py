@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +113,43 @@ def test_bad_frames_are_quarantined_and_the_collector_keeps_serving(tmp_path):
     # frames naming a usable run are quarantined in its folder; the rest (no run, a bad run
     # id, too large to look inside) at the root
     assert manifest(out / "r1")["rejected"] == 2 == len(read_jsonl(out / "r1" / "rejected.jsonl"))
+
+
+def test_a_stopped_collector_says_what_each_run_got_and_lost(tmp_path):
+    """Ctrl-C on `tensortap collect`: a line per run with what was written and lost, runs with
+    loss or findings first; frames that named no run are counted apart. Quiet: nothing."""
+    col = CollectorProc(str(tmp_path), quiet=False)
+    try:
+        sock = push_socket(col.endpoint)
+        for seq in [0, 1, 2, 5, 6, 6, 7]:  # 3 and 4 never come; the second 6 is a duplicate
+            sock.send(rec(seq, run="lossy"))
+        sock.send(rec(8, run="lossy", data={"value": None}))  # a NaN loss: a finding
+        sock.send(b'{"v":1,"run":"lossy","rank":"zero"}')  # rejected, in lossy's folder
+        sock.send(b"\x00garbage")  # rejected, names no run
+        for seq in range(3):
+            sock.send(rec(seq, run="clean"))
+        sock.close()
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "clean" / "metrics.jsonl")) == 3
+                        and len(read_jsonl(tmp_path / "lossy" / "metrics.jsonl")) == 7
+                        and len(read_jsonl(tmp_path / "_rejected.jsonl")) == 1)
+    finally:
+        assert col.stop(signal.SIGINT) == 0
+    lines = col.output().strip().splitlines()
+    stop = next(i for i, line in enumerate(lines) if "stopped after" in line)
+    assert lines[stop].endswith(f"2 runs under {tmp_path}"), lines[stop]
+    lossy, clean, root = lines[stop + 1:stop + 4]
+    assert lossy.split()[0] == "lossy" and clean.split()[0] == "clean"
+    assert ("7 records written, 2 lost (2 gaps), 1 duplicate, 1 frame rejected, 1 finding"
+            f"  -> tensortap report {tmp_path / 'lossy'}") in lossy, lossy
+    assert clean.endswith("3 records written, none lost, 0 findings"), clean
+    assert root.strip() == f"1 frame rejected that named no usable run: {tmp_path / '_rejected.jsonl'}"
+    assert len(lines) == stop + 4
+
+    quiet = CollectorProc(str(tmp_path / "q"))
+    push_socket(quiet.endpoint).send(rec(0, run="x"))
+    assert wait_for(lambda: len(read_jsonl(tmp_path / "q" / "x" / "metrics.jsonl")) == 1)
+    assert quiet.stop(signal.SIGINT) == 0
+    assert "stopped" not in quiet.output()
 
 
 def test_a_killed_collector_restarts_and_the_sender_resumes_with_exact_gap_counts(tmp_path):
