@@ -61,6 +61,10 @@ def check_out(out: str) -> str:
     return out
 
 
+# the demo's faults (examples.grid_lines.models.INJECTS; the collector does not import torch)
+DEMO_INJECTS = ("spectral-init", "loss-units", "amp-gain", "raw-input", "frozen-generator")
+
+
 def _env(name: str, default):
     return os.environ.get("TENSORTAP_COLLECT_" + name.upper(), default)
 
@@ -71,32 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="receive records over ZeroMQ, write JSONL, serve the dashboard")
     c.add_argument("--zmq", default=_env("zmq", "tcp://127.0.0.1:5557"), help="PULL endpoint to bind (default %(default)s)")
     c.add_argument("--http", default=_env("http", "127.0.0.1:8050"), help="dashboard HOST:PORT, or 'off' (default %(default)s)")
-    c.add_argument("--out", default=_env("out", os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")), help="artifact root")
+    c.add_argument("--out", default=_env("out", os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")), help="artifact root, a folder per run (default %(default)s)")
     c.add_argument("--token", default=_env("token", None), help="bearer token for the web view (required off loopback)")
     c.add_argument("--curve-secret", default=_env("curve_secret", None), help="server key file from `tensortap keys` (required off loopback)")
     c.add_argument("--allow-keys", default=_env("allow_keys", None), help="file of allowed client public keys, one per line")
-    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)), help="largest frame in bytes")
-    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)), help="bound of the write queue")
+    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)), help="largest frame in bytes; larger ones are rejected (default %(default)s)")
+    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)), help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="print nothing: no start line, no summary at stop")
     s = sub.add_parser("serve", help="serve the dashboard over stored runs (no ingest)")
-    s.add_argument("root")
-    s.add_argument("--http", default="127.0.0.1:8050")
-    s.add_argument("--token", default=None)
+    s.add_argument("root", help="artifact root (a folder of runs) or one run's folder")
+    s.add_argument("--http", default="127.0.0.1:8050", help="dashboard HOST:PORT (default %(default)s)")
+    s.add_argument("--token", default=None, help="bearer token for the web view (required off loopback)")
     s.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     r = sub.add_parser("replay", help="re-send a stored run into a live collector")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="a stored run's folder")
     r.add_argument("--to", required=True, help="collector endpoint, e.g. tcp://127.0.0.1:5557")
     r.add_argument("--speed", type=float, default=1.0, help="pacing factor (2 = twice as fast)")
     r.add_argument("--max", action="store_true", help="as fast as possible")
     r.add_argument("--run", default=None, help="run id of the copy (default: a new one)")
     rep = sub.add_parser("report", help="print the diagnosis of a stored run")
-    rep.add_argument("run_dir")
-    rep.add_argument("--json", action="store_true")
+    rep.add_argument("run_dir", help="a stored run's folder")
+    rep.add_argument("--json", action="store_true", help="print the findings as JSON")
     d = sub.add_parser("demo", help="run the grid-lines FNO demo with telemetry on")
-    d.add_argument("--architectures", default="fno")
-    d.add_argument("--inject", default=None)
-    d.add_argument("--output-dir", default="outputs/debug_fno_loss")
+    d.add_argument("--architectures", default="fno", help="comma-separated, of fno and hybrid (U-FNO); "
+                   "default %(default)s")
+    d.add_argument("--inject", default=None, choices=DEMO_INJECTS, metavar="FAULT",
+                   help="train with a fault for the diagnosis to find: " + ", ".join(DEMO_INJECTS))
+    d.add_argument("--output-dir", default="outputs/debug_fno_loss", help="where the demo writes its "
+                   "metrics.json (default %(default)s); the telemetry goes under TENSORTAP_OUT")
     k = sub.add_parser("keys", help="make a CURVE key pair for a remote endpoint")
     k.add_argument("prefix", help="writes PREFIX.key (secret) and PREFIX.pub (public)")
     return p

@@ -98,6 +98,19 @@ def test_bad_command_line_values_give_one_line_errors(capsys):
         assert err.startswith("compare: error:") and err.count("\n") == 1, err
 
 
+
+def test_tensortap_demo_offers_exactly_the_demos_faults(capsys):
+    """`tensortap demo --inject` lists the faults without importing torch into the CLI."""
+    from collector.cli import DEMO_INJECTS, main
+
+    assert DEMO_INJECTS == INJECTS
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--inject", "nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("tensortap demo: error: argument --inject") and all(f in err for f in INJECTS), err
+
+
 # -- the demo with real telemetry ------------------------------------------------------------
 CONFIGS = ["none", *INJECTS]
 DEMO = ["--N", "64", "--gridsize", "1", "--architectures", "fno", "--torch-epochs", "1",
