@@ -142,6 +142,8 @@ turned into one RuntimeWarning per kind and never raised.
         """metrics: name -> {"value"}; a tensor is read on the sender thread."""
         e = self._engine
         if e is not None:
+            if e.step is None:
+                _no_step_yet(e)
             e.metrics({name: value}, e.step if step is None else step, e.epoch if epoch is None else epoch)
 
     def log_loss(self, loss, step: Optional[int] = None, epoch: Optional[int] = None) -> None:
@@ -193,6 +195,8 @@ turned into one RuntimeWarning per kind and never raised.
         """Finish the step, remove every hook, wait (bounded) until the records are sent."""
         if self._eng is None:
             return
+        if self._eng.step is None:
+            _no_step_yet(self._eng)
         self._end()
         self._engine.close()
         self.sender.flush(timeout)
@@ -202,6 +206,19 @@ turned into one RuntimeWarning per kind and never raised.
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+NO_STEP = ("tensortap: a model is watched but no training step has begun, so only metrics are "
+           "recorded (no gradient, activation or batch): call tap.log_batch(batch) at the start of "
+           "every training step (tap.log_batch(None) when there is no batch to log)")
+
+
+def _no_step_yet(engine) -> None:
+    """Watched, yet no log_batch: say once why no gradient or activation comes."""
+    if engine._model is not None:
+        from client_hooks.engine import say_once
+
+        say_once("no step", NO_STEP)
 
 
 def _presence(loader) -> dict:

@@ -301,6 +301,37 @@ def test_telemetry_errors_warn_once_and_never_reach_the_training_loop(pull, monk
     assert hook_counts(model) == 0
 
 
+@pytest.mark.parametrize("steps_begun", [False, True])
+def test_a_loop_that_never_begins_a_step_is_told_why_no_gradient_comes(pull, monkeypatch, steps_begun):
+    """watch + log_loss without log_batch: only the loss can be recorded; one warning says
+    what to call. With log_batch(None) the steps begin and the gradients come."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap() as tap:
+            tap.watch(model, optimizer=opt)
+            for _ in range(3):
+                if steps_begun:
+                    tap.log_batch(None)
+                loss = model(torch.randn(2, 4)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                tap.log_loss(loss)
+    said = [str(x.message) for x in w if "no training step has begun" in str(x.message)]
+    assert pull.wait_for(lambda r: len([x for x in r if x["name"] == "loss"]) == 3)
+    if steps_begun:
+        assert said == []
+        assert pull.wait_for(lambda r: {x["name"] for x in r if x["kind"] == "gradients"} >= {"0", "2"})
+    else:
+        assert len(said) == 1 and "tap.log_batch(batch)" in said[0]
+        assert pull.find("gradients") == [] and pull.find("activations") == []
+
+
 def test_a_transformer_block_from_torch_nn_works_unchanged(pull):
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
