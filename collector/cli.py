@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 
+from collector.text import plural
+
 
 class UsageError(Exception):
     """Bad command-line input; the message is the one line the user sees."""
@@ -73,14 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensortap", description="tensortap: live tensor telemetry for PyTorch training")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="receive records over ZeroMQ, write JSONL, serve the dashboard")
-    c.add_argument("--zmq", default=_env("zmq", "tcp://127.0.0.1:5557"), help="PULL endpoint to bind (default %(default)s)")
-    c.add_argument("--http", default=_env("http", "127.0.0.1:8050"), help="dashboard HOST:PORT, or 'off' (default %(default)s)")
-    c.add_argument("--out", default=_env("out", os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")), help="artifact root, a folder per run (default %(default)s)")
-    c.add_argument("--token", default=_env("token", None), help="bearer token for the web view (required off loopback)")
-    c.add_argument("--curve-secret", default=_env("curve_secret", None), help="server key file from `tensortap keys` (required off loopback)")
-    c.add_argument("--allow-keys", default=_env("allow_keys", None), help="file of allowed client public keys, one per line")
-    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)), help="largest frame in bytes; larger ones are rejected (default %(default)s)")
-    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)), help="bytes waiting to be written at most (default %(default)s)")
+    c.add_argument("--zmq", default=_env("zmq", "tcp://127.0.0.1:5557"),
+                   help="PULL endpoint to bind (default %(default)s)")
+    c.add_argument("--http", default=_env("http", "127.0.0.1:8050"),
+                   help="dashboard HOST:PORT, or 'off' (default %(default)s)")
+    c.add_argument("--out", default=_env("out", os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")),
+                   help="artifact root, a folder per run (default %(default)s)")
+    c.add_argument("--token", default=_env("token", None),
+                   help="bearer token for the web view (required off loopback)")
+    c.add_argument("--curve-secret", default=_env("curve_secret", None),
+                   help="server key file from `tensortap keys` (required off loopback)")
+    c.add_argument("--allow-keys", default=_env("allow_keys", None),
+                   help="file of allowed client public keys, one per line")
+    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)),
+                   help="largest frame in bytes; larger ones are rejected (default %(default)s)")
+    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)),
+                   help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     c.add_argument("--quiet", action="store_true", help="print nothing: no start line, no summary at stop")
     s = sub.add_parser("serve", help="serve the dashboard over stored runs (no ingest)")
@@ -116,7 +126,8 @@ def cmd_collect(a) -> int:
     http = None if a.http == "off" else check_http(a.http)
     zhost = a.zmq.split("://", 1)[1].rsplit(":", 1)[0] if a.zmq.startswith("tcp://") else "127.0.0.1"
     if not is_loopback(zhost) and not (a.curve_secret and a.allow_keys):
-        raise UsageError(f"--zmq {a.zmq} is not loopback: it needs --curve-secret and --allow-keys (see `tensortap keys`)")
+        raise UsageError(f"--zmq {a.zmq} is not loopback: it needs --curve-secret and --allow-keys "
+                         "(see `tensortap keys`)")
     if http and not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
     if a.max_frame < 1024:
@@ -182,7 +193,7 @@ def check_run_folder(path: str) -> None:
     runs = sorted(((e.stat().st_mtime, e.name) for e in os.scandir(path) if is_run_dir(e.path)), reverse=True)
     if runs:
         newest = ", ".join(name for _, name in runs[:3])
-        raise UsageError(f"{path!r} is a folder of {len(runs)} run(s), not a run: pass one of them "
+        raise UsageError(f"{path!r} is a folder of {plural(len(runs), 'run')}, not a run: pass one of them "
                          f"(newest first: {newest})")
     raise UsageError(f"{path!r} holds no tensortap run (no manifest.json or *.jsonl stream files)")
 

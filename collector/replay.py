@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 from collector.load import LoadStats, run_records
+from collector.text import plural
 from collector.wire import valid_run_id
 
 LIFECYCLE = frozenset({"hello", "bye", "drops"})  # events a Sender sends by itself
@@ -109,6 +110,6 @@ def replay_main(args) -> int:
         return 2
     pacing = "as fast as possible" if args.max else f"at {args.speed:g}x"
     print(f"tensortap replay: {res['records']} records of {res['source']} -> run {res['run']} at "
-          f"{args.to}, {pacing}, {res['ranks']} rank(s), {res['seconds']:.2f} s, "
+          f"{args.to}, {pacing}, {plural(res['ranks'], 'rank')}, {res['seconds']:.2f} s, "
           f"{res['dropped']} dropped, {res['skipped_lines']} unreadable lines skipped")
     return 1 if res["dropped"] else 0

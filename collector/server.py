@@ -19,6 +19,7 @@ from typing import Optional
 
 from collector.index import Index
 from collector.ingest import RCVHWM, Ingest
+from collector.text import plural
 
 DIAGNOSE_S = 5.0
 # Live diagnosis re-reads a run's files: only for runs up to this size (the demo's are
@@ -253,23 +254,23 @@ class Collector:
             findings = [f for f in (self.index.run(run).findings or []) if f.get("rule") != TOO_LARGE["rule"]]
             runs.append((run, m.get("written", 0), lost, m.get("duplicates", 0), rf.rejected, findings))
         runs.sort(key=lambda r: (not (sum(r[2].values()) or r[5]), -ing.runs[r[0]].created))
-        lines = [f"tensortap collector: stopped after {_duration(started)}; {_n(len(runs), 'run')} under {out}"]
+        lines = [f"tensortap collector: stopped after {_duration(started)}; {plural(len(runs), 'run')} under {out}"]
         width = max((len(r[0]) for r in runs[:max_runs]), default=0)
         for run, written, lost, dups, rejected, findings in runs[:max_runs]:
             n = sum(lost.values())
-            parts = [_n(written, "record") + " written",
+            parts = [plural(written, "record") + " written",
                      f"{n} lost ({', '.join(_lost(v, k) for k, v in lost.items() if v)})" if n else "none lost"]
             if dups:
-                parts.append(_n(dups, "duplicate"))
+                parts.append(plural(dups, "duplicate"))
             if rejected:
-                parts.append(_n(rejected, "frame") + " rejected")
-            parts.append(_n(len(findings), "finding"))
+                parts.append(plural(rejected, "frame") + " rejected")
+            parts.append(plural(len(findings), "finding"))
             tail = f"  -> tensortap report {os.path.join(out, run)}" if findings else ""
             lines.append(f"  {run:<{width}}  " + ", ".join(parts) + tail)
         if len(runs) > max_runs:
             lines.append(f"  ... and {len(runs) - max_runs} more (each run's manifest.json has its counts)")
         if ing.rejected_no_run:
-            lines.append(f"  {_n(ing.rejected_no_run, 'frame')} rejected that named no usable run: "
+            lines.append(f"  {plural(ing.rejected_no_run, 'frame')} rejected that named no usable run: "
                          f"{os.path.join(out, '_rejected.jsonl')}")
         return lines
 
@@ -293,12 +294,8 @@ class Collector:
                 print(f"tensortap collector: stopped (no summary: {e!r})", file=sys.stderr)
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _lost(count: int, what: str) -> str:
-    return f"{count} {what}" if what.startswith("dropped") else _n(count, what)
+    return f"{count} {what}" if what.startswith("dropped") else plural(count, what)
 
 
 def _duration(seconds: float) -> str:

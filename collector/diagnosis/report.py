@@ -6,6 +6,7 @@ import os
 import sys
 
 from collector.diagnosis import diagnose, load_run, write_findings
+from collector.text import plural
 
 
 def _evidence_line(ev: dict, width: int = 160) -> str:
@@ -30,7 +31,7 @@ def report_main(args) -> int:
     if not findings:
         print(f"{name}: no findings")
         return 0
-    print(f"{name}: {len(findings)} finding(s)")
+    print(f"{name}: {plural(len(findings), 'finding')}")
     for f in findings:
         print(f"[{f['severity'].upper()}] {f['rule']}: {f['hint']}")
         print(f"    evidence: {_evidence_line(f['evidence'])}")

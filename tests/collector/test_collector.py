@@ -249,7 +249,7 @@ def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothin
         (root / name / "metrics.jsonl").write_text("")
     os.utime(root / "old-run", (1, 1))
     empty.mkdir()
-    of_runs = "is a folder of 2 run(s), not a run: pass one of them (newest first: new-run, old-run)"
+    of_runs = "is a folder of 2 runs, not a run: pass one of them (newest first: new-run, old-run)"
     for folder, says in ((root, of_runs),
                          (empty, "holds no tensortap run")):
         for args in (["report", str(folder)], ["replay", str(folder), "--to", "tcp://127.0.0.1:1"]):
