@@ -128,6 +128,10 @@ class Engine:
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
+        # AMP: () -> the loss scale the gradients carry at the end of backward (a tensor), or
+        # None (Tap.watch(scaler=)); its float64 copy of this capture step in _scale
+        self.loss_scale = None
+        self._scale: Any = None
         self._covers_all = False
         # grouped launch of the forward's tensors (CUDA with Triton, see the module docstring)
         self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
@@ -199,7 +203,13 @@ class Engine:
         return self.batch_in_epoch < o.first_n or bool(o.every_n_steps) and nxt % o.every_n_steps == 0
 
     def _reset_grads(self) -> None:
-        self._grad_vecs, self._wnorms, self._before, self._total = {}, [], [], None
+        self._grad_vecs, self._wnorms, self._before, self._total, self._scale = {}, [], [], None, None
+
+    def _read_scale(self) -> Any:
+        """A float64 copy of the loss scale the gradients carry now (AMP's GradScaler: it
+        changes in place at its update), or None."""
+        s = self.loss_scale() if self.loss_scale is not None else None
+        return None if s is None else s.detach().reshape(1).to(torch.float64, copy=True)
 
     @guarded("gradients")
     def grads_ready(self) -> None:
@@ -230,6 +240,7 @@ class Engine:
             with torch.no_grad():  # the parameters themselves: no detached copies to make
                 self._wnorms = list(torch._foreach_norm(self._wparams))
                 self._before = self._snapshot(self._wparams)
+        self._scale = self._read_scale()
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
         all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
@@ -297,10 +308,14 @@ class Engine:
             self.capturing = True  # backward end was not seen (unused params): read grads now
             self.grads_ready()
             self.capturing = False
+            self._scale = None  # after the optimizer step: a GradScaler has unscaled them
         if self._grad_vecs:
             self._add_gradients()
         if self._total is not None:
-            self.capture.add("gradients", "_total", self._total.to(torch.float64), ["norm"], 64)
+            total = self._total.to(torch.float64)
+            if self._scale is not None:  # one record, so divided here (the layers': by the collector)
+                total = total / self._scale
+            self.capture.add("gradients", "_total", total, ["norm"], 64)
         self._reset_grads()
         self.launch_deferred()
         self.capture.flush(self.sender)
@@ -330,22 +345,23 @@ class Engine:
         if pn.device != dev:
             pn = pn.to(dev)
         npar = len(self._wparams)
-        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys))
+        scale = self._scale
+        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys), scale is not None)
         specs = self._grad_specs.get(dk)
         if specs is None:
             if len(self._grad_specs) > 16:
                 self._grad_specs.clear()
-            specs = self._grad_specs[dk] = self._make_grad_specs(keys, dk[1])
+            specs = self._grad_specs[dk] = self._make_grad_specs(keys, dk[1], dk[2])
         add_many = self.capture.add_many
         for j0, j1, a, b, names, spec in specs:  # layers j0..j1 of keys, parameters a..b
-            add_many("gradients", names, (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b),
-                                          Span(pn, npar + a, npar + b)), spec, 500)
+            vec = (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b), Span(pn, npar + a, npar + b))
+            add_many("gradients", names, vec if scale is None else vec + (Span(scale, 0, 1),), spec, 500)
 
-    def _make_grad_specs(self, keys: list, counts: tuple) -> list:
+    def _make_grad_specs(self, keys: list, counts: tuple, scaled: bool) -> list:
         """The packed entries of the gradient records (collector.packed "grads"): one for up
         to GRAD_LAYERS_PER_ENTRY layers, with the total norm in it when that is all of them,
         else in an entry of its own. (j0, j1, a, b, names, spec) each: layers j0..j1 of keys,
-        their parameters a..b of the watched ones."""
+        their parameters a..b of the watched ones. scaled: the loss scale is their last value."""
         out, n, per = [], len(keys), GRAD_LAYERS_PER_ENTRY
         for j0 in range(0, n, per):
             ks, j1 = keys[j0:j0 + per], min(n, j0 + per)
@@ -353,10 +369,10 @@ class Engine:
             total = self._covers_all and n <= per
             names = tuple(self._layers[i][0] for i in ks) + (("_total",) if total else ())
             spec = ["grads", list(counts[j0:j1]), [[x - a, y - a] for x, y in (self._wrange[i] for i in ks)],
-                    b - a, total]
+                    b - a, total] + ([True] if scaled else [])
             out.append((j0, j1, a, b, names, spec))
         if self._covers_all and n > per:
-            out.append((0, n, 0, 0, ("_total",), ["total"]))
+            out.append((0, n, 0, 0, ("_total",), ["total"] + ([True] if scaled else [])))
         return out
 
     # -- values ----------------------------------------------------------------------------

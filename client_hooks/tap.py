@@ -40,6 +40,8 @@ Streams (kind: name -> data; every record carries step and epoch):
   w_before is read when backward ends, w_after at the end of the capture step (the
   optimizer's step post-hook when `watch(..., optimizer=)` is given, otherwise the next
   log_batch, step_end() or close()). Complex gradients count as (re, im) pairs of reals.
+  With `watch(..., scaler=)` (AMP) mean, std, norm, max_abs and the total norm are those of
+  the unscaled gradients, and each record carries the "loss_scale" it was divided by.
 - metrics: "loss" (or the name given) -> {"value"}, every step.
 - patch_metrics: see patch_metrics().
 - events: "epoch_start"/"epoch_end" -> {"epoch"}.
@@ -93,12 +95,16 @@ turned into one RuntimeWarning per kind and never raised.
         return self._eng
 
     # -- set-up ---------------------------------------------------------------------------
-    def watch(self, model, optimizer=None):
+    def watch(self, model, optimizer=None, scaler=None):
         """Choose the modules and layers to measure (no hook is registered now); returns model.
-        A module path of `activations` or `gradients` that the model lacks is a ValueError."""
+        A module path of `activations` or `gradients` that the model lacks is a ValueError.
+        scaler: AMP's GradScaler, when backward runs on a scaled loss: the gradients are read
+        when backward ends, still scaled, and their statistics are divided by the scale."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
             self._optimizer = optimizer
+            if scaler is not None:
+                self._engine.loss_scale = _scale_reader(scaler)
         return model
 
     def log_loaders(self, train=None, val=None, **others) -> None:
@@ -219,6 +225,17 @@ def _no_step_yet(engine) -> None:
         from client_hooks.engine import say_once
 
         say_once("no step", NO_STEP)
+
+
+def _scale_reader(scaler):
+    """() -> the GradScaler's current scale (a tensor on its device, not read to the host), or
+    None while it is disabled or has not scaled a loss yet."""
+    import torch
+
+    def read():
+        s = getattr(scaler, "_scale", None)
+        return s if scaler.is_enabled() and isinstance(s, torch.Tensor) else None
+    return read
 
 
 def _presence(loader) -> dict:

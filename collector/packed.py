@@ -16,12 +16,15 @@ An entry's values are the concatenation of its [lo, hi) spans. Its spec, by its 
   extra fields (an object or null); values [nan, inf, nfinite, min, max, mean, std], or for a
   complex tensor nan, inf, nfinite then (min, max, mean, std) of real, imag, abs and angle;
   none for an empty tensor. One name.
-- ["grads", counts, ranges, nparams, total]: one record per layer: the layers' rows (10
-  values each: nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs), then the weight
-  norm of each of the nparams watched parameters, then each one's update norm; a layer's
-  parameters are [a, b) of `ranges`, its element count in `counts`. With total, one more
-  record: the norm of all gradients from the rows. One name per record.
-- ["total"]: {"norm": ...} of all gradients from layers' rows (10 values each). One name.
+- ["grads", counts, ranges, nparams, total(, scaled)]: one record per layer: the layers' rows
+  (10 values each: nan, inf, nfinite, min, max, mean, std, nzero, norm, max_abs), then the
+  weight norm of each of the nparams watched parameters, then each one's update norm; a
+  layer's parameters are [a, b) of `ranges`, its element count in `counts`. With total, one
+  more record: the norm of all gradients from the rows. With scaled (true), one more value
+  last: the loss scale the gradients carried (AMP's GradScaler); min, max, mean, std, norm
+  and max_abs are divided by it, and each record says it as "loss_scale". One name per record.
+- ["total"(, scaled)]: {"norm": ...} of all gradients from layers' rows (10 values each),
+  with scaled the loss scale last, as above. One name.
 - ["norm"]: {"norm": value}. One name.
 - ["value"]: {"value": value} (a metric such as the loss, read with the capture). One name.
 
@@ -101,18 +104,41 @@ def total_norm(rows: list) -> float:
     return math.sqrt(sum(v[8] * v[8] for v in rows))
 
 
-def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool) -> list[dict]:
-    """The "grads" spec's records (see the module docstring)."""
+_SCALED = (3, 4, 5, 6, 8, 9)  # the values of a gradient row that scale with the loss scale
+
+
+def unscaled_rows(rows: list, scale: Optional[float]) -> list:
+    """Gradient rows with the values that scale with the gradients divided by `scale` (AMP's
+    loss scale; rows as they are when it is None, or not a positive finite number)."""
+    if scale is None or not (0 < scale < math.inf):
+        return rows
+    out = []
+    for r in rows:
+        r = list(r)
+        for i in _SCALED:
+            r[i] = r[i] / scale
+        out.append(r)
+    return out
+
+
+def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool,
+                   scale: Optional[float] = None) -> list[dict]:
+    """The "grads" spec's records (see the module docstring); scale: the loss scale the
+    gradients carried, or None."""
     nl = len(counts)
+    rows = unscaled_rows([v[j:j + 10] for j in range(0, 10 * nl, 10)], scale)
     wn_all, dn_all = v[10 * nl:10 * nl + npar], v[10 * nl + npar:10 * nl + 2 * npar]
     out = []
-    for j, (count, (a, b)) in enumerate(zip(counts, ranges)):
+    for row, count, (a, b) in zip(rows, counts, ranges):
         wn = math.sqrt(sum(x * x for x in wn_all[a:b]))
         dn = math.sqrt(sum(x * x for x in dn_all[a:b]))
         ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-        out.append(grad_stats_dict(v[10 * j:10 * j + 10] + [wn], count, ratio if ratio == ratio else None))
+        out.append(grad_stats_dict(row + [wn], count, ratio if ratio == ratio else None))
     if total:
-        out.append({"norm": total_norm([v[j:j + 10] for j in range(0, 10 * nl, 10)])})
+        out.append({"norm": total_norm(rows)})
+    if scale is not None:
+        for d in out:
+            d["loss_scale"] = scale
     return out
 
 
@@ -150,18 +176,25 @@ def _payloads(e: Entry, v: list) -> list[dict]:
         d = tensor_stats_dict(v, spec[1], spec[2], spec[3])
         return [{**d, **spec[4]} if spec[4] else d]
     if how == "grads":
-        _check(len(spec) == 5 and isinstance(spec[1], list) and isinstance(spec[2], list)
-               and len(spec[1]) == len(spec[2]) and type(spec[3]) is int and isinstance(spec[4], bool),
-               "grads spec must be [\"grads\", counts, ranges, nparams, total]")
+        _check(len(spec) in (5, 6) and isinstance(spec[1], list) and isinstance(spec[2], list)
+               and len(spec[1]) == len(spec[2]) and type(spec[3]) is int and isinstance(spec[4], bool)
+               and (len(spec) == 5 or isinstance(spec[5], bool)),
+               "grads spec must be [\"grads\", counts, ranges, nparams, total(, scaled)]")
         counts, ranges, npar = spec[1], spec[2], spec[3]
+        scaled = len(spec) == 6 and spec[5]
         _check(all(type(c) is int and c >= 0 for c in counts), "grads counts must be integers >= 0")
         _check(all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
                    and 0 <= r[0] <= r[1] <= npar for r in ranges), "grads ranges must lie within nparams")
-        _check(len(v) == 10 * len(counts) + 2 * npar, f"grads values: {len(v)}")
-        return grads_payloads(v, counts, ranges, npar, spec[4])
+        _check(len(v) == 10 * len(counts) + 2 * npar + scaled, f"grads values: {len(v)}")
+        return grads_payloads(v, counts, ranges, npar, spec[4], v[-1] if scaled else None)
     if how == "total":
-        _check(len(spec) == 1 and len(v) % 10 == 0, "total spec takes whole rows")
-        return [{"norm": total_norm([v[j:j + 10] for j in range(0, len(v), 10)])}]
+        _check(len(spec) in (1, 2) and (len(spec) == 1 or isinstance(spec[1], bool)),
+               "total spec must be [\"total\"(, scaled)]")
+        scaled = len(spec) == 2 and spec[1]
+        _check((len(v) - scaled) % 10 == 0, "total spec takes whole rows")
+        rows = [v[j:j + 10] for j in range(0, len(v) - scaled, 10)]
+        d = {"norm": total_norm(unscaled_rows(rows, v[-1] if scaled else None))}
+        return [{**d, "loss_scale": v[-1]} if scaled else d]
     if how == "norm":
         _check(len(spec) == 1 and len(v) == 1, "norm spec takes one value")
         return [{"norm": v[0]}]

@@ -264,6 +264,43 @@ def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull
         assert (g is None and not math.isfinite(t)) or g == t or (math.isnan(t) and g != g), (g, t)
 
 
+@pytest.mark.parametrize("gradients", ["all", ["0"]])  # the total from the rows, or of its own
+def test_gradients_under_a_grad_scaler_are_the_unscaled_ones(pull, gradients):
+    """AMP: backward on a scaled loss; the records equal the gradients after unscale_, over two
+    steps whose scale differs (the scaler's update changes its scale in place after the step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_factor=4.0, growth_interval=1)
+    want = []
+    with Tap(every_n_steps=1, gradients=gradients) as tap:
+        tap.watch(model, optimizer=opt, scaler=scaler)
+        for step in range(2):
+            x, y = torch.randn(8, 5), torch.randn(8, 2)
+            tap.log_batch({"x": x}, epoch=0)
+            scaler.scale((model(x) - y).pow(2).mean()).backward()
+            scale = scaler.get_scale()
+            scaler.unscale_(opt)
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+            first = model[0]
+            g = np.concatenate([first.weight.grad.numpy().ravel(), first.bias.grad.numpy().ravel()])
+            want.append((scale, g.astype(np.float64), total))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert want[1][0] == 4 * want[0][0]  # the second step's gradients carry another scale
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 2)
+    for (scale, g, total), rec, tot in zip(want, pull.find("gradients", "0"), pull.find("gradients", "_total")):
+        d = rec["data"]
+        assert d["loss_scale"] == scale
+        assert d["mean"] == pytest.approx(g.mean(), rel=1e-5, abs=1e-8)
+        assert d["std"] == pytest.approx(g.std(), rel=1e-5)
+        assert d["norm"] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+        assert d["max_abs"] == pytest.approx(np.abs(g).max(), rel=1e-6)
+        assert d["zero_frac"] == pytest.approx(np.mean(g == 0))
+        assert tot["data"]["norm"] == pytest.approx(total, rel=1e-5)
+
+
 def test_record_names_and_pairs_and_cadence_every_n_steps(pull):
     model = nn.Linear(4, 4)
     with Tap(first_n=0, every_n_steps=2, pairs={"obj": "real_imag"}) as tap:

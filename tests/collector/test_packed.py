@@ -69,6 +69,24 @@ def test_a_packed_record_expands_into_the_records_it_stands_for_with_consecutive
     assert d["loss"] == {"value": 7.5}
 
 
+def test_scaled_gradient_rows_are_divided_by_their_loss_scale():
+    """AMP: the rows carry the loss scale (last value); everything that scales with the
+    gradients is divided by it, counts and weights are not, and each record says the scale."""
+    n = len(ROWS) + 6
+    entries = [["gradients", ["0", "2", "_total"], [[0, n + 1]], ["grads", [8, 3], [[0, 2], [2, 3]], 3, True, True]],
+               ["gradients", ["_all"], [[0, 20], [n, n + 1]], ["total", True]]]
+    recs, _ = decode(frame(packed_data(entries, ROWS + WN + DN + [4.0])))
+    d = {r.name: r.data for r in recs}
+    row = ROWS[:10]
+    for i in (3, 4, 5, 6, 8, 9):  # min, max, mean, std, norm, max_abs
+        row[i] /= 4.0
+    assert d["0"] == {**grad_stats_dict(row + [5.0], 8, pytest.approx(0.05 / 5.0)), "loss_scale": 4.0}
+    assert d["0"]["norm"] == 0.75 and d["0"]["zero_frac"] == 1 / 8
+    assert d["_total"] == d["_all"] == {"norm": pytest.approx(math.sqrt(0.75 ** 2 + 0.5 ** 2)), "loss_scale": 4.0}
+    with pytest.raises(WireError):  # scaled, but no value for the scale
+        decode(frame(packed_data(entries[:1], ROWS + WN + DN)))
+
+
 def test_a_packed_kind_written_with_json_escapes_is_expanded_too():
     f = frame(packed_data()).replace(b'"kind":"packed"', b'"kind":"p\\u0061cked"')
     assert b'"packed"' not in f
