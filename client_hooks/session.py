@@ -75,7 +75,7 @@ def start_embedded(out: str, timeout: float = 30.0) -> tuple[str, Optional[str]]
         os.close(fd)
         os.unlink(ready)
         cmd = [sys.executable, "-m", "collector", "collect", "--zmq", "tcp://127.0.0.1:0",
-               "--http", "127.0.0.1:0", "--out", out, "--ready-file", ready, "--quiet"]
+               "--http", "127.0.0.1:0", "--out", out, "--ready-file", ready, "--embedded"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not os.path.exists(ready):

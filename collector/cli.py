@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     c.add_argument("--quiet", action="store_true", help="print nothing: no start line, no summary at stop")
+    # started by a training process (client_hooks.session), which prints the URL itself
+    c.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     s = sub.add_parser("serve", help="serve the dashboard over stored runs (no ingest)")
     s.add_argument("root", help="artifact root (a folder of runs) or one run's folder")
     s.add_argument("--http", default="127.0.0.1:8050", help="dashboard HOST:PORT (default %(default)s)")
@@ -135,7 +137,7 @@ def cmd_collect(a) -> int:
     check_out(a.out)
     cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
                  allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
-                 ready_file=a.ready_file, quiet=a.quiet)
+                 ready_file=a.ready_file, quiet=a.quiet, banner=not a.embedded)
     col = Collector(cfg)
     try:
         col.start()

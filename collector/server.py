@@ -50,7 +50,8 @@ class Config:
     max_frame: int = 1 << 20
     queue_bytes: int = 64 << 20
     ready_file: Optional[str] = None
-    quiet: bool = False
+    quiet: bool = False  # no start line, no summary at stop
+    banner: bool = True  # the start line (an embedded collector's process prints its own)
 
 
 class Collector:
@@ -144,7 +145,7 @@ class Collector:
                 json.dump({"zmq": self.zmq_endpoint, "http": self.http_url, "pid": os.getpid(),
                            "out": os.path.abspath(self.cfg.out)}, f)
             os.replace(tmp, self.cfg.ready_file)
-        if not self.cfg.quiet:
+        if not self.cfg.quiet and self.cfg.banner:
             parts = [f"zmq {self.zmq_endpoint}" if self.zmq_endpoint else "no ingest",
                      f"dashboard {self.http_url}" if self.http_url else "no web view",
                      f"out {os.path.abspath(self.cfg.out)}"]

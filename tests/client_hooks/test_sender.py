@@ -128,6 +128,11 @@ print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 100
     m = manifest(run_dir)["ranks"]["0"]
     assert m["closed"] and m["gaps"] == 0 and m["written"] == 102
+    # at exit the collector says what it got: the run, nothing lost, and (a rising loss) a
+    # finding, with the command that prints it
+    tail = r.stderr.strip().splitlines()[-2:]
+    assert tail[0].startswith("tensortap collector: stopped after") and tail[0].endswith(f"1 run under {tmp_path}")
+    assert tail[1] == f"  {run}  102 records written, none lost, 1 finding  -> tensortap report {run_dir}", tail
     # the collector subprocess is gone: its port is free again
     ctx = zmq.Context.instance()
     probe = ctx.socket(zmq.PULL)
