@@ -7,11 +7,13 @@
 2. time for the page to show a run of 50 layers x 5,000 steps (every chart drawn), from
    navigation start, cold (first visit) and warm (plotly.min.js in the HTTP cache) in a
    context without a profile on disk; then in a browser with one, as a user's browser is,
-   where Chromium also keeps the script's compiled code. Goal < 2 s.
+   where Chromium also keeps the script's compiled code. Goal < 2 s. Also when the run's head
+   (manifest, counts) shows, before the charts.
 3. API series query on that run: one (kind, name, stat) of 5,000 points. Goal < 50 ms.
 
     .venv/bin/python bench/dashboard.py [--seconds 10] [--rate 10000] [--layers 20]
     .venv/bin/python bench/dashboard.py --live-only [--tree PATH]   # figure 1 only
+    .venv/bin/python bench/dashboard.py --load-only [--tree PATH]   # figures 2 and 3 only
 
 --tree PATH measures another checkout's collector and page (e.g. a `git archive` of an earlier
 commit) with this script: run it alternately with and without to compare two trees.
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 TREE = os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]) if "--tree" in sys.argv[:-1] else \
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,16 +124,23 @@ DONE = ("([n]) => { const ids = ['chart-metrics', 'chart-grad-mean', 'chart-grad
 VIEWPORT = {"width": 1400, "height": 1000}
 
 
-def _loads(ctx, url: str, layers: int, n: int) -> list[float]:
-    """ms of n full navigations to the big run, each in a new page of `ctx`."""
+HEAD_MARK = "() => performance.getEntriesByName('tensortap:head')[0]?.startTime ?? null"
+
+
+def _loads(ctx, url: str, layers: int, n: int, heads: Optional[list] = None) -> list[float]:
+    """ms of n full navigations to the big run, each in a new page of `ctx`; heads: gets, for
+    each, when the run's head (manifest, counts) was shown, in ms from navigation start (the
+    page's performance mark)."""
     times = []
     for _ in range(n):
         page = ctx.new_page()
         page.goto("about:blank")
         t0 = time.perf_counter()
-        page.goto(f"{url}/#run=big")
+        page.goto(f"{url}/#run=big", wait_until="commit")
         page.wait_for_function(DONE, arg=[layers], polling=10, timeout=60_000)
         times.append((time.perf_counter() - t0) * 1000)
+        if heads is not None:
+            heads.append(page.evaluate(HEAD_MARK))
         page.goto("about:blank")
         page.close()
     return times
@@ -153,7 +163,8 @@ def profile_loads(p, url: str, layers: int, repeats: int) -> list[float]:
 
 def page_load(browser, url: str, layers: int, repeats: int) -> dict:
     ctx = browser.new_context(viewport=VIEWPORT)
-    times = _loads(ctx, url, layers, repeats)
+    heads: list = []
+    times = _loads(ctx, url, layers, repeats, heads)
     # switching to the run in a page that is already open (plotly.min.js already compiled)
     page = ctx.new_page()
     page.goto(f"{url}/#run=small")
@@ -171,7 +182,7 @@ def page_load(browser, url: str, layers: int, repeats: int) -> dict:
     page.goto("about:blank")
     ctx.close()
     return {"cold": times[0], "warm": statistics.median(times[1:]) if len(times) > 1 else None,
-            "all": times, "switch": statistics.median(switch), "switch_all": switch}
+            "all": times, "switch": statistics.median(switch), "switch_all": switch, "heads": heads}
 
 
 def api_query(url: str, n: int = 100) -> dict:
@@ -203,6 +214,7 @@ def main() -> None:
     ap.add_argument("--big-steps", type=int, default=5_000)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--live-only", action="store_true", help="figure 1 only (the latency)")
+    ap.add_argument("--load-only", action="store_true", help="figures 2 and 3 only (page load, API)")
     ap.add_argument("--tree", default=TREE, help="checkout whose collector and page are measured")
     a = ap.parse_args()
     from playwright.sync_api import sync_playwright
@@ -210,7 +222,7 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
         # 1000 px: the loss chart and the three gradient charts in view; 600 px: the loss only
-        lives = [live_latency(browser, a.seconds, a.rate, a.layers, h) for h in (1000, 600)]
+        lives = [] if a.load_only else [live_latency(browser, a.seconds, a.rate, a.layers, h) for h in (1000, 600)]
         if a.live_only:
             browser.close()
             print(f"tree {TREE}; load average at end {os.getloadavg()[0]:.2f}")
@@ -235,6 +247,10 @@ def main() -> None:
           f"{load['switch']:.0f} ms (all: {', '.join(f'{x:.0f}' for x in load['switch_all'])}); "
           f"in a browser with a profile on disk (compiled code kept), after two loads: median "
           f"{statistics.median(profiled[2:]):.0f} ms (all: {', '.join(f'{x:.0f}' for x in profiled)})")
+    heads = [h for h in load["heads"] if h is not None]
+    if heads:  # a page from before the mark has none
+        print(f"   the run's head (manifest, counts) shown, ms from navigation start: "
+              f"{', '.join(f'{h:.0f}' for h in heads)}")
     for label, r in api.items():
         print(f"\n3. API {label}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['bytes']} bytes")
 

@@ -85,15 +85,18 @@ const NEED = {
   activations: [(st) => actStats(st), 600],
 };
 
-async function loadSeries(run, prefix, gen) {
+// onAsked: called once the series have been asked for (their answers come meanwhile)
+async function loadSeries(run, prefix, gen, onAsked = () => {}) {
   const streams = await api(`/api/runs/${enc(run)}/streams`);
   const kinds = Object.keys(NEED).filter(k => (streams[k] || []).length);
-  const results = await Promise.all(kinds.map(kind => {
+  const asked = kinds.map(kind => {
     const [need, points] = NEED[kind];
     const stats = [...new Set(streams[kind].flatMap(s => need(s.stats)).filter(Boolean))];
     const q = stats.map(s => "stat=" + enc(s)).join("&");
     return stats.length ? api(`/api/runs/${enc(run)}/kind/${kind}?${q}&points=${points}`) : null;
-  }));
+  });
+  onAsked();
+  const results = await Promise.all(asked);
   if (gen !== S.gen) return null;
   let cursor = Infinity;
   kinds.forEach((kind, k) => {
@@ -325,22 +328,31 @@ async function openRun() {
   $("empty").hidden = true;
   $("run").hidden = false;
   $("run-title").textContent = run;
-  const summary = await api(`/api/runs/${enc(run)}`);
-  const manifest = await api(`/api/runs/${enc(run)}/manifest`);
+  // Every request at once: the series, the findings and tables, the run's head. plotly.min.js
+  // (charts.js) runs once the series have been asked for and the head and the findings are
+  // shown: a second on a first visit, while the server answers.
+  let asked;
+  const series = loadSeries(run, "", gen, () => asked());
+  series.catch(() => {});  // (awaited below; not an unhandled rejection meanwhile)
+  const shown = [new Promise(r => { asked = r; }), loadFindings(run, gen).catch(showError)];
+  loadTables(run, gen).catch(showError);
+  const head = Promise.all([api(`/api/runs/${enc(run)}`), api(`/api/runs/${enc(run)}/manifest`)]);
+  shown.push(head.catch(() => {}).then(() => new Promise(r => setTimeout(r, 0))));  // (after it is drawn below)
+  Promise.all(shown).then(loadPlotly).catch(showError);
+  const [summary, manifest] = await head;
   if (gen !== S.gen) return;
   setLive(summary.live);
   const ranks = summary.ranks.length === 1 ? `rank ${summary.ranks[0]}` : `ranks ${summary.ranks.join(", ")}`;
   $("run-meta").textContent = `${summary.records} records · ${ranks}` +
     (cmp ? ` · overlaid (dotted): ${cmp}` : "");
   $("manifest").replaceChildren(...kvTable(manifest));
+  if (!performance.getEntriesByName("tensortap:head").length) performance.mark("tensortap:head");  // bench
   $("loss-log").checked = false;
   refreshRuns().catch(showError);
-  const cursor = await loadSeries(run, "", gen);
+  const cursor = await series;
   if (cmp && gen === S.gen) await loadSeries(cmp, "cmp", gen).catch(showError);
   if (gen !== S.gen) return;
   requestDraw();
-  loadFindings(run, gen).catch(showError);
-  loadTables(run, gen).catch(showError);
   const es = S.es = new EventSource(`/api/runs/${enc(run)}/live?cursor=${cursor}`);
   es.onmessage = (ev) => { if (gen === S.gen) onLive(JSON.parse(ev.data)); };
 }

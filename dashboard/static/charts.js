@@ -81,6 +81,22 @@ const LIVE_CAP = 300;
 // loss after the first epoch) shows nothing. Past it (a live loss growing) the markers go.
 const SPARSE_MAX = 30;
 
+// plotly.min.js (4.8 MB) takes about a second to compile and run in a browser that has not
+// kept its compiled code. It is preloaded (index.html) and run once the page has asked for
+// the run's data (app.js), so that the server answers meanwhile and the run's tables and
+// findings show first; every plotly call waits for it.
+let plotlyLoad = null;
+function loadPlotly() {
+  if (!plotlyLoad) plotlyLoad = window.Plotly ? Promise.resolve() : new Promise((ok, fail) => {
+    const s = document.createElement("script");
+    s.src = "/static/plotly.min.js";
+    s.onload = () => ok();
+    s.onerror = () => { plotlyLoad = null; fail(new Error("plotly.min.js did not load")); };
+    document.head.append(s);
+  });
+  return plotlyLoad;
+}
+
 // A plotly chart whose traces are keyed by a string. New traces and new points are queued
 // and drawn together by flush(): one plotly call per chart per frame, not one per record.
 class Chart {
@@ -143,6 +159,7 @@ class Chart {
 
   // Draw what is queued.
   async flush() {
+    if (!window.Plotly) await loadPlotly();
     if (!this.drawn) {
       const traces = this.newTraces;
       this.newTraces = [];
@@ -191,7 +208,7 @@ class Chart {
     this.layout.yaxis = {...this.layout.yaxis, type: on ? "log" : "linear"};
   }
 
-  purge() { Chart.observer.unobserve(this.div); Plotly.purge(this.div); }
+  purge() { Chart.observer.unobserve(this.div); if (this.drawn) Plotly.purge(this.div); }
 }
 Chart.onVisible = () => {};
 Chart.observer = new IntersectionObserver((entries) => {

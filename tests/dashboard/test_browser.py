@@ -87,6 +87,39 @@ def test_page_shows_a_run_and_a_new_finding_appears(page):
     assert page.problems == []
 
 
+def test_the_runs_head_findings_and_tables_show_before_plotly_has_run(page):
+    """plotly.min.js takes about a second to compile on a first visit; the page asks for the
+    run's data first and shows what needs no chart meanwhile. Here the script is held back
+    until the test lets it go: the head, findings and tables are there without it, then the
+    charts come."""
+    index = Index(health=lambda: {"status": "ok"})
+    fill_run(index, "r", steps=30)
+    held, released = [], []  # the script's requests, answered once the test says so
+
+    def hold(route):
+        if released:
+            route.continue_()
+        else:
+            held.append(route)
+
+    with serve(create_app(index)) as url:
+        page.route("**/static/plotly.min.js", hold)
+        page.goto(f"{url}/#run=r", wait_until="commit")
+        page.wait_for_selector("#findings .finding")
+        page.wait_for_function("() => document.getElementById('manifest').innerText.includes('received')")
+        page.wait_for_function("() => document.getElementById('loader').innerText.includes('images')")
+        assert "records" in page.inner_text("#run-meta") and "loss barely moves" in page.inner_text("#findings")
+        assert held and page.evaluate("typeof window.Plotly") == "undefined"
+        assert page.evaluate("document.getElementById('chart-metrics').data") is None  # no chart yet
+        released.append(True)
+        for route in held:
+            route.continue_()
+        chart_has(page, "chart-metrics", 29)
+        chart_has(page, "chart-grad-norm", 29)
+        leave(page)
+    assert page.problems == []
+
+
 def test_long_evidence_stays_folded_and_times_read_as_dates(page):
     """A finding's evidence (here 300 steps per layer) is one line until opened, so the charts
     stay in the first screen; opened, each list is on one line. Unix times of the manifest and
