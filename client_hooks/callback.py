@@ -34,7 +34,9 @@ class TapCallback(Callback):
     log_batches: whether capture steps log the batch's fields. Raises ValueError at once for
     invalid options. Rank 0 resolves the run and the collector in __init__ (starting the
     embedded collector when TENSORTAP_ENDPOINT is unset) so that DDP ranks started later
-    inherit both through the environment; with torchrun, set TENSORTAP_ENDPOINT yourself.
+    inherit both through the environment. Under torchrun (ranks started together) the other
+    ranks of node 0 take them from rank 0's announcement (client_hooks.session); across
+    nodes, set TENSORTAP_ENDPOINT to a collector every node reaches.
     From inside the LightningModule: `callback.record(name, tensor, pair=None)`.
     """
 

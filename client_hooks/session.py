@@ -10,10 +10,15 @@
 
 Resolving writes the run id and endpoint back into os.environ so that processes started
 later (DDP ranks launched by Lightning, dataloader workers) join the same run and collector.
+Ranks started together (torchrun: each has MASTER_ADDR/PORT, RANK and WORLD_SIZE) cannot
+inherit them: with no endpoint set, rank 0 starts the embedded collector and announces it
+in a file of this host's temporary folder named after the job's MASTER_ADDR:MASTER_PORT; the
+other ranks of node 0 wait for it (at most JOIN_WAIT_S) and take its endpoint and run id.
 """
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import secrets
@@ -27,6 +32,7 @@ from typing import Optional
 
 DEFAULT_GATE = "TENSORTAP"
 DEFAULT_OUT = ".artifacts/debug_fno_loss"
+JOIN_WAIT_S = 60.0  # a rank > 0 waits this long at most for rank 0's embedded collector
 
 
 def enabled(gate: str = DEFAULT_GATE) -> bool:
@@ -51,18 +57,114 @@ _embedded: Optional[subprocess.Popen] = None
 _senders: dict = {}
 
 
-def resolve(run: Optional[str] = None) -> Session:
-    """Effective run id, endpoint and artifact root; starts the embedded collector if needed."""
+def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Optional[int] = None) -> Session:
+    """Effective run id, endpoint and artifact root; starts the embedded collector if needed
+    (rank 0 of a job of several processes announces it; the others join it: module docstring).
+    rank, world: this process's; None reads RANK and WORLD_SIZE."""
     out = os.environ.setdefault("TENSORTAP_OUT", DEFAULT_OUT)
-    run = run or os.environ.get("TENSORTAP_RUN") or new_run_id()
-    os.environ.setdefault("TENSORTAP_RUN", run)
     endpoint = os.environ.get("TENSORTAP_ENDPOINT")
     dashboard = os.environ.get("TENSORTAP_DASHBOARD")
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world = _env_int("WORLD_SIZE", 1) if world is None else world
+    job = job_key() if world > 1 and not endpoint else None
+    if job is not None and rank != 0:
+        info = join_job(job)
+        endpoint, dashboard = info["endpoint"], info.get("dashboard")
+        run = run or os.environ.get("TENSORTAP_RUN") or info["run"]
+        os.environ["TENSORTAP_ENDPOINT"] = endpoint
+        os.environ["TENSORTAP_DASHBOARD"] = dashboard or ""
+    run = run or os.environ.get("TENSORTAP_RUN") or new_run_id()
+    os.environ.setdefault("TENSORTAP_RUN", run)
     if not endpoint:
         endpoint, dashboard = start_embedded(out)
         os.environ["TENSORTAP_ENDPOINT"] = endpoint
         os.environ["TENSORTAP_DASHBOARD"] = dashboard or ""
+        if job is not None:
+            announce_job(job, endpoint, dashboard, run)
     return Session(run=run, endpoint=endpoint, out=out, dashboard=dashboard)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def job_key() -> Optional[str]:
+    """What every process of one distributed job shares (None outside one): the rendezvous
+    address that torchrun and Lightning give each of them. A later job may reuse it, so an
+    announcement counts only while the process that wrote it is alive."""
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        return None
+    return f"{os.environ.get('MASTER_ADDR', '')}:{port}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+
+
+def job_file(job: str) -> str:
+    digest = hashlib.sha256(job.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"tensortap-job-{os.getuid()}-{digest}.json")
+
+
+_announced: Optional[str] = None  # the job file this process wrote (removed at exit)
+
+
+def announce_job(job: str, endpoint: str, dashboard: Optional[str], run: str) -> None:
+    """Rank 0: say where the embedded collector is, for the job's other ranks."""
+    global _announced
+    path = job_file(job)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"job": job, "pid": os.getpid(), "endpoint": endpoint, "dashboard": dashboard,
+                   "run": run}, f)
+    os.replace(tmp, path)
+    _announced = path
+
+
+def _read_job(path: str, job: str) -> Optional[dict]:
+    """The announcement at `path` if it is this job's and its writer still runs, else None."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        if info.get("job") != job or not isinstance(info.get("endpoint"), str) or not info.get("run"):
+            return None
+        pid = int(info["pid"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a finished job's (the same address, used again)
+    except PermissionError:
+        pass  # alive, another user's
+    return info
+
+
+def join_job(job: str, wait_s: Optional[float] = None) -> dict:
+    """A rank > 0: rank 0's announcement (waits for it, bounded). RuntimeError (one line)
+    when this rank is on another node, or none comes in time."""
+    node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK")  # torchrun's, Lightning's
+    local, global_ = os.environ.get("LOCAL_RANK"), os.environ.get("RANK")
+    if node is not None:
+        other_node = node != "0"
+    else:  # node 0 holds ranks 0..n-1: there a rank's global and local numbers agree
+        other_node = local is not None and global_ is not None and local != global_
+    if other_node:
+        raise RuntimeError("tensortap: this rank runs on another node than rank 0, whose embedded "
+                           "collector listens on loopback only: set TENSORTAP_ENDPOINT to a "
+                           "`tensortap collect` that every node reaches")
+    wait_s = JOIN_WAIT_S if wait_s is None else wait_s
+    path, deadline = job_file(job), time.monotonic() + wait_s
+    while True:
+        info = _read_job(path, job)
+        if info is not None:
+            return info
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tensortap: rank 0 announced no embedded collector within {wait_s:.0f} s "
+                               f"({path}); set TENSORTAP_ENDPOINT to a running `tensortap collect`")
+        time.sleep(0.05)
 
 
 def start_embedded(out: str, timeout: float = 30.0) -> tuple[str, Optional[str]]:
@@ -94,15 +196,23 @@ def start_embedded(out: str, timeout: float = 30.0) -> tuple[str, Optional[str]]
         return info["zmq"], info.get("http")
 
 
-def stop_embedded(timeout: float = 5.0) -> None:
+def stop_embedded(timeout: float = 12.0) -> None:
     """Close our senders (bye), then ask the embedded collector to drain and exit."""
-    global _embedded
+    global _embedded, _announced
     for s in list(_senders.values()):
         s.close()
+    if _announced is not None:
+        try:
+            os.unlink(_announced)
+        except OSError:
+            pass
+        _announced = None
     proc, _embedded = _embedded, None
     if proc is None or proc.poll() is not None:
         return
-    proc.terminate()  # SIGTERM: stop accepting, drain, flush, fsync, exit
+    # SIGTERM: wait (at most 5 s) for the byes of ranks still sending (DDP ranks > 0 may end
+    # after this one), stop accepting, drain, flush, fsync, exit
+    proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -113,7 +223,7 @@ def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, **kw):
     """The process-wide sender for a run (one per process, so (run, rank, seq) is unique)."""
     from client_hooks.sender import Sender
 
-    session = resolve(run)
+    session = resolve(run, rank, world)
     kw = {**curve_options(), **kw}
     key = (session.run, session.endpoint, rank)
     with _lock:

@@ -52,6 +52,9 @@ class Config:
     ready_file: Optional[str] = None
     quiet: bool = False  # no start line, no summary at stop
     banner: bool = True  # the start line (an embedded collector's process prints its own)
+    # asked to stop, wait this long at most for every rank seen to close (its bye): an embedded
+    # collector stops when rank 0's process exits, and the other ranks may still be sending
+    close_wait_s: float = 0.0
 
 
 class Collector:
@@ -66,6 +69,7 @@ class Collector:
         self._changed: set[str] = set()
         self._diagnosed: dict[str, tuple[float, float]] = {}  # run -> (last start, seconds)
         self._http_server = None
+        self._hurry = False  # a second stop signal: no more waiting for open ranks
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +242,18 @@ class Collector:
             if "tensortap-http" in threads:
                 threads["tensortap-http"].join(5)
 
+    def _await_open_ranks(self) -> None:
+        """cfg.close_wait_s: until every (run, rank) that said hello has said bye, at most that
+        long (or until a second signal), still taking records in."""
+        ing = self.ingest
+        if ing is None or self.cfg.close_wait_s <= 0:
+            return
+        deadline = time.monotonic() + self.cfg.close_wait_s
+        while not self._hurry and time.monotonic() < deadline and any(
+                st.hello is not None and not st.closed
+                for rf in list(ing.runs.values()) for st in list(rf.ranks.values())):
+            time.sleep(0.05)
+
     def summary(self, max_runs: int = SUMMARY_RUNS) -> list[str]:
         """What this collector took in, a line per run (after shutdown): written, lost
         (sequence gaps, records the sender dropped, failed writes), duplicates, rejected
@@ -277,13 +293,18 @@ class Collector:
 
     def serve_forever(self) -> None:
         """Block until SIGINT/SIGTERM, then shut down in order."""
+        asked = threading.Event()
+
         def _on_signal(signum, _frame):
-            self.stop.set()
+            if asked.is_set():  # a second signal: no more waiting
+                self._hurry = True
+            asked.set()
 
         old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self.stop.wait(0.2):
+            while not asked.wait(0.2) and not self.stop.is_set():
                 pass
+            self._await_open_ranks()
         finally:
             self.shutdown()
             for s, h in old.items():

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.procs import free_port
+
 APP = os.path.join(os.path.dirname(__file__), "lightning_app.py")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -72,3 +74,35 @@ def test_a_fit_fills_one_run_folder_from_every_rank_without_gaps(collector, ddp)
         # every seq below next_seq is in a JSONL file, except patch_metrics.json's overwritten ones
         n_patch = 8 // len(ranks)
         assert len(seqs) == m["received"] - n_patch, (len(seqs), m)
+
+
+TAP_APP = os.path.join(os.path.dirname(__file__), "tap_ddp_app.py")
+
+
+@pytest.mark.parametrize("front", ["tap", "lightning"])
+def test_torchrun_ranks_with_no_endpoint_share_rank_0s_embedded_collector(tmp_path, front):
+    """torchrun starts the ranks together, so none inherits the endpoint another chose: rank 0
+    announces its embedded collector, the other waits for it and takes its run id. One
+    collector, one run; rank 0's process exits first (Tap) and its collector waits for rank
+    1's last records and bye."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTAP")}
+    env.update(TENSORTAP="1", TENSORTAP_OUT=str(tmp_path), PYTHONPATH=ROOT)
+    app = [TAP_APP] if front == "tap" else [APP, "--epochs", "2", "--ddp"]
+    port = str(free_port())  # (port 0 would reach the ranks as such, and they would not meet)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *app]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("dashboard at http://127.0.0.1:") == 1, res.stderr[-3000:]  # one collector
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert sorted(manifest["ranks"]) == ["0", "1"]
+    for rank, m in manifest["ranks"].items():
+        assert m["closed"] and (m["gaps"], m["duplicates"], m["dropped_by_sender"]) == (0, 0, 0), (rank, m)
+        assert m["received"] == m["next_seq"] == m["sent_by_sender"] + 1, (rank, m)
+    metrics = read_jsonl(runs[0] / "metrics.jsonl")
+    if front == "tap":
+        assert [(r["rank"], r["name"]) for r in metrics if r["name"] == "late"] == [(1, "late")]
+        assert sorted(line.split()[1] for line in res.stdout.splitlines() if line.startswith("RANK")) == ["0", "1"]
+    assert not list(tmp_path.parent.glob("tensortap-job-*"))
+

@@ -1,11 +1,13 @@
 """The sender: never blocks, drops newest and counts, reconnects, bounded close."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 import zmq
 
 from client_hooks.sender import Sender
@@ -138,6 +140,46 @@ print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
     probe = ctx.socket(zmq.PULL)
     probe.bind(endpoint)
     probe.close()
+
+
+def test_a_rank_joins_only_a_live_announcement_of_its_own_job(tmp_path, monkeypatch):
+    """The job file of rank 0's embedded collector: one written by a process that has ended (an
+    earlier job on the same address) or for another job is not taken, and the wait ends in one
+    clear error; a rank on another node is told at once that loopback cannot reach it."""
+    from client_hooks import session
+
+    monkeypatch.setattr(session.tempfile, "gettempdir", lambda: str(tmp_path))
+    for k in ("GROUP_RANK", "NODE_RANK", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    job = session.job_key()
+    path = session.job_file(job)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        info = {"job": job, "endpoint": "tcp://127.0.0.1:1", "dashboard": None, "run": "r0"}
+        for stale in ({**info, "pid": int(gone.stdout)}, {**info, "pid": live.pid, "job": "other:1:"}):
+            with open(path, "w") as f:
+                json.dump(stale, f)
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeError, match="rank 0 announced no embedded collector within 1 s"):
+                session.join_job(job, wait_s=1.0)
+            assert time.monotonic() - t0 < 3
+        with open(path, "w") as f:
+            json.dump({**info, "pid": live.pid}, f)
+        assert session.join_job(job, wait_s=1.0)["endpoint"] == "tcp://127.0.0.1:1"
+        monkeypatch.setenv("GROUP_RANK", "1")
+        with pytest.raises(RuntimeError, match="another node than rank 0"):
+            session.join_job(job, wait_s=30.0)  # at once
+        monkeypatch.delenv("GROUP_RANK")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("RANK", "4")
+        with pytest.raises(RuntimeError, match="another node than rank 0"):
+            session.join_job(job, wait_s=30.0)
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_the_sender_sleeps_between_rounds_and_wakes_early_for_a_burst_or_a_flush(monkeypatch):
