@@ -80,6 +80,7 @@ class TapCallback(Callback):
         model = _hooks.submodule(pl_module, self._watch, "watch") if self._watch else pl_module
         engine = Engine(None, self._opts)
         engine.watch(model, param_hooks=False)
+        engine.optimizer_watched = True  # on_before_optimizer_step says when it steps
         run = self._run or os.environ.get("TENSORTAP_RUN")
         try:
             engine.sender = session.open_sender(run, rank=trainer.global_rank, world=trainer.world_size)
@@ -144,6 +145,7 @@ class TapCallback(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._engine is not None:
+            self._engine.optimizer_stepping()
             self._engine.grads_ready()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

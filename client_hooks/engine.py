@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -132,6 +133,10 @@ class Engine:
         # None (Tap.watch(scaler=)); its float64 copy of this capture step in _scale
         self.loss_scale = None
         self._scale: Any = None
+        # the front door knows when the optimizer steps (Tap given one, Lightning): a capture
+        # step in which it did not (gradient accumulation) has no update ratio to report
+        self.optimizer_watched = False
+        self._stepped = False
         self._covers_all = False
         # grouped launch of the forward's tensors (CUDA with Triton, see the module docstring)
         self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
@@ -187,6 +192,7 @@ class Engine:
         self.batch_in_epoch += 1
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)
+            self._stepped = False
             self._reset_grads()
             if self._hooks is not None:
                 if not self._hooks.attached:
@@ -201,6 +207,10 @@ class Engine:
         o = self.opts
         nxt = (self.step or 0) + 1
         return self.batch_in_epoch < o.first_n or bool(o.every_n_steps) and nxt % o.every_n_steps == 0
+
+    def optimizer_stepping(self) -> None:
+        """The optimizer steps (or has stepped) in this step: its capture's update ratios are real."""
+        self._stepped = True
 
     def _reset_grads(self) -> None:
         self._grad_vecs, self._wnorms, self._before, self._total, self._scale = {}, [], [], None, None
@@ -327,8 +337,6 @@ class Engine:
         update norm (one stacked vector). The collector sums those into each layer's norms
         and update ratio, and the rows into the total norm when the layers hold every
         trainable parameter: no small tensor ops, and no per-layer bookkeeping, here."""
-        with torch.no_grad():
-            torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
         keys = sorted(self._grad_vecs)
         vecs = [self._grad_vecs[i][0] for i in keys]
         if isinstance(vecs[0], Span):  # rows of the fused batch on device `src`
@@ -337,11 +345,18 @@ class Engine:
         else:
             src, r0 = _rows(vecs).reshape(-1), 0
             dev = src.device
-        norms = self._wnorms + list(torch._foreach_norm(self._before))
+        if self.optimizer_watched and not self._stepped:
+            norms = self._wnorms  # no update in this step (accumulation): its norms are NaN, none
+        else:
+            with torch.no_grad():
+                torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
+            norms = self._wnorms + list(torch._foreach_norm(self._before))
         try:
             pn = torch.stack(norms)
         except RuntimeError:  # parameters on several devices: their norms moved to `dev`
             pn = torch.stack([n.to(dev) for n in norms])
+        if len(norms) == len(self._wnorms):
+            pn = torch.cat([pn, torch.full_like(pn, math.nan)])
         if pn.device != dev:
             pn = pn.to(dev)
         npar = len(self._wparams)

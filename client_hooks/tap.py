@@ -39,7 +39,9 @@ Streams (kind: name -> data; every record carries step and epoch):
   update_ratio = ||w_after - w_before|| / ||w_before||, measured across the optimizer step:
   w_before is read when backward ends, w_after at the end of the capture step (the
   optimizer's step post-hook when `watch(..., optimizer=)` is given, otherwise the next
-  log_batch, step_end() or close()). Complex gradients count as (re, im) pairs of reals.
+  log_batch, step_end() or close()). With an optimizer given, a capture step in which it
+  did not step (gradient accumulation) has update_ratio None: no update to measure.
+  Complex gradients count as (re, im) pairs of reals.
   With `watch(..., scaler=)` (AMP) mean, std, norm, max_abs and the total norm are those of
   the unscaled gradients, and each record carries the "loss_scale" it was divided by.
 - metrics: "loss" (or the name given) -> {"value"}, every step.
@@ -103,6 +105,7 @@ turned into one RuntimeWarning per kind and never raised.
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
             self._optimizer = optimizer
+            self._engine.optimizer_watched = optimizer is not None
             if scaler is not None:
                 self._engine.loss_scale = _scale_reader(scaler)
         return model
@@ -189,6 +192,7 @@ turned into one RuntimeWarning per kind and never raised.
         """Ends the capture step. The hook stays registered: removing it here, while the
         optimizer iterates over its hooks, would break that loop when a hook follows ours;
         the next non-capture batch (or step_end, epoch_end, close) removes it."""
+        self._engine.optimizer_stepping()
         self._engine.end_step()
 
     def _end(self) -> None:

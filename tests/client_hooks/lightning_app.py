@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--ddp", action="store_true")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--plain-tap", action="store_true", help="also build (and close) a Tap")
+    ap.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
@@ -93,7 +94,8 @@ def main():
     trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=2 if a.ddp else 1,
                         strategy="ddp" if a.ddp else "auto", callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        accumulate_grad_batches=a.accumulate)
     data = Fields(16, a.model)
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     if tap is not None:

@@ -48,3 +48,19 @@ def test_gate_on_a_fit_sends_every_stream_and_removes_its_hooks(pull, model):
     assert pull.find("loader_stats", "val_loader")[0]["data"] == {"present": True, "length": 2}
     probe = pull.find("loader_stats", "probe")[0]["data"]
     assert set(probe) >= {"real", "imag", "abs", "angle"} and probe["split"] == "train"
+
+
+def test_under_gradient_accumulation_a_capture_without_an_optimizer_step_has_no_update_ratio(pull):
+    """accumulate_grad_batches=2: the first batch of each epoch (the default capture) ends
+    before the optimizer steps, so there is no update to measure: update_ratio None, not 0
+    (which the diagnosis would read as frozen parameters)."""
+    from collector.diagnosis.gradients import dead_parameters
+
+    run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+             "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--accumulate", "2")
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    layers = [r for r in pull.find("gradients") if r["name"] != "_total"]
+    assert layers and {r["epoch"] for r in layers} == {0, 1}
+    assert all(r["data"]["update_ratio"] is None and r["data"]["norm"] > 0 for r in layers)
+    assert dead_parameters(pull.records) == []
+

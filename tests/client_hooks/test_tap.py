@@ -301,6 +301,35 @@ def test_gradients_under_a_grad_scaler_are_the_unscaled_ones(pull, gradients):
         assert tot["data"]["norm"] == pytest.approx(total, rel=1e-5)
 
 
+def test_under_gradient_accumulation_only_captures_with_an_optimizer_step_have_update_ratios(pull):
+    """Two micro-batches per optimizer step, every step captured: the first of each pair ends
+    with no optimizer step (update_ratio None, no frozen-parameter finding); the second's
+    ratio spans the real update."""
+    from collector.diagnosis.gradients import dead_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = []
+    with Tap(every_n_steps=1) as tap:
+        tap.watch(model, optimizer=opt)
+        for i in range(4):
+            x = torch.randn(8, 5)
+            tap.log_batch({"x": x}, epoch=0)
+            (model(x).pow(2).mean() / 2).backward()
+            if i % 2 == 1:
+                w0 = torch.cat([model[0].weight.detach().ravel(), model[0].bias.detach().ravel()]).double()
+                opt.step()
+                w1 = torch.cat([model[0].weight.detach().ravel(), model[0].bias.detach().ravel()]).double()
+                want.append(((w1 - w0).norm() / w0.norm()).item())
+                opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "0")) == 4)
+    ratios = [r["data"]["update_ratio"] for r in sorted(pull.find("gradients", "0"), key=lambda r: r["step"])]
+    assert ratios[0] is None and ratios[2] is None
+    assert ratios[1] == pytest.approx(want[0], rel=1e-4) and ratios[3] == pytest.approx(want[1], rel=1e-4)
+    assert dead_parameters(pull.records) == []
+
+
 def test_record_names_and_pairs_and_cadence_every_n_steps(pull):
     model = nn.Linear(4, 4)
     with Tap(first_n=0, every_n_steps=2, pairs={"obj": "real_imag"}) as tap:
