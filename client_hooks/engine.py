@@ -345,17 +345,17 @@ class Engine:
         else:
             src, r0 = _rows(vecs).reshape(-1), 0
             dev = src.device
-        if self.optimizer_watched and not self._stepped:
-            norms = self._wnorms  # no update in this step (accumulation): its norms are NaN, none
-        else:
+        no_update = self.optimizer_watched and not self._stepped  # (accumulation): NaN norms, no ratio
+        norms = self._wnorms
+        if not no_update:
             with torch.no_grad():
                 torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
-            norms = self._wnorms + list(torch._foreach_norm(self._before))
+            norms = norms + list(torch._foreach_norm(self._before))
         try:
             pn = torch.stack(norms)
         except RuntimeError:  # parameters on several devices: their norms moved to `dev`
             pn = torch.stack([n.to(dev) for n in norms])
-        if len(norms) == len(self._wnorms):
+        if no_update:
             pn = torch.cat([pn, torch.full_like(pn, math.nan)])
         if pn.device != dev:
             pn = pn.to(dev)
