@@ -141,7 +141,8 @@ def cmd_collect(a) -> int:
     cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
                  allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
                  ready_file=a.ready_file, quiet=a.quiet, banner=not a.embedded,
-                 close_wait_s=EMBEDDED_CLOSE_WAIT_S if a.embedded else 0.0)
+                 close_wait_s=EMBEDDED_CLOSE_WAIT_S if a.embedded else 0.0,
+                 parent_pid=os.getppid() if a.embedded else None)
     col = Collector(cfg)
     try:
         col.start()

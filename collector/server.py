@@ -55,6 +55,10 @@ class Config:
     # asked to stop, wait this long at most for every rank seen to close (its bye): an embedded
     # collector stops when rank 0's process exits, and the other ranks may still be sending
     close_wait_s: float = 0.0
+    # an embedded collector's training process: the collector ignores SIGINT (a Ctrl-C meant
+    # for the training reaches the whole process group; the training process stops it with
+    # SIGTERM once its records are sent) and stops by itself if that process is gone
+    parent_pid: Optional[int] = None
 
 
 class Collector:
@@ -269,14 +273,18 @@ class Collector:
             lost = {"gap": m.get("gaps", 0), "dropped by the sender": m.get("dropped_by_sender", 0),
                     "failed write": m.get("write_failed", 0)}
             findings = [f for f in (self.index.run(run).findings or []) if f.get("rule") != TOO_LARGE["rule"]]
-            runs.append((run, m.get("written", 0), lost, m.get("duplicates", 0), rf.rejected, findings))
-        runs.sort(key=lambda r: (not (sum(r[2].values()) or r[5]), -ing.runs[r[0]].created))
+            unclosed = sorted(r for r, st in rf.ranks.items() if st.hello is not None and not st.closed)
+            runs.append((run, m.get("written", 0), lost, m.get("duplicates", 0), rf.rejected, findings, unclosed))
+        runs.sort(key=lambda r: (not (sum(r[2].values()) or r[5] or r[6]), -ing.runs[r[0]].created))
         lines = [f"tensortap collector: stopped after {_duration(started)}; {plural(len(runs), 'run')} under {out}"]
         width = max((len(r[0]) for r in runs[:max_runs]), default=0)
-        for run, written, lost, dups, rejected, findings in runs[:max_runs]:
+        for run, written, lost, dups, rejected, findings, unclosed in runs[:max_runs]:
             n = sum(lost.values())
             parts = [plural(written, "record") + " written",
                      f"{n} lost ({', '.join(_lost(v, k) for k, v in lost.items() if v)})" if n else "none lost"]
+            if unclosed:  # no bye: what such a rank sent after its last record here is not counted
+                parts.append(f"{'rank' if len(unclosed) == 1 else 'ranks'} {', '.join(map(str, unclosed))} "
+                             "never closed (records sent last may be missing)")
             if dups:
                 parts.append(plural(dups, "duplicate"))
             if rejected:
@@ -300,10 +308,13 @@ class Collector:
                 self._hurry = True
             asked.set()
 
-        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        parent = self.cfg.parent_pid
+        old = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGINT and parent else _on_signal)
+               for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not asked.wait(0.2) and not self.stop.is_set():
-                pass
+                if parent and os.getppid() != parent:  # killed (OOM, SIGKILL): finish its files
+                    break
             self._await_open_ranks()
         finally:
             self.shutdown()

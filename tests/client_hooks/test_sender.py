@@ -142,6 +142,81 @@ print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
     probe.close()
 
 
+SENDING = """
+import os, sys, time
+from client_hooks import session
+s = session.open_sender(rank=0)
+print(os.environ["TENSORTAP_RUN"], session._embedded.pid, flush=True)
+i = 0
+try:
+    while True:
+        s.send("metrics", "loss", {"value": float(i)}, step=i)
+        i += 1
+        if i == 200:
+            s.flush(5.0)
+            print("SENT", flush=True)
+            if sys.argv[1] == "kill":
+                os.kill(os.getpid(), 9)
+        time.sleep(0.001)
+except KeyboardInterrupt:  # as a trainer does: a checkpoint saved, a last record
+    time.sleep(1.0)
+    s.send("events", "interrupted", {"step": i}, step=i)
+    raise
+"""
+
+
+def _sending(tmp_path, how: str):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTAP")}
+    env["TENSORTAP_OUT"] = str(tmp_path)
+    # a session of its own: a Ctrl-C reaches the whole group, as a terminal's does
+    proc = subprocess.Popen([sys.executable, "-c", SENDING, how], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run, collector = proc.stdout.readline().split()
+    assert proc.stdout.readline().strip() == "SENT"
+    return proc, tmp_path / run, int(collector)
+
+
+def test_a_ctrl_c_stops_the_training_first_and_its_bye_still_arrives(tmp_path):
+    """Ctrl-C in the terminal reaches the training process and its embedded collector alike.
+    The collector ignores it and goes on until the training process, closing, stops it: the
+    records sent meanwhile and the bye arrive."""
+    import signal
+
+    proc, run_dir, _ = _sending(tmp_path, "ctrl-c")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err and "stopped after" in err, err[-2000:]
+    m = manifest(run_dir)["ranks"]["0"]
+    assert m["closed"] and m["gaps"] == 0 and m["written"] == m["received"] == m["sent_by_sender"] + 1, m
+    assert m["received"] > 200
+    assert [e["name"] for e in read_jsonl(run_dir / "events.jsonl")] == ["hello", "interrupted", "bye"]
+
+
+def test_a_killed_training_process_leaves_its_collector_to_finish_the_files_and_exit(tmp_path):
+    """SIGKILL (the OOM killer, say) gives the training process no time to stop its embedded
+    collector: the collector notices its parent is gone, writes what it holds, the manifest
+    and the diagnosis, and exits instead of running on."""
+    import psutil
+
+    proc, run_dir, pid = _sending(tmp_path, "kill")
+    proc.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        psutil.Process(pid).kill()
+        raise AssertionError("the embedded collector outlived its training process by 30 s")
+    m = manifest(run_dir)["ranks"]["0"]
+    assert not m["closed"] and m["gaps"] == 0 and m["written"] == m["received"] >= 201, m
+    assert (run_dir / "findings.json").exists()
+    assert "rank 0 never closed" in proc.stderr.read()
+
+
 def test_a_rank_joins_only_a_live_announcement_of_its_own_job(tmp_path, monkeypatch):
     """The job file of rank 0's embedded collector: one written by a process that has ended (an
     earlier job on the same address) or for another job is not taken, and the wait ends in one
