@@ -2,7 +2,9 @@
 
 Shutdown (SIGINT/SIGTERM) runs in a fixed order: stop accepting (drain what the socket
 already holds, close it), hand pending lines to the writer, let it drain, fsync and write
-manifests, diagnose, stop the web server.
+manifests, diagnose, stop the web server, print a line per run (unless quiet). An embedded
+collector (Config.parent_pid) ignores SIGINT, stops when its training process is gone, and
+first waits (Config.close_wait_s) for the byes of ranks still sending.
 """
 from __future__ import annotations
 
