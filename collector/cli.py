@@ -163,7 +163,7 @@ def cmd_serve(a) -> int:
     if not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
     index = load_root(a.root)
-    if not index.runs:  # the folder above the runs' root, say: name where the runs are
+    if not index.summaries():  # the folder above the runs' root, say: name where the runs are
         roots = _run_roots(a.root)
         if roots:
             print(f"tensortap serve: note: {a.root!r} holds no run; runs are one level down, in "

@@ -110,18 +110,75 @@ def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> RunIndex:
     return ri
 
 
-def load_root(root: str) -> Index:
-    """Index over every run folder under `root` (for `tensortap serve ROOT`; no ingest).
+MAX_LOADED_RUNS = 8  # runs `serve` holds read at once; the least recently asked for goes
 
-    Its health() reports mode "serve", the root, and what reading skipped."""
-    stats = LoadStats()
-    loaded_at = time.time()
-    index = Index()
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if valid_run_id(name) and is_run_dir(path):  # the folder name is the run id
-            ri = load_run(path, stats)
-            index.runs[ri.run] = ri
-    index.health = lambda: {"mode": "serve", "root": os.path.abspath(root), "runs": len(index.runs),
-                            "loaded_at": loaded_at, **stats.as_dict()}
-    return index
+
+class StoredIndex(Index):
+    """The runs under a folder, for `tensortap serve ROOT` (no ingest). Listed at start from
+    each run's manifest.json and findings.json (a run without a manifest is read whole);
+    a run's records are read when it is first asked for (`get`), and at most
+    MAX_LOADED_RUNS runs are held so: a folder of a thousand runs starts in about the time
+    it takes to read their manifests, in bounded memory. health() reports mode "serve", the
+    root, the runs, the records their manifests count, and what reading skipped so far."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root, self.stats, self.loaded_at = root, LoadStats(), time.time()
+        self._listed: dict[str, dict] = {}  # run -> its summary
+        self._recent: list[str] = []  # the runs held read, least recently asked for first
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if valid_run_id(name) and is_run_dir(path):  # the folder name is the run id
+                self._listed[name] = self._summary(name, path)
+        self.health = lambda: {"mode": "serve", "root": os.path.abspath(root), "runs": len(self._listed),
+                               "runs_read": len(self.runs), "loaded_at": self.loaded_at,
+                               **self.stats.as_dict(), "records": sum(s["records"] for s in self.summaries())}
+
+    def _summary(self, name: str, path: str) -> dict:
+        m = _read_json(os.path.join(path, "manifest.json"), LoadStats())
+        totals = m.get("totals") if isinstance(m, dict) else None
+        written = totals.get("written") if isinstance(totals, dict) else None
+        if not isinstance(written, int):  # no usable manifest: read the run now
+            ri = self._read(name)
+            return {"run": name, "live": False, "records": ri.count, "ranks": sorted(ri.ranks),
+                    "first_t": ri.first_t, "last_t": ri.last_t, "findings": len(ri.findings)}
+        f = _read_json(os.path.join(path, "findings.json"), LoadStats()) \
+            if os.path.isfile(os.path.join(path, "findings.json")) else []
+        f = f.get("findings") if isinstance(f, dict) else f
+        ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
+        return {"run": name, "live": False, "records": written,
+                "ranks": sorted(int(r) for r in ranks if str(r).isdigit()),
+                "first_t": _num(m.get("created")), "last_t": _num(m.get("updated")),
+                "findings": len([x for x in f if isinstance(x, dict)]) if isinstance(f, list) else 0}
+
+    def _read(self, name: str) -> RunIndex:
+        with self._lock:
+            ri = self.runs.get(name)
+            if ri is None:
+                ri = self.runs[name] = load_run(os.path.join(self.root, name), self.stats)
+                self._recent.append(name)
+                while len(self._recent) > MAX_LOADED_RUNS:
+                    self.runs.pop(self._recent.pop(0), None)
+            elif self._recent[-1] != name:
+                self._recent.remove(name)
+                self._recent.append(name)
+        return ri
+
+    def get(self, run: str) -> Optional[RunIndex]:
+        if run not in self._listed:
+            return None
+        return self._read(run)
+
+    def summaries(self) -> list[dict]:
+        """As listed at start, whether read since or not (the records a manifest counts
+        include the patch metrics that patch_metrics.json, holding the latest, no longer has)."""
+        return sorted(self._listed.values(), key=lambda s: s["first_t"])
+
+
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) else 0.0
+
+
+def load_root(root: str) -> StoredIndex:
+    """Index over every run folder under `root` (for `tensortap serve ROOT`): StoredIndex."""
+    return StoredIndex(root)

@@ -4,6 +4,7 @@ records as the original (ignoring run id and sequence numbers), with the origina
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -126,13 +127,42 @@ def test_load_root_skips_a_torn_last_line(original, tmp_path):
     with open(root / "orig" / "gradients.jsonl", "ab") as f:
         f.write(b'{"v":1,"run":"orig","rank":0,"wor')  # a killed writer
     index = load_root(str(root))
-    assert list(index.runs) == ["orig"]
+    assert [s["run"] for s in index.summaries()] == ["orig"]
     ri = index.get("orig")
     assert index.health()["torn_lines"] == 1 and index.health()["mode"] == "serve"
     stats = LoadStats()
     assert ri.count == len(run_records(str(root / "orig"), stats)) and stats.torn == 1
     assert ri.manifest["run"] == "orig" and not ri.live()
     assert ri.get_series("gradients", XSS, "norm")["total"] == 20
+
+
+def test_serve_lists_runs_from_their_manifests_and_holds_few_read(original, tmp_path, monkeypatch):
+    """A folder of many runs: listed from manifests at start (none read), a run read when
+    asked for, at most MAX_LOADED_RUNS held (the least recently asked for goes, and is read
+    again when asked for again)."""
+    from collector import load
+
+    monkeypatch.setattr(load, "MAX_LOADED_RUNS", 2)
+    for name in ("a", "b", "c"):
+        shutil.copytree(original, tmp_path / name)
+    (tmp_path / "nomanifest").mkdir()
+    shutil.copy(os.path.join(original, "metrics.jsonl"), tmp_path / "nomanifest")
+    index = load_root(str(tmp_path))
+    assert sorted(index.runs) == ["nomanifest"]  # (no manifest: read at start to be listed)
+    listed = {s["run"]: s for s in index.summaries()}
+    with open(os.path.join(original, "manifest.json")) as f:
+        written = json.load(f)["totals"]["written"]
+    assert sorted(listed) == ["a", "b", "c", "nomanifest"] and listed["a"]["records"] == written
+    assert listed["a"]["ranks"] == [0, 1] and listed["a"]["findings"] == 0 and not listed["a"]["live"]
+    count = index.get("a").count
+    assert count == len(run_records(original)) and index.get("zzz") is None
+    index.get("b")
+    index.get("a")  # a: asked for last, so b goes when c comes
+    index.get("c")
+    assert sorted(index.runs) == ["a", "c"]
+    assert index.get("b").count == count and sorted(index.runs) == ["b", "c"]
+    assert index.health()["runs"] == 4 and index.health()["runs_read"] == 2
+    assert index.summaries() == sorted(listed.values(), key=lambda s: s["first_t"])
 
 
 def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
