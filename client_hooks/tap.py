@@ -237,8 +237,11 @@ def _scale_reader(scaler):
     import torch
 
     def read():
-        s = getattr(scaler, "_scale", None)
-        return s if scaler.is_enabled() and isinstance(s, torch.Tensor) else None
+        try:  # (a private attribute: a torch without it gives the scaled statistics, not none)
+            s = getattr(scaler, "_scale", None)
+            return s if scaler.is_enabled() and isinstance(s, torch.Tensor) else None
+        except Exception:
+            return None
     return read
 
 
