@@ -366,6 +366,7 @@ document.addEventListener("DOMContentLoaded", () => {
   openRun().catch(showError);
   refreshRuns().catch(showError);
   refreshHealth().catch(showError);
+  setTimeout(() => loadPlotly().catch(showError), 2000);  // no run opened yet: ready for the first
   setInterval(() => refreshRuns().catch(showError), 2000);
   setInterval(() => refreshHealth().catch(showError), 2000);
 });
