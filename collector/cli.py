@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max", action="store_true", help="as fast as possible")
     r.add_argument("--run", default=None, help="run id of the copy (default: a new one)")
     rep = sub.add_parser("report", help="print the diagnosis of a stored run")
-    rep.add_argument("run_dir", help="a stored run's folder")
+    rep.add_argument("run_dir", help="a stored run's folder; or a folder of runs: a line each")
     rep.add_argument("--json", action="store_true", help="print the findings as JSON")
     d = sub.add_parser("demo", help="run the grid-lines FNO demo with telemetry on")
     d.add_argument("--architectures", default="fno", help="comma-separated, of fno and hybrid (U-FNO); "
@@ -216,9 +216,13 @@ def cmd_replay(a) -> int:
 
 
 def cmd_report(a) -> int:
-    check_run_folder(a.run_dir)  # before findings.json is written into it
-    from collector.diagnosis.report import report_main
+    from collector.diagnosis.report import report_main, report_root
+    from collector.load import is_run_dir
 
+    if os.path.isdir(a.run_dir) and not is_run_dir(a.run_dir) and any(
+            is_run_dir(e.path) for e in os.scandir(a.run_dir)):
+        return report_root(a.run_dir, a.json)  # a folder of runs: a line each
+    check_run_folder(a.run_dir)  # before findings.json is written into it
     return report_main(a) or 0
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 from collector.index import Index
 from collector.ingest import RCVHWM, Ingest
-from collector.text import plural
+from collector.text import LOST, plural, run_counts
 
 DIAGNOSE_S = 5.0
 # Live diagnosis re-reads a run's files: only for runs up to this size (the demo's are
@@ -271,29 +271,17 @@ class Collector:
         out = os.path.abspath(self.cfg.out)
         runs = []
         for run, rf in list(ing.runs.items()):
-            m = rf.manifest()["totals"]
-            lost = {"gap": m.get("gaps", 0), "dropped by the sender": m.get("dropped_by_sender", 0),
-                    "failed write": m.get("write_failed", 0)}
+            totals = rf.manifest()["totals"]
             findings = [f for f in (self.index.run(run).findings or []) if f.get("rule") != TOO_LARGE["rule"]]
             unclosed = sorted(r for r, st in rf.ranks.items() if st.hello is not None and not st.closed)
-            runs.append((run, m.get("written", 0), lost, m.get("duplicates", 0), rf.rejected, findings, unclosed))
-        runs.sort(key=lambda r: (not (sum(r[2].values()) or r[5] or r[6]), -ing.runs[r[0]].created))
+            bad = any(totals.get(k) for k, _ in LOST) or findings or unclosed
+            runs.append((run, run_counts(totals, unclosed, rf.rejected, len(findings)), findings, bad))
+        runs.sort(key=lambda r: (not r[3], -ing.runs[r[0]].created))
         lines = [f"tensortap collector: stopped after {_duration(started)}; {plural(len(runs), 'run')} under {out}"]
         width = max((len(r[0]) for r in runs[:max_runs]), default=0)
-        for run, written, lost, dups, rejected, findings, unclosed in runs[:max_runs]:
-            n = sum(lost.values())
-            parts = [plural(written, "record") + " written",
-                     f"{n} lost ({', '.join(_lost(v, k) for k, v in lost.items() if v)})" if n else "none lost"]
-            if unclosed:  # no bye: what such a rank sent after its last record here is not counted
-                parts.append(f"{'rank' if len(unclosed) == 1 else 'ranks'} {', '.join(map(str, unclosed))} "
-                             "never closed (records sent last may be missing)")
-            if dups:
-                parts.append(plural(dups, "duplicate"))
-            if rejected:
-                parts.append(plural(rejected, "frame") + " rejected")
-            parts.append(plural(len(findings), "finding"))
+        for run, counts, findings, _ in runs[:max_runs]:
             tail = f"  -> tensortap report {os.path.join(out, run)}" if findings else ""
-            lines.append(f"  {run:<{width}}  " + ", ".join(parts) + tail)
+            lines.append(f"  {run:<{width}}  {counts}{tail}")
         if len(runs) > max_runs:
             lines.append(f"  ... and {len(runs) - max_runs} more (each run's manifest.json has its counts)")
         if ing.rejected_no_run:
@@ -327,10 +315,6 @@ class Collector:
                 print("\n".join(self.summary()), file=sys.stderr, flush=True)
             except Exception as e:  # a summary must not turn a clean stop into a failure
                 print(f"tensortap collector: stopped (no summary: {e!r})", file=sys.stderr)
-
-
-def _lost(count: int, what: str) -> str:
-    return f"{count} {what}" if what.startswith("dropped") else plural(count, what)
 
 
 def _duration(seconds: float) -> str:

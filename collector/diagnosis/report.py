@@ -1,17 +1,76 @@
-"""`tensortap report RUN_DIR [--json]`: diagnose a stored run (no collector needed)."""
+"""`tensortap report RUN_DIR [--json]`: diagnose a stored run (no collector needed); of a
+folder of runs, a line per run from what is stored."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 
 from collector.diagnosis import diagnose, load_run, write_findings
-from collector.text import plural
+from collector.text import plural, run_counts
 
 
 def _evidence_line(ev: dict, width: int = 160) -> str:
     s = json.dumps(ev, separators=(", ", ": "))
     return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def _read(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def root_rows(root: str) -> list[dict]:
+    """The runs under `root`, newest first, from their manifest.json and findings.json (no
+    run is diagnosed again): run, created, totals, unclosed ranks, rejected, findings (rules)
+    or None when the run has no findings.json."""
+    from collector.load import is_run_dir
+
+    rows = []
+    for e in os.scandir(root):
+        if not is_run_dir(e.path):
+            continue
+        m = _read(os.path.join(e.path, "manifest.json"))
+        m = m if isinstance(m, dict) else {}
+        f = _read(os.path.join(e.path, "findings.json"))
+        f = f.get("findings") if isinstance(f, dict) else f
+        ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
+        rows.append({"run": e.name, "created": m.get("created") or e.stat().st_mtime,
+                     "manifest": bool(m), "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
+                     "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
+                                        and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
+                     "rejected": m.get("rejected") or 0,
+                     "findings": [x.get("rule") for x in f if isinstance(x, dict)] if isinstance(f, list) else None})
+    return sorted(rows, key=lambda r: -r["created"] if isinstance(r["created"], (int, float)) else 0)
+
+
+def report_root(root: str, as_json: bool) -> int:
+    """`tensortap report ROOT`: a line per run, newest first."""
+    rows = root_rows(root)
+    if as_json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{root}: {plural(len(rows), 'run')}, newest first (`tensortap report RUN_DIR` diagnoses one)")
+    width = max(len(r["run"]) for r in rows)
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+        if not r["manifest"]:
+            what = "no manifest.json (its collector was killed?): `tensortap report` it to see"
+        else:
+            f = r["findings"]
+            what = run_counts(r["totals"], r["unclosed"], r["rejected"], len(f or []))
+            if f is None:
+                what += " (not diagnosed yet)"
+            elif f:
+                shown = ", ".join(f[:3]) + (f", +{len(f) - 3}" if len(f) > 3 else "")
+                what += f": {shown}"
+        print(f"  {r['run']:<{width}}  {when}  {what}")
+    return 0
 
 
 def report_main(args) -> int:

@@ -241,8 +241,8 @@ def test_bad_cli_arguments_give_one_line_and_a_nonzero_exit(tmp_path):
 
 
 def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothing(tmp_path):
-    """A folder of runs (the artifact root) names its newest runs; a folder with no run says
-    that; neither gets a findings.json."""
+    """replay of a folder of runs (the artifact root) names its newest runs; report or replay
+    of a folder with no run says that; neither gets a findings.json."""
     root, empty = tmp_path / "root", tmp_path / "empty"
     for name in ("old-run", "new-run"):
         (root / name).mkdir(parents=True)
@@ -253,6 +253,8 @@ def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothin
     for folder, says in ((root, of_runs),
                          (empty, "holds no tensortap run")):
         for args in (["report", str(folder)], ["replay", str(folder), "--to", "tcp://127.0.0.1:1"]):
+            if args[0] == "report" and folder == root:
+                continue  # a line per run: the next test
             r = _cli(*args)
             assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
             lines = r.stderr.strip().splitlines()
@@ -260,6 +262,35 @@ def test_report_and_replay_of_a_folder_that_is_not_a_run_say_so_and_write_nothin
         assert sorted(p.name for p in folder.iterdir()) == (["new-run", "old-run"] if folder == root else [])
     r = _cli("report", str(root / "new-run"))  # a run folder: reported (no findings in an empty stream)
     assert r.returncode == 0 and "new-run" in r.stdout, r.stderr
+
+
+def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp_path):
+    """`tensortap report ROOT`: newest first, what each run wrote and lost, its stored
+    findings' rules; a run without a manifest or findings says so; nothing is written."""
+    col = CollectorProc(str(tmp_path))
+    try:
+        sock = push_socket(col.endpoint)
+        for seq in [0, 1, 2, 5]:  # 3 and 4 never come
+            sock.send(rec(seq, run="lossy"))
+        sock.send(rec(6, run="lossy", data={"value": None}))  # a NaN loss: a finding
+        sock.close()
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "lossy" / "metrics.jsonl")) == 5)
+    finally:
+        assert col.stop() == 0
+    (tmp_path / "bare").mkdir()  # a run whose collector was killed before any manifest
+    (tmp_path / "bare" / "metrics.jsonl").write_bytes(rec(0, run="bare") + b"\n")
+    os.utime(tmp_path / "bare", (1, 1))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    r = _cli("report", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{tmp_path}: 2 runs, newest first")
+    assert lines[1].split()[0] == "lossy" and lines[1].endswith(
+        "5 records written, 2 lost (2 gaps), 1 finding: nonfinite"), lines[1]
+    assert lines[2].split()[0] == "bare" and "no manifest.json" in lines[2]
+    assert len(lines) == 3
+    assert json.loads(_cli("report", str(tmp_path), "--json").stdout)[0]["findings"] == ["nonfinite"]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_report_into_a_pipe_closed_early_ends_quietly(tmp_path):
