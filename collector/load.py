@@ -111,6 +111,7 @@ def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> RunIndex:
 
 
 MAX_LOADED_RUNS = 8  # runs `serve` holds read at once; the least recently asked for goes
+RESCAN_S = 5.0  # `serve` looks for new run folders at most this often (when runs are listed)
 
 
 class StoredIndex(Index):
@@ -126,18 +127,36 @@ class StoredIndex(Index):
         self.root, self.stats, self.loaded_at = root, LoadStats(), time.time()
         self._listed: dict[str, dict] = {}  # run -> its summary
         self._recent: list[str] = []  # the runs held read, least recently asked for first
-        for name in sorted(os.listdir(root)):
-            path = os.path.join(root, name)
-            if valid_run_id(name) and is_run_dir(path):  # the folder name is the run id
-                self._listed[name] = self._summary(name, path)
+        self._scanned = 0.0
+        self._scan(first=True)
         self.health = lambda: {"mode": "serve", "root": os.path.abspath(root), "runs": len(self._listed),
                                "runs_read": len(self.runs), "loaded_at": self.loaded_at,
                                **self.stats.as_dict(), "records": sum(s["records"] for s in self.summaries())}
 
-    def _summary(self, name: str, path: str) -> dict:
-        m = _read_json(os.path.join(path, "manifest.json"), LoadStats())
+    def _scan(self, first: bool = False) -> None:
+        """List the run folders not listed yet. After the first scan (at most every RESCAN_S,
+        when the runs are listed) a run is listed once its collector has written a manifest:
+        runs written meanwhile (a training beside `serve`) appear in the list."""
+        self._scanned = time.monotonic()
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.root, name)
+            if name in self._listed or not valid_run_id(name) or not is_run_dir(path):
+                continue  # (the folder name is the run id)
+            summary = self._summary(name, path, read_bare=first)
+            if summary is not None:
+                self._listed[name] = summary
+
+    def _summary(self, name: str, path: str, read_bare: bool = True) -> Optional[dict]:
+        m = _read_json(os.path.join(path, "manifest.json"), LoadStats()) \
+            if os.path.isfile(os.path.join(path, "manifest.json")) else None
         totals = m.get("totals") if isinstance(m, dict) else None
         written = totals.get("written") if isinstance(totals, dict) else None
+        if not isinstance(written, int) and not read_bare:
+            return None  # a run being written, its first manifest to come: the next scan
         if not isinstance(written, int):  # no usable manifest: read the run now
             ri = self._read(name)
             return {"run": name, "live": False, "records": ri.count, "ranks": sorted(ri.ranks),
@@ -170,8 +189,10 @@ class StoredIndex(Index):
         return self._read(run)
 
     def summaries(self) -> list[dict]:
-        """As listed at start, whether read since or not (the records a manifest counts
-        include the patch metrics that patch_metrics.json, holding the latest, no longer has)."""
+        """As listed, whether read since or not (the records a manifest counts include the
+        patch metrics that patch_metrics.json, holding the latest, no longer has)."""
+        if time.monotonic() - self._scanned >= RESCAN_S:
+            self._scan()
         return sorted(self._listed.values(), key=lambda s: s["first_t"])
 
 

@@ -163,6 +163,13 @@ def test_serve_lists_runs_from_their_manifests_and_holds_few_read(original, tmp_
     assert index.get("b").count == count and sorted(index.runs) == ["b", "c"]
     assert index.health()["runs"] == 4 and index.health()["runs_read"] == 2
     assert index.summaries() == sorted(listed.values(), key=lambda s: s["first_t"])
+    # a run written after the start: listed at the next look once it has a manifest
+    monkeypatch.setattr(load, "RESCAN_S", 0.0)
+    (tmp_path / "d").mkdir()
+    shutil.copy(os.path.join(original, "metrics.jsonl"), tmp_path / "d")
+    assert "d" not in {s["run"] for s in index.summaries()}  # no manifest yet: being written
+    shutil.copy(os.path.join(original, "manifest.json"), tmp_path / "d")
+    assert "d" in {s["run"] for s in index.summaries()} and index.get("d").count > 0
 
 
 def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
