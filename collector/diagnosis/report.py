@@ -39,13 +39,14 @@ def root_rows(root: str) -> list[dict]:
         f = _read(os.path.join(e.path, "findings.json"))
         f = f.get("findings") if isinstance(f, dict) else f
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
-        rows.append({"run": e.name, "created": m.get("created") or e.stat().st_mtime,
+        created = m.get("created")
+        rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
                      "manifest": bool(m), "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
                      "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,
                      "findings": [x.get("rule") for x in f if isinstance(x, dict)] if isinstance(f, list) else None})
-    return sorted(rows, key=lambda r: -r["created"] if isinstance(r["created"], (int, float)) else 0)
+    return sorted(rows, key=lambda r: -r["created"])
 
 
 def report_root(root: str, as_json: bool) -> int:

@@ -291,6 +291,10 @@ def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp
     assert len(lines) == 3
     assert json.loads(_cli("report", str(tmp_path), "--json").stdout)[0]["findings"] == ["nonfinite"]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "odd").mkdir()  # a manifest edited by hand: still a line, no traceback
+    (tmp_path / "odd" / "manifest.json").write_text('{"created": "yesterday", "totals": {"written": "x", "gaps": "y"}}')
+    r = _cli("report", str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "" and "odd" in r.stdout, r.stderr
 
 
 def test_report_into_a_pipe_closed_early_ends_quietly(tmp_path):
