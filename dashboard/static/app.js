@@ -351,6 +351,9 @@ async function openRun() {
   refreshRuns().catch(showError);
   const cursor = await series;
   if (cmp && gen === S.gen) await loadSeries(cmp, "cmp", gen).catch(showError);
+  // the live stream opens once the charts can be drawn: records of the meantime come from the
+  // cursor, and none waits in the page behind plotly's second of compiling
+  await loadPlotly();
   if (gen !== S.gen) return;
   requestDraw();
   const es = S.es = new EventSource(`/api/runs/${enc(run)}/live?cursor=${cursor}`);

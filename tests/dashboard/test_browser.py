@@ -91,7 +91,7 @@ def test_the_runs_head_findings_and_tables_show_before_plotly_has_run(page):
     """plotly.min.js takes about a second to compile on a first visit; the page asks for the
     run's data first and shows what needs no chart meanwhile. Here the script is held back
     until the test lets it go: the head, findings and tables are there without it, then the
-    charts come."""
+    charts and the live stream come."""
     index = Index(health=lambda: {"status": "ok"})
     fill_run(index, "r", steps=30)
     held, released = [], []  # the script's requests, answered once the test says so
@@ -111,11 +111,14 @@ def test_the_runs_head_findings_and_tables_show_before_plotly_has_run(page):
         assert "records" in page.inner_text("#run-meta") and "loss barely moves" in page.inner_text("#findings")
         assert held and page.evaluate("typeof window.Plotly") == "undefined"
         assert page.evaluate("document.getElementById('chart-metrics').data") is None  # no chart yet
+        # nor a live stream: its records would wait in the page behind the script's compiling
+        assert page.evaluate("window.__tt.es") is None
         released.append(True)
         for route in held:
             route.continue_()
         chart_has(page, "chart-metrics", 29)
         chart_has(page, "chart-grad-norm", 29)
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
         leave(page)
     assert page.problems == []
 
