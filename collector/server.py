@@ -256,8 +256,7 @@ class Collector:
             return
         deadline = time.monotonic() + self.cfg.close_wait_s
         while not self._hurry and time.monotonic() < deadline and any(
-                st.hello is not None and not st.closed
-                for rf in list(ing.runs.values()) for st in list(rf.ranks.values())):
+                rf.unclosed() for rf in list(ing.runs.values())):
             time.sleep(0.05)
 
     def summary(self, max_runs: int = SUMMARY_RUNS) -> list[str]:
@@ -273,7 +272,7 @@ class Collector:
         for run, rf in list(ing.runs.items()):
             totals = rf.manifest()["totals"]
             findings = [f for f in (self.index.run(run).findings or []) if f.get("rule") != TOO_LARGE["rule"]]
-            unclosed = sorted(r for r, st in rf.ranks.items() if st.hello is not None and not st.closed)
+            unclosed = rf.unclosed()
             bad = any(totals.get(k) for k, _ in LOST) or findings or unclosed
             runs.append((run, run_counts(totals, unclosed, rf.rejected, len(findings)), findings, bad))
         runs.sort(key=lambda r: (not r[3], -ing.runs[r[0]].created))

@@ -185,6 +185,10 @@ class RunFiles:
             write(self.fd("rejected.jsonl"), line)
             self.rejected_bytes += len(line)
 
+    def unclosed(self) -> list[int]:
+        """Ranks that said hello and not yet bye."""
+        return sorted(r for r, st in self.ranks.items() if st.hello is not None and not st.closed)
+
     def manifest(self) -> dict:
         ranks = {str(r): st.as_dict() for r, st in sorted(self.ranks.items())}
         totals = Counter()
