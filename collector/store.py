@@ -186,8 +186,8 @@ class RunFiles:
             self.rejected_bytes += len(line)
 
     def unclosed(self) -> list[int]:
-        """Ranks that said hello and not yet bye."""
-        return sorted(r for r, st in self.ranks.items() if st.hello is not None and not st.closed)
+        """Ranks that said hello and not yet bye (read while the ingest thread may add ranks)."""
+        return sorted(r for r, st in list(self.ranks.items()) if st.hello is not None and not st.closed)
 
     def manifest(self) -> dict:
         ranks = {str(r): st.as_dict() for r, st in sorted(self.ranks.items())}
