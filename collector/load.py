@@ -99,15 +99,20 @@ def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> RunIndex:
     ri = RunIndex(os.path.basename(os.path.normpath(run_dir)))
     for rec in run_records(run_dir, stats):
         ri.add(rec)
-    mpath, fpath = os.path.join(run_dir, "manifest.json"), os.path.join(run_dir, "findings.json")
-    if os.path.isfile(mpath):
-        m = _read_json(mpath, stats)
-        ri.manifest = m if isinstance(m, dict) else {}
-    if os.path.isfile(fpath):
-        f = _read_json(fpath, stats)
-        f = f.get("findings") if isinstance(f, dict) else f
-        ri.findings = [x for x in f if isinstance(x, dict)] if isinstance(f, list) else []
+    ri.manifest, findings = stored_docs(run_dir, stats)
+    ri.findings = findings or []
     return ri
+
+
+def stored_docs(run_dir: str, stats: Optional[LoadStats] = None) -> tuple[dict, Optional[list]]:
+    """A stored run's manifest.json ({} when missing or unreadable) and the findings of its
+    findings.json (None when missing or unreadable), without reading its records."""
+    stats = stats or LoadStats()
+    mpath, fpath = os.path.join(run_dir, "manifest.json"), os.path.join(run_dir, "findings.json")
+    m = _read_json(mpath, stats) if os.path.isfile(mpath) else None
+    f = _read_json(fpath, stats) if os.path.isfile(fpath) else None
+    f = f.get("findings") if isinstance(f, dict) else f
+    return (m if isinstance(m, dict) else {}), ([x for x in f if isinstance(x, dict)] if isinstance(f, list) else None)
 
 
 MAX_LOADED_RUNS = 8  # runs `serve` holds read at once; the least recently asked for goes
@@ -151,9 +156,8 @@ class StoredIndex(Index):
                 self._listed[name] = summary
 
     def _summary(self, name: str, path: str, read_bare: bool = True) -> Optional[dict]:
-        m = _read_json(os.path.join(path, "manifest.json"), LoadStats()) \
-            if os.path.isfile(os.path.join(path, "manifest.json")) else None
-        totals = m.get("totals") if isinstance(m, dict) else None
+        m, findings = stored_docs(path)
+        totals = m.get("totals")
         written = totals.get("written") if isinstance(totals, dict) else None
         if not isinstance(written, int) and not read_bare:
             return None  # a run being written, its first manifest to come: the next scan
@@ -161,14 +165,11 @@ class StoredIndex(Index):
             ri = self._read(name)
             return {"run": name, "live": False, "records": ri.count, "ranks": sorted(ri.ranks),
                     "first_t": ri.first_t, "last_t": ri.last_t, "findings": len(ri.findings)}
-        f = _read_json(os.path.join(path, "findings.json"), LoadStats()) \
-            if os.path.isfile(os.path.join(path, "findings.json")) else []
-        f = f.get("findings") if isinstance(f, dict) else f
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
         return {"run": name, "live": False, "records": written,
                 "ranks": sorted(int(r) for r in ranks if str(r).isdigit()),
                 "first_t": _num(m.get("created")), "last_t": _num(m.get("updated")),
-                "findings": len([x for x in f if isinstance(x, dict)]) if isinstance(f, list) else 0}
+                "findings": len(findings or [])}
 
     def _read(self, name: str) -> RunIndex:
         with self._lock:

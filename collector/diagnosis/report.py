@@ -16,28 +16,17 @@ def _evidence_line(ev: dict, width: int = 160) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
-def _read(path: str):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-
-
 def root_rows(root: str) -> list[dict]:
     """The runs under `root`, newest first, from their manifest.json and findings.json (no
     run is diagnosed again): run, created, totals, unclosed ranks, rejected, findings (rules)
     or None when the run has no findings.json."""
-    from collector.load import is_run_dir
+    from collector.load import is_run_dir, stored_docs
 
     rows = []
     for e in os.scandir(root):
         if not is_run_dir(e.path):
             continue
-        m = _read(os.path.join(e.path, "manifest.json"))
-        m = m if isinstance(m, dict) else {}
-        f = _read(os.path.join(e.path, "findings.json"))
-        f = f.get("findings") if isinstance(f, dict) else f
+        m, f = stored_docs(e.path)
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
         created = m.get("created")
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
@@ -45,7 +34,7 @@ def root_rows(root: str) -> list[dict]:
                      "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,
-                     "findings": [x.get("rule") for x in f if isinstance(x, dict)] if isinstance(f, list) else None})
+                     "findings": None if f is None else [x.get("rule") for x in f]})
     return sorted(rows, key=lambda r: -r["created"])
 
 
