@@ -63,9 +63,6 @@ def check_out(out: str) -> str:
     return out
 
 
-# an embedded collector, asked to stop (rank 0's process exits), waits this long at most for
-# the other ranks' byes (client_hooks.session waits a little longer for it to exit)
-EMBEDDED_CLOSE_WAIT_S = 5.0
 # the demo's faults (examples.grid_lines.models.INJECTS; the collector does not import torch)
 DEMO_INJECTS = ("spectral-init", "loss-units", "amp-gain", "raw-input", "frozen-generator")
 
@@ -140,9 +137,7 @@ def cmd_collect(a) -> int:
     check_out(a.out)
     cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
                  allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
-                 ready_file=a.ready_file, quiet=a.quiet, banner=not a.embedded,
-                 close_wait_s=EMBEDDED_CLOSE_WAIT_S if a.embedded else 0.0,
-                 parent_pid=os.getppid() if a.embedded else None)
+                 ready_file=a.ready_file, quiet=a.quiet, embedded=a.embedded)
     col = Collector(cfg)
     try:
         col.start()

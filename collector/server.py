@@ -3,8 +3,8 @@
 Shutdown (SIGINT/SIGTERM) runs in a fixed order: stop accepting (drain what the socket
 already holds, close it), hand pending lines to the writer, let it drain, fsync and write
 manifests, diagnose, stop the web server, print a line per run (unless quiet). An embedded
-collector (Config.parent_pid) ignores SIGINT, stops when its training process is gone, and
-first waits (Config.close_wait_s) for the byes of ranks still sending.
+collector (Config.embedded) ignores SIGINT, stops when its training process is gone, and
+first waits (EMBEDDED_CLOSE_WAIT_S) for the byes of ranks still sending.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ DIAGNOSE_S = 5.0
 # ~1 MB); larger ones get a note and `tensortap report RUN_DIR` on demand.
 DIAGNOSE_MAX_BYTES = 32 << 20
 SUMMARY_RUNS = 20  # runs the stop summary lists one by one
+EMBEDDED_CLOSE_WAIT_S = 5.0  # (client_hooks.session waits a little longer for it to exit)
 
 
 TOO_LARGE = {"rule": "not_diagnosed", "severity": "low", "evidence": {"max_bytes": DIAGNOSE_MAX_BYTES},
@@ -53,14 +54,12 @@ class Config:
     queue_bytes: int = 64 << 20
     ready_file: Optional[str] = None
     quiet: bool = False  # no start line, no summary at stop
-    banner: bool = True  # the start line (an embedded collector's process prints its own)
-    # asked to stop, wait this long at most for every rank seen to close (its bye): an embedded
-    # collector stops when rank 0's process exits, and the other ranks may still be sending
-    close_wait_s: float = 0.0
-    # an embedded collector's training process: the collector ignores SIGINT (a Ctrl-C meant
-    # for the training reaches the whole process group; the training process stops it with
-    # SIGTERM once its records are sent) and stops by itself if that process is gone
-    parent_pid: Optional[int] = None
+    # started by a training process (client_hooks.session), its parent: no start line (that
+    # process prints the URL); SIGINT ignored (a Ctrl-C meant for the training reaches the
+    # whole process group; the training process stops it with SIGTERM once its records are
+    # sent); stops by itself if that process is gone; asked to stop, waits (at most
+    # EMBEDDED_CLOSE_WAIT_S) for every rank seen to close: rank 0's process may exit first
+    embedded: bool = False
 
 
 class Collector:
@@ -76,6 +75,7 @@ class Collector:
         self._diagnosed: dict[str, tuple[float, float]] = {}  # run -> (last start, seconds)
         self._http_server = None
         self._hurry = False  # a second stop signal: no more waiting for open ranks
+        self._parent = os.getppid() if cfg.embedded else None  # (read first: it may die meanwhile)
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +155,7 @@ class Collector:
                 json.dump({"zmq": self.zmq_endpoint, "http": self.http_url, "pid": os.getpid(),
                            "out": os.path.abspath(self.cfg.out)}, f)
             os.replace(tmp, self.cfg.ready_file)
-        if not self.cfg.quiet and self.cfg.banner:
+        if not self.cfg.quiet and not self.cfg.embedded:
             parts = [f"zmq {self.zmq_endpoint}" if self.zmq_endpoint else "no ingest",
                      f"dashboard {self.http_url}" if self.http_url else "no web view",
                      f"out {os.path.abspath(self.cfg.out)}"]
@@ -249,12 +249,12 @@ class Collector:
                 threads["tensortap-http"].join(5)
 
     def _await_open_ranks(self) -> None:
-        """cfg.close_wait_s: until every (run, rank) that said hello has said bye, at most that
-        long (or until a second signal), still taking records in."""
+        """Embedded: until every (run, rank) that said hello has said bye, at most
+        EMBEDDED_CLOSE_WAIT_S (or until a second signal), still taking records in."""
         ing = self.ingest
-        if ing is None or self.cfg.close_wait_s <= 0:
+        if ing is None or not self.cfg.embedded:
             return
-        deadline = time.monotonic() + self.cfg.close_wait_s
+        deadline = time.monotonic() + EMBEDDED_CLOSE_WAIT_S
         while not self._hurry and time.monotonic() < deadline and any(
                 rf.unclosed() for rf in list(ing.runs.values())):
             time.sleep(0.05)
@@ -297,7 +297,7 @@ class Collector:
                 self._hurry = True
             asked.set()
 
-        parent = self.cfg.parent_pid
+        parent = self._parent
         old = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGINT and parent else _on_signal)
                for s in (signal.SIGINT, signal.SIGTERM)}
         try:
