@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in one go (docs/BENCHMARKS.md records the figures):
-#   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py);
+#   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py), and
+#      test_tap.py's CUDA cases (AMP with a GradScaler, gradient accumulation);
 #   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per
 #      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
 #      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
@@ -35,6 +36,11 @@ python3 -c "import time; t = time.perf_counter(); [sum(range(100)) for _ in rang
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
 tail -4 "$OUT/tests.txt"
+# Tap on the GPU, through a real socket: AMP (GradScaler, autocast) and gradient accumulation
+python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_tap.py -k cuda > "$OUT/tests_tap.txt" 2>&1
+rc_tap=$?
+tail -3 "$OUT/tests_tap.txt"
+[ "$rc_tap" = 0 ] || rc_tests=$rc_tap
 rc_check=0
 if [ "${QUICK:-0}" != 1 ]; then
     python3 bench/fused_check.py > "$OUT/fused_check.txt" 2>&1

@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from client_hooks import Tap, TapCallback  # noqa: E402
+from tests.client_hooks.hookcount import hook_counts, open_sockets  # noqa: E402
 
 
 class Fields(Dataset):
@@ -60,21 +61,6 @@ class Module(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-def hook_counts(model):
-    n = 0
-    for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-    for p in model.parameters():
-        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
-    return n
-
-
-def open_sockets():
-    fds = os.listdir("/proc/self/fd")
-    return sum(os.readlink(f"/proc/self/fd/{f}").startswith("socket:") for f in fds
-               if os.path.exists(f"/proc/self/fd/{f}"))
 
 
 def main():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from client_hooks import Tap
-from tests.client_hooks.lightning_app import hook_counts
+from tests.client_hooks.hookcount import hook_counts
 
 
 def small_cnn():
@@ -264,26 +264,35 @@ def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull
         assert (g is None and not math.isfinite(t)) or g == t or (math.isnan(t) and g != g), (g, t)
 
 
+# CPU, and a GPU where there is one (the fused kernels' gradient path; bench/device_run.sh)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("gradients", ["all", ["0"]])  # the total from the rows, or of its own
-def test_gradients_under_a_grad_scaler_are_the_unscaled_ones(pull, gradients):
-    """AMP: backward on a scaled loss; the records equal the gradients after unscale_, over two
-    steps whose scale differs (the scaler's update changes its scale in place after the step)."""
+def test_gradients_under_a_grad_scaler_are_the_unscaled_ones(pull, gradients, dev):
+    """AMP: autocast and backward on a scaled loss; the records equal the gradients after
+    unscale_, over two steps whose scale differs (the scaler's update changes its scale in
+    place after the step)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_factor=4.0, growth_interval=1)
+    scaler = torch.amp.GradScaler(dev, init_scale=2.0 ** 12, growth_factor=4.0, growth_interval=1)
+    half = torch.float16 if dev == "cuda" else torch.bfloat16
     want = []
     with Tap(every_n_steps=1, gradients=gradients) as tap:
         tap.watch(model, optimizer=opt, scaler=scaler)
         for step in range(2):
-            x, y = torch.randn(8, 5), torch.randn(8, 2)
+            x, y = torch.randn(8, 5, device=dev), torch.randn(8, 2, device=dev)
             tap.log_batch({"x": x}, epoch=0)
-            scaler.scale((model(x) - y).pow(2).mean()).backward()
+            with torch.autocast(dev, dtype=half):
+                loss = (model(x) - y).float().pow(2).mean()
+            scaler.scale(loss).backward()
             scale = scaler.get_scale()
             scaler.unscale_(opt)
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
             first = model[0]
-            g = np.concatenate([first.weight.grad.numpy().ravel(), first.bias.grad.numpy().ravel()])
+            g = np.concatenate([first.weight.grad.cpu().numpy().ravel(), first.bias.grad.cpu().numpy().ravel()])
             want.append((scale, g.astype(np.float64), total))
             scaler.step(opt)
             scaler.update()
@@ -301,20 +310,21 @@ def test_gradients_under_a_grad_scaler_are_the_unscaled_ones(pull, gradients):
         assert tot["data"]["norm"] == pytest.approx(total, rel=1e-5)
 
 
-def test_under_gradient_accumulation_only_captures_with_an_optimizer_step_have_update_ratios(pull):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_under_gradient_accumulation_only_captures_with_an_optimizer_step_have_update_ratios(pull, dev):
     """Two micro-batches per optimizer step, every step captured: the first of each pair ends
     with no optimizer step (update_ratio None, no frozen-parameter finding); the second's
     ratio spans the real update."""
     from collector.diagnosis.gradients import dead_parameters
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     want = []
     with Tap(every_n_steps=1) as tap:
         tap.watch(model, optimizer=opt)
         for i in range(4):
-            x = torch.randn(8, 5)
+            x = torch.randn(8, 5, device=dev)
             tap.log_batch({"x": x}, epoch=0)
             (model(x).pow(2).mean() / 2).backward()
             if i % 2 == 1:
