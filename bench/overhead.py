@@ -13,6 +13,12 @@ round, with one device sync around each epoch's timing so the GPU pipeline stays
   default      gate on, default cadence: first batch of each epoch + loss every step
   every_step   gate on, every step: every leaf module's output and every layer's gradients
   naive_item   reference: the same statistics read with one .item() per statistic, every step
+--diagnose adds two every_step variants that split its slow rounds on a host-bound GPU
+(every_step's rounds spread by up to 20% where `none`'s do not, eleventh session):
+  every_step_nogc     Python's garbage collector disabled during its epochs' timing
+  every_step_nosend   its records handed to the sender only after each epoch's timing
+and prints, per variant, the collector's runs by generation and their time during its
+epochs, and (CUDA) the caching allocator's device allocations and frees.
 Prints a markdown table and the device: median step (or epoch-mean) time; ratio to `none` of
 the medians and of the means (the mean carries a once-an-epoch capture; the median does not);
 median and middle half of the paired ratios (same step or round, adjacent in time); with
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -42,6 +49,7 @@ from torch import nn  # noqa: E402
 from client_hooks import Tap  # noqa: E402
 
 VARIANTS = ("none", "gate_off", "default", "every_step", "naive_item")
+DIAGNOSE = ("every_step_nogc", "every_step_nosend")
 
 
 def build_fno(width: int, modes: int) -> nn.Module:
@@ -105,14 +113,44 @@ def make_variant(name: str, base: nn.Module, device: str, lr: float):
         tap = Tap(gate="TENSORTAP_BENCH_OFF")
     elif name == "default":
         tap = Tap(gate="TENSORTAP_BENCH_ON", pairs={"x_combined": "real_imag"})
-    elif name == "every_step":
+    elif name.startswith("every_step"):
         tap = Tap(gate="TENSORTAP_BENCH_ON", every_n_steps=1, all_leaves=True, gradients="all",
                   pairs={"x_combined": "real_imag"})
     elif name == "naive_item":
         NaiveItem(model)
     if tap is not None:
         tap.watch(model, optimizer=opt)
-    return {"model": model, "opt": opt, "tap": tap, "step": 0, "epoch": 0, "times": []}
+        if name == "every_step_nosend":
+            from profile_step import _Later
+
+            tap._engine.sender = _Later(tap._engine.sender)
+    return {"model": model, "opt": opt, "tap": tap, "step": 0, "epoch": 0, "times": [], "name": name,
+            "gc": {}, "allocs": [0, 0]}
+
+
+_in_epoch: list = [None]  # the variant whose epoch is being timed (gc callbacks count for it)
+_gc_start = [0.0]
+
+
+def _gc_watch(phase: str, info: dict) -> None:
+    """gc.callbacks: each collection's generation and time, charged to the variant timed."""
+    v = _in_epoch[0]
+    if v is None:
+        return
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+        return
+    cell = v["gc"].setdefault(info["generation"], [0, 0.0])
+    cell[0] += 1
+    cell[1] += time.perf_counter() - _gc_start[0]
+
+
+def _device_allocs() -> tuple[int, int]:
+    """The CUDA caching allocator's cudaMalloc and cudaFree calls so far (0, 0 without)."""
+    if not torch.cuda.is_available():
+        return 0, 0
+    st = torch.cuda.memory_stats()
+    return st.get("num_device_alloc", 0), st.get("num_device_free", 0)
 
 
 def run_step(v: dict, batches: list, i: int, device: str) -> float:
@@ -152,12 +190,30 @@ def run_epoch(v: dict, batches: list, device: str) -> float:
     the device pipeline stays full as in real training)."""
     if device == "cuda":
         torch.cuda.synchronize()
+    nogc = v.get("name") == "every_step_nogc" and gc.isenabled()
+    if nogc:
+        gc.disable()
+    a0, f0 = _device_allocs()
+    _in_epoch[0] = v
     t0 = time.perf_counter()
-    for i in range(len(batches)):
-        run_step(v, batches, i, "cpu")  # "cpu": no per-step sync inside the epoch's timing
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / len(batches)
+    try:
+        for i in range(len(batches)):
+            run_step(v, batches, i, "cpu")  # "cpu": no per-step sync inside the epoch's timing
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / len(batches)
+    finally:
+        _in_epoch[0] = None
+        a1, f1 = _device_allocs()
+        if "allocs" in v:
+            v["allocs"][0] += a1 - a0
+            v["allocs"][1] += f1 - f0
+        if nogc:
+            gc.enable()
+        sender = getattr(getattr(v.get("tap"), "_engine", None), "sender", None)
+        release = getattr(sender, "release", None)
+        if release is not None:  # every_step_nosend: its records go now, outside the timing
+            release()
 
 
 def main() -> None:
@@ -177,12 +233,17 @@ def main() -> None:
                     help="pinned host buffers of the capture's read-back ring (default: the library's)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated subset of the variants (`none` is always run)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also every_step_nogc and every_step_nosend, and per variant the garbage "
+                    "collector's runs and the CUDA allocator's device calls (see the docstring)")
     a = ap.parse_args()
-    a.variants = {"none", *a.variants.split(",")}
-    unknown = a.variants - set(VARIANTS)
+    a.variants = {"none", *a.variants.split(",")} | (set(DIAGNOSE) if a.diagnose else set())
+    unknown = a.variants - set(VARIANTS + DIAGNOSE)
     if unknown:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
-    a.interleave = a.interleave or ("epoch" if a.device == "cuda" else "step")
+    a.interleave = a.interleave or ("epoch" if a.device == "cuda" or a.diagnose else "step")
+    if a.diagnose and a.interleave != "epoch":
+        ap.error("--diagnose times whole epochs: use it with --interleave epoch")
     if a.ring_slots is not None:
         from client_hooks import capture
 
@@ -196,8 +257,9 @@ def main() -> None:
         batches = [(torch.randn(a.batch, 1, a.size, a.size, generator=g).to(a.device),
                     torch.randn(a.batch, 2, a.size, a.size, generator=g).to(a.device))
                    for _ in range(a.epoch_steps)]
-        names = tuple(n for n in VARIANTS if n in a.variants)
+        names = tuple(n for n in VARIANTS + DIAGNOSE if n in a.variants)
         variants = {n: make_variant(n, base, a.device, 1e-4) for n in names}
+        gc.callbacks.append(_gc_watch)
         rounds = max(1, a.steps // a.epoch_steps)
         for r in range(a.warmup + rounds):
             order = names[r % len(names):] + names[:r % len(names)]
@@ -248,12 +310,19 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
     if unit == "round":  # each round's time, in the order run: drift and outliers show
         print("\nper round (ms, round 1 first):")
         for n in variants:
-            print(f"  {n:<11} " + " ".join(f"{t * 1e3:.2f}" for t in variants[n]["times"]))
+            print(f"  {n:<17} " + " ".join(f"{t * 1e3:.2f}" for t in variants[n]["times"]))
         # a device host's noise comes as slow rounds over a steady floor (eleventh session):
         # the mean of each variant's fastest quarter of rounds, over `none`'s, is that floor's ratio
         floor = {n: statistics.fmean(sorted(v["times"])[:max(1, len(v["times"]) // 4)]) for n, v in variants.items()}
         print("fastest quarter of rounds, over none's: " + ", ".join(
             f"{n} {floor[n] / floor['none']:.3f}x" for n in variants if n != "none"))
+    if a.diagnose:
+        print("\nduring each variant's timed epochs, per 1000 steps: garbage collections by generation "
+              "(count, ms); CUDA allocator device allocations / frees")
+        for n, v in variants.items():
+            steps = max(1, len(v["times"]) * (a.epoch_steps if unit == "round" else 1)) / 1000
+            g = ", ".join(f"gen{k} {c / steps:.1f} ({ms * 1e3 / steps:.1f} ms)" for k, (c, ms) in sorted(v["gc"].items()))
+            print(f"  {n:<17} {g or 'none'}; allocator {v['allocs'][0] / steps:.1f} / {v['allocs'][1] / steps:.1f}")
     if sender is not None:
         st = sender.stats()
         print(f"\nsender (every_step + default share one): {st}")
