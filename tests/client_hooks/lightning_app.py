@@ -44,6 +44,7 @@ class Module(L.LightningModule):
             self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
         else:
             self.net = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+        self.first_norms, self.loss_scale = {}, None
 
     def training_step(self, batch, batch_idx):
         out = self.net(batch["images"])
@@ -62,6 +63,18 @@ class Module(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    def on_before_optimizer_step(self, optimizer):
+        """After the callbacks' hook (so after TapCallback read the gradients), as Lightning
+        hands them to the optimizer: the first layer's gradient norm at the first optimizer
+        step of each epoch (the default capture), and the loss scale of mixed precision."""
+        if self.current_epoch in self.first_norms:
+            return
+        first = next(m for m in self.net.modules() if list(m.parameters(recurse=False)))
+        g = torch.cat([p.grad.detach().double().reshape(-1) for p in first.parameters(recurse=False)])
+        self.first_norms[self.current_epoch] = g.norm().item()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.loss_scale = scaler.get_scale() if scaler is not None else None
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -70,6 +83,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--plain-tap", action="store_true", help="also build (and close) a Tap")
     ap.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    ap.add_argument("--gpu", action="store_true", help="one CUDA device")
+    ap.add_argument("--precision", default="32-true", help="e.g. 16-mixed (on a GPU: a GradScaler, init scale 1024)")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
@@ -77,11 +92,16 @@ def main():
     tap = Tap() if a.plain_tap else None  # the other front door, also inert when gated off
     if tap is not None:
         tap.watch(module)
-    trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=2 if a.ddp else 1,
+    precision = {"precision": a.precision}
+    if a.gpu and a.precision == "16-mixed":  # a known scale: the test checks it was not 1
+        from lightning.pytorch.plugins import MixedPrecision
+
+        precision = {"plugins": [MixedPrecision("16-mixed", "cuda", torch.amp.GradScaler("cuda", init_scale=1024.0))]}
+    trainer = L.Trainer(max_epochs=a.epochs, accelerator="gpu" if a.gpu else "cpu", devices=2 if a.ddp else 1,
                         strategy="ddp" if a.ddp else "auto", callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
-                        accumulate_grad_batches=a.accumulate)
+                        accumulate_grad_batches=a.accumulate, **precision)
     data = Fields(16, a.model)
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     if tap is not None:
@@ -90,6 +110,8 @@ def main():
         res = {"hooks": hook_counts(module), "zmq": "zmq" in sys.modules,
                "threads": [t.name for t in threading.enumerate() if "tensortap" in t.name],
                "sockets": open_sockets() if not a.ddp else None, "rank": trainer.global_rank}
+        if a.gpu:  # what the optimizer was handed (the gate-off test compares the dict whole)
+            res.update(first_norms=module.first_norms, loss_scale=module.loss_scale)
         print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 APP = os.path.join(os.path.dirname(__file__), "lightning_app.py")
 
@@ -48,6 +50,24 @@ def test_gate_on_a_fit_sends_every_stream_and_removes_its_hooks(pull, model):
     assert pull.find("loader_stats", "val_loader")[0]["data"] == {"present": True, "length": 2}
     probe = pull.find("loader_stats", "probe")[0]["data"]
     assert set(probe) >= {"real", "imag", "abs", "angle"} and probe["split"] == "train"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")
+def test_under_16_mixed_precision_on_a_gpu_the_gradients_are_the_unscaled_ones(pull):
+    """precision="16-mixed" on CUDA: autocast, and a GradScaler (init scale 1024) that scales
+    the loss before backward and unscales the gradients before on_before_optimizer_step. The
+    records equal what the optimizer is handed, not 1024 times it."""
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+                   "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--gpu", "--precision", "16-mixed")
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    assert res["loss_scale"] is not None and res["loss_scale"] >= 256  # the scaler was at work
+    recs = sorted(pull.find("gradients", "net.0"), key=lambda r: r["epoch"])
+    assert [r["epoch"] for r in recs] == [0, 1]
+    for r in recs:
+        want = res["first_norms"][str(r["epoch"])]
+        assert math.isfinite(want) and want > 0
+        assert r["data"]["norm"] == pytest.approx(want, rel=1e-4)
+        assert "loss_scale" not in r["data"]
 
 
 def test_under_gradient_accumulation_a_capture_without_an_optimizer_step_has_no_update_ratio(pull):
