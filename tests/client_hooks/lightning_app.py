@@ -50,7 +50,7 @@ class Module(L.LightningModule):
         out = self.net(batch["images"])
         for cb in self.trainer.callbacks:
             if isinstance(cb, TapCallback):
-                cb.record("x_combined", torch.complex(out, out.flip(-1)))
+                cb.record("x_combined", torch.complex(out.float(), out.flip(-1).float()))
                 cb.patch_metrics(out.abs(), batch["images"].abs())
         loss = out.pow(2).mean()
         self.log("train_mse", loss, on_step=True, on_epoch=True)

@@ -207,16 +207,24 @@ def test_complex_values_and_declared_pairs_equal_numpy_through_the_tap(pull):
     t = torch.randn(3, 2, 5, 4, generator=g)
     amp, ph = t[:, 0].abs(), t[:, 1]
     t2 = torch.stack([amp, ph], 1)
+    with warnings.catch_warnings():  # "ComplexHalf support is experimental"
+        warnings.simplefilter("ignore", UserWarning)
+        zh = torch.complex(re.half(), im.half())  # complex32: an FFT of float16 under autocast
     with Tap(all_leaves=True, pairs={"ri": "real_imag", "ap": "amp_phase"}) as tap:
         tap.watch(nn.Linear(2, 2).to(DEV))
         tap.log_batch({"x": torch.ones(1, device=DEV)}, epoch=0)
         tap.record("z", z.to(DEV))
+        tap.record("zh", zh.to(DEV))
         tap.record("ri", t.to(DEV))
         tap.record("ap", t2.to(DEV))
-    assert pull.wait_for(lambda r: len(pull.find("activations")) == 3)
+    assert pull.wait_for(lambda r: len(pull.find("activations")) == 4)
     d = {r["name"]: r["data"] for r in pull.find("activations")}
     check_complex(z.numpy(), d["z"])
     assert d["z"]["nan"] == 4 and d["z"]["inf"] == 4 and d["z"]["shape"] == [4, 50]
+    want = np.empty(re.shape, np.complex64)
+    want.real, want.imag = re.half().float().numpy(), im.half().float().numpy()
+    check_complex(want, d["zh"])
+    assert d["zh"]["nan"] == 4 and d["zh"]["inf"] == 4 and d["zh"]["dtype"] == "complex32"
     check_complex(t[:, 0].double().numpy() + 1j * t[:, 1].double().numpy(), d["ri"])
     assert d["ri"]["shape"] == [3, 5, 4]
     check_complex(amp.double().numpy() * np.exp(1j * ph.double().numpy()), d["ap"])

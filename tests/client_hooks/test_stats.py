@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -94,6 +95,28 @@ def test_complex_stats_match_numpy_for_real_imag_abs_angle(re, data):
     z = np.empty(re.shape, np.complex64)
     z.real, z.imag = re, im
     check_complex(z, computed(torch.from_numpy(z)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.float16, st.tuples(st.integers(0, 3), st.integers(1, 6)), elements=_values(16, 6e4)),
+       st.data())
+def test_complex32_stats_match_numpy_on_the_same_values(re, data):
+    """ComplexHalf (an FFT of float16 values under CUDA autocast gives one): the statistics of
+    its values, as the record and as the engine's complex path compute them."""
+    im = data.draw(hnp.arrays(np.float16, re.shape, elements=_values(16, 6e4)))
+    z = np.empty(re.shape, np.complex64)
+    z.real, z.imag = re, im
+    with warnings.catch_warnings():  # "ComplexHalf support is experimental"
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.complex(torch.from_numpy(re), torch.from_numpy(im))
+        assert t.dtype == torch.complex32
+        d = computed(t)
+        check_complex(z, d)
+        assert d["dtype"] == "complex32"
+        if re.size:
+            vals = stats.complex_vector(t, None, host_ok=True)  # host floats, or a tensor (masked path)
+            vals = vals.tolist() if isinstance(vals, torch.Tensor) else vals
+            check_complex(z, stats.tensor_stats_dict(vals, list(re.shape), "complex32", True))
 
 
 @settings(max_examples=150, deadline=None)
