@@ -49,6 +49,7 @@ class TapCallback(Callback):
         self._engine = None
         self._run, self._watch, self._log_batches = run, watch, log_batches
         self._val_logged = False
+        self._holding = False  # holds its run (session.hold): from __init__ (rank 0) or setup to teardown
         if not self.enabled:
             return
         from client_hooks.engine import Options
@@ -58,7 +59,11 @@ class TapCallback(Callback):
                              pairs=dict(pairs or {}))
         if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("RANK", 0)) == 0:
             try:
-                self._run = session.resolve(run).run  # writes run + endpoint into os.environ
+                # writes run + endpoint into os.environ; a new run when this process's last
+                # one was made up and every Tap and TapCallback on it has ended
+                self._run = session.resolve(run, fresh=True).run
+                session.hold(self._run)  # from now: a Tap made beside it joins its run
+                self._holding = True
             except Exception as e:  # no collector: the fit goes on without telemetry
                 self._give_up(e)
 
@@ -67,10 +72,18 @@ class TapCallback(Callback):
 
         warn_once("session", err)
         self.enabled = False
+        if self._holding:
+            session.release(self._run)
+            self._holding = False
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.enabled or self._engine is not None:
+        if not self.enabled:
+            return
+        if self._engine is not None:  # a later stage (fit, then test): the same run
+            if not self._holding:
+                session.hold(self._engine.sender.run)
+                self._holding = True
             return
         from client_hooks import hooks as _hooks
         from client_hooks.engine import Engine
@@ -87,11 +100,20 @@ class TapCallback(Callback):
         except Exception as e:
             return self._give_up(e)
         self._engine = engine
+        if not self._holding:
+            session.hold(engine.sender.run)
+            self._holding = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        """Each stage's end: hooks removed, records flushed. The sender stays open for a
+        later stage of this callback (its bye goes at the process's exit); a new TapCallback
+        after this one starts a new run unless one is given."""
         if self._engine is not None:
             self._engine.close()
             self._engine.sender.flush(2.0)
+            if self._holding:
+                session.release(self._engine.sender.run)
+                self._holding = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:

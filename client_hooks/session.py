@@ -10,6 +10,11 @@
 
 Resolving writes the run id and endpoint back into os.environ so that processes started
 later (DDP ranks launched by Lightning, dataloader workers) join the same run and collector.
+A run id this process made up belongs to the Taps and TapCallbacks that use it: once the last
+of them has closed, the next one (a notebook cell run again, a second model trained after
+the first) starts a new run instead of continuing the finished one's steps from 0 in the same
+series. A run id given by the user (`run=`, TENSORTAP_RUN set beforehand, or inherited from
+a launcher) is kept for every Tap, and a job of several processes keeps one run.
 Ranks started together (torchrun: each has MASTER_ADDR/PORT, RANK and WORLD_SIZE) cannot
 inherit them: with no endpoint set, rank 0 starts the embedded collector and announces it
 in a file of this host's temporary folder named after the job's MASTER_ADDR:MASTER_PORT; the
@@ -55,12 +60,18 @@ class Session:
 _lock = threading.Lock()
 _embedded: Optional[subprocess.Popen] = None
 _senders: dict = {}
+_own_run: Optional[str] = None  # the run id this process made up and wrote into TENSORTAP_RUN
+_holders = 0  # open Taps and TapCallbacks writing to _own_run
 
 
-def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Optional[int] = None) -> Session:
+def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Optional[int] = None,
+            fresh: bool = False) -> Session:
     """Effective run id, endpoint and artifact root; starts the embedded collector if needed
     (rank 0 of a job of several processes announces it; the others join it: module docstring).
-    rank, world: this process's; None reads RANK and WORLD_SIZE."""
+    rank, world: this process's; None reads RANK and WORLD_SIZE. fresh: for a new Tap or
+    TapCallback, which does not continue a run of this process's own making that every
+    earlier holder has closed (see `hold`)."""
+    global _own_run
     out = os.environ.setdefault("TENSORTAP_OUT", DEFAULT_OUT)
     endpoint = os.environ.get("TENSORTAP_ENDPOINT")
     dashboard = os.environ.get("TENSORTAP_DASHBOARD")
@@ -73,8 +84,11 @@ def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Option
         run = run or os.environ.get("TENSORTAP_RUN") or info["run"]
         os.environ["TENSORTAP_ENDPOINT"] = endpoint
         os.environ["TENSORTAP_DASHBOARD"] = dashboard or ""
-    run = run or os.environ.get("TENSORTAP_RUN") or new_run_id()
-    os.environ.setdefault("TENSORTAP_RUN", run)
+    current = os.environ.get("TENSORTAP_RUN")
+    finished = (fresh and world == 1 and current is not None and current == _own_run and _holders == 0)
+    run = run or (None if finished else current) or new_run_id()
+    if current is None or finished:  # the user's (or a launcher's) run id is never replaced
+        os.environ["TENSORTAP_RUN"] = _own_run = run
     if not endpoint:
         endpoint, dashboard = start_embedded(out)
         os.environ["TENSORTAP_ENDPOINT"] = endpoint
@@ -219,11 +233,40 @@ def stop_embedded(timeout: float = 12.0) -> None:
         proc.kill()
 
 
-def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, **kw):
-    """The process-wide sender for a run (one per process, so (run, rank, seq) is unique)."""
+def hold(run: str) -> None:
+    """A Tap or TapCallback writes to `run` (until its `release`)."""
+    global _holders
+    with _lock:
+        if run == _own_run:
+            _holders += 1
+
+
+def release(run: str) -> bool:
+    """A holder of `run` is done; True when that was the last one of a run this process made
+    up: no later Tap continues it (the next one starts a new run)."""
+    global _holders
+    with _lock:
+        if run != _own_run or _holders <= 0:
+            return False
+        _holders -= 1
+        return _holders == 0
+
+
+def close_run(run: str) -> None:
+    """Close this process's senders of `run` (their bye tells the collector it is complete)."""
+    with _lock:
+        done = [k for k in _senders if k[0] == run]
+        senders = [_senders.pop(k) for k in done]
+    for s in senders:
+        s.close()
+
+
+def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, fresh: bool = False, **kw):
+    """The process-wide sender for a run (one per process, so (run, rank, seq) is unique).
+    fresh: see `resolve`."""
     from client_hooks.sender import Sender
 
-    session = resolve(run, rank, world)
+    session = resolve(run, rank, world, fresh)
     kw = {**curve_options(), **kw}
     key = (session.run, session.endpoint, rank)
     with _lock:

@@ -27,6 +27,10 @@ class Tap:
             tap.epoch_end(epoch)
         tap.close()                               # or `with Tap(...) as tap:`
 
+Run: `run=`, else TENSORTAP_RUN, else a new id. An id this process made up is shared by the
+Taps and TapCallbacks open together; once the last of them has closed, its run is complete
+(the bye is sent) and the next Tap starts a new run (client_hooks.session).
+
 Streams (kind: name -> data; every record carries step and epoch):
 - loader_stats: field path ("images", "meta.coords_relative") -> tensor stats (see
   client_hooks.stats) + {"split", "batch"}; scalars -> {"value", "split", "batch"};
@@ -72,6 +76,7 @@ turned into one RuntimeWarning per kind and never raised.
         self._optimizer = None
         self._opt_handle = None
         self._split_seen: dict[str, int] = {}
+        self._closed = False
         if not self.enabled:
             return
         from client_hooks.engine import Engine, Options  # torch is imported only when on
@@ -79,7 +84,7 @@ turned into one RuntimeWarning per kind and never raised.
         opts = Options(first_n=first_n, every_n_steps=every_n_steps, activations=activations,
                        inputs=inputs, gradients=gradients, all_leaves=all_leaves,
                        pairs=dict(pairs or {}))
-        self._make = lambda: Engine(session.open_sender(run, *_rank_world(rank, world)), opts)
+        self._make = lambda: Engine(session.open_sender(run, *_rank_world(rank, world), fresh=True), opts)
 
     @property
     def _engine(self):
@@ -89,11 +94,17 @@ turned into one RuntimeWarning per kind and never raised.
             try:
                 self._eng = self._make()
                 self.sender = self._eng.sender
+                session.hold(self.sender.run)
             except Exception as e:  # no collector: training goes on without telemetry
                 from client_hooks.engine import warn_once
 
                 warn_once("session", e)
                 self.enabled = False
+        elif self._eng is not None and self._closed:
+            from client_hooks.engine import say_once
+
+            say_once("closed tap", CLOSED)
+            return None
         return self._eng
 
     # -- set-up ---------------------------------------------------------------------------
@@ -202,14 +213,19 @@ turned into one RuntimeWarning per kind and never raised.
         self._engine.end_step()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Finish the step, remove every hook, wait (bounded) until the records are sent."""
-        if self._eng is None:
+        """Finish the step, remove every hook, wait (bounded) until the records are sent. The
+        Tap records nothing more. When it was the last open Tap of a run this process made
+        up, the run is complete (its bye is sent) and the next Tap starts a new one."""
+        if self._eng is None or self._closed:
             return
         if self._eng.step is None:
             _no_step_yet(self._eng)
         self._end()
         self._engine.close()
         self.sender.flush(timeout)
+        self._closed = True
+        if session.release(self.sender.run):
+            session.close_run(self.sender.run)
 
     def __enter__(self) -> "Tap":
         return self
@@ -218,6 +234,8 @@ turned into one RuntimeWarning per kind and never raised.
         self.close()
 
 
+CLOSED = ("tensortap: a Tap was used after its close(); the call is ignored (close it after its "
+          "last record, or make a new Tap)")
 NO_STEP = ("tensortap: a model is watched but no training step has begun, so only metrics are "
            "recorded (no gradient, activation or batch): call tap.log_batch(batch) at the start of "
            "every training step (tap.log_batch(None) when there is no batch to log)")

@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     ap.add_argument("--gpu", action="store_true", help="one CUDA device")
     ap.add_argument("--precision", default="32-true", help="e.g. 16-mixed (on a GPU: a GradScaler, init scale 1024)")
+    ap.add_argument("--fits", type=int, default=1, help="then validate, and fit that many more new "
+                    "Trainers with a new TapCallback each, one after the other (a notebook's cells)")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
@@ -97,13 +99,21 @@ def main():
         from lightning.pytorch.plugins import MixedPrecision
 
         precision = {"plugins": [MixedPrecision("16-mixed", "cuda", torch.amp.GradScaler("cuda", init_scale=1024.0))]}
-    trainer = L.Trainer(max_epochs=a.epochs, accelerator="gpu" if a.gpu else "cpu", devices=2 if a.ddp else 1,
-                        strategy="ddp" if a.ddp else "auto", callbacks=[cb], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        accumulate_grad_batches=a.accumulate, **precision)
+    options = dict(max_epochs=a.epochs, accelerator="gpu" if a.gpu else "cpu", devices=2 if a.ddp else 1,
+                   strategy="ddp" if a.ddp else "auto", logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0,
+                   accumulate_grad_batches=a.accumulate, **precision)
+    trainer = L.Trainer(callbacks=[cb], **options)
     data = Fields(16, a.model)
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    runs = [cb._run]
+    if a.fits > 1:
+        trainer.validate(module, DataLoader(data, batch_size=8), verbose=False)
+    for _ in range(a.fits - 1):
+        cb2 = TapCallback(gradients="all")
+        L.Trainer(callbacks=[cb2], **options).fit(Module(a.model), DataLoader(data, batch_size=4))
+        runs.append(cb2._run)
     if tap is not None:
         tap.close()
     if trainer.global_rank == 0:
@@ -112,6 +122,8 @@ def main():
                "sockets": open_sockets() if not a.ddp else None, "rank": trainer.global_rank}
         if a.gpu:  # what the optimizer was handed (the gate-off test compares the dict whole)
             res.update(first_norms=module.first_norms, loss_scale=module.loss_scale)
+        if a.fits > 1:
+            res["runs"] = runs
         print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -70,6 +70,23 @@ def test_under_16_mixed_precision_on_a_gpu_the_gradients_are_the_unscaled_ones(p
         assert "loss_scale" not in r["data"]
 
 
+def test_each_new_trainer_with_a_new_callback_writes_its_own_run_and_validate_stays_in_its_fits(pull):
+    """No run id given: fit, then validate with the same Trainer (one run), then a new Trainer
+    with a new TapCallback (a notebook cell run again): a second run, its steps from 0."""
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint}, "--fits", "2", "--epochs", "1")
+    first, second = res["runs"]
+    assert first != second
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    by_run = {run: [r for r in pull.records if r["run"] == run] for run in (first, second)}
+    assert {r["run"] for r in pull.records} == {first, second}
+    for run in (first, second):
+        assert sorted(r["step"] for r in by_run[run] if r["kind"] == "metrics" and r["name"] == "loss") == [0, 1, 2, 3]
+    # trainer.validate after the fit (its epoch counter then past the fit's one epoch): the fit's run
+    val_epochs = {r["epoch"] for r in by_run[first] if r["kind"] == "metrics" and r["name"] == "val_loss"}
+    assert val_epochs == {0, 1}
+    assert not [r for r in by_run[second] if r["name"] == "val_loss"]
+
+
 def test_under_gradient_accumulation_a_capture_without_an_optimizer_step_has_no_update_ratio(pull):
     """accumulate_grad_batches=2: the first batch of each epoch (the default capture) ends
     before the optimizer steps, so there is no update to measure: update_ratio None, not 0

@@ -515,3 +515,75 @@ def test_the_callback_finds_a_bad_module_path_before_it_opens_anything(pull):
     with pytest.raises(ValueError, match=says):
         cb2.setup(SimpleNamespace(global_rank=0, world_size=1), named_model(), "fit")
     assert session._senders == {}  # no socket, no thread
+
+
+def test_a_new_tap_after_the_last_one_closed_starts_its_own_run(tmp_path, monkeypatch):
+    """A notebook cell run again, a second model trained after the first: with no run id
+    given, each Tap after the previous ones have closed writes a new run (steps from 0 again
+    in their own series), and the closed run gets its bye at once. Taps open together share
+    one run; a given run id (run=, or TENSORTAP_RUN set beforehand) is always kept. A closed
+    Tap ignores further calls, with one warning."""
+    import os
+
+    from client_hooks import engine, session
+    from tests.procs import CollectorProc, manifest, read_jsonl, wait_for
+
+    col = CollectorProc(str(tmp_path / "runs"))
+    monkeypatch.setenv("TENSORTAP", "1")
+    monkeypatch.setenv("TENSORTAP_ENDPOINT", col.endpoint)
+    monkeypatch.setenv("TENSORTAP_RUN", "-")  # so that monkeypatch removes what session writes
+    monkeypatch.delenv("TENSORTAP_RUN")
+    monkeypatch.setattr(session, "_own_run", None, raising=False)
+    monkeypatch.setattr(session, "_holders", 0, raising=False)
+    monkeypatch.setattr(engine, "_warned", set())
+
+    def fit(tap, steps=2):
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tap.watch(model, optimizer=opt)
+        for i in range(steps):
+            tap.log_batch({"x": torch.randn(4, 5)}, epoch=0, batch_idx=i)
+            loss = model(torch.randn(4, 5)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tap.log_loss(loss)
+        return tap.sender.run
+
+    try:
+        with Tap() as tap:
+            first = fit(tap)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            tap.log_loss(torch.tensor(1.0))  # after close: ignored
+            tap.log_loss(torch.tensor(2.0))
+        assert sum("used after its close()" in str(x.message) for x in w) == 1
+        # the first run is complete now, while this process still runs
+        assert wait_for(lambda: os.path.exists(tmp_path / "runs" / first / "manifest.json")
+                        and manifest(str(tmp_path / "runs" / first))["ranks"]["0"]["closed"])
+        b, c = Tap(), Tap()  # open together: one run
+        shared = fit(b)
+        assert fit(c) == shared != first
+        c.close()
+        b.close()
+        with Tap(run="named") as tap:
+            assert fit(tap) == "named"
+        with Tap() as tap:
+            last = fit(tap)
+        assert last not in (first, shared, "named")
+        monkeypatch.setenv("TENSORTAP_RUN", "given")  # the user's: every Tap keeps it
+        with Tap() as tap:
+            assert fit(tap) == "given"
+        with Tap() as tap:
+            assert fit(tap) == "given"
+    finally:
+        for s in list(session._senders.values()):
+            s.close()
+        session._senders.clear()
+        col.stop()
+    runs = tmp_path / "runs"
+    for run, taps in ((first, 1), (shared, 2), ("named", 1), (last, 1), ("given", 2)):
+        m = manifest(str(runs / run))
+        assert m["ranks"]["0"]["closed"] and m["totals"]["gaps"] == 0, run
+        losses = read_jsonl(str(runs / run / "metrics.jsonl"))
+        assert sorted(r["step"] for r in losses) == sorted([0, 1] * taps), run
