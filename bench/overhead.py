@@ -321,7 +321,8 @@ def print_table(a, variants: dict, rounds: int, sender) -> None:
               "(count, ms); CUDA allocator device allocations / frees")
         for n, v in variants.items():
             steps = max(1, len(v["times"]) * (a.epoch_steps if unit == "round" else 1)) / 1000
-            g = ", ".join(f"gen{k} {c / steps:.1f} ({ms * 1e3 / steps:.1f} ms)" for k, (c, ms) in sorted(v["gc"].items()))
+            g = ", ".join(f"gen{k} {c / steps:.1f} ({ms * 1e3 / steps:.1f} ms)"
+                          for k, (c, ms) in sorted(v["gc"].items()))
             print(f"  {n:<17} {g or 'none'}; allocator {v['allocs'][0] / steps:.1f} / {v['allocs'][1] / steps:.1f}")
     if sender is not None:
         st = sender.stats()
