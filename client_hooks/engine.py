@@ -100,6 +100,12 @@ def guarded(kind: str):
     return wrap
 
 
+NO_FORWARD_HOOK = (
+    "tensortap: in capture step {step} the watched model's gradients came but none of its forward "
+    "hooks ran, so no activation is recorded: either its forward was called directly "
+    "(model.forward(x) skips hooks; call model(x)), or it runs under torch.compile and was compiled "
+    "before tensortap's hooks existed (compiled code keeps the hooks it was compiled with): make the "
+    "first compiled call a capture step (the default cadence captures the first batch), or use tap.record()")
 SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
 # deferred tensors held for the grouped launch, at most: DEFER_MAX_BYTES, and on a GPU at
 # most 1/DEFER_MEMORY_SHARE of its memory (a 16 GiB GPU: 256 MiB). Autograd keeps about half
@@ -319,6 +325,8 @@ class Engine:
             self.grads_ready()
             self.capturing = False
             self._scale = None  # after the optimizer step: a GradScaler has unscaled them
+        if self._grad_vecs and self._hooks is not None and self._hooks.silent():
+            say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
         if self._grad_vecs:
             self._add_gradients()
         if self._total is not None:
@@ -580,6 +588,7 @@ class Engine:
             if isinstance(leaf, torch.Tensor):
                 self.add_tensor("activations", f"{name}.{sub}", leaf)
 
+    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("activations")
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
         if not (self.capturing or always):
@@ -593,6 +602,7 @@ class Engine:
         self.add_tensor("activations", name, tensor, cap=cap)
         cap.flush(self.sender)
 
+    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("loader_stats")
     def log_batch(self, batch, split: str, batch_idx: Optional[int]) -> None:
         """Field stats into this capture step, or (outside one) into a capture sent now."""
@@ -607,6 +617,7 @@ class Engine:
     def send_now(self, kind: str, name: str, data: dict) -> None:
         self.sender.send(kind, name, data, self.step, self.epoch)
 
+    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("metrics")
     def metrics(self, values: dict, step: Optional[int], epoch: Optional[int]) -> None:
         """{name: tensor or number}, sent now (every step is fine). A one-element tensor of
@@ -631,6 +642,7 @@ class Engine:
         if items:
             self.sender.send_many(items, step, epoch)
 
+    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("patch_metrics")
     def patch(self, pred, target, scale, note, name, step, epoch) -> None:
         vec = stats.patch_vector(pred, target, scale)

@@ -73,6 +73,15 @@ def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[t
 OnTensor = Callable[[str, object], None]
 
 
+def untraced(fn):
+    """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a hook
+    of a module inside it, a record() in it) breaks its graph there and calls it as it is, so
+    tensortap's code is never compiled into the model's graph, guarded on, or made to raise
+    a compiler error into training. Outside a compiled region it costs ~0.4 us a call."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 class Hooks:
     """Registered only around capture steps (kept from one capture step to the next when
     they follow each other); every callback swallows its own errors."""
@@ -89,27 +98,38 @@ class Hooks:
         self._handles: list = []
         self._seen = 0
         self._queued = False
+        self.fired = 0  # forward hooks run in this capture step (none: a compiled model, see Engine)
+        # made once: each is wrapped for torch.compile (untraced), and the same objects are
+        # registered at every attach
+        self._fwd_hooks = [untraced(self._fwd(path)) for path, _ in act_targets]
+        self._pre_hooks = [untraced(self._pre(path)) for path, _ in act_targets] if inputs else []
+        done = on_forward_done
+        self._done_hook = untraced(lambda m, a, out: done()) if root is not None and done is not None else None
+        self._grad_hook = untraced(self._grad)
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
     def attach(self) -> None:
-        for path, mod in self._targets:
-            self._handles.append(mod.register_forward_hook(self._fwd(path)))
+        for i, (_, mod) in enumerate(self._targets):
+            self._handles.append(mod.register_forward_hook(self._fwd_hooks[i]))
             if self._inputs:
-                self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
-        if self._root is not None and self._on_forward_done is not None:
-            done = self._on_forward_done  # after the targets' hooks when the root is one of them
-            self._handles.append(self._root.register_forward_hook(lambda m, a, out: done()))
+                self._handles.append(mod.register_forward_pre_hook(self._pre_hooks[i]))
+        if self._done_hook is not None:  # after the targets' hooks when the root is one of them
+            self._handles.append(self._root.register_forward_hook(self._done_hook))
         if self._on_grads_ready is not None:
             self._seen, self._queued = 0, False
             for p in self._params:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
 
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""
-        self._seen, self._queued = 0, False
+        self._seen, self._queued, self.fired = 0, False, 0
+
+    def silent(self) -> bool:
+        """Activation hooks were attached for this capture step and none of them ran."""
+        return bool(self._fwd_hooks or self._pre_hooks) and self.fired == 0
 
     def detach(self) -> None:
         handles, self._handles = self._handles, []
@@ -120,6 +140,7 @@ class Hooks:
         name = f"{path}:output"
 
         def hook(module, args, output):
+            self.fired += 1
             self._on_output(name, output)
         return hook
 
@@ -127,6 +148,7 @@ class Hooks:
         name = f"{path}:input"
 
         def hook(module, args):
+            self.fired += 1
             self._on_output(name, args[0] if len(args) == 1 else args)
         return hook
 

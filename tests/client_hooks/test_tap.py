@@ -587,3 +587,79 @@ def test_a_new_tap_after_the_last_one_closed_starts_its_own_run(tmp_path, monkey
         assert m["ranks"]["0"]["closed"] and m["totals"]["gaps"] == 0, run
         losses = read_jsonl(str(runs / run / "metrics.jsonl"))
         assert sorted(r["step"] for r in losses) == sorted([0, 1] * taps), run
+
+
+# torch's own, where a compiled graph resumes after a break on a non-leaf tensor
+COMPILE_RESUME = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_torch_compiled_model_gives_the_eager_models_statistics(pull, dev):
+    """torch.compile (dynamo and AOT autograd; the aot_eager backend needs no C compiler):
+    every other step captured, so the hooks come and go between compiled calls. tensortap's
+    hooks are kept out of the compiled graph (a break, then an ordinary call). Each leaf's
+    output and each layer's gradient equal the eager model's at the same step."""
+    torch.compiler.reset()  # no compiled code of an earlier test's model is reused
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dev)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want_act, want_grad = {}, {}
+    with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(6):
+            x = torch.randn(5, 8, device=dev)
+            with torch.no_grad():
+                h = model[1](model[0](x)).double()
+            want_act[step] = (h.mean().item(), h.std(unbiased=False).item(), h.min().item(), h.max().item())
+            tap.log_batch({"x": x}, epoch=0)
+            compiled(x).pow(2).mean().backward()
+            g = torch.cat([model[2].weight.grad.ravel(), model[2].bias.grad.ravel()]).double()
+            want_grad[step] = (g.norm().item(), g.abs().max().item())
+            opt.step()
+            opt.zero_grad()
+    assert hook_counts(model) == 0
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "2")) == 3)
+    acts = {r["step"]: r["data"] for r in pull.find("activations", "1:output")}
+    grads = {r["step"]: r["data"] for r in pull.find("gradients", "2")}
+    assert sorted(acts) == sorted(grads) == [0, 2, 4]
+    for step in (0, 2, 4):
+        d = acts[step]
+        assert [d["mean"], d["std"], d["min"], d["max"]] == pytest.approx(want_act[step], rel=1e-5, abs=1e-7)
+        assert [grads[step]["norm"], grads[step]["max_abs"]] == pytest.approx(want_grad[step], rel=1e-5)
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradients(pull, monkeypatch):
+    """Compiled code keeps the module hooks it was compiled with: a model compiled (called)
+    before the first capture step never runs tensortap's forward hooks. One warning says why
+    no activation comes; the gradients, read from the parameters, are still recorded."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    torch.compiler.reset()  # no compiled code of an earlier test's model is reused
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(torch.randn(5, 8)).sum().backward()  # compiled with no hook
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1, all_leaves=True, gradients="all") as tap:
+            tap.watch(model, optimizer=opt)
+            for _ in range(3):
+                tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
+                compiled(torch.randn(5, 8)).pow(2).mean().backward()
+                norms.append(model[0].weight.grad.double().norm().item())
+                opt.step()
+                opt.zero_grad()
+    said = [str(x.message) for x in w if "none of its forward hooks ran" in str(x.message)]
+    assert len(said) == 1 and "torch.compile" in said[0] and "model.forward(x)" in said[0]
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "0")) == 3)
+    assert not pull.find("activations")
+    got = sorted(pull.find("gradients", "0"), key=lambda r: r["step"])
+    # the layer's gradients are its weight's and bias's: at least the weight's norm
+    assert all(r["data"]["norm"] >= n * (1 - 1e-6) > 0 for r, n in zip(got, norms))
