@@ -3,7 +3,9 @@
 `Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
 forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
 post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
-them. Between capture steps the model carries no tensortap hook.
+them. Between capture steps the model carries no tensortap hook. Each hook is kept out of
+torch.compile's tracing (`untraced`); a compiled model calls the hooks it was compiled with
+at every step (they return at once outside a capture step) and ignores hooks added later.
 """
 from __future__ import annotations
 
