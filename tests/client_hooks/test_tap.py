@@ -663,3 +663,27 @@ def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradien
     got = sorted(pull.find("gradients", "0"), key=lambda r: r["step"])
     # the layer's gradients are its weight's and bias's: at least the weight's norm
     assert all(r["data"]["norm"] >= n * (1 - 1e-6) > 0 for r, n in zip(got, norms))
+
+
+def test_a_step_begun_after_the_forward_is_told_why_no_activation_comes(pull, monkeypatch):
+    """log_batch after the model's forward: the hooks come too late for the activations; the
+    gradients still come, and one warning names the likely causes."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1, all_leaves=True) as tap:
+            tap.watch(model, optimizer=opt)
+            for _ in range(3):
+                out = model(torch.randn(2, 4))
+                tap.log_batch(None)  # too late for this step's forward
+                out.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+    said = [str(x.message) for x in w if "none of its forward hooks ran" in str(x.message)]
+    assert len(said) == 1 and "log_batch" in said[0]
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "0")) == 3)
+    assert not pull.find("activations")
