@@ -158,6 +158,7 @@ class Engine:
         # (kind, name) -> (dtype, shape, device, its get_device(), elements, element size, spec)
         # of a deferred real value: its next captures alike take `_defer_known`
         self._plans: dict = {}
+        self._untraced = False  # see _untrace
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -177,6 +178,8 @@ class Engine:
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
                                    self.grads_ready if param_hooks else None,
                                    model, self.launch_deferred)
+        if self._untraced:
+            self._hooks.untrace()
 
     def new_epoch(self, epoch: Optional[int]) -> None:
         self.epoch, self.batch_in_epoch = epoch, 0
@@ -201,6 +204,8 @@ class Engine:
             self.capture = Capture(self.step, self.epoch)
             self._stepped = False
             self._reset_grads()
+            if not self._untraced and _hooks.compiler_loaded():
+                self._untrace()
             if self._hooks is not None:
                 if not self._hooks.attached:
                     self._hooks.attach()
@@ -208,6 +213,17 @@ class Engine:
         elif self._hooks is not None and self._hooks.attached:
             self._hooks.detach()  # kept by end_step for a capture that did not come
         return self.capturing
+
+    def _untrace(self) -> None:
+        """torch.compile is in use: the hooks and the entry points that user code may call
+        inside a compiled function (record, metrics, log_batch, patch) are kept out of its
+        tracing from now on (hooks.untraced). Checked at each capture step's start, so a
+        process that never compiles never imports the compiler."""
+        self._untraced = True
+        for name in ("record", "metrics", "log_batch", "patch"):
+            setattr(self, name, _hooks.untraced(getattr(self, name)))
+        if self._hooks is not None:
+            self._hooks.untrace()
 
     def _next_step_captures(self) -> bool:
         """Whether the step after this one will capture (every_n_steps, the same epoch)."""
@@ -589,7 +605,6 @@ class Engine:
             if isinstance(leaf, torch.Tensor):
                 self.add_tensor("activations", f"{name}.{sub}", leaf)
 
-    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("activations")
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
         if not (self.capturing or always):
@@ -603,7 +618,6 @@ class Engine:
         self.add_tensor("activations", name, tensor, cap=cap)
         cap.flush(self.sender)
 
-    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("loader_stats")
     def log_batch(self, batch, split: str, batch_idx: Optional[int]) -> None:
         """Field stats into this capture step, or (outside one) into a capture sent now."""
@@ -618,7 +632,6 @@ class Engine:
     def send_now(self, kind: str, name: str, data: dict) -> None:
         self.sender.send(kind, name, data, self.step, self.epoch)
 
-    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("metrics")
     def metrics(self, values: dict, step: Optional[int], epoch: Optional[int]) -> None:
         """{name: tensor or number}, sent now (every step is fine). A one-element tensor of
@@ -643,7 +656,6 @@ class Engine:
         if items:
             self.sender.send_many(items, step, epoch)
 
-    @_hooks.untraced  # called from user code, maybe inside a compiled function
     @guarded("patch_metrics")
     def patch(self, pred, target, scale, note, name, step, epoch) -> None:
         vec = stats.patch_vector(pred, target, scale)

@@ -3,13 +3,15 @@
 `Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
 forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
 post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
-them. Between capture steps the model carries no tensortap hook. Each hook is kept out of
-torch.compile's tracing (`untraced`); a compiled model calls the hooks it was compiled with
-at every step (they return at once outside a capture step) and ignores hooks added later.
+them. Between capture steps the model carries no tensortap hook. Once torch.compile is in
+use, each hook is kept out of its tracing (`untraced`); a compiled model calls the hooks it
+was compiled with at every step (they return at once outside a capture step) and ignores
+hooks added later.
 """
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -75,11 +77,18 @@ def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[t
 OnTensor = Callable[[str, object], None]
 
 
+def compiler_loaded() -> bool:
+    """Whether torch.compile has been used in this process (its compiler is imported then:
+    importing it costs ~1 s, so tensortap never does it itself)."""
+    return "torch._dynamo" in sys.modules
+
+
 def untraced(fn):
     """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a hook
     of a module inside it, a record() in it) breaks its graph there and calls it as it is, so
     tensortap's code is never compiled into the model's graph, guarded on, or made to raise
-    a compiler error into training. Outside a compiled region it costs ~0.4 us a call."""
+    a compiler error into training. Outside a compiled region it costs ~0.4 us a call. Used
+    only once `compiler_loaded()` (Engine.begin_step)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
@@ -101,13 +110,13 @@ class Hooks:
         self._seen = 0
         self._queued = False
         self.fired = 0  # forward hooks run in this capture step (none: a compiled model, see Engine)
-        # made once: each is wrapped for torch.compile (untraced), and the same objects are
-        # registered at every attach
-        self._fwd_hooks = [untraced(self._fwd(path)) for path, _ in act_targets]
-        self._pre_hooks = [untraced(self._pre(path)) for path, _ in act_targets] if inputs else []
+        # made once, the same objects registered at every attach (wrapped by `untrace`)
+        self._fwd_hooks = [self._fwd(path) for path, _ in act_targets]
+        self._pre_hooks = [self._pre(path) for path, _ in act_targets] if inputs else []
         done = on_forward_done
-        self._done_hook = untraced(lambda m, a, out: done()) if root is not None and done is not None else None
-        self._grad_hook = untraced(self._grad)
+        self._done_hook = (lambda m, a, out: done()) if root is not None and done is not None else None
+        self._grad_hook = self._grad
+        self.untraced = False
 
     @property
     def attached(self) -> bool:
@@ -124,6 +133,20 @@ class Hooks:
             self._seen, self._queued = 0, False
             for p in self._params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def untrace(self) -> None:
+        """From now on every hook is kept out of torch.compile's tracing (`untraced`);
+        registered again at once when attached."""
+        if self.untraced:
+            return
+        self.untraced = True
+        self._fwd_hooks = [untraced(h) for h in self._fwd_hooks]
+        self._pre_hooks = [untraced(h) for h in self._pre_hooks]
+        self._done_hook = untraced(self._done_hook) if self._done_hook is not None else None
+        self._grad_hook = untraced(self._grad_hook)
+        if self.attached:
+            self.detach()
+            self.attach()
 
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""

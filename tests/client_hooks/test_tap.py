@@ -619,6 +619,7 @@ def test_a_torch_compiled_model_gives_the_eager_models_statistics(pull, dev):
             want_grad[step] = (g.norm().item(), g.abs().max().item())
             opt.step()
             opt.zero_grad()
+        assert tap._engine._untraced and tap._engine._hooks.untraced  # torch.compile was in use
     assert hook_counts(model) == 0
     assert pull.wait_for(lambda r: len(pull.find("gradients", "2")) == 3)
     acts = {r["step"]: r["data"] for r in pull.find("activations", "1:output")}
@@ -687,3 +688,26 @@ def test_a_step_begun_after_the_forward_is_told_why_no_activation_comes(pull, mo
     assert len(said) == 1 and "log_batch" in said[0]
     assert pull.wait_for(lambda r: len(pull.find("gradients", "0")) == 3)
     assert not pull.find("activations")
+
+
+def test_a_process_that_never_compiles_does_not_import_the_compiler(pull):
+    """Keeping tensortap out of torch.compile's tracing needs its compiler (~1 s to import):
+    a gated-on process that never compiles captures without importing it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom torch import nn\nfrom client_hooks import Tap\n"
+            "m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))\n"
+            "with Tap(every_n_steps=1, all_leaves=True) as tap:\n"
+            "    tap.watch(m)\n"
+            "    for _ in range(2):\n"
+            "        tap.log_batch(None)\n"
+            "        tap.record('x', torch.ones(3))\n"
+            "        m(torch.randn(2, 4)).sum().backward()\n"
+            "print('compiler imported:', 'torch._dynamo' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiler imported: False" in out.stdout
+    assert pull.wait_for(lambda r: len(pull.find("activations", "x")) == 2)
