@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in one go (docs/BENCHMARKS.md records the figures):
 #   1. the fused kernels' tests on CUDA (tests/client_hooks/test_fused.py, test_stats.py), and
-#      test_tap.py's CUDA cases (AMP with a GradScaler, gradient accumulation);
+#      test_tap.py's CUDA cases (AMP with a GradScaler, gradient accumulation, torch.compile);
+#      bench/compile_check.py (a compiled model's step times under a Tap);
 #   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per
 #      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
 #      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
@@ -49,6 +50,9 @@ if [ "${QUICK:-0}" != 1 ]; then
     python3 bench/launch_cost.py > "$OUT/launch_cost.txt" 2>&1
     tail -2 "$OUT/launch_cost.txt"
 fi
+# torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
+# code took up to 55 s at a capture step with inductor; thirteenth session)
+timeout 120 python3 bench/compile_check.py --backend inductor 2>&1 | grep -v "Warning\|^  \|^W" | tail -8
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/capture_memory.py --device cuda --width 64 --modes 16 --batch 64 --size 64 2>&1 | tail -12
 # AB=N: this tree and .prev/ alternated N times (STEPS and PREV_STEPS each time): a machine
