@@ -190,7 +190,7 @@ def run_epoch(v: dict, batches: list, device: str) -> float:
     the device pipeline stays full as in real training)."""
     if device == "cuda":
         torch.cuda.synchronize()
-    nogc = v.get("name") == "every_step_nogc" and gc.isenabled()
+    nogc = v["name"] == "every_step_nogc" and gc.isenabled()
     if nogc:
         gc.disable()
     a0, f0 = _device_allocs()
@@ -205,9 +205,8 @@ def run_epoch(v: dict, batches: list, device: str) -> float:
     finally:
         _in_epoch[0] = None
         a1, f1 = _device_allocs()
-        if "allocs" in v:
-            v["allocs"][0] += a1 - a0
-            v["allocs"][1] += f1 - f0
+        v["allocs"][0] += a1 - a0
+        v["allocs"][1] += f1 - f0
         if nogc:
             gc.enable()
         sender = getattr(getattr(v.get("tap"), "_engine", None), "sender", None)

@@ -62,8 +62,7 @@ class TapCallback(Callback):
                 # writes run + endpoint into os.environ; a new run when this process's last
                 # one was made up and every Tap and TapCallback on it has ended
                 self._run = session.resolve(run, fresh=True).run
-                session.hold(self._run)  # from now: a Tap made beside it joins its run
-                self._holding = True
+                self._hold(self._run)  # from now: a Tap made beside it joins its run
             except Exception as e:  # no collector: the fit goes on without telemetry
                 self._give_up(e)
 
@@ -72,8 +71,16 @@ class TapCallback(Callback):
 
         warn_once("session", err)
         self.enabled = False
+        self._release(self._run)
+
+    def _hold(self, run: str) -> None:
+        if not self._holding:
+            session.hold(run)
+            self._holding = True
+
+    def _release(self, run: str) -> None:
         if self._holding:
-            session.release(self._run)
+            session.release(run)
             self._holding = False
 
     # -- set-up -----------------------------------------------------------------------------
@@ -81,9 +88,7 @@ class TapCallback(Callback):
         if not self.enabled:
             return
         if self._engine is not None:  # a later stage (fit, then test): the same run
-            if not self._holding:
-                session.hold(self._engine.sender.run)
-                self._holding = True
+            self._hold(self._engine.sender.run)
             return
         from client_hooks import hooks as _hooks
         from client_hooks.engine import Engine
@@ -100,9 +105,7 @@ class TapCallback(Callback):
         except Exception as e:
             return self._give_up(e)
         self._engine = engine
-        if not self._holding:
-            session.hold(engine.sender.run)
-            self._holding = True
+        self._hold(engine.sender.run)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         """Each stage's end: hooks removed, records flushed. The sender stays open for a
@@ -111,9 +114,7 @@ class TapCallback(Callback):
         if self._engine is not None:
             self._engine.close()
             self._engine.sender.flush(2.0)
-            if self._holding:
-                session.release(self._engine.sender.run)
-                self._holding = False
+            self._release(self._engine.sender.run)
 
     # -- lifecycle --------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:

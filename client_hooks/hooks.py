@@ -102,7 +102,7 @@ class Hooks:
                  on_grads_ready: Optional[Callable[[], None]] = None,
                  root: Optional[nn.Module] = None, on_forward_done: Optional[Callable[[], None]] = None):
         self._targets, self._inputs = act_targets, inputs
-        self._root, self._on_forward_done = root, on_forward_done
+        self._root = root
         self._on_output = on_output
         self._params = params or []
         self._on_grads_ready = on_grads_ready
