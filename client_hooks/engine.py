@@ -215,10 +215,12 @@ class Engine:
         return self.capturing
 
     def _untrace(self) -> None:
-        """torch.compile is in use: the hooks and the entry points that user code may call
-        inside a compiled function (record, metrics, log_batch, patch) are kept out of its
-        tracing from now on (hooks.untraced). Checked at each capture step's start, so a
-        process that never compiles never imports the compiler."""
+        """torch's compiler is imported (torch.compile, or any torch.optim optimizer, has
+        imported it): the hooks and the entry points that user code may call inside a
+        compiled function (record, metrics, log_batch, patch) are kept out of its tracing
+        from now on (hooks.untraced: outside tracing, one extra call of ~0.06 us each).
+        Checked at each capture step's start, so that tensortap never imports the compiler
+        itself (~1 s)."""
         self._untraced = True
         for name in ("record", "metrics", "log_batch", "patch"):
             setattr(self, name, _hooks.untraced(getattr(self, name)))

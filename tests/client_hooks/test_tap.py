@@ -631,6 +631,54 @@ def test_a_torch_compiled_model_gives_the_eager_models_statistics(pull, dev):
         assert [grads[step]["norm"], grads[step]["max_abs"]] == pytest.approx(want_grad[step], rel=1e-5)
 
 
+def test_an_untraced_call_goes_through_the_compilers_disable_only_inside_a_compiled_function():
+    """hooks.untraced: in eager code the function is called as it is (torch.compiler.disable's
+    wrapper costs ~1 us a call, on every hook of a capture step); reached while dynamo traces,
+    it runs through that wrapper, outside the compiled graph."""
+    import inspect
+
+    from client_hooks.hooks import untraced
+
+    def through_disable():
+        return any(f.filename.endswith("eval_frame.py") for f in inspect.stack())
+
+    call = untraced(through_disable)
+    assert call() is False and through_disable() is False
+    torch.compiler.reset()
+    compiled = torch.compile(lambda x: (x + 1, call()), backend="eager")
+    y, inside = compiled(torch.ones(2))
+    assert inside is True and y.tolist() == [2.0, 2.0]
+    assert call() is False
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
+    """What dynamo compiles, seen by a backend that keeps each graph: with capture steps
+    among the compiled calls, no statistic of tensortap's is traced into them (its hooks
+    break the graph and run as they are), so they hold the model's operations alone."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    compiled = torch.compile(model, backend=keep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        for _ in range(6):
+            tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
+            compiled(torch.randn(5, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    ops = {n.target for g in graphs for n in g.graph.nodes if n.op.startswith("call")}
+    assert graphs and ops == {nn.functional.linear, nn.functional.gelu}, ops
+    assert pull.wait_for(lambda r: len(pull.find("activations", "1:output")) == 3)
+
+
 @pytest.mark.filterwarnings(COMPILE_RESUME)
 def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradients(pull, monkeypatch):
     """Compiled code keeps the module hooks it was compiled with: a model compiled (called)
@@ -692,7 +740,8 @@ def test_a_step_begun_after_the_forward_is_told_why_no_activation_comes(pull, mo
 
 def test_a_process_that_never_compiles_does_not_import_the_compiler(pull):
     """Keeping tensortap out of torch.compile's tracing needs its compiler (~1 s to import):
-    a gated-on process that never compiles captures without importing it."""
+    a gated-on process that neither compiles nor makes a torch.optim optimizer (which
+    imports it) captures without importing it."""
     import os
     import subprocess
     import sys
