@@ -25,8 +25,25 @@ def _own_params(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in m.parameters(recurse=False) if p.requires_grad]
 
 
+def _path(name: str) -> str:
+    """A module path as the model's code names it: without the `_orig_mod` step that
+    torch.compile's wrapper (OptimizedModule) adds to the paths of the modules inside it."""
+    return ".".join([p for p in name.split(".") if p != "_orig_mod"]) if "_orig_mod" in name else name
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """model.named_modules(), the paths without torch.compile's `_orig_mod` step (`_path`)."""
+    return [(_path(n), m) for n, m in model.named_modules()]
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module that torch.compile wrapped, for a compiled model; else the model."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    return [(n, m) for n, m in named_modules(model) if n and not any(True for _ in m.children())]
 
 
 def submodule(model: nn.Module, path: str, option: str) -> nn.Module:
@@ -36,7 +53,7 @@ def submodule(model: nn.Module, path: str, option: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
+        names = [n for n, _ in named_modules(model) if n]
         close = difflib.get_close_matches(path, names, n=1, cutoff=0.8)
         hint = (f"did you mean {close[0]!r}?" if close else
                 f"its modules start with {', '.join(map(repr, names[:5]))}" if names else "it has no submodules")
@@ -48,7 +65,7 @@ def activation_targets(model: nn.Module, names: Targets, all_leaves: bool) -> li
     if all_leaves:
         return leaf_modules(model) or [("model", model)]
     if names is None:
-        return list(model.named_children()) or [("model", model)]
+        return list(_unwrapped(model).named_children()) or [("model", model)]
     if isinstance(names, str):
         names = [names]
     return [(n, submodule(model, n, "activations")) for n in names]
@@ -61,12 +78,12 @@ def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[t
     a submodule path: the same inside that submodule (paths stay relative to the model);
     "all" (or all_leaves): every module owning parameters; a list: those modules (recursive)."""
     if spec == "all" or (spec is None and all_leaves):
-        return [(n or "model", _own_params(m)) for n, m in model.named_modules() if _own_params(m)]
+        return [(n or "model", _own_params(m)) for n, m in named_modules(model) if _own_params(m)]
     if spec is None or isinstance(spec, str):
         root = model if spec is None else submodule(model, spec, "gradients")
         prefix = "" if spec is None else spec + "."
         owners = [(prefix + n if n else spec or "model", _own_params(m))
-                  for n, m in root.named_modules() if _own_params(m)]
+                  for n, m in named_modules(root) if _own_params(m)]
         return owners[:1] + owners[-1:] if len(owners) > 1 else owners
     out = []
     for n in spec:

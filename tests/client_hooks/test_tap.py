@@ -680,6 +680,34 @@ def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_the_records_of_a_compiled_model_carry_its_own_module_paths(pull):
+    """torch.compile wraps the model (OptimizedModule), which puts an `_orig_mod` step into
+    the paths of its modules. The records name the modules as the model's code does, the
+    default targets are the wrapped model's children, and paths given in the model's own
+    terms are found."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    whole = torch.compile(inner, backend="aot_eager")  # watched as it is
+    part = nn.ModuleDict({"net": torch.compile(nn.Sequential(nn.Linear(8, 4), nn.Tanh()), backend="aot_eager")})
+    with Tap(every_n_steps=1, gradients="all") as tap:
+        tap.watch(whole)
+        tap.log_batch(None)
+        whole(torch.randn(5, 8)).sum().backward()
+    with Tap(every_n_steps=1, all_leaves=True, gradients=["net.0"]) as tap:
+        tap.watch(part)
+        tap.log_batch(None)
+        part["net"](torch.randn(5, 8)).sum().backward()
+    want_acts = {"0:output", "1:output", "2:output", "net.0:output", "net.1:output"}
+    want_grads = {"0", "2", "_total", "net.0"}
+
+    def names(kind):
+        return {r["name"] for r in pull.find(kind)}
+    assert pull.wait_for(lambda r: names("activations") >= want_acts and names("gradients") >= want_grads)
+    assert names("activations") == want_acts and names("gradients") == want_grads
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
 def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradients(pull, monkeypatch):
     """Compiled code keeps the module hooks it was compiled with: a model compiled (called)
     before the first capture step never runs tensortap's forward hooks. One warning says why
