@@ -37,8 +37,9 @@ python3 -c "import time; t = time.perf_counter(); [sum(range(100)) for _ in rang
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
 tail -4 "$OUT/tests.txt"
-# Tap on the GPU, through a real socket: AMP (GradScaler, autocast) and gradient accumulation
-python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_tap.py -k cuda > "$OUT/tests_tap.txt" 2>&1
+# Tap on the GPU, through a real socket: AMP (GradScaler, autocast) and gradient accumulation;
+# and the torch.compile cases on the device image's torch (untraced hooks, compiled graphs)
+python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_tap.py -k "cuda or compile" > "$OUT/tests_tap.txt" 2>&1
 rc_tap=$?
 tail -3 "$OUT/tests_tap.txt"
 [ "$rc_tap" = 0 ] || rc_tests=$rc_tap
