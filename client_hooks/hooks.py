@@ -3,10 +3,11 @@
 `Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
 forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
 post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
-them. Between capture steps the model carries no tensortap hook. Once torch.compile is in
-use, each hook is kept out of its tracing (`untraced`); a compiled model calls the hooks it
-was compiled with at every step (they return at once outside a capture step) and ignores
-hooks added later.
+them. Between capture steps the model carries no tensortap hook. Once torch's compiler is
+imported (torch.compile, or a torch.optim optimizer), each hook is kept out of its tracing
+(`untraced`); a compiled model calls the hooks it was compiled with at every step (they
+return at once outside a capture step) and ignores hooks added later. Module paths are the
+model's own: torch.compile's `_orig_mod` step is left out (`named_modules`).
 """
 from __future__ import annotations
 
