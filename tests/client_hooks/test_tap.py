@@ -589,6 +589,14 @@ def test_a_new_tap_after_the_last_one_closed_starts_its_own_run(tmp_path, monkey
         assert sorted(r["step"] for r in losses) == sorted([0, 1] * taps), run
 
 
+def fresh_mlp(dev: str = "cpu") -> nn.Module:
+    """The compile tests' model, seeded; torch.compile's caches emptied first, so no compiled
+    code of an earlier test's model is reused."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dev)
+
+
 # torch's own, where a compiled graph resumes after a break on a non-leaf tensor
 COMPILE_RESUME = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
 
@@ -600,9 +608,7 @@ def test_a_torch_compiled_model_gives_the_eager_models_statistics(pull, dev):
     every other step captured, so the hooks come and go between compiled calls. tensortap's
     hooks are kept out of the compiled graph (a break, then an ordinary call). Each leaf's
     output and each layer's gradient equal the eager model's at the same step."""
-    torch.compiler.reset()  # no compiled code of an earlier test's model is reused
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dev)
+    model = fresh_mlp(dev)
     compiled = torch.compile(model, backend="aot_eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     want_act, want_grad = {}, {}
@@ -662,9 +668,7 @@ def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
         graphs.append(gm)
         return gm.forward
 
-    torch.compiler.reset()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    model = fresh_mlp()
     compiled = torch.compile(model, backend=keep)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
@@ -685,9 +689,7 @@ def test_the_records_of_a_compiled_model_carry_its_own_module_paths(pull):
     the paths of its modules. The records name the modules as the model's code does, the
     default targets are the wrapped model's children, and paths given in the model's own
     terms are found."""
-    torch.compiler.reset()
-    torch.manual_seed(0)
-    inner = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    inner = fresh_mlp()
     whole = torch.compile(inner, backend="aot_eager")  # watched as it is
     part = nn.ModuleDict({"net": torch.compile(nn.Sequential(nn.Linear(8, 4), nn.Tanh()), backend="aot_eager")})
     with Tap(every_n_steps=1, gradients="all") as tap:
@@ -715,9 +717,7 @@ def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradien
     from client_hooks import engine
 
     monkeypatch.setattr(engine, "_warned", set())
-    torch.compiler.reset()  # no compiled code of an earlier test's model is reused
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    model = fresh_mlp()
     compiled = torch.compile(model, backend="aot_eager")
     compiled(torch.randn(5, 8)).sum().backward()  # compiled with no hook
     model.zero_grad()
