@@ -5,7 +5,7 @@ tensortap's Python and torch work on the training thread, the part of a GPU step
 that shows when the step is bound by its host (bench/overhead.py on a GPU measures the
 whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts seen).
 
-    python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations] [--pieces]
+    python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations] [--pieces] [--calls]
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
 to compare trees; the same model and harness either way. Prints the median step time of
@@ -16,8 +16,10 @@ threads contend for the GIL, so both count); with --timers, the inclusive host t
 entry point over every_step's rounds, first the outermost calls' sum (tensortap's own host
 time on the training thread, steadier than the wall time); with --ablations, three more
 variants that split the every-step cost (ABLATIONS); --pieces: the gradient path's pieces
-timed alone (how much of it is torch's CPU arithmetic).
-The records go to a drain process.
+timed alone (how much of it is torch's CPU arithmetic); --calls: the Python and the C
+function calls a step makes on the training thread, over none's (counted, not timed: the
+same from run to run on any machine, so two trees compare without this VM's noise), then
+stop. The records go to a drain process.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 ap.add_argument("--timers", action="store_true")
 ap.add_argument("--pieces", action="store_true", help="time the gradient path's pieces alone, then stop")
+ap.add_argument("--calls", action="store_true", help="count each variant's calls a step, then stop")
 ap.add_argument("--ablations", action="store_true", help="also: " + "; ".join(
     ["nosend", "grads_only", "hooks_only"]) + " (see ABLATIONS)")
 ap.add_argument("--width", type=int, default=8)
@@ -148,6 +151,39 @@ def pieces() -> None:
         print(f"  {us:7.1f} us  {name}")
 
 
+def calls() -> None:
+    """--calls: each variant's Python function calls and C function calls (torch operators,
+    tensor methods, builtins) a step on the training thread, counted by sys.setprofile over
+    two epochs after two unprofiled ones; the sender thread's are not counted."""
+    torch.manual_seed(0)
+    base = B.build_fno(a.width, a.modes)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 1, a.size, a.size, generator=g), torch.randn(1, 2, a.size, a.size, generator=g))
+               for _ in range(a.steps)]
+    names = ("none", "default", "every_step")
+    counts = {}
+    for n in names:
+        v = _variant(n, base)
+        for _ in range(2):
+            B.run_epoch(v, batches, "cpu")
+        seen = {"call": 0, "c_call": 0}
+
+        def count(frame, event, arg):
+            if event in seen:
+                seen[event] += 1
+        sys.setprofile(count)
+        for _ in range(2):
+            B.run_epoch(v, batches, "cpu")
+        sys.setprofile(None)
+        counts[n] = (seen["call"] / (2 * a.steps), seen["c_call"] / (2 * a.steps))
+        if v["tap"] is not None:
+            v["tap"].close()
+    print(f"client_hooks from {a.tree}; calls a step on the training thread (two epochs of {a.steps} steps)")
+    for n in names:
+        py, c = counts[n]
+        print(f"{n:11s} Python {py:7.1f} (+{py - counts['none'][0]:6.1f})   C {c:7.1f} (+{c - counts['none'][1]:6.1f})")
+
+
 def _cpu(sender) -> float:
     """The sender thread's CPU seconds so far (0 without one)."""
     return (sender.stats()["cpu_s"] or 0.0) if sender is not None else 0.0
@@ -211,5 +247,7 @@ def main() -> None:
 
 if a.pieces:
     pieces()
+elif a.calls:
+    calls()
 else:
     main()

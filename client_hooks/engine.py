@@ -77,6 +77,11 @@ def warn_once(kind: str, err: BaseException) -> None:
                    f"further {kind} errors are not reported")
 
 
+def _activations_failed(err: BaseException) -> None:
+    """A forward hook's error (Hooks catches it: no wrapper's frame on each hook call)."""
+    warn_once("activations", err)
+
+
 def say_once(key: str, message: str) -> None:
     if key in _warned:
         return
@@ -177,7 +182,7 @@ class Engine:
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
                                    self.grads_ready if param_hooks else None,
-                                   model, self.launch_deferred)
+                                   model, self.launch_deferred, on_error=_activations_failed)
         if self._untraced:
             self._hooks.untrace()
 
@@ -423,6 +428,11 @@ class Engine:
         """Queue the stats of one tensor (or {"value": x} for a scalar) into a capture."""
         if cap is None and extra is None and self._defer_known(kind, name, value):
             return
+        self._add_long(kind, name, value, extra, cap)
+
+    def _add_long(self, kind: str, name: str, value, extra: Optional[dict] = None,
+                  cap: Optional[Capture] = None) -> None:
+        """add_tensor without its short way (`_defer_known`), which the caller has tried."""
         extra, cap = extra or {}, (self.capture if cap is None else cap)
         if not isinstance(value, torch.Tensor):
             cap.add(kind, name, None, lambda v, x=value: {"value": x, **extra}, 128)
@@ -596,9 +606,15 @@ class Engine:
             _point(targets, r)
         return rows[len(items):]
 
-    @guarded("activations")
     def on_output(self, name: str, output) -> None:
+        """A forward hook's value (the hook catches what this raises: `_activations_failed`).
+        A tensor met before alike takes `_defer_known` straight from here: one call of it
+        per watched module a capture step."""
         if not self.capturing:  # hooks kept between two capture steps (e.g. validation)
+            return
+        if type(output) is torch.Tensor:
+            if not self._defer_known("activations", name, output):
+                self._add_long("activations", name, output)
             return
         if isinstance(output, torch.Tensor):
             self.add_tensor("activations", name, output)

@@ -5,7 +5,7 @@ forward hook on the watched model itself (the end of its forward) and, for plain
 post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
 them. Between capture steps the model carries no tensortap hook. Once torch's compiler is
 imported (torch.compile, or a torch.optim optimizer), each hook is kept out of its tracing
-(`untraced`); a compiled model calls the hooks it was compiled with at every step (they
+(`Hooks.untrace`); a compiled model calls the hooks it was compiled with at every step (they
 return at once outside a capture step) and ignores hooks added later. Module paths are the
 model's own: torch.compile's `_orig_mod` step is left out (`named_modules`).
 """
@@ -103,24 +103,38 @@ def compiler_loaded() -> bool:
     return "torch._dynamo" in sys.modules
 
 
-def untraced(fn):
-    """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a hook
-    of a module inside it, a record() in it) breaks its graph there and calls it as it is, so
-    tensortap's code is never compiled into the model's graph, guarded on, or made to raise
-    a compiler error into training. Only while dynamo traces does the call go through
-    `torch.compiler.disable`, whose wrapper costs ~1 us a call even outside a compiled region
-    (this VM): `is_dynamo_compiling()` (0.06 us) is False in eager code, and dynamo reads it
-    as True while it traces. Used once `compiler_loaded()` (Engine.begin_step)."""
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def tracing_guard() -> tuple:
+    """(compiling, off), or (None, None) on a torch without them: compiling() is True only
+    while dynamo traces (`torch.compiler.is_dynamo_compiling`, 0.06 us a call in eager code);
+    off(fn, *args) calls fn(*args) through `torch.compiler.disable`, so that a compiled
+    function which reaches it breaks its graph there and runs fn as it is."""
     compiler = getattr(torch, "compiler", None)
     disable = getattr(compiler, "disable", None)
     compiling = getattr(compiler, "is_dynamo_compiling", None) or getattr(compiler, "is_compiling", None)
     if disable is None or compiling is None:
+        return None, None
+    return compiling, disable(_call)
+
+
+def untraced(fn):
+    """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a
+    record() in it) breaks its graph there and calls it as it is, so tensortap's code is never
+    compiled into the model's graph, guarded on, or made to raise a compiler error into
+    training. Only while dynamo traces does the call go through `torch.compiler.disable`,
+    whose wrapper costs ~1 us a call even outside a compiled region (this VM): see
+    `tracing_guard`. The hooks make the same check themselves (`Hooks.untrace`). Used once
+    `compiler_loaded()` (Engine.begin_step)."""
+    compiling, off = tracing_guard()
+    if off is None:
         return fn
-    off = disable(fn)
 
     def call(*args, **kwargs):
         if compiling():
-            return off(*args, **kwargs)
+            return off(fn, *args, **kwargs)
         return fn(*args, **kwargs)
     return functools.wraps(fn)(call)
 
@@ -132,22 +146,28 @@ class Hooks:
     def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,
                  on_grads_ready: Optional[Callable[[], None]] = None,
-                 root: Optional[nn.Module] = None, on_forward_done: Optional[Callable[[], None]] = None):
+                 root: Optional[nn.Module] = None, on_forward_done: Optional[Callable[[], None]] = None,
+                 on_error: Optional[Callable[[BaseException], None]] = None):
+        """on_output(name, value) may raise: the hook hands the error to on_error (the
+        others catch their own)."""
         self._targets, self._inputs = act_targets, inputs
         self._root = root
         self._on_output = on_output
+        self._on_error = on_error or (lambda e: None)
         self._params = params or []
         self._on_grads_ready = on_grads_ready
+        self._on_forward_done = on_forward_done
         self._handles: list = []
         self._seen = 0
         self._queued = False
         self.fired = 0  # forward hooks run in this capture step (none: a compiled model, see Engine)
-        # made once, the same objects registered at every attach (wrapped by `untrace`)
+        # set by `untrace`: each hook then checks compiling() first (see tracing_guard)
+        self._compiling: Optional[Callable[[], bool]] = None
+        self._off: Optional[Callable] = None
+        # made once, the same objects registered at every attach
         self._fwd_hooks = [self._fwd(path) for path, _ in act_targets]
         self._pre_hooks = [self._pre(path) for path, _ in act_targets] if inputs else []
-        done = on_forward_done
-        self._done_hook = (lambda m, a, out: done()) if root is not None and done is not None else None
-        self._grad_hook = self._grad
+        self._done_hook, self._grad_hook = self._done, self._grad
         self.untraced = False
 
     @property
@@ -159,7 +179,8 @@ class Hooks:
             self._handles.append(mod.register_forward_hook(self._fwd_hooks[i]))
             if self._inputs:
                 self._handles.append(mod.register_forward_pre_hook(self._pre_hooks[i]))
-        if self._done_hook is not None:  # after the targets' hooks when the root is one of them
+        if self._root is not None and self._on_forward_done is not None:
+            # after the targets' hooks when the root is one of them
             self._handles.append(self._root.register_forward_hook(self._done_hook))
         if self._on_grads_ready is not None:
             self._seen, self._queued = 0, False
@@ -167,18 +188,14 @@ class Hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
 
     def untrace(self) -> None:
-        """From now on every hook is kept out of torch.compile's tracing (`untraced`);
-        registered again at once when attached."""
+        """From now on every hook is kept out of torch.compile's tracing: each one checks
+        `compiling()` first, and while dynamo traces it calls itself through `off` (a graph
+        break; see tracing_guard). In eager code that is one call of ~0.06 us, not a wrapper's
+        frame: these hooks run ~40 times a capture step."""
         if self.untraced:
             return
         self.untraced = True
-        self._fwd_hooks = [untraced(h) for h in self._fwd_hooks]
-        self._pre_hooks = [untraced(h) for h in self._pre_hooks]
-        self._done_hook = untraced(self._done_hook) if self._done_hook is not None else None
-        self._grad_hook = untraced(self._grad_hook)
-        if self.attached:
-            self.detach()
-            self.attach()
+        self._compiling, self._off = tracing_guard()
 
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""
@@ -197,23 +214,45 @@ class Hooks:
         name = f"{path}:output"
 
         def hook(module, args, output):
+            c = self._compiling
+            if c is not None and c():
+                return self._off(hook, module, args, output)
             self.fired += 1
-            self._on_output(name, output)
+            try:
+                self._on_output(name, output)
+            except Exception as e:
+                self._on_error(e)
         return hook
 
     def _pre(self, path: str):
         name = f"{path}:input"
 
         def hook(module, args):
+            c = self._compiling
+            if c is not None and c():
+                return self._off(hook, module, args)
             self.fired += 1
-            self._on_output(name, args[0] if len(args) == 1 else args)
+            try:
+                self._on_output(name, args[0] if len(args) == 1 else args)
+            except Exception as e:
+                self._on_error(e)
         return hook
+
+    def _done(self, module, args, output) -> None:
+        """The watched model's forward has ended (on_forward_done catches its own errors)."""
+        c = self._compiling
+        if c is not None and c():
+            return self._off(self._done, module, args, output)
+        self._on_forward_done()
 
     def _grad(self, p: torch.Tensor) -> None:
         """Runs in backward as each parameter's gradient lands (autograd thread on CUDA). The
         first one queues `_backward_done` to run once this backward has ended: a parameter
         that gets no gradient (unused in the loss) cannot hide the end. Each backward queues
         its own (gradient accumulation: the last one wins)."""
+        c = self._compiling
+        if c is not None and c():
+            return self._off(self._grad, p)
         if self._queued:
             return
         try:
