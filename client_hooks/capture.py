@@ -225,74 +225,114 @@ class Capture:
             stats.fused_failed(e)
             return None
 
-    def flush(self, sender) -> int:
+    def flush(self, sender, memo: Optional["FlushMemo"] = None) -> int:
         """Copy every vector to the host in one go per device; enqueue the records (those
-        with a spec packed into one, see `_add_records`). A vector is a tensor, a Span, or a
+        with a spec packed into one, see `_layout`). A vector is a tensor, a Span, or a
         tuple of those (values concatenated). Each piece (a tensor, or a device's merged
         rows) is copied once however many entries share it; an entry's values are (lo, hi)
-        spans of the flat copy of its first piece's device."""
+        spans of the flat copy of its first piece's device.
+
+        Two passes: the entries' signature (`_signature`: each one's key, spans and pieces,
+        with the pieces' sizes), then the layout that follows from it alone (`_layout`). A
+        capture step like the last one (memo: the engine's) has the same signature, and its
+        layout is reused: what is left is the signature, the merge, one copy a device and
+        the records themselves."""
         entries, self._entries = self._entries, {}
-        host, none, merged = [], [], {}
-        groups: dict = {}  # device -> [pieces, their total size, entries]
-        where: dict = {}  # id(piece) -> (its group, its offset in the group's flat copy)
+        merged: dict = {}  # device -> its fused batch's rows, flat (None: the merge failed)
         try:
-            for key, (vec, dec, nb) in entries.items():
-                if vec is None:
-                    none.append((key, dec, nb))
-                    continue
-                if isinstance(vec, list):
-                    host.append((key, vec, dec, nb))
-                    continue
-                spans, grp = [], None
-                for part in (vec if isinstance(vec, tuple) else (vec,)):
-                    if isinstance(part, Span):
-                        src, lo, hi = part.src, part.lo, part.hi
-                        if lo < 0:  # not read before this flush: the sender counts it as dropped
-                            none.append((key, _unread, nb))
-                            break
-                        if not isinstance(src, torch.Tensor):  # a device: its fused batch's rows
-                            if src not in merged:
-                                merged[src] = self._merged(src)
-                            src = merged[src]
-                            if src is None:
-                                break  # already reported: this record is not produced
-                    else:
-                        src, lo, hi = part, 0, part.numel()
-                    at = where.get(id(src))
-                    if at is None:  # a new piece: into the group of the entry's first piece
-                        if grp is None:
-                            dev = src.device
-                            grp = groups.get(dev)
-                            if grp is None:
-                                grp = groups[dev] = [[], 0, []]
-                        at = where[id(src)] = (grp, grp[1])
-                        grp[0].append(src)
-                        grp[1] += src.numel()
-                    elif grp is None:
-                        grp = at[0]
-                    spans.append((at[1] + lo, at[1] + hi))
-                else:
-                    if grp is not None:
-                        grp[2].append((key, spans, dec, nb))
+            sig, decs, tens, host = self._signature(entries, merged)
         finally:
             self._batches = {}
+        if memo is not None and memo.sig == sig:
+            layout = memo.layout
+        else:
+            layout = _layout(sig)
+            if memo is not None:
+                memo.sig, memo.layout = sig, layout
+        nones, host_recs, groups = layout
         out = []  # (kind, name, payload, nbytes), sent together at the end
-        if none:
+        if nones:
             rb = _Readback(None, None, None, [])
-            for (kind, name), dec, nb in none:
-                out.extend((kind, n, _payload(rb, [(0, 0)], dec), nb) for n in _names(name))
-        if host:
-            rb = _Readback(None, None, None, [x for _, v, _, _ in host for x in v])
-            at, items = 0, []
-            for key, v, dec, nb in host:
-                items.append((key, [(at, at + len(v))], dec, nb))
-                at += len(v)
-            _add_records(out, rb, items)
-        for pieces, _, items in groups.values():
-            if not items:  # its entries could not be read: no copy (it would hold a ring slot)
-                continue
-            _add_records(out, to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), items)
+            for i, kind, names, nb, unread in nones:
+                dec = _unread if unread else decs[i]
+                out.extend((kind, n, _payload(rb, [(0, 0)], dec), nb) for n in names)
+        if host_recs is not None:
+            _emit(out, _Readback(None, None, None, host), host_recs, decs)
+        for refs, recs in groups:
+            pieces = [merged[r] if type(r) is torch.device else tens[r] for r in refs]
+            _emit(out, to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), recs, decs)
         return sender.send_many(out, self.step, self.epoch) if out else 0
+
+    def _signature(self, entries: dict, merged: dict) -> tuple:
+        """(sig, decodings, tensors, host values) of `entries`, in their order. sig: per entry
+        (0, key, nbytes) for a payload without values; (1, key, nbytes, count, is_call) for
+        host floats (their values appended to `host values`); (2, key, nbytes, parts,
+        is_call) for device values (is_call: decoded by a callable, not a packed spec), each part (piece, lo, hi) up to the first one that cannot
+        be read (UNREAD, LOST). A piece is a device (its fused batch's rows, merged into
+        `merged` here) or the index of a tensor in `tensors`. Last, the pieces' sizes:
+        ((device, size) per tensor, (device, size) of each device's merged rows)."""
+        sig, decs, tens, host = [], [], [], []
+        seen: dict = {}  # id(tensor) -> its index in tens
+        device = torch.device
+        for key, (vec, dec, nb) in entries.items():
+            decs.append(dec)
+            tv = type(vec)
+            if tv is Span:  # most entries: one value's rows, read
+                src, lo = vec.src, vec.lo
+                if type(src) is device and lo >= 0:
+                    m = merged.get(src, _NOT_YET)
+                    if m is _NOT_YET:
+                        m = merged[src] = self._merged(src)
+                    if m is not None:
+                        sig.append((2, key, nb, ((src, lo, vec.hi),), type(dec) is not list))
+                        continue
+            elif vec is None:
+                sig.append((0, key, nb))
+                continue
+            elif tv is list:
+                sig.append((1, key, nb, len(vec), type(dec) is not list))
+                host += vec
+                continue
+            parts = []
+            for part in (vec if tv is tuple else (vec,)):
+                if type(part) is Span:
+                    src, lo, hi = part.src, part.lo, part.hi
+                    if lo < 0:  # not read before this flush: the sender counts it as dropped
+                        parts.append(UNREAD)
+                        break
+                    if type(src) is device:  # its fused batch's rows
+                        m = merged.get(src, _NOT_YET)
+                        if m is _NOT_YET:
+                            m = merged[src] = self._merged(src)
+                        if m is None:  # already reported: this record is not produced
+                            parts.append(LOST)
+                            break
+                        parts.append((src, lo, hi))
+                        continue
+                else:
+                    src, lo, hi = part, 0, part.numel()
+                k = seen.get(id(src))
+                if k is None:
+                    k = seen[id(src)] = len(tens)
+                    tens.append(src)
+                parts.append((k, lo, hi))
+            sig.append((2, key, nb, tuple(parts), type(dec) is not list))
+        sig.append((tuple([(t.device, t.numel()) for t in tens]),
+                    tuple([(d, m.numel()) for d, m in merged.items() if m is not None])))
+        return sig, decs, tens, host
+
+
+class FlushMemo:
+    """The last layout of a capture's flush (`Capture.flush`), kept by the engine across its
+    capture steps: one that matches the next signature is used as it is."""
+    __slots__ = ("sig", "layout")
+
+    def __init__(self):
+        self.sig, self.layout = None, None
+
+
+UNREAD, LOST = ("unread",), ("lost",)  # parts of a signature that end an entry's parts
+_NOT_YET = object()
 
 
 def _names(name) -> list[str]:
@@ -300,27 +340,91 @@ def _names(name) -> list[str]:
     return list(name) if type(name) is tuple else [name]
 
 
-def _add_records(out: list, rb: _Readback, items: list) -> None:
-    """The records of entries that share one read-back: a packed record (or a few, of at
-    most PACK_MAX_ENTRIES entries each) for those with a spec, whose values are cut down to
-    what they use, each entry's contiguous; a callable for each other."""
-    packed: list = []
-    for key, spans, dec, nb in items:
-        if callable(dec):
-            out.append((*key, _payload(rb, spans, dec), nb))
+def _layout(sig: list) -> tuple:
+    """What a signature (`Capture._signature`) makes: (nones, host records, groups).
+    nones: (entry, kind, names, nbytes, unread) of the records without values; host
+    records: those of the host floats (see `_records`), or None; groups: per device (that of
+    an entry's first piece), (its pieces in the order of its flat copy, its records)."""
+    *entries, (tensors, rows) = sig
+    dev_of, size_of = {}, {}  # piece -> its device, its size (values)
+    for i, (dev, n) in enumerate(tensors):
+        dev_of[i], size_of[i] = dev, n
+    for dev, n in rows:
+        dev_of[dev], size_of[dev] = dev, n
+    nones, host_items, at = [], [], 0
+    groups: dict = {}  # device -> [pieces, their total size, items]
+    where: dict = {}  # piece -> (its group, its offset in the group's flat copy)
+    for i, e in enumerate(entries):
+        tag, (kind, name), nb = e[0], e[1], e[2]
+        if tag == 0:
+            nones.append((i, kind, _names(name), nb, False))
+            continue
+        if tag == 1:
+            host_items.append((i, (kind, name), [(at, at + e[3])], e[4], nb))
+            at += e[3]
+            continue
+        spans, grp = [], None
+        for part in e[3]:
+            if part is UNREAD:
+                nones.append((i, kind, _names(name), nb, True))
+                break
+            if part is LOST:
+                break
+            ref, lo, hi = part
+            w = where.get(ref)
+            if w is None:  # a new piece: into the group of the entry's first piece
+                if grp is None:
+                    grp = groups.get(dev_of[ref])
+                    if grp is None:
+                        grp = groups[dev_of[ref]] = [[], 0, []]
+                w = where[ref] = (grp, grp[1])
+                grp[0].append(ref)
+                grp[1] += size_of[ref]
+            elif grp is None:
+                grp = w[0]
+            spans.append((w[1] + lo, w[1] + hi))
         else:
-            packed.append((key, spans, dec, nb))
+            if grp is not None:
+                grp[2].append((i, (kind, name), spans, e[4], nb))
+    return (nones, _records(host_items) if host_items else None,
+            [(refs, _records(items)) for refs, _, items in groups.values() if items])
+
+
+def _records(items: list) -> tuple:
+    """The records of entries that share one read-back, as (calls, packs): a callable
+    decoding for each entry without a spec, (entry, kind, name, spans, nbytes); a packed
+    record (collector.packed) for those with one (a few, of at most PACK_MAX_ENTRIES
+    entries each), (its spans of the read-back, (entry, kind, names, its values' span) per
+    entry, records, nbytes): the values cut down to what the entries use, each entry's
+    contiguous."""
+    calls, packed, packs = [], [], []
+    for i, (kind, name), spans, is_call, nb in items:
+        if is_call:
+            calls.append((i, kind, name, spans, nb))
+        else:
+            packed.append((i, kind, name, spans, nb))
     for c in range(0, len(packed), PACK_MAX_ENTRIES):
-        pieces, entries, at, nrec, nbytes = [], [], 0, 0, 0
-        for (kind, name), spans, spec, nb in packed[c:c + PACK_MAX_ENTRIES]:
+        pieces, ents, at, nrec, nbytes = [], [], 0, 0, 0
+        for i, kind, name, spans, nb in packed[c:c + PACK_MAX_ENTRIES]:
             names = _names(name)
             size = sum([hi - lo for lo, hi in spans])
             pieces += spans
-            entries.append([kind, names, [[at, at + size]], spec])
+            ents.append((i, kind, names, [[at, at + size]]))
             at += size
             nrec += len(names)
             nbytes += nb * len(names)
-        out.append((PACKED_KIND, "capture", _Packed(rb, pieces, entries, nrec), nbytes + 8 * at))
+        packs.append((pieces, ents, nrec, nbytes + 8 * at))
+    return calls, packs
+
+
+def _emit(out: list, rb: _Readback, recs: tuple, decs: list) -> None:
+    """The records (`_records`) of one read-back, with this capture's decodings."""
+    calls, packs = recs
+    for i, kind, name, spans, nb in calls:
+        out.append((kind, name, _payload(rb, spans, decs[i]), nb))
+    for pieces, ents, nrec, nbytes in packs:
+        entries = [[kind, names, span, decs[i]] for i, kind, names, span in ents]
+        out.append((PACKED_KIND, "capture", _Packed(rb, pieces, entries, nrec), nbytes))
 
 
 def _unread(_v: list) -> dict:

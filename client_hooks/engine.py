@@ -45,7 +45,7 @@ from torch import nn
 
 from client_hooks import hooks as _hooks
 from client_hooks import stats
-from client_hooks.capture import Capture, Span, scalar_to_host
+from client_hooks.capture import Capture, FlushMemo, Span, scalar_to_host
 from client_hooks.fields import walk
 
 
@@ -164,6 +164,7 @@ class Engine:
         # of a deferred real value: its next captures alike take `_defer_known`
         self._plans: dict = {}
         self._untraced = False  # see _untrace
+        self._flush_memo = FlushMemo()  # the capture steps' flush layout (Capture.flush)
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
@@ -330,8 +331,9 @@ class Engine:
         n = self.opts.every_n_steps
         if not (n and n <= SNAPSHOT_KEEP_EVERY):
             return list(torch._foreach_mul(ws, 1.0))
-        if len(self._snap) != len(ws) or any(b.shape != w.shape or b.dtype != w.dtype or b.device != w.device
-                                            for b, w in zip(self._snap, ws)):
+        # (lists, not generators: a generator's every item is one more call on a capture step)
+        if len(self._snap) != len(ws) or any([b.shape != w.shape or b.dtype != w.dtype or b.device != w.device
+                                             for b, w in zip(self._snap, ws)]):
             self._snap = [torch.empty_like(w) for w in ws]
         torch._foreach_copy_(self._snap, ws)
         return self._snap
@@ -360,7 +362,7 @@ class Engine:
             self.capture.add("gradients", "_total", total, ["norm"], 64)
         self._reset_grads()
         self.launch_deferred()
-        self.capture.flush(self.sender)
+        self.capture.flush(self.sender, self._flush_memo)
 
     def _add_gradients(self) -> None:
         """A record per layer from one packed entry (a few for thousands of layers): the
@@ -393,7 +395,7 @@ class Engine:
             pn = pn.to(dev)
         npar = len(self._wparams)
         scale = self._scale
-        dk = (tuple(keys), tuple(self._grad_vecs[i][1] for i in keys), scale is not None)
+        dk = (tuple(keys), tuple([self._grad_vecs[i][1] for i in keys]), scale is not None)
         specs = self._grad_specs.get(dk)
         if specs is None:
             if len(self._grad_specs) > 16:
@@ -602,8 +604,9 @@ class Engine:
                 for span, lo, hi in targets:
                     span.src, span.lo, span.hi = vec, lo, hi
             return None
-        for (_, targets, _), r in zip(items, rows):
-            _point(targets, r)
+        for (_, targets, _), r in zip(items, rows):  # _point, inline: a call less per value
+            for span, lo, hi in targets:
+                span.lo, span.hi = 10 * r + lo, 10 * r + hi
         return rows[len(items):]
 
     def on_output(self, name: str, output) -> None:

@@ -302,7 +302,7 @@ class Batch:
         size = flat[0].element_size()
         # offsets from the first tensor in units of 16 bytes when every address is 16-byte
         # aligned (the caching allocator's blocks are), else in elements
-        unit = 1 if any(p % 16 for p in ptrs) else 16 // size
+        unit = 1 if any([p % 16 for p in ptrs]) else 16 // size
         base, step = ptrs[0], size * unit
         rel = _table(tuple([(p - base) // step for p in ptrs]), self.device)
         with _on(self.device):
