@@ -6,6 +6,7 @@ that shows when the step is bound by its host (bench/overhead.py on a GPU measur
 whole). Not the CUDA launch cost itself (~20-70 us a launch on the H100 hosts seen).
 
     python bench/host_cost.py [--rounds 15] [--tree PATH] [--timers] [--ablations] [--pieces] [--calls]
+    python bench/host_cost.py --instructions [--epochs 3] [--tree PATH]    # needs valgrind
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit)
 to compare trees; the same model and harness either way. Prints the median step time of
@@ -19,7 +20,10 @@ variants that split the every-step cost (ABLATIONS); --pieces: the gradient path
 timed alone (how much of it is torch's CPU arithmetic); --calls: the Python and the C
 function calls a step makes on the training thread, over none's (counted, not timed: the
 same from run to run on any machine, so two trees compare without this VM's noise), then
-stop. The records go to a drain process.
+stop; --instructions: the machine instructions a step of `none` and of `every_step`
+executes, counted by valgrind's callgrind over --epochs epochs after two uncounted ones
+(within 0.2% from run to run here; ~5 minutes), with the share of each library (the Python
+interpreter, torch, libc...), then stop. The records go to a drain process.
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(_
 ap.add_argument("--timers", action="store_true")
 ap.add_argument("--pieces", action="store_true", help="time the gradient path's pieces alone, then stop")
 ap.add_argument("--calls", action="store_true", help="count each variant's calls a step, then stop")
+ap.add_argument("--instructions", action="store_true",
+                help="count the instructions of a step of none and of every_step under valgrind, then stop")
+ap.add_argument("--epochs", type=int, default=3, help="--instructions: epochs counted")
+ap.add_argument("--child", help=argparse.SUPPRESS)  # --instructions: the variant run under valgrind
 ap.add_argument("--ablations", action="store_true", help="also: " + "; ".join(
     ["nosend", "grads_only", "hooks_only"]) + " (see ABLATIONS)")
 ap.add_argument("--width", type=int, default=8)
@@ -155,11 +163,7 @@ def calls() -> None:
     """--calls: each variant's Python function calls and C function calls (torch operators,
     tensor methods, builtins) a step on the training thread, counted by sys.setprofile over
     two epochs after two unprofiled ones; the sender thread's are not counted."""
-    torch.manual_seed(0)
-    base = B.build_fno(a.width, a.modes)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(1, 1, a.size, a.size, generator=g), torch.randn(1, 2, a.size, a.size, generator=g))
-               for _ in range(a.steps)]
+    base, batches = _setup()
     names = ("none", "default", "every_step")
     counts = {}
     for n in names:
@@ -184,17 +188,101 @@ def calls() -> None:
         print(f"{n:11s} Python {py:7.1f} (+{py - counts['none'][0]:6.1f})   C {c:7.1f} (+{c - counts['none'][1]:6.1f})")
 
 
+def _setup() -> tuple:
+    """The seeded FNO and an epoch of batches (every mode of this script takes the same)."""
+    torch.manual_seed(0)
+    base = B.build_fno(a.width, a.modes)
+    g = torch.Generator().manual_seed(1)
+    return base, [(torch.randn(1, 1, a.size, a.size, generator=g), torch.randn(1, 2, a.size, a.size, generator=g))
+                  for _ in range(a.steps)]
+
+
+def child(name: str) -> None:
+    """--instructions, under valgrind: variant `name`, two epochs uncounted, then --epochs
+    epochs inside functools.reduce, the one call that callgrind counts in (its
+    --toggle-collect); the sender's work on them is waited for before the count ends."""
+    import functools
+
+    base, batches = _setup()
+    v = _variant(name, base)
+    sender = v["tap"]._engine.sender if v["tap"] is not None else None
+    for _ in range(2):
+        B.run_epoch(v, batches, "cpu")
+    if sender is not None:
+        sender.flush(5.0)
+
+    def counted(_acc, _i):
+        B.run_epoch(v, batches, "cpu")
+        if sender is not None and _i == a.epochs - 1:
+            sender.flush(5.0)
+    functools.reduce(counted, range(a.epochs), None)
+    drain.kill()  # (it holds the stderr that the parent reads to its end)
+    os._exit(0)  # no interpreter shutdown under valgrind (minutes)
+
+
+def instructions() -> None:
+    """--instructions: `child` of none and of every_step under callgrind, side by side."""
+    import re
+    import shutil
+    import tempfile
+
+    if shutil.which("valgrind") is None:
+        sys.exit("host_cost: --instructions needs valgrind (apt install valgrind)")
+    out = tempfile.mkdtemp(prefix="host-instr-")
+    names = ("none", "every_step")
+    procs = {n: subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
+         f"--callgrind-out-file={out}/{n}.out", sys.executable, os.path.abspath(__file__), "--tree", a.tree,
+         "--child", n, "--epochs", str(a.epochs), "--steps", str(a.steps), "--width", str(a.width),
+         "--modes", str(a.modes), "--size", str(a.size)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in names}
+    total, by_lib = {}, {}
+    for n, p in procs.items():
+        err = p.communicate()[1]
+        m = re.search(r"Collected : (\d+)", err)
+        if p.returncode or m is None:
+            sys.exit(f"host_cost: the {n} run under valgrind failed: {err.strip().splitlines()[-1:]}")
+        total[n] = int(m.group(1))
+        by_lib[n] = _by_library(f"{out}/{n}.out")
+    steps = a.epochs * a.steps
+    print(f"client_hooks from {a.tree}; instructions a step (callgrind, {a.epochs} epochs of {a.steps} steps)")
+    for n in names:
+        print(f"{n:11s} {total[n] / steps / 1e3:9.0f} k   over none {(total[n] - total['none']) / steps / 1e3:+8.0f} k")
+    libs = sorted(set(by_lib["none"]) | set(by_lib["every_step"]),
+                  key=lambda k: by_lib["none"].get(k, 0) - by_lib["every_step"].get(k, 0))
+    print("every_step over none, by library (k a step): " + ", ".join(
+        f"{k} {(by_lib['every_step'].get(k, 0) - by_lib['none'].get(k, 0)) / steps / 1e3:+.0f}" for k in libs[:6]))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _by_library(path: str) -> dict:
+    """Instructions per shared library of a callgrind profile (callgrind_annotate's lines
+    of every function); {} without callgrind_annotate."""
+    import re
+
+    try:
+        text = subprocess.run(["callgrind_annotate", "--threshold=100", path], capture_output=True,
+                              text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    libs: dict = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([0-9,]+) \(\s*[0-9.]+%\)\s+(.*)$", line)
+        if not m or "PROGRAM TOTALS" in line:
+            continue
+        lib = re.search(r"\[([^\]]+)\]\s*$", m.group(2))
+        key = os.path.basename(lib.group(1)).split(".so")[0] if lib else "?"
+        libs[key] = libs.get(key, 0) + int(m.group(1).replace(",", ""))
+    return libs
+
+
 def _cpu(sender) -> float:
     """The sender thread's CPU seconds so far (0 without one)."""
     return (sender.stats()["cpu_s"] or 0.0) if sender is not None else 0.0
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    base = B.build_fno(a.width, a.modes)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(1, 1, a.size, a.size, generator=g), torch.randn(1, 2, a.size, a.size, generator=g))
-               for _ in range(a.steps)]
+    base, batches = _setup()
     names = ("none", "default", "every_step") + (tuple(ABLATIONS) if a.ablations else ())
     vs = {n: _variant(n, base) for n in names}
     times: dict = {n: [] for n in names}
@@ -245,7 +333,11 @@ def main() -> None:
             v["tap"].close()
 
 
-if a.pieces:
+if a.child:
+    child(a.child)
+elif a.instructions:
+    instructions()
+elif a.pieces:
     pieces()
 elif a.calls:
     calls()

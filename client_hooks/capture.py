@@ -267,10 +267,11 @@ class Capture:
         """(sig, decodings, tensors, host values) of `entries`, in their order. sig: per entry
         (0, key, nbytes) for a payload without values; (1, key, nbytes, count, is_call) for
         host floats (their values appended to `host values`); (2, key, nbytes, parts,
-        is_call) for device values (is_call: decoded by a callable, not a packed spec), each part (piece, lo, hi) up to the first one that cannot
-        be read (UNREAD, LOST). A piece is a device (its fused batch's rows, merged into
-        `merged` here) or the index of a tensor in `tensors`. Last, the pieces' sizes:
-        ((device, size) per tensor, (device, size) of each device's merged rows)."""
+        is_call) for device values, each part (piece, lo, hi) up to the first one that cannot
+        be read (UNREAD, LOST). is_call: decoded by a callable, not a packed spec. A piece is
+        a device (its fused batch's rows, merged into `merged` here) or the index of a tensor
+        in `tensors`. Last, the pieces' sizes: ((device, size) per tensor, (device, size) of
+        each device's merged rows)."""
         sig, decs, tens, host = [], [], [], []
         seen: dict = {}  # id(tensor) -> its index in tens
         device = torch.device
