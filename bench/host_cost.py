@@ -18,9 +18,10 @@ entry point over every_step's rounds, first the outermost calls' sum (tensortap'
 time on the training thread, steadier than the wall time); with --ablations, three more
 variants that split the every-step cost (ABLATIONS); --pieces: the gradient path's pieces
 timed alone (how much of it is torch's CPU arithmetic); --calls: the Python and the C
-function calls a step makes on the training thread, over none's (counted, not timed: the
-same from run to run on any machine, so two trees compare without this VM's noise), then
-stop; --instructions: the machine instructions a step of `none` and of `every_step`
+function calls a step makes on the training thread, over none's, and the functions of
+client_hooks that execute the most bytecodes in an every_step step (counted, not timed:
+the same from run to run on any machine, so two trees compare without this VM's noise),
+then stop; --instructions: the machine instructions a step of `none` and of `every_step`
 executes, counted by valgrind's callgrind over --epochs epochs after two uncounted ones
 (within 0.2% from run to run here; ~5 minutes), with the share of each library (the Python
 interpreter, torch, libc...), then stop. The records go to a drain process.
@@ -162,7 +163,8 @@ def pieces() -> None:
 def calls() -> None:
     """--calls: each variant's Python function calls and C function calls (torch operators,
     tensor methods, builtins) a step on the training thread, counted by sys.setprofile over
-    two epochs after two unprofiled ones; the sender thread's are not counted."""
+    two epochs after two unprofiled ones; the sender thread's are not counted. Then where
+    every_step's bytecodes go (`_opcodes`)."""
     base, batches = _setup()
     names = ("none", "default", "every_step")
     counts = {}
@@ -186,6 +188,39 @@ def calls() -> None:
     for n in names:
         py, c = counts[n]
         print(f"{n:11s} Python {py:7.1f} (+{py - counts['none'][0]:6.1f})   C {c:7.1f} (+{c - counts['none'][1]:6.1f})")
+    ops = _opcodes(base, batches)
+    print(f"every_step: {sum(ops.values()):.0f} bytecodes a step in client_hooks, the most in:")
+    for fn, k in sorted(ops.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {k:7.0f}  {fn}")
+
+
+def _opcodes(base, batches) -> dict:
+    """every_step's Python bytecodes a step in each function of client_hooks (sys.settrace
+    with opcode events, two epochs after two untraced ones): where its host work lies."""
+    v = _variant("every_step", base)
+    for _ in range(2):
+        B.run_epoch(v, batches, "cpu")
+    ours = os.path.join(os.path.abspath(a.tree), "client_hooks") + os.sep
+    ops: dict = {}
+
+    def trace(frame, event, arg):
+        code = frame.f_code
+        if not code.co_filename.startswith(ours):
+            return None
+        frame.f_trace_opcodes, frame.f_trace_lines = True, False
+        key = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno} {code.co_name}"
+
+        def local(frame, event, arg):
+            if event == "opcode":
+                ops[key] = ops.get(key, 0) + 1
+            return local
+        return local
+    sys.settrace(trace)
+    for _ in range(2):
+        B.run_epoch(v, batches, "cpu")
+    sys.settrace(None)
+    v["tap"].close()
+    return {k: c / (2 * a.steps) for k, c in ops.items()}
 
 
 def _setup() -> tuple:

@@ -4,7 +4,9 @@ Training thread: `Capture.add` keeps each entry's small device vector; `Capture.
 concatenates them (one `torch.cat` per device), starts one non-blocking copy into a reused
 pinned host buffer, records a CUDA event, and hands the sender one packed record for the
 entries that carry a spec (collector.packed: tensor and gradient statistics, decoded by the
-collector) and one callable per other record.
+collector) and one callable per other record. Which values go where follows from the
+entries' signature alone (keys, spans, pieces' sizes); the engine keeps the last capture
+step's layout (FlushMemo), and a step like it reuses that layout.
 Sender thread: the first read waits on the event and takes the whole buffer's bytes; the
 packed record carries the bytes its entries use, a callable decodes its own slice.
 """

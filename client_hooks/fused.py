@@ -34,6 +34,7 @@ capture's one device-to-host copy.
 from __future__ import annotations
 
 import os
+from itertools import accumulate, chain
 from typing import Optional
 
 import torch
@@ -249,11 +250,9 @@ class Batch:
         if not sp.rows:
             sp.row0 = self.nrows
         first = list(range(self.nrows, self.nrows + len(blocks)))
-        rows, used = sp.rows, sp.used
-        for nb in blocks:
-            rows += (used, nb)
-            used += nb
-        sp.used = used
+        starts = list(accumulate(blocks, initial=sp.used))  # each row's first block, then the end
+        sp.rows += chain.from_iterable(zip(starts, blocks))  # (first block, blocks) per row
+        sp.used = starts[-1]
         self.nrows += len(blocks)
         return first
 
