@@ -22,9 +22,10 @@ function calls a step makes on the training thread, over none's, and the functio
 client_hooks that execute the most bytecodes in an every_step step (counted, not timed:
 the same from run to run on any machine, so two trees compare without this VM's noise),
 then stop; --instructions: the machine instructions a step of `none` and of `every_step`
-executes, counted by valgrind's callgrind over --epochs epochs after two uncounted ones
-(within 0.2% from run to run here; ~5 minutes), with the share of each library (the Python
-interpreter, torch, libc...), then stop. The records go to a drain process.
+executes on the training thread (callgrind counts only the thread inside the toggled call;
+the sender's are not counted), over --epochs epochs after two uncounted ones (~5 minutes;
+every_step over none read within ~1% from run to run here), with the share of each library
+(the Python interpreter, torch, libc...), then stop. The records go to a drain process.
 """
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def _setup() -> tuple:
 def child(name: str) -> None:
     """--instructions, under valgrind: variant `name`, two epochs uncounted, then --epochs
     epochs inside functools.reduce, the one call that callgrind counts in (its
-    --toggle-collect); the sender's work on them is waited for before the count ends."""
+    --toggle-collect), on this thread only."""
     import functools
 
     base, batches = _setup()
@@ -246,11 +247,9 @@ def child(name: str) -> None:
     if sender is not None:
         sender.flush(5.0)
 
-    def counted(_acc, _i):
-        B.run_epoch(v, batches, "cpu")
-        if sender is not None and _i == a.epochs - 1:
-            sender.flush(5.0)
-    functools.reduce(counted, range(a.epochs), None)
+    functools.reduce(lambda _acc, _i: B.run_epoch(v, batches, "cpu"), range(a.epochs), None)
+    if sender is not None:
+        sender.flush(5.0)
     drain.kill()  # (it holds the stderr that the parent reads to its end)
     os._exit(0)  # no interpreter shutdown under valgrind (minutes)
 
