@@ -141,7 +141,8 @@ def untraced(fn):
 
 class Hooks:
     """Registered only around capture steps (kept from one capture step to the next when
-    they follow each other); every callback swallows its own errors."""
+    they follow each other). No error reaches the model's forward or backward: the forward
+    hooks catch on_output's (and hand them to on_error), the other callbacks catch their own."""
 
     def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,

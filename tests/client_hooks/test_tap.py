@@ -638,9 +638,9 @@ def test_a_torch_compiled_model_gives_the_eager_models_statistics(pull, dev):
 
 
 def test_an_untraced_call_goes_through_the_compilers_disable_only_inside_a_compiled_function():
-    """hooks.untraced: in eager code the function is called as it is (torch.compiler.disable's
-    wrapper costs ~1 us a call, on every hook of a capture step); reached while dynamo traces,
-    it runs through that wrapper, outside the compiled graph."""
+    """hooks.untraced (record, log_batch, ... once the compiler is imported): in eager code the
+    function is called as it is (torch.compiler.disable's wrapper costs ~1 us a call);
+    reached while dynamo traces, it runs through that wrapper, outside the compiled graph."""
     import inspect
 
     from client_hooks.hooks import untraced
@@ -655,6 +655,36 @@ def test_an_untraced_call_goes_through_the_compilers_disable_only_inside_a_compi
     y, inside = compiled(torch.ones(2))
     assert inside is True and y.tolist() == [2.0, 2.0]
     assert call() is False
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_an_untraced_hook_goes_through_the_compilers_disable_only_inside_a_compiled_forward():
+    """Hooks.untrace: each hook checks compiling() itself (no wrapper around it). Called by an
+    eager forward, a hook runs as it is; called by a compiled one, it runs through
+    torch.compiler.disable, outside the graph; and what the engine raises stays in the hook."""
+    import inspect
+
+    from client_hooks.hooks import Hooks
+
+    seen = []
+
+    def on_output(name, value):
+        seen.append((name, any(f.filename.endswith("eval_frame.py") for f in inspect.stack())))
+        if name == "1:output":
+            raise RuntimeError("injected")
+    model = fresh_mlp()
+    errors = []
+    hooks = Hooks([("0", model[0]), ("1", model[1])], False, on_output, root=model,
+                  on_forward_done=lambda: seen.append(("done", None)), on_error=errors.append)
+    hooks.untrace()
+    hooks.attach()
+    model(torch.randn(2, 8))
+    assert seen == [("0:output", False), ("1:output", False), ("done", None)] and len(errors) == 1
+    seen.clear()
+    torch.compile(model, backend="eager")(torch.randn(2, 8))
+    assert seen[:2] == [("0:output", True), ("1:output", True)] and len(errors) == 2
+    hooks.detach()
+    assert hook_counts(model) == 0
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)
