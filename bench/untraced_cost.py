@@ -3,10 +3,12 @@
     python bench/untraced_cost.py [--calls 200000]
 
 Once torch's compiler is imported (torch.compile, and also any torch.optim optimizer: this
-script checks that), tensortap wraps each of its hooks (`client_hooks.hooks.untraced`). A
-capture step of bench/overhead.py's every_step calls ~40 of them (every leaf's forward hook,
-every parameter's gradient hook). Timed, best of 5: a plain call of a three-argument
-function; the same through `torch.compiler.disable`'s wrapper; through `untraced`.
+script checks that), tensortap keeps its code out of the compiler's tracing: the entry
+points user code calls (record, log_batch, ...) are wrapped (`client_hooks.hooks.untraced`),
+and each hook makes the same `compiling()` check itself (`Hooks.untrace`, no wrapper's
+frame: a capture step of bench/overhead.py's every_step runs ~40 hooks). Timed, best of 5: a
+plain call of a three-argument function; the same through `torch.compiler.disable`'s
+wrapper; through `untraced`.
 """
 from __future__ import annotations
 

@@ -615,12 +615,9 @@ class Engine:
         per watched module a capture step."""
         if not self.capturing:  # hooks kept between two capture steps (e.g. validation)
             return
-        if type(output) is torch.Tensor:
+        if type(output) is torch.Tensor or isinstance(output, torch.Tensor):  # (a subclass: _defer_known says no)
             if not self._defer_known("activations", name, output):
                 self._add_long("activations", name, output)
-            return
-        if isinstance(output, torch.Tensor):
-            self.add_tensor("activations", name, output)
             return
         for sub, leaf in walk(output, root=""):
             if isinstance(leaf, torch.Tensor):

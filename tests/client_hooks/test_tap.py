@@ -597,6 +597,14 @@ def fresh_mlp(dev: str = "cpu") -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dev)
 
 
+def in_disabled_call() -> bool:
+    """Whether the caller runs inside torch.compiler.disable's wrapper (its frames are
+    eval_frame.py's)."""
+    import inspect
+
+    return any(f.filename.endswith("eval_frame.py") for f in inspect.stack())
+
+
 # torch's own, where a compiled graph resumes after a break on a non-leaf tensor
 COMPILE_RESUME = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
 
@@ -641,15 +649,10 @@ def test_an_untraced_call_goes_through_the_compilers_disable_only_inside_a_compi
     """hooks.untraced (record, log_batch, ... once the compiler is imported): in eager code the
     function is called as it is (torch.compiler.disable's wrapper costs ~1 us a call);
     reached while dynamo traces, it runs through that wrapper, outside the compiled graph."""
-    import inspect
-
     from client_hooks.hooks import untraced
 
-    def through_disable():
-        return any(f.filename.endswith("eval_frame.py") for f in inspect.stack())
-
-    call = untraced(through_disable)
-    assert call() is False and through_disable() is False
+    call = untraced(in_disabled_call)
+    assert call() is False and in_disabled_call() is False
     torch.compiler.reset()
     compiled = torch.compile(lambda x: (x + 1, call()), backend="eager")
     y, inside = compiled(torch.ones(2))
@@ -662,14 +665,12 @@ def test_an_untraced_hook_goes_through_the_compilers_disable_only_inside_a_compi
     """Hooks.untrace: each hook checks compiling() itself (no wrapper around it). Called by an
     eager forward, a hook runs as it is; called by a compiled one, it runs through
     torch.compiler.disable, outside the graph; and what the engine raises stays in the hook."""
-    import inspect
-
     from client_hooks.hooks import Hooks
 
     seen = []
 
     def on_output(name, value):
-        seen.append((name, any(f.filename.endswith("eval_frame.py") for f in inspect.stack())))
+        seen.append((name, in_disabled_call()))
         if name == "1:output":
             raise RuntimeError("injected")
     model = fresh_mlp()
