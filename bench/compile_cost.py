@@ -1,12 +1,14 @@
 """Step time of a torch.compile'd demo FNO with a Tap against the same compiled FNO without
 one (CPU, one torch thread). A compiled model keeps calling the hooks it was compiled with at
-every step, each a graph break: with the default cadence (the model's children hooked, the
-first batch of every 20-step epoch captured) and with all_leaves (every leaf hooked).
+every step: with the default cadence (the model's children hooked, the first batch of every
+20-step epoch captured) and with all_leaves (every leaf hooked). tap.record() of the model's
+output comes after the compiled call.
 
-    python bench/compile_cost.py [--backend aot_eager|inductor] [--rounds 6]
+    python bench/compile_cost.py [--backend aot_eager|inductor] [--rounds 6] [--tree PATH]
 
 Prints each variant's median step time over alternated rounds of 20 steps, and its ratio to
-the untapped model's.
+the untapped model's; then dynamo's counts for the whole run (graphs compiled, graph breaks).
+--tree: client_hooks from another checkout (a `git archive` of an earlier commit).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from tests.client_hooks.conftest import Pull  # noqa: E402  (a PULL socket that 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--backend", default="aot_eager")
 ap.add_argument("--rounds", type=int, default=6)
+ap.add_argument("--tree", default=os.path.dirname(HERE))
 a = ap.parse_args()
+sys.path.insert(0, os.path.abspath(a.tree))
 pull = Pull()
 os.environ.update(TENSORTAP_COMPILE_COST="1", TENSORTAP_ENDPOINT=pull.endpoint, TENSORTAP_RUN="compile-cost")
 
@@ -83,10 +87,16 @@ def main() -> None:
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(run(vs[n], batches, EPOCH))
     base_t = statistics.median(times["none"])
-    print(f"torch {torch.__version__}, backend {a.backend}, demo FNO width 16, batch 4, 32x32, CPU")
+    import client_hooks
+    from torch._dynamo.utils import counters
+
+    print(f"client_hooks from {os.path.dirname(client_hooks.__file__)}; torch {torch.__version__}, "
+          f"backend {a.backend}, demo FNO width 16, batch 4, 32x32, CPU")
     for n in vs:
         m = statistics.median(times[n])
         print(f"{n:<10} median {m * 1e3:.2f} ms/step, {m / base_t:.3f}x")
+    print(f"dynamo, the three models together: {counters['stats']['unique_graphs']} graphs compiled, "
+          f"{sum(counters['graph_break'].values())} graph breaks")
     pull.close()
 
 

@@ -15,6 +15,8 @@
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
 #      more for the same Tap (1.52x against 1.32x on one H100);
 #   6. LAUNCHES=1: bench/launches.py (Triton launches per every-step capture);
+#   ONLY=compile: test_tap.py's CUDA and torch.compile cases, then bench/compile_check.py with
+#      inductor for this tree and for .prev/ when it is there; nothing else;
 #      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point
 #      (and the same for .prev/ when it is there).
 # Exits non-zero when the tests or fused_check failed.
@@ -34,6 +36,18 @@ echo "cpus $(nproc), cgroup cpu.max $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || 
 # the host's Python speed: a pure-Python loop (the project's VM: 0.12-0.19 s; the ninth
 # session's four H100 hosts 0.13-0.20 s)
 python3 -c "import time; t = time.perf_counter(); [sum(range(100)) for _ in range(200000)]; print(f'host Python: {time.perf_counter() - t:.3f} s for the reference loop')"
+if [ "${ONLY:-}" = compile ]; then
+    python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_tap.py -k "cuda or compile" > "$OUT/tests_tap.txt" 2>&1
+    rc_tap=$?
+    grep "^E  \|passed\|failed" "$OUT/tests_tap.txt" | tail -12
+    for tree in . .prev; do
+        [ -d "$tree/client_hooks" ] || continue
+        echo "--- compile_check, tree $tree ($(cat $tree/REV 2>/dev/null || echo this)) ---"
+        timeout 200 python3 bench/compile_check.py --backend inductor --tree "$tree" 2>&1 | grep -v "Warning\|^  \|^W" | tail -9
+    done
+    echo "tests rc=$rc_tap"
+    exit $rc_tap
+fi
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
 tail -4 "$OUT/tests.txt"
@@ -53,7 +67,7 @@ if [ "${QUICK:-0}" != 1 ]; then
 fi
 # torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
 # code took up to 55 s at a capture step with inductor; thirteenth session)
-timeout 120 python3 bench/compile_check.py --backend inductor 2>&1 | grep -v "Warning\|^  \|^W" | tail -8
+timeout 120 python3 bench/compile_check.py --backend inductor 2>&1 | grep -v "Warning\|^  \|^W" | tail -9
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/capture_memory.py --device cuda --width 64 --modes 16 --batch 64 --size 64 2>&1 | tail -12
 # AB=N: this tree and .prev/ alternated N times (STEPS and PREV_STEPS each time): a machine

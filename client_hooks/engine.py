@@ -164,6 +164,10 @@ class Engine:
         # of a deferred real value: its next captures alike take `_defer_known`
         self._plans: dict = {}
         self._untraced = False  # see _untrace
+        # values a compiled forward hands over (its hooks and record(), see hooks.Traced);
+        # _keep_hooks: one came from a hook, so the model runs compiled and its hooks stay
+        self._traced = _hooks.Traced()
+        self._keep_hooks = False
         self._flush_memo = FlushMemo()  # the capture steps' flush layout (Capture.flush)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -183,7 +187,8 @@ class Engine:
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
                                    self.grads_ready if param_hooks else None,
-                                   model, self.launch_deferred, on_error=_activations_failed)
+                                   model, self.launch_deferred, on_error=_activations_failed,
+                                   traced=self._traced)
         if self._untraced:
             self._hooks.untrace()
 
@@ -201,6 +206,8 @@ class Engine:
     def begin_step(self, step: Optional[int] = None, epoch: Optional[int] = None) -> bool:
         if self.capturing:
             self.end_step()
+        elif self._traced.stash:  # record(always=True) in a compiled forward outside a capture step
+            self._drain()
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
@@ -216,8 +223,9 @@ class Engine:
                 if not self._hooks.attached:
                     self._hooks.attach()
                 self._hooks.new_step()
-        elif self._hooks is not None and self._hooks.attached:
+        elif self._hooks is not None and self._hooks.attached and not self._keep_hooks:
             self._hooks.detach()  # kept by end_step for a capture that did not come
+        self._traced.live = self.capturing
         return self.capturing
 
     def _untrace(self) -> None:
@@ -226,12 +234,51 @@ class Engine:
         compiled function (record, metrics, log_batch, patch) are kept out of its tracing
         from now on (hooks.untraced: outside tracing, one extra call of ~0.06 us each).
         Checked at each capture step's start, so that tensortap never imports the compiler
-        itself (~1 s)."""
+        itself (~1 s). record() traced hands its value over instead (`_traced_record`)."""
         self._untraced = True
-        for name in ("record", "metrics", "log_batch", "patch"):
+        for name in ("metrics", "log_batch", "patch"):
             setattr(self, name, _hooks.untraced(getattr(self, name)))
+        self.record = self._traced_record(self.record)
         if self._hooks is not None:
             self._hooks.untrace()
+
+    def _traced_record(self, record):
+        """`record`, which while dynamo traces it (a record() inside a compiled forward) hands
+        its value over to `_traced` like a hook (no graph break, see hooks.Traced): in a
+        capture step, or always with always=True; `_drain` records it in eager code."""
+        compiling, _ = _hooks.tracing_guard()
+        if compiling is None:
+            return record
+        t, RECORD, ALWAYS = self._traced, _hooks.Traced.RECORD, _hooks.Traced.ALWAYS
+
+        def call(name: str, tensor, pair=None, always: bool = False) -> None:
+            if compiling():
+                if t.live or always:
+                    t.stash.append((name, tensor, pair, ALWAYS if always else RECORD))
+                return None
+            return record(name, tensor, pair, always)
+        return functools.wraps(record)(call)
+
+    def _drain(self) -> None:
+        """The values a compiled forward handed over (hooks.Traced), taken in eager code:
+        each as its hook or record() would have taken it in an eager forward (at the end of
+        backward, they join the gradients' grouped launch). A hook's value says that the
+        model runs compiled, and compiled code keeps the hooks it was compiled with: the
+        hooks stay registered from then on (they hand values over only while `live`)."""
+        t = self._traced
+        if not t.stash:
+            return
+        for name, value, pair, how in t.take():
+            if how == _hooks.Traced.HOOK:
+                self._keep_hooks = True
+                if self._hooks is not None:
+                    self._hooks.fired += 1
+                try:
+                    self.on_output(name, value)
+                except Exception as e:
+                    _activations_failed(e)
+            else:  # (the method itself: self.record is the traced wrapper)
+                Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
 
     def _next_step_captures(self) -> bool:
         """Whether the step after this one will capture (every_n_steps, the same epoch)."""
@@ -263,6 +310,7 @@ class Engine:
         one more foreach norm."""
         if not self.capturing:
             return
+        self._drain()  # a compiled forward's values: before the gradients' grouped launch
         self._grad_vecs = {}
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
@@ -343,8 +391,9 @@ class Engine:
         """Update ratios, then one copy of the whole step to the host; removes the hooks."""
         if not self.capturing:
             return
-        self.capturing = False
-        if self._hooks is not None and not self._next_step_captures():
+        self._drain()
+        self.capturing = self._traced.live = False
+        if self._hooks is not None and not (self._keep_hooks or self._next_step_captures()):
             self._hooks.detach()  # else kept: re-registering every module's hook costs each step
         if not self._grad_vecs and self._layers:
             self.capturing = True  # backward end was not seen (unused params): read grads now
@@ -688,6 +737,7 @@ class Engine:
 
     def close(self) -> None:
         self.end_step()
+        self._drain()  # record(always=True) in a compiled forward after the last capture step
         self._snap = []
         if self._hooks is not None:
             self._hooks.detach()

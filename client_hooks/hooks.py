@@ -4,10 +4,13 @@
 forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
 post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
 them. Between capture steps the model carries no tensortap hook. Once torch's compiler is
-imported (torch.compile, or a torch.optim optimizer), each hook is kept out of its tracing
-(`Hooks.untrace`); a compiled model calls the hooks it was compiled with at every step (they
-return at once outside a capture step) and ignores hooks added later. Module paths are the
-model's own: torch.compile's `_orig_mod` step is left out (`named_modules`).
+imported (torch.compile, or a torch.optim optimizer), each hook checks whether dynamo traces
+it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands its value
+over (`Traced`): no graph break, no statistic in the graph, and the model stays one compiled
+graph. A compiled model calls the hooks it was compiled with at every step and ignores hooks
+added later, so once one has handed a value over the hooks stay registered (the engine's
+`_drain`). Module paths are the model's own: torch.compile's `_orig_mod` step is left out
+(`named_modules`).
 """
 from __future__ import annotations
 
@@ -120,6 +123,30 @@ def tracing_guard() -> tuple:
     return compiling, disable(_call)
 
 
+class Traced:
+    """What a compiled forward hands to tensortap. A hook (or `record`) traced by dynamo does
+    not compute its statistics in the graph, nor break it: while `live` (a capture step) it
+    appends (name, value, pair, how) to `stash`, a list mutation that the compiled code
+    replays at each call, and the engine takes the values in eager code (Engine._drain).
+    Why not a graph break: dynamo cannot resume after a break inside a hook in a loop (an
+    nn.Sequential) and runs that frame eagerly from then on, on every later step too (torch
+    2.11: the whole model; 2.13: leaf by leaf). Dynamo guards on `live` and on whether
+    `stash` is empty: a few compiled variants, chosen at each call without recompiling."""
+
+    HOOK, RECORD, ALWAYS = 0, 1, 2  # how: a forward hook's value; record(); record(always=True)
+
+    def __init__(self):
+        self.live = False
+        self.stash: list = []
+
+    def take(self) -> list:
+        """The values handed over since the last take, in their order; the stash emptied (the
+        same list object: the compiled code holds it)."""
+        items = self.stash[:]
+        self.stash.clear()
+        return items
+
+
 def untraced(fn):
     """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a
     record() in it) breaks its graph there and calls it as it is, so tensortap's code is never
@@ -148,9 +175,10 @@ class Hooks:
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,
                  on_grads_ready: Optional[Callable[[], None]] = None,
                  root: Optional[nn.Module] = None, on_forward_done: Optional[Callable[[], None]] = None,
-                 on_error: Optional[Callable[[BaseException], None]] = None):
+                 on_error: Optional[Callable[[BaseException], None]] = None, traced: Optional[Traced] = None):
         """on_output(name, value) may raise: the hook hands the error to on_error (the
-        others catch their own)."""
+        others catch their own). traced: where the hooks hand their values over when dynamo
+        traces them (see Traced; the engine shares it with record)."""
         self._targets, self._inputs = act_targets, inputs
         self._root = root
         self._on_output = on_output
@@ -165,6 +193,7 @@ class Hooks:
         # set by `untrace`: each hook then checks compiling() first (see tracing_guard)
         self._compiling: Optional[Callable[[], bool]] = None
         self._off: Optional[Callable] = None
+        self.traced = traced if traced is not None else Traced()
         # made once, the same objects registered at every attach
         self._fwd_hooks = [self._fwd(path) for path, _ in act_targets]
         self._pre_hooks = [self._pre(path) for path, _ in act_targets] if inputs else []
@@ -189,10 +218,12 @@ class Hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
 
     def untrace(self) -> None:
-        """From now on every hook is kept out of torch.compile's tracing: each one checks
-        `compiling()` first, and while dynamo traces it calls itself through `off` (a graph
-        break; see tracing_guard). In eager code that is one call of ~0.06 us, not a wrapper's
-        frame: these hooks run ~40 times a capture step."""
+        """From now on every hook checks `compiling()` first. While dynamo traces, a forward
+        hook hands its value to `traced` (no graph break, see Traced), the end-of-forward hook
+        does nothing (the engine takes the values later), and a gradient hook (compiled
+        autograd) calls itself through `off` (a graph break; see tracing_guard). In eager code
+        that is one call of ~0.06 us, not a wrapper's frame: these hooks run ~40 times a
+        capture step."""
         if self.untraced:
             return
         self.untraced = True
@@ -203,7 +234,8 @@ class Hooks:
         self._seen, self._queued, self.fired = 0, False, 0
 
     def silent(self) -> bool:
-        """Activation hooks were attached for this capture step and none of them ran."""
+        """Activation hooks were attached for this capture step and none of them ran (a value
+        handed over by a compiled forward counts once taken: the engine adds it to `fired`)."""
         return bool(self._fwd_hooks or self._pre_hooks) and self.fired == 0
 
     def detach(self) -> None:
@@ -216,8 +248,11 @@ class Hooks:
 
         def hook(module, args, output):
             c = self._compiling
-            if c is not None and c():
-                return self._off(hook, module, args, output)
+            if c is not None and c():  # in a compiled forward: handed over, nothing computed
+                t = self.traced
+                if t.live:
+                    t.stash.append((name, output, None, Traced.HOOK))
+                return None
             self.fired += 1
             try:
                 self._on_output(name, output)
@@ -231,7 +266,10 @@ class Hooks:
         def hook(module, args):
             c = self._compiling
             if c is not None and c():
-                return self._off(hook, module, args)
+                t = self.traced
+                if t.live:
+                    t.stash.append((name, args[0] if len(args) == 1 else args, None, Traced.HOOK))
+                return None
             self.fired += 1
             try:
                 self._on_output(name, args[0] if len(args) == 1 else args)
@@ -242,8 +280,8 @@ class Hooks:
     def _done(self, module, args, output) -> None:
         """The watched model's forward has ended (on_forward_done catches its own errors)."""
         c = self._compiling
-        if c is not None and c():
-            return self._off(self._done, module, args, output)
+        if c is not None and c():  # a compiled forward: the engine takes its values later
+            return None
         self._on_forward_done()
 
     def _grad(self, p: torch.Tensor) -> None:

@@ -660,30 +660,51 @@ def test_an_untraced_call_goes_through_the_compilers_disable_only_inside_a_compi
     assert call() is False
 
 
-@pytest.mark.filterwarnings(COMPILE_RESUME)
-def test_an_untraced_hook_goes_through_the_compilers_disable_only_inside_a_compiled_forward():
+def test_a_hook_traced_into_a_compiled_forward_hands_its_value_over_and_breaks_no_graph():
     """Hooks.untrace: each hook checks compiling() itself (no wrapper around it). Called by an
-    eager forward, a hook runs as it is; called by a compiled one, it runs through
-    torch.compiler.disable, outside the graph; and what the engine raises stays in the hook."""
-    from client_hooks.hooks import Hooks
+    eager forward, a hook runs as it is (what the engine raises stays in the hook). Traced
+    into a compiled forward it computes nothing and breaks no graph: the model is one graph,
+    and at each call its code hands the hooks' values to Traced while `live` (the values the
+    eager model gives), and nothing otherwise."""
+    from client_hooks.hooks import Hooks, Traced
 
     seen = []
 
     def on_output(name, value):
-        seen.append((name, in_disabled_call()))
+        seen.append(name)
         if name == "1:output":
             raise RuntimeError("injected")
     model = fresh_mlp()
-    errors = []
-    hooks = Hooks([("0", model[0]), ("1", model[1])], False, on_output, root=model,
-                  on_forward_done=lambda: seen.append(("done", None)), on_error=errors.append)
+    errors, graphs = [], []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    hooks = Hooks([("0", model[0]), ("1", model[1])], True, on_output, root=model,
+                  on_forward_done=lambda: seen.append("done"), on_error=errors.append)
     hooks.untrace()
     hooks.attach()
     model(torch.randn(2, 8))
-    assert seen == [("0:output", False), ("1:output", False), ("done", None)] and len(errors) == 1
+    assert seen == ["0:input", "0:output", "1:input", "1:output", "done"] and len(errors) == 1
     seen.clear()
-    torch.compile(model, backend="eager")(torch.randn(2, 8))
-    assert seen[:2] == [("0:output", True), ("1:output", True)] and len(errors) == 2
+    compiled = torch.compile(model, backend=keep)
+    for live in (True, False, True):
+        hooks.traced.live = live
+        x = torch.randn(2, 8)
+        compiled(x)
+        got = hooks.traced.take()
+        assert seen == [] and len(errors) == 1 and not hooks.traced.stash
+        if not live:
+            assert got == []
+            continue
+        with torch.no_grad():
+            h0 = model[0].forward(x)
+            want = [("0:input", x), ("0:output", h0), ("1:input", h0), ("1:output", model[1].forward(h0))]
+        assert [(n, p, how) for n, _, p, how in got] == [(n, None, Traced.HOOK) for n, _ in want]
+        assert all(torch.equal(v, w) for (_, v, _, _), (_, w) in zip(got, want))
+    ops = [sorted(str(n.target) for n in g.graph.nodes if n.op.startswith("call")) for g in graphs]
+    assert len(graphs) == 2 and all(o == sorted(map(str, [nn.functional.linear] * 2 + [nn.functional.gelu]))
+                                    for o in ops), ops
     hooks.detach()
     assert hook_counts(model) == 0
 
@@ -709,9 +730,64 @@ def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
             compiled(torch.randn(5, 8)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-    ops = {n.target for g in graphs for n in g.graph.nodes if n.op.startswith("call")}
-    assert graphs and ops == {nn.functional.linear, nn.functional.gelu}, ops
+    # each graph the whole forward: one for capture steps, one for the others (hooks.Traced)
+    ops = [sorted(str(n.target) for n in g.graph.nodes if n.op.startswith("call")) for g in graphs]
+    whole = sorted(map(str, [nn.functional.linear, nn.functional.gelu, nn.functional.linear]))
+    assert len(graphs) == 2 and all(o == whole for o in ops), ops
     assert pull.wait_for(lambda r: len(pull.find("activations", "1:output")) == 3)
+
+
+class Recording(nn.Module):
+    """A model whose forward records a value of its own (tap.record) and one always."""
+
+    def __init__(self, tap_ref: list):
+        super().__init__()
+        self.a, self.b, self.tap_ref = nn.Linear(8, 16), nn.Linear(16, 4), tap_ref
+
+    def forward(self, x):
+        h = nn.functional.gelu(self.a(x))
+        self.tap_ref[0].record("mid", h * 2)
+        self.tap_ref[0].record("mid_always", h - 1, always=True)
+        return self.b(h)
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_a_record_inside_a_compiled_forward_is_the_eager_value_and_breaks_no_graph(pull):
+    """tap.record() inside a compiled forward: no graph break (hooks.Traced), the values equal
+    the eager model's at the same step: in capture steps, and every step with always=True."""
+    graphs, ref = [], []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = Recording(ref)
+    compiled = torch.compile(model, backend=keep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = {}
+    with Tap(first_n=0, every_n_steps=2, gradients="all") as tap:
+        ref.append(tap)
+        tap.watch(model, optimizer=opt)
+        for step in range(6):
+            x = torch.randn(5, 8)
+            with torch.no_grad():
+                h = nn.functional.gelu(model.a(x)).double()
+            want[step] = {"mid": h * 2, "mid_always": h - 1}
+            tap.log_batch({"x": x}, epoch=0)
+            compiled(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    ops = [sorted(str(n.target) for n in g.graph.nodes if n.op.startswith("call")) for g in graphs]
+    assert graphs and all(o.count(str(nn.functional.linear)) == 2 for o in ops), ops
+    assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 6)
+    for name, steps in (("mid", [0, 2, 4]), ("mid_always", [0, 1, 2, 3, 4, 5])):
+        got = {r["step"]: r["data"] for r in pull.find("activations", name)}
+        assert sorted(got) == steps, (name, sorted(got))
+        for step in steps:
+            w = want[step][name]
+            assert [got[step][k] for k in ("mean", "min", "max")] == pytest.approx(
+                [w.mean().item(), w.min().item(), w.max().item()], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)
@@ -814,7 +890,9 @@ def test_a_process_that_never_compiles_does_not_import_the_compiler(pull):
             "        tap.record('x', torch.ones(3))\n"
             "        m(torch.randn(2, 4)).sum().backward()\n"
             "print('compiler imported:', 'torch._dynamo' in sys.modules)\n")
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # (the caller's path kept: where pyzmq and msgspec lie outside site-packages, e.g. a GPU host)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiler imported: False" in out.stdout
