@@ -22,14 +22,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from tests.client_hooks.conftest import Pull  # noqa: E402  (a PULL socket that decodes records)
-
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--backend", default="aot_eager")
 ap.add_argument("--rounds", type=int, default=6)
 ap.add_argument("--tree", default=os.path.dirname(HERE))
 a = ap.parse_args()
 sys.path.insert(0, os.path.abspath(a.tree))
+import client_hooks  # noqa: E402,F401  (first: from --tree, before overhead adds this checkout)
+from tests.client_hooks.conftest import Pull  # noqa: E402  (a PULL socket that decodes records)
 pull = Pull()
 os.environ.update(TENSORTAP_COMPILE_COST="1", TENSORTAP_ENDPOINT=pull.endpoint, TENSORTAP_RUN="compile-cost")
 
@@ -45,7 +45,12 @@ OPTIONS = {"none": None, "default": {},
 
 
 def make(name: str, base) -> dict:
+    """Variant `name`: a copy of `base` whose class is its own. Compiled code is kept per code
+    object and does not check a module's hooks (torch's skip_nnmodule_hook_guards): with one
+    class, the untapped model's compiled code would also run for the tapped ones, hooks
+    ignored. Each class is a guard of its own."""
     model = copy.deepcopy(base)
+    model.__class__ = type(f"{type(base).__name__}_{name}", (type(base),), {})
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     tap = None
     if OPTIONS[name] is not None:
@@ -87,7 +92,6 @@ def main() -> None:
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(run(vs[n], batches, EPOCH))
     base_t = statistics.median(times["none"])
-    import client_hooks
     from torch._dynamo.utils import counters
 
     print(f"client_hooks from {os.path.dirname(client_hooks.__file__)}; torch {torch.__version__}, "
@@ -97,6 +101,9 @@ def main() -> None:
         print(f"{n:<10} median {m * 1e3:.2f} ms/step, {m / base_t:.3f}x")
     print(f"dynamo, the three models together: {counters['stats']['unique_graphs']} graphs compiled, "
           f"{sum(counters['graph_break'].values())} graph breaks")
+    time.sleep(0.5)
+    acts = {r["name"] for r in pull.records if r["kind"] == "activations"}
+    print(f"activation records: {len(acts)} names (x_combined is recorded after the compiled call)")
     pull.close()
 
 

@@ -148,13 +148,14 @@ class Traced:
 
 
 def untraced(fn):
-    """`fn`, kept out of torch.compile's tracing: a compiled forward that reaches it (a
-    record() in it) breaks its graph there and calls it as it is, so tensortap's code is never
-    compiled into the model's graph, guarded on, or made to raise a compiler error into
+    """`fn`, kept out of torch.compile's tracing: a compiled function that reaches it (a
+    log_loss() inside it) breaks its graph there and calls it as it is, so tensortap's code is
+    never compiled into the model's graph, guarded on, or made to raise a compiler error into
     training. Only while dynamo traces does the call go through `torch.compiler.disable`,
     whose wrapper costs ~1 us a call even outside a compiled region (this VM): see
-    `tracing_guard`. The hooks make the same check themselves (`Hooks.untrace`). Used once
-    `compiler_loaded()` (Engine.begin_step)."""
+    `tracing_guard`. Used once `compiler_loaded()` (Engine.begin_step) for the entry points
+    that a forward rarely calls; the hooks and record() hand their values over instead
+    (`Traced`)."""
     compiling, off = tracing_guard()
     if off is None:
         return fn
@@ -168,8 +169,9 @@ def untraced(fn):
 
 class Hooks:
     """Registered only around capture steps (kept from one capture step to the next when
-    they follow each other). No error reaches the model's forward or backward: the forward
-    hooks catch on_output's (and hand them to on_error), the other callbacks catch their own."""
+    they follow each other, and for good once a compiled forward has handed a value over: see
+    Traced). No error reaches the model's forward or backward: the forward hooks catch
+    on_output's (and hand them to on_error), the other callbacks catch their own."""
 
     def __init__(self, act_targets: list[tuple[str, nn.Module]], inputs: bool,
                  on_output: OnTensor, params: Optional[list[nn.Parameter]] = None,

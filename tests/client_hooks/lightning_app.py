@@ -87,10 +87,14 @@ def main():
     ap.add_argument("--precision", default="32-true", help="e.g. 16-mixed (on a GPU: a GradScaler, init scale 1024)")
     ap.add_argument("--fits", type=int, default=1, help="then validate, and fit that many more new "
                     "Trainers with a new TapCallback each, one after the other (a notebook's cells)")
+    ap.add_argument("--compile", action="store_true", help="the module's net torch.compile'd (aot_eager), "
+                    "every leaf watched; RESULT also has dynamo's graph and break counts")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
-    cb = TapCallback(gradients="all")
+    if a.compile:
+        module.net = torch.compile(module.net, backend="aot_eager")
+    cb = TapCallback(gradients="all", all_leaves=a.compile)
     tap = Tap() if a.plain_tap else None  # the other front door, also inert when gated off
     if tap is not None:
         tap.watch(module)
@@ -124,6 +128,10 @@ def main():
             res.update(first_norms=module.first_norms, loss_scale=module.loss_scale)
         if a.fits > 1:
             res["runs"] = runs
+        if a.compile:
+            from torch._dynamo.utils import counters
+
+            res.update(graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()))
         print("RESULT " + json.dumps(res), flush=True)
 
 

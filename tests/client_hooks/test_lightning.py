@@ -52,6 +52,19 @@ def test_gate_on_a_fit_sends_every_stream_and_removes_its_hooks(pull, model):
     assert set(probe) >= {"real", "imag", "abs", "angle"} and probe["split"] == "train"
 
 
+def test_a_compiled_net_in_a_fit_keeps_whole_graphs_and_records_every_leaf(pull):
+    """A LightningModule whose net is torch.compile'd, every leaf watched: the leaves' values
+    come from the compiled forward (hooks.Traced) at each epoch's first step, with no graph
+    break; the hooks are gone after the fit."""
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+                   "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--compile")
+    assert res["hooks"] == 0 and res["breaks"] == 0 and 1 <= res["graphs"] <= 4, res
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    for leaf in ("net.0:output", "net.1:output", "net.2:output"):
+        assert [r["step"] for r in pull.find("activations", leaf)] == [0, 4], leaf
+    assert {r["step"] for r in pull.find("gradients", "net.0")} == {0, 4}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")
 def test_under_16_mixed_precision_on_a_gpu_the_gradients_are_the_unscaled_ones(pull):
     """precision="16-mixed" on CUDA: autocast, and a GradScaler (init scale 1024) that scales
