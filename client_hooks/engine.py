@@ -4,7 +4,10 @@ Step life cycle (training thread):
     begin_step -> [forward hooks, record(), log_batch()] -> grads_ready -> end_step
 A capture step (cadence: first `first_n` batches of every epoch, and every `every_n_steps`-th
 step) attaches hooks at begin_step and removes them at end_step, where the step's vectors go
-to the host in one copy. Every public method swallows its errors: one warning per kind.
+to the host in one copy. Every public method swallows its errors: one warning per kind. A
+torch.compile'd forward hands its hooks' (and record()'s) values over instead of running them
+(hooks.Traced): they are taken at the end of backward or of the step (`_drain`), and the hooks
+of such a model stay registered between capture steps.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
 grouped kernel launch for the real tensors met during the forward (their block partials); at
@@ -230,11 +233,12 @@ class Engine:
 
     def _untrace(self) -> None:
         """torch's compiler is imported (torch.compile, or any torch.optim optimizer, has
-        imported it): the hooks and the entry points that user code may call inside a
-        compiled function (record, metrics, log_batch, patch) are kept out of its tracing
-        from now on (hooks.untraced: outside tracing, one extra call of ~0.06 us each).
+        imported it): from now on the hooks and record() hand their values over when dynamo
+        traces them (hooks.Traced, `_traced_record`), and the other entry points that user
+        code may call inside a compiled function (metrics, log_batch, patch) are kept out of
+        its tracing (hooks.untraced). Outside tracing each costs one extra check of ~0.06 us.
         Checked at each capture step's start, so that tensortap never imports the compiler
-        itself (~1 s). record() traced hands its value over instead (`_traced_record`)."""
+        itself (~1 s)."""
         self._untraced = True
         for name in ("metrics", "log_batch", "patch"):
             setattr(self, name, _hooks.untraced(getattr(self, name)))
@@ -260,7 +264,8 @@ class Engine:
         return functools.wraps(record)(call)
 
     def _drain(self) -> None:
-        """The values a compiled forward handed over (hooks.Traced), taken in eager code:
+        """The values a compiled forward handed over (hooks.Traced; callers on the capture
+        path check that `_traced.stash` holds any first: one call less), taken in eager code:
         each as its hook or record() would have taken it in an eager forward (at the end of
         backward, they join the gradients' grouped launch). A hook's value says that the
         model runs compiled, and compiled code keeps the hooks it was compiled with: the
@@ -310,7 +315,8 @@ class Engine:
         one more foreach norm."""
         if not self.capturing:
             return
-        self._drain()  # a compiled forward's values: before the gradients' grouped launch
+        if self._traced.stash:  # a compiled forward's values: before the gradients' grouped launch
+            self._drain()
         self._grad_vecs = {}
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
@@ -391,7 +397,8 @@ class Engine:
         """Update ratios, then one copy of the whole step to the host; removes the hooks."""
         if not self.capturing:
             return
-        self._drain()
+        if self._traced.stash:
+            self._drain()
         self.capturing = self._traced.live = False
         if self._hooks is not None and not (self._keep_hooks or self._next_step_captures()):
             self._hooks.detach()  # else kept: re-registering every module's hook costs each step
