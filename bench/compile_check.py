@@ -1,7 +1,7 @@
 """A torch.compile'd model under a Tap: the time of each step (a capture every other step)
 and whether the captured activation statistics equal the eager model's.
 
-    python bench/compile_check.py [--tree PATH] [--backend inductor|aot_eager] [--steps 6]
+    python bench/compile_check.py [--tree PATH] [--backend inductor|aot_eager] [--mode MODE] [--steps 6]
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit),
 to compare. Compiled code keeps the module hooks it was compiled with; tensortap's hooks
@@ -22,6 +22,7 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 ap.add_argument("--backend", default="inductor")
 ap.add_argument("--steps", type=int, default=6)
+ap.add_argument("--mode", default=None, help="torch.compile's mode, e.g. reduce-overhead (CUDA graphs)")
 a = ap.parse_args()
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path[:0] = [os.path.abspath(a.tree), ROOT]
@@ -39,10 +40,10 @@ from client_hooks import Tap  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"client_hooks from {os.path.dirname(client_hooks.__file__)}; torch {torch.__version__}; "
-      f"backend {a.backend}; {torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}")
+      f"backend {a.backend}, mode {a.mode}; {torch.cuda.get_device_name() if dev == 'cuda' else 'CPU'}")
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).to(dev)
-compiled = torch.compile(model, backend=a.backend)
+compiled = torch.compile(model, backend=a.backend, mode=a.mode)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 want = {}
 try:
