@@ -737,6 +737,29 @@ def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
     assert pull.wait_for(lambda r: len(pull.find("activations", "1:output")) == 3)
 
 
+def test_a_fullgraph_compiled_model_is_captured_without_a_compiler_error(pull):
+    """torch.compile(fullgraph=True) raises at any graph break: the hooks and record() break
+    none, so a capture step neither raises into training nor loses the values (the earlier
+    graph-breaking hooks raised `Unsupported` here at the first capture step)."""
+    ref = []
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = Recording(ref)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
+        ref.append(tap)
+        tap.watch(model, optimizer=opt)
+        for _ in range(4):
+            tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
+            compiled(torch.randn(5, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 4)
+    for name in ("a:output", "b:output", "mid"):
+        assert [r["step"] for r in pull.find("activations", name)] == [0, 2], name
+
+
 class Recording(nn.Module):
     """A model whose forward records a value of its own (tap.record) and one always."""
 
