@@ -112,9 +112,10 @@ NO_FORWARD_HOOK = (
     "tensortap: in capture step {step} the watched model's gradients came but none of its forward "
     "hooks ran, so no activation is recorded. The step began (log_batch) after the model's forward; "
     "or the forward was called as model.forward(x), which skips hooks (call model(x)); or the model "
-    "runs under torch.compile and was compiled before tensortap's hooks existed (compiled code keeps "
-    "the hooks it was compiled with: make the first compiled call a capture step, as the default "
-    "cadence does, or use tap.record())")
+    "runs under torch.compile and was compiled before tensortap's hooks existed, or another model of "
+    "its class was compiled without them in this process (compiled code keeps the hooks it was "
+    "compiled with: make the first compiled call a capture step, as the default cadence does, or use "
+    "tap.record())")
 SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snapshot buffers
 # deferred tensors held for the grouped launch, at most: DEFER_MAX_BYTES, and on a GPU at
 # most 1/DEFER_MEMORY_SHARE of its memory (a 16 GiB GPU: 256 MiB). Autograd keeps about half
