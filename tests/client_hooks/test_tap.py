@@ -605,6 +605,15 @@ def in_disabled_call() -> bool:
     return any(f.filename.endswith("eval_frame.py") for f in inspect.stack())
 
 
+def train_steps(tap, model, opt, steps: int) -> None:
+    """`steps` training steps of a model of 8 inputs, each begun by log_batch."""
+    for _ in range(steps):
+        tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 # torch's own, where a compiled graph resumes after a break on a non-leaf tensor
 COMPILE_RESUME = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
 
@@ -725,11 +734,7 @@ def test_the_compiled_graphs_hold_only_the_models_own_operations(pull):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
         tap.watch(model, optimizer=opt)
-        for _ in range(6):
-            tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
-            compiled(torch.randn(5, 8)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+        train_steps(tap, compiled, opt, 6)
     # each graph the whole forward: one for capture steps, one for the others (hooks.Traced)
     ops = [sorted(str(n.target) for n in g.graph.nodes if n.op.startswith("call")) for g in graphs]
     whole = sorted(map(str, [nn.functional.linear, nn.functional.gelu, nn.functional.linear]))
@@ -750,11 +755,7 @@ def test_a_fullgraph_compiled_model_is_captured_without_a_compiler_error(pull):
     with Tap(first_n=0, every_n_steps=2, all_leaves=True, gradients="all") as tap:
         ref.append(tap)
         tap.watch(model, optimizer=opt)
-        for _ in range(4):
-            tap.log_batch({"x": torch.randn(5, 8)}, epoch=0)
-            compiled(torch.randn(5, 8)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+        train_steps(tap, compiled, opt, 4)
     assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 4)
     for name in ("a:output", "b:output", "mid"):
         assert [r["step"] for r in pull.find("activations", name)] == [0, 2], name
