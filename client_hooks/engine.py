@@ -195,6 +195,13 @@ class Engine:
                                    traced=self._traced)
         if self._untraced:
             self._hooks.untrace()
+        if _hooks.compiler_loaded() and _hooks.compiled_inside(model):
+            # compiled already: the hooks go on now, for good, so that its first compiled call
+            # (a warm-up, a sanity check) has them; they hand values over in capture steps only
+            if not self._untraced:
+                self._untrace()
+            self._keep_hooks = True
+            self._hooks.attach()
 
     def new_epoch(self, epoch: Optional[int]) -> None:
         self.epoch, self.batch_in_epoch = epoch, 0

@@ -9,7 +9,7 @@ it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands 
 over (`Traced`): no graph break, no statistic in the graph, and the model stays one compiled
 graph. A compiled model calls the hooks it was compiled with at every step and ignores hooks
 added later, so once one has handed a value over the hooks stay registered (the engine's
-`_drain`). Module paths are the model's own: torch.compile's `_orig_mod` step is left out
+`_drain`), and a model watched compiled (`compiled_inside`) gets them at once. Module paths are the model's own: torch.compile's `_orig_mod` step is left out
 (`named_modules`).
 """
 from __future__ import annotations
@@ -104,6 +104,14 @@ def compiler_loaded() -> bool:
     torch.optim optimizer: it imports it too). Importing it costs ~1 s, so tensortap never
     does it itself."""
     return "torch._dynamo" in sys.modules
+
+
+def compiled_inside(model: nn.Module) -> bool:
+    """Whether `model` or a module in it is torch.compile'd (torch.compile's wrapper, whose
+    `_orig_mod` is the module it compiles, or Module.compile()). Its compiled code will keep
+    the hooks it is first compiled with."""
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) or
+               getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 def _call(fn, *args, **kwargs):

@@ -873,6 +873,25 @@ def test_a_model_compiled_before_the_hooks_existed_is_told_and_keeps_its_gradien
     assert all(r["data"]["norm"] >= n * (1 - 1e-6) > 0 for r, n in zip(got, norms))
 
 
+def test_a_model_watched_compiled_is_captured_after_compiled_calls_outside_any_step(pull):
+    """tap.watch() of a torch.compile'd model: its hooks go on at once and stay, so compiled
+    calls before the first step (a warm-up) compile them in, and the capture steps after get
+    every leaf's output. (Watching the uncompiled model instead: the test above.)"""
+    model = fresh_mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Tap(every_n_steps=1, all_leaves=True, gradients="all") as tap:
+        tap.watch(compiled, optimizer=opt)
+        for _ in range(2):  # a warm-up: compiled with tensortap's hooks on, outside any step
+            compiled(torch.randn(5, 8)).sum().backward()
+            model.zero_grad()
+        train_steps(tap, compiled, opt, 2)
+    assert hook_counts(model) == 0
+    assert pull.wait_for(lambda r: len(pull.find("activations", "2:output")) == 2)
+    for name in ("0:output", "1:output", "2:output"):
+        assert [r["step"] for r in pull.find("activations", name)] == [0, 1], name
+
+
 def test_a_step_begun_after_the_forward_is_told_why_no_activation_comes(pull, monkeypatch):
     """log_batch after the model's forward: the hooks come too late for the activations; the
     gradients still come, and one warning names the likely causes."""
