@@ -15,10 +15,10 @@
 #   5. every_step against none alone, PAIR_STEPS (0: skip); the full harness has measured
 #      more for the same Tap (1.52x against 1.32x on one H100);
 #   6. LAUNCHES=1: bench/launches.py (Triton launches per every-step capture);
-#   ONLY=compile: test_tap.py's CUDA and torch.compile cases, then bench/compile_check.py with
-#      inductor for this tree and for .prev/ when it is there; nothing else;
 #      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point
 #      (and the same for .prev/ when it is there).
+#   ONLY=compile: instead of all that, test_tap.py's CUDA and torch.compile cases, then
+#      bench/compile_check.py with inductor for this tree and for .prev/ when it is there.
 # Exits non-zero when the tests or fused_check failed.
 # Needs python3 with torch and Triton; pyzmq/msgspec from .whl/ when missing. Output: $OUT.
 set -u

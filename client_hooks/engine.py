@@ -234,9 +234,9 @@ class Engine:
                 if not self._hooks.attached:
                     self._hooks.attach()
                 self._hooks.new_step()
+            self._traced.live = True  # (end_step sets it back)
         elif self._hooks is not None and self._hooks.attached and not self._keep_hooks:
             self._hooks.detach()  # kept by end_step for a capture that did not come
-        self._traced.live = self.capturing
         return self.capturing
 
     def _untrace(self) -> None:
@@ -282,14 +282,9 @@ class Engine:
         if not t.stash:
             return
         for name, value, pair, how in t.take():
-            if how == _hooks.Traced.HOOK:
+            if how == _hooks.Traced.HOOK:  # (only the hooks hand these over: _hooks is set)
                 self._keep_hooks = True
-                if self._hooks is not None:
-                    self._hooks.fired += 1
-                try:
-                    self.on_output(name, value)
-                except Exception as e:
-                    _activations_failed(e)
+                self._hooks.deliver(name, value)
             else:  # (the method itself: self.record is the traced wrapper)
                 Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
 

@@ -9,8 +9,8 @@ it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands 
 over (`Traced`): no graph break, no statistic in the graph, and the model stays one compiled
 graph. A compiled model calls the hooks it was compiled with at every step and ignores hooks
 added later, so once one has handed a value over the hooks stay registered (the engine's
-`_drain`), and a model watched compiled (`compiled_inside`) gets them at once. Module paths are the model's own: torch.compile's `_orig_mod` step is left out
-(`named_modules`).
+`_drain`), and a model watched compiled (`compiled_inside`) gets them at once. Module paths
+are the model's own: torch.compile's `_orig_mod` step is left out (`named_modules`).
 """
 from __future__ import annotations
 
@@ -242,6 +242,15 @@ class Hooks:
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""
         self._seen, self._queued, self.fired = 0, False, 0
+
+    def deliver(self, name: str, value) -> None:
+        """A value a compiled forward handed over (Traced.HOOK), taken in eager code: counted
+        and handed on as the hook itself does in an eager forward."""
+        self.fired += 1
+        try:
+            self._on_output(name, value)
+        except Exception as e:
+            self._on_error(e)
 
     def silent(self) -> bool:
         """Activation hooks were attached for this capture step and none of them ran (a value
