@@ -143,7 +143,12 @@ def main() -> None:
     ap.add_argument("--timers", action="store_true",
                     help="after the ablations: host time per step of each tensortap entry point")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--diff", action="store_true",
+                    help="instead: cProfile of none's and every_step's epochs, the functions whose own "
+                    "time a step differs most; and (CUDA) each one's GPU busy time a step")
     a = ap.parse_args()
+    if a.diff:
+        return diff(a)
     from client_hooks import capture
 
     capture._ring._slots = 256  # `nosend` holds two pinned buffers a step until its epoch ends
@@ -198,6 +203,72 @@ def main() -> None:
         for v in vs.values():
             if v["tap"] is not None:
                 v["tap"].close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _own_times(v: dict, batches: list, device: str, epochs: int) -> tuple[dict, float]:
+    """{function: (own seconds, calls)} over `epochs` epochs of variant v under cProfile, and
+    the epochs' wall time a step without it (measured first)."""
+    B.run_epoch(v, batches, device)
+    wall = statistics.median([B.run_epoch(v, batches, device) for _ in range(epochs)])
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(epochs):
+        B.run_epoch(v, batches, device)
+    prof.disable()
+    st = pstats.Stats(prof).stats  # (file, line, name) -> (prim calls, calls, tottime, cumtime, callers)
+    return {k: (v[2], v[1]) for k, v in st.items()}, wall
+
+
+def _gpu_busy(v: dict, batches: list) -> float:
+    """Seconds of kernel time a step (torch.profiler, one epoch; overlapping kernels count twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        B.run_epoch(v, batches, "cuda")
+    total = sum(e.self_device_time_total for e in p.key_averages())
+    return total * 1e-6 / len(batches)
+
+
+def diff(a) -> None:
+    """--diff: where every_step's extra host time goes, function by function (cProfile's own
+    time, which inflates Python calls more than C ones; a guide, not a measure)."""
+    epochs = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint, proc = B.start_collector(tmp)
+        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
+        torch.manual_seed(0)
+        base = B.build_fno(a.width, a.modes)
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
+                    torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
+        res, vs = {}, {}
+        for n in ("none", "every_step"):
+            vs[n] = variant(n, base, a.device)
+            res[n] = _own_times(vs[n], batches, a.device, epochs)
+        # last: once torch.profiler has traced CUDA, later launches are slower (the first run
+        # of this put it between the two variants, and every_step came out at 1.76x)
+        for n, v in vs.items():
+            if a.device == "cuda":
+                print(f"{n}: GPU kernel time {_gpu_busy(v, batches) * 1e3:.2f} ms a step")
+            if v["tap"] is not None:
+                v["tap"].close()
+        steps = epochs * a.steps
+        (t0, w0), (t1, w1) = res["none"], res["every_step"]
+        print(f"wall a step without the profiler: none {w0 * 1e3:.2f} ms, every_step {w1 * 1e3:.2f} ms")
+        tot0, tot1 = sum(x[0] for x in t0.values()), sum(x[0] for x in t1.values())
+        print(f"profiled own time a step: none {tot0 / steps * 1e3:.2f} ms, every_step {tot1 / steps * 1e3:.2f} ms")
+        rows = []
+        for k in set(t0) | set(t1):
+            s0, c0 = t0.get(k, (0.0, 0))
+            s1, c1 = t1.get(k, (0.0, 0))
+            rows.append(((s1 - s0) / steps, (c1 - c0) / steps, k))
+        rows.sort(key=lambda r: -abs(r[0]))
+        print("  us a step   calls a step  function (every_step - none, own time)")
+        for d, c, (f, line, name) in rows[:45]:
+            print(f"  {d * 1e6:9.1f}  {c:9.1f}  {os.path.basename(f)}:{line} {name}")
         if proc is not None:
             proc.terminate()
             proc.wait(10)

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from client_hooks import flat as _flat
 from client_hooks import hooks as _hooks
 from client_hooks import stats
 from client_hooks.capture import Capture, FlushMemo, Span, scalar_to_host
@@ -145,6 +146,10 @@ class Engine:
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
+        # CUDA with Triton: the watched gradients and weights in one buffer (client_hooks.flat);
+        # None: not planned yet, False: does not apply. _flat_rows: this capture's first row
+        self._flat: Any = None
+        self._flat_rows: Optional[int] = None
         # AMP: () -> the loss scale the gradients carry at the end of backward (a tensor), or
         # None (Tap.watch(scaler=)); its float64 copy of this capture step in _scale
         self.loss_scale = None
@@ -185,6 +190,7 @@ class Engine:
         for _, ps in self._layers:
             at.append(at[-1] + len(ps))
         self._wrange = list(zip(at[:-1], at[1:]))  # each layer's slice of _wparams
+        self._flat = None  # planned at the first capture's gradients
         # every trainable parameter in a watched layer: the total norm comes from the layers'
         self._covers_all = {id(p) for p in self._wparams} >= {id(p) for p in model.parameters() if p.requires_grad}
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
@@ -201,6 +207,7 @@ class Engine:
             if not self._untraced:
                 self._untrace()
             self._keep_hooks = True
+            self._hooks.use_param_hooks()  # its forward hooks are traced: no output hook
             self._hooks.attach()
 
     def new_epoch(self, epoch: Optional[int]) -> None:
@@ -283,7 +290,9 @@ class Engine:
             return
         for name, value, pair, how in t.take():
             if how == _hooks.Traced.HOOK:  # (only the hooks hand these over: _hooks is set)
-                self._keep_hooks = True
+                if not self._keep_hooks:
+                    self._keep_hooks = True
+                    self._hooks.use_param_hooks()  # a compiled forward puts no hook on its output
                 self._hooks.deliver(name, value)
             else:  # (the method itself: self.record is the traced wrapper)
                 Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
@@ -300,6 +309,7 @@ class Engine:
 
     def _reset_grads(self) -> None:
         self._grad_vecs, self._wnorms, self._before, self._total, self._scale = {}, [], [], None, None
+        self._flat_rows = None
 
     def _read_scale(self) -> Any:
         """A float64 copy of the loss scale the gradients carry now (AMP's GradScaler: it
@@ -320,7 +330,19 @@ class Engine:
             return
         if self._traced.stash:  # a compiled forward's values: before the gradients' grouped launch
             self._drain()
-        self._grad_vecs = {}
+        self._grad_vecs, self._flat_rows = {}, None
+        if self._flat is False or not self._flat_grads():
+            self._layer_grads()
+        self._scale = self._read_scale()
+        if self._covers_all:
+            return  # the total norm comes from the layers' rows (end_step)
+        all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+        if all_grads:
+            self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    def _layer_grads(self) -> None:
+        """grads_ready's way where the flat buffer does not apply (or not in this step: a
+        parameter without a gradient): each layer's gradients where they lie."""
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
             gs = [g for p in ps if (g := p.grad) is not None]
@@ -338,12 +360,34 @@ class Engine:
             with torch.no_grad():  # the parameters themselves: no detached copies to make
                 self._wnorms = list(torch._foreach_norm(self._wparams))
                 self._before = self._snapshot(self._wparams)
-        self._scale = self._read_scale()
-        if self._covers_all:
-            return  # the total norm comes from the layers' rows (end_step)
-        all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
-        if all_grads:
-            self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
+
+    def _flat_grads(self) -> bool:
+        """CUDA with Triton: every watched gradient and weight into the flat buffer (one
+        foreach copy), their rows in one launch (client_hooks.flat). False where that does
+        not apply: planned once; in a step where a watched parameter has no gradient, the
+        layers' way."""
+        f = self._flat
+        if f is None:
+            if not self._wparams:
+                return False
+            f = self._flat = _flat.plan(self._wparams, self._wrange,
+                                        defer_cap(self._wparams[0].get_device())) or False
+            if f is False:
+                return False
+        if f.buf is None:
+            f.make()
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(f.views, [p.grad for p in self._wparams] + self._wparams)
+        except (TypeError, RuntimeError):  # a gradient is None (or of another layout)
+            return False
+        self.launch_deferred()  # the values deferred since the forward: a group of their own
+        try:
+            self._flat_rows = self.capture.batch(f.device, f.mod).add_flat(f.buf, f.rel_gw, f.lay_gw, f.unit)[0]
+        except Exception as e:  # a Triton failure: the torch path from now on
+            stats.fused_failed(e)
+            return False
+        return True
 
     def _fused_grads(self, layers: dict) -> Optional[dict]:
         """CUDA with Triton: every layer's gradient statistics in one launch (rows of this
@@ -405,15 +449,22 @@ class Engine:
         self.capturing = self._traced.live = False
         if self._hooks is not None and not (self._keep_hooks or self._next_step_captures()):
             self._hooks.detach()  # else kept: re-registering every module's hook costs each step
-        if not self._grad_vecs and self._layers:
+        if not self._grad_vecs and self._flat_rows is None and self._layers:
             self.capturing = True  # backward end was not seen (unused params): read grads now
             self.grads_ready()
             self.capturing = False
             self._scale = None  # after the optimizer step: a GradScaler has unscaled them
-        if self._grad_vecs and self._hooks is not None and self._hooks.silent():
+            h = self._hooks
+            if (self._grad_vecs or self._flat_rows is not None) and h is not None and h.via_output \
+                    and (h.out_hooked or h.silent()):
+                h.use_param_hooks()  # the output's hook did not show the end of backward
+        grads = bool(self._grad_vecs) or self._flat_rows is not None
+        if grads and self._hooks is not None and self._hooks.silent():
             say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
         if self._grad_vecs:
             self._add_gradients()
+        elif self._flat_rows is not None:
+            self._add_grad_rows()
         if self._total is not None:
             total = self._total.to(torch.float64)
             if self._scale is not None:  # one record, so divided here (the layers': by the collector)
@@ -464,6 +515,56 @@ class Engine:
         for j0, j1, a, b, names, spec in specs:  # layers j0..j1 of keys, parameters a..b
             vec = (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b), Span(pn, npar + a, npar + b))
             add_many("gradients", names, vec if scale is None else vec + (Span(scale, 0, 1),), spec, 500)
+
+    def _add_grad_rows(self) -> None:
+        """The gradient records of the flat buffer (client_hooks.flat): after the optimizer
+        step, the update (weights before minus after) in the weights' half by one foreach
+        subtraction and its rows by one launch; then the layers' packed entries
+        (collector.packed "grad_rows"), their values three runs of the capture's rows."""
+        f, rg = self._flat, self._flat_rows
+        updated = not (self.optimizer_watched and not self._stepped)  # (accumulation): no ratio
+        dev, nl = f.device, f.nlayers
+        ru = 0
+        if updated:
+            try:
+                with torch.no_grad():
+                    torch._foreach_sub_(f.wviews, self._wparams)  # before - after, in place
+                ru = self.capture.batch(dev, f.mod).add_flat(f.buf, f.rel_w, f.lay_w, f.unit)[0]
+            except Exception as e:  # a Triton failure: no update ratio in this capture
+                stats.fused_failed(e)
+                updated = False
+        scale = self._scale
+        key = (updated, scale is not None)
+        specs = f.specs.get(key)
+        if specs is None:
+            specs = f.specs[key] = self._make_row_specs(f, updated, scale is not None)
+        add_many = self.capture.add_many
+        for j0, j1, names, spec in specs:
+            if spec[0] == "total":  # the gradients' rows alone
+                vec = (Span(dev, 10 * rg, 10 * (rg + nl)),)
+            else:
+                vec = (Span(dev, 10 * (rg + j0), 10 * (rg + j1)), Span(dev, 10 * (rg + nl + j0), 10 * (rg + nl + j1)))
+                if updated:
+                    vec += (Span(dev, 10 * (ru + j0), 10 * (ru + j1)),)
+            add_many("gradients", names, vec if scale is None else vec + (Span(scale, 0, 1),), spec, 500)
+        n = self.opts.every_n_steps
+        if not (n and n <= SNAPSHOT_KEEP_EVERY):
+            f.drop()  # rare captures: no copy of the watched weights between them
+
+    def _make_row_specs(self, f, updated: bool, scaled: bool) -> list:
+        """`_make_grad_specs` for the flat buffer's rows: (j0, j1, names, spec) per entry of
+        up to GRAD_LAYERS_PER_ENTRY layers, the total norm in it when that is all of them,
+        else in a "total" entry of its own."""
+        out, n, per = [], f.nlayers, GRAD_LAYERS_PER_ENTRY
+        sc = [True] if scaled else []
+        for j0 in range(0, n, per):
+            j1 = min(n, j0 + per)
+            total = self._covers_all and n <= per
+            names = tuple(self._layers[i][0] for i in range(j0, j1)) + (("_total",) if total else ())
+            out.append((j0, j1, names, ["grad_rows", f.counts[j0:j1], total, updated] + sc))
+        if self._covers_all and n > per:
+            out.append((0, n, ("_total",), ["total"] + sc))
+        return out
 
     def _make_grad_specs(self, keys: list, counts: tuple, scaled: bool) -> list:
         """The packed entries of the gradient records (collector.packed "grads"): one for up
@@ -749,6 +850,8 @@ class Engine:
         self.end_step()
         self._drain()  # record(always=True) in a compiled forward after the last capture step
         self._snap = []
+        if self._flat:
+            self._flat.drop()
         if self._hooks is not None:
             self._hooks.detach()
 

@@ -290,23 +290,30 @@ class Batch:
         key = (self.device, dtype, sizes, counts)
         lay = _layouts.get(key)
         if lay is None:
-            lay = _layout(sizes, counts, self.device)
+            lay = layout(sizes, counts, self.device)
             if len(_layouts) > 64:
                 _layouts.clear()
             _layouts[key] = lay
-        seg_n, seg_b0, blk_seg, layer_blocks, total = lay
-        sp = self._space(total)
-        g0 = sp.used
-        rows = self._rows(sp, layer_blocks)
         size = flat[0].element_size()
         # offsets from the first tensor in units of 16 bytes when every address is 16-byte
         # aligned (the caching allocator's blocks are), else in elements
         unit = 1 if any([p % 16 for p in ptrs]) else 16 // size
         base, step = ptrs[0], size * unit
         rel = _table(tuple([(p - base) // step for p in ptrs]), self.device)
+        return self.add_flat(flat[0], rel, lay, unit)
+
+    def add_flat(self, x0: torch.Tensor, rel: torch.Tensor, lay: tuple, unit: int) -> list[int]:
+        """`add_group` for tensors at known places: tensor s starts rel[s] * unit elements
+        from x0's first (rel: an int64 table on the device; unit: 1, or 16 bytes in elements
+        when every start is 16-byte aligned), its size and its layer in `lay` (`layout`).
+        One launch, nothing looked at per tensor: the gradients' flat buffer (Engine)."""
+        seg_n, seg_b0, blk_seg, layer_blocks, total = lay
+        sp = self._space(total)
+        g0 = sp.used
+        rows = self._rows(sp, layer_blocks)
         with _on(self.device):
             _launch(_partials_group, total,
-                    (flat[0], rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(dtype), unit), WARPS)
+                    (x0, rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(x0.dtype), unit), WARPS)
         return rows
 
     def finish(self) -> torch.Tensor:
@@ -329,7 +336,7 @@ class Batch:
         return self._out
 
 
-def _layout(sizes: tuple, counts: tuple, device: torch.device):
+def layout(sizes: tuple, counts: tuple, device: torch.device):
     """Index tables of a group: per tensor its size and first block, per block its tensor;
     per layer its number of blocks."""
     seg_b0, blk_seg, b = [], [], 0

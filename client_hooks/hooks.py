@@ -1,9 +1,11 @@
 """Which modules to watch, and the hooks that exist only during a capture step.
 
-`Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets, a
-forward hook on the watched model itself (the end of its forward) and, for plain PyTorch, a
-post-accumulate-grad hook on every trainable parameter; `detach()` removes every one of
-them. Between capture steps the model carries no tensortap hook. Once torch's compiler is
+`Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets and a
+forward hook on the watched model itself (the end of its forward); `detach()` removes every
+one of them. For plain PyTorch the end of backward is found by one tensor hook on the model's
+output, put there at the end of each capture step's forward (one Python call in backward, on
+the autograd thread); where that cannot work (a compiled model, an output the loss does not
+use) by a post-accumulate-grad hook on every trainable parameter (`use_param_hooks`). Between capture steps the model carries no tensortap hook. Once torch's compiler is
 imported (torch.compile, or a torch.optim optimizer), each hook checks whether dynamo traces
 it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands its value
 over (`Traced`): no graph break, no statistic in the graph, and the model stays one compiled
@@ -207,8 +209,12 @@ class Hooks:
         # made once, the same objects registered at every attach
         self._fwd_hooks = [self._fwd(path) for path, _ in act_targets]
         self._pre_hooks = [self._pre(path) for path, _ in act_targets] if inputs else []
-        self._done_hook, self._grad_hook = self._done, self._grad
+        self._done_hook, self._grad_hook, self._out_hook = self._done, self._grad, self._out_grad
         self.untraced = False
+        # the end of backward from a hook on the model's output (see the module docstring);
+        # False: from the parameters' hooks. out_hooked: this step's output got the hook
+        self.via_output = on_grads_ready is not None
+        self.out_hooked = False
 
     @property
     def attached(self) -> bool:
@@ -224,8 +230,22 @@ class Hooks:
             self._handles.append(self._root.register_forward_hook(self._done_hook))
         if self._on_grads_ready is not None:
             self._seen, self._queued = 0, False
-            for p in self._params:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+            if not self.via_output:
+                self._attach_param_hooks()
+
+    def _attach_param_hooks(self) -> None:
+        for p in self._params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def use_param_hooks(self) -> None:
+        """From now on the end of backward comes from the parameters' hooks (registered at
+        once when the hooks are attached): the output's hook did not show it (a compiled
+        model, whose forward hooks dynamo traces; an output that the loss does not use)."""
+        if not self.via_output:
+            return
+        self.via_output = False
+        if self._handles and self._on_grads_ready is not None:
+            self._attach_param_hooks()
 
     def untrace(self) -> None:
         """From now on every hook checks `compiling()` first. While dynamo traces, a forward
@@ -241,7 +261,7 @@ class Hooks:
 
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""
-        self._seen, self._queued, self.fired = 0, False, 0
+        self._seen, self._queued, self.fired, self.out_hooked = 0, False, 0, False
 
     def deliver(self, name: str, value) -> None:
         """A value a compiled forward handed over (Traced.HOOK), taken in eager code: counted
@@ -302,6 +322,34 @@ class Hooks:
         if c is not None and c():  # a compiled forward: the engine takes its values later
             return None
         self._on_forward_done()
+        if self.via_output:
+            self._hook_output(output)
+
+    def _hook_output(self, output) -> None:
+        """The hook that finds the end of backward, on the model's first output tensor that
+        requires grad (none in a no_grad forward: no backward to find)."""
+        if type(output) is not torch.Tensor:
+            if isinstance(output, dict):
+                output = list(output.values())
+            if isinstance(output, (tuple, list)):
+                output = next((t for t in output if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if not isinstance(output, torch.Tensor):
+                return
+        if output.requires_grad:
+            try:
+                output.register_hook(self._out_hook)
+                self.out_hooked = True
+            except Exception:  # (a tensor that takes no hook): the parameters' hooks
+                self.use_param_hooks()
+
+    def _out_grad(self, grad) -> None:
+        """Backward has reached the model's output: queue `_backward_done` for its end."""
+        if not self._queued:
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+                self._queued = True
+            except Exception:  # no engine callback: the parameters' hooks from the next step
+                self.use_param_hooks()
 
     def _grad(self, p: torch.Tensor) -> None:
         """Runs in backward as each parameter's gradient lands (autograd thread on CUDA). The

@@ -23,6 +23,12 @@ An entry's values are the concatenation of its [lo, hi) spans. Its spec, by its 
   more record: the norm of all gradients from the rows. With scaled (true), one more value
   last: the loss scale the gradients carried (AMP's GradScaler); min, max, mean, std, norm
   and max_abs are divided by it, and each record says it as "loss_scale". One name per record.
+- ["grad_rows", counts, total, updated(, scaled)]: the "grads" records from rows only (the
+  client's flat buffer of gradients and weights): the layers' gradient rows, then a row of
+  each layer's weights, then (updated) a row of each layer's update (weights before the
+  optimizer step minus after); a layer's weight and update norm are those rows' norms (NaN
+  when the row counts a NaN, else inf when it counts an inf). Without updated, no update
+  ratio. total and scaled as in "grads".
 - ["total"(, scaled)]: {"norm": ...} of all gradients from layers' rows (10 values each),
   with scaled the loss scale last, as above. One name.
 - ["norm"]: {"norm": value}. One name.
@@ -142,6 +148,35 @@ def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool,
     return out
 
 
+def _row_norm(row: list) -> float:
+    """A row's norm as torch.linalg.vector_norm gives it: NaN with a NaN element, else inf
+    with an infinite one, else the norm of the (finite) elements."""
+    return math.nan if row[0] > 0 else math.inf if row[1] > 0 else row[8]
+
+
+def grad_rows_payloads(v: list, counts: list, total: bool, updated: bool,
+                       scale: Optional[float] = None) -> list[dict]:
+    """The "grad_rows" spec's records (see the module docstring)."""
+    nl = len(counts)
+    rows = unscaled_rows([v[j:j + 10] for j in range(0, 10 * nl, 10)], scale)
+    out = []
+    for i, (row, count) in enumerate(zip(rows, counts)):
+        wn = _row_norm(v[10 * (nl + i):10 * (nl + i) + 10])
+        ratio = None
+        if updated:
+            dn = _row_norm(v[10 * (2 * nl + i):10 * (2 * nl + i) + 10])
+            ratio = dn / wn if wn else (None if dn == 0 else math.inf)
+            if ratio != ratio:
+                ratio = None
+        out.append(grad_stats_dict(row + [wn], count, ratio))
+    if total:
+        out.append({"norm": total_norm(rows)})
+    if scale is not None:
+        for d in out:
+            d["loss_scale"] = scale
+    return out
+
+
 # -- expansion (collector) ------------------------------------------------------------------
 class PackedError(ValueError):
     """A packed record that cannot be expanded; the message says why (one line)."""
@@ -187,6 +222,15 @@ def _payloads(e: Entry, v: list) -> list[dict]:
                    and 0 <= r[0] <= r[1] <= npar for r in ranges), "grads ranges must lie within nparams")
         _check(len(v) == 10 * len(counts) + 2 * npar + scaled, f"grads values: {len(v)}")
         return grads_payloads(v, counts, ranges, npar, spec[4], v[-1] if scaled else None)
+    if how == "grad_rows":
+        _check(len(spec) in (4, 5) and isinstance(spec[1], list) and isinstance(spec[2], bool)
+               and isinstance(spec[3], bool) and (len(spec) == 4 or isinstance(spec[4], bool)),
+               "grad_rows spec must be [\"grad_rows\", counts, total, updated(, scaled)]")
+        counts, updated = spec[1], spec[3]
+        scaled = len(spec) == 5 and spec[4]
+        _check(all(type(c) is int and c >= 0 for c in counts), "grad_rows counts must be integers >= 0")
+        _check(len(v) == 10 * len(counts) * (3 if updated else 2) + scaled, f"grad_rows values: {len(v)}")
+        return grad_rows_payloads(v, counts, spec[2], updated, v[-1] if scaled else None)
     if how == "total":
         _check(len(spec) in (1, 2) and (len(spec) == 1 or isinstance(spec[1], bool)),
                "total spec must be [\"total\"(, scaled)]")

@@ -189,6 +189,118 @@ def test_a_parameter_without_gradient_does_not_hide_the_end_of_backward(pull):
     assert d["weight_norm"] == pytest.approx(w0.norm().item(), rel=1e-5)
 
 
+class _Spectral(nn.Module):
+    """A real layer and a complex one (an FNO's spectral weights), and a spare layer that the
+    loss uses only when asked: a step in which it gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lift = nn.Linear(6, 6)
+        self.spec = nn.Parameter(torch.randn(6, 6, dtype=torch.complex64) * 0.3)
+        self.spare = nn.Linear(6, 6)
+
+    def forward(self, x, spare=True):
+        z = torch.fft.fft(self.lift(x).to(torch.complex64)) @ self.spec
+        y = torch.fft.ifft(z).real
+        return y + self.spare(x) if spare else y
+
+
+def _flat_vec(tensors) -> np.ndarray:
+    """Values as the records count them: a complex tensor as its real pairs."""
+    return np.concatenate([(torch.view_as_real(t) if t.is_complex() else t).detach().double().numpy().ravel()
+                           for t in tensors])
+
+
+def test_every_layers_gradient_record_equals_numpy_also_in_a_step_without_some_gradient(pull):
+    """Every watched layer, every step: on the fused path the gradients and weights go through
+    one flat buffer (client_hooks.flat), and in a step where a layer gets no gradient the
+    layers are read where they lie; either way each record equals NumPy's on the same values."""
+    from client_hooks import flat
+
+    torch.manual_seed(0)
+    model = _Spectral()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    layers = {"lift": list(model.lift.parameters()), "model": [model.spec], "spare": list(model.spare.parameters())}
+    want = []
+    with Tap(first_n=0, every_n_steps=1, gradients="all") as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(4):
+            x = torch.randn(5, 6)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x, spare=step != 2).pow(2).mean().backward()
+            w0 = {n: _flat_vec(ps) for n, ps in layers.items()}
+            g = {n: _flat_vec([p.grad for p in ps]) for n, ps in layers.items() if ps[0].grad is not None}
+            opt.step()
+            w1 = {n: _flat_vec(ps) for n, ps in layers.items()}
+            opt.zero_grad()
+            want.append((w0, g, w1))
+        fused = isinstance(tap._engine._flat, flat.FlatGrads)
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 4)
+    for name in layers:
+        got = {r["step"]: r["data"] for r in pull.find("gradients", name)}
+        assert sorted(got) == ([0, 1, 3] if name == "spare" else [0, 1, 2, 3])
+        for step, d in got.items():
+            w0, g, w1 = want[step]
+            g, w0, w1 = g[name], w0[name], w1[name]
+            assert d["count"] == g.size and d["nan"] == 0 and d["inf"] == 0
+            assert d["mean"] == pytest.approx(g.mean(), rel=1e-4, abs=1e-7)
+            assert d["std"] == pytest.approx(g.std(), rel=1e-4)
+            assert d["norm"] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+            assert d["max_abs"] == pytest.approx(np.abs(g).max(), rel=1e-6)
+            assert d["zero_frac"] == pytest.approx((g == 0).mean())
+            assert d["weight_norm"] == pytest.approx(np.linalg.norm(w0), rel=1e-5)
+            assert d["update_ratio"] == pytest.approx(np.linalg.norm(w1 - w0) / np.linalg.norm(w0), rel=1e-3)
+    from client_hooks import stats
+
+    assert fused == (stats.fused_for(torch.device("cpu")) is not None)  # the flat buffer where it applies
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 4)
+        self.aux, self.main = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.aux(h), self.main(h)
+
+
+@pytest.mark.parametrize("used", ["first", "second"])
+def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_parameters(pull, used):
+    """A capture step finds the end of backward by one hook on the model's first output that
+    requires grad: no parameter carries a hook. Where the loss does not use that output, the
+    first capture reads the gradients at its end (the optimizer has stepped: no true update
+    ratio), and from the next one on every parameter's hook finds the end; their update
+    ratios span the optimizer step."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    param_hooks, want = [], []
+    with Tap(first_n=0, every_n_steps=1, gradients=["body"]) as tap:
+        tap.watch(model, optimizer=opt)
+        for step in range(3):
+            x = torch.randn(8, 5)
+            tap.log_batch({"x": x}, epoch=0)
+            out = model(x)[0 if used == "first" else 1]
+            param_hooks.append(sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()))
+            out.pow(2).mean().backward()
+            w0 = torch.cat([p.detach().reshape(-1).clone() for p in model.body.parameters()])
+            opt.step()
+            w1 = torch.cat([p.detach().reshape(-1) for p in model.body.parameters()])
+            want.append(((w1 - w0).norm() / w0.norm()).item())
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "body")) == 3)
+    got = {r["step"]: r["data"]["update_ratio"] for r in pull.find("gradients", "body")}
+    if used == "first":
+        assert param_hooks == [0, 0, 0]
+        assert [got[s] for s in range(3)] == pytest.approx(want, rel=1e-4)
+    else:
+        assert param_hooks == [0, 6, 6]  # body, aux and main: a weight and a bias each
+        assert got[0] == 0.0  # read after the optimizer step
+        assert [got[1], got[2]] == pytest.approx(want[1:], rel=1e-4)
+
+
 def test_an_optimizer_hook_of_the_user_after_ours_and_a_skipped_step_break_nothing(pull):
     """The optimizer iterates over its step hooks; ours must not remove itself inside that
     loop (a user's hook registered after it would break the loop), and a captured step whose

@@ -87,6 +87,33 @@ def test_scaled_gradient_rows_are_divided_by_their_loss_scale():
         decode(frame(packed_data(entries[:1], ROWS + WN + DN)))
 
 
+def _row(n: float, nan: float = 0.0, inf: float = 0.0) -> list:
+    """A row whose norm is n (nan, inf: its counts of those)."""
+    return [nan, inf, 4.0, -1.0, 1.0, 0.0, 0.5, 0.0, n, 1.0]
+
+
+def test_gradient_rows_with_weight_and_update_rows_give_the_records_of_the_grads_spec():
+    """"grad_rows" (the client's flat buffer): each layer's weight and update norm are rows'
+    norms, not sums of per-parameter norms; they give the same records as "grads" does."""
+    rows = ROWS + _row(5.0) + _row(2.0) + _row(0.05) + _row(0.0)
+    entries = [["gradients", ["0", "2", "_total"], [[0, 60]], ["grad_rows", [8, 3], True, True]]]
+    d = {r.name: r.data for r in decode(frame(packed_data(entries, rows)))[0]}
+    expect = {r.name: r.data for r in decode(frame(packed_data(
+        [["gradients", ["0", "2", "_total"], [[0, 26]], ["grads", [8, 3], [[0, 2], [2, 3]], 3, True]]],
+        ROWS + WN + DN)))[0]}
+    assert d["0"] == {**expect["0"], "update_ratio": pytest.approx(0.01)}
+    assert d["2"] == expect["2"] and d["2"]["update_ratio"] == 0.0 and d["_total"] == expect["_total"]
+    # no optimizer step: no update rows, no ratio; a weight row that counts a NaN: a NaN norm
+    entries = [["gradients", ["0", "2"], [[0, 41]], ["grad_rows", [8, 3], False, False, True]]]
+    d = {r.name: r.data for r in decode(frame(packed_data(entries, ROWS + _row(5.0, nan=1.0) + _row(2.0, inf=2.0)
+                                                             + [2.0])))[0]}
+    assert d["0"]["update_ratio"] is None and math.isnan(d["0"]["weight_norm"]) and d["0"]["loss_scale"] == 2.0
+    assert d["2"]["weight_norm"] == math.inf and d["2"]["norm"] == 1.0  # 2.0 / the loss scale
+    with pytest.raises(WireError):  # updated, but no update rows
+        decode(frame(packed_data([["gradients", ["0", "2"], [[0, 40]], ["grad_rows", [8, 3], False, True]]],
+                                 ROWS + _row(5.0) + _row(2.0))))
+
+
 def test_a_packed_kind_written_with_json_escapes_is_expanded_too():
     f = frame(packed_data()).replace(b'"kind":"packed"', b'"kind":"p\\u0061cked"')
     assert b'"packed"' not in f
@@ -118,6 +145,7 @@ BAD = {
     "names count": _one(names=("x", "y")),
     "bad shape": _one(spec=("tensor", [-1], "float32", False, None)),
     "grads range": _one(kind="gradients", spans=((0, 12),), spec=("grads", [3], [[0, 5]], 1, False)),
+    "grad_rows count": _one(kind="gradients", spans=((0, 25),), spec=("grad_rows", [3], False, True)),
     "no entries": lambda d: {**d, "entries": []},
     "unknown field": lambda d: {**d, "extra": 1},
     "entry shape": lambda d: {**d, "entries": [["activations", "x", [[0, 7]]]]},
