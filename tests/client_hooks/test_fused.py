@@ -259,8 +259,8 @@ def test_complex_parameters_join_the_grouped_gradient_launch_as_real_pairs(pull)
 
 
 def test_weight_norms_and_update_ratios_equal_numpy_with_complex_weights(pull, monkeypatch):
-    """The weights' and updates' norms (foreach, beside the gradients' one grouped launch):
-    a complex weight counts as its real pairs, as NumPy's norm of its (re, im) values."""
+    """The weights' and updates' norms (rows of the flat buffer's launches): a complex
+    weight counts as its real pairs, as NumPy's norm of its (re, im) values."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 6), _ComplexScale()).to(DEV)
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
@@ -276,7 +276,8 @@ def test_weight_norms_and_update_ratios_equal_numpy_with_complex_weights(pull, m
         w0 = {n: flat(n) for n in layers}
         opt.step()
         w1 = {n: flat(n) for n in layers}
-    assert launches.take()[1] == [3]  # the 3 gradients in one group
+    # the 3 gradients and the 3 weights in one launch over the flat buffer, the updates in one more
+    assert launches.take()[1] == [("flat", 6), ("flat", 3)]
     assert pull.wait_for(lambda r: len(pull.find("gradients")) == 3)
     for name in layers:
         d = pull.find("gradients", name)[0]["data"]
@@ -302,12 +303,13 @@ def test_a_nan_weight_gives_a_nan_weight_norm(pull):
 
 
 class _Launches:
-    """Counts the fused launches of a Tap: tensors launched in their hook (`Batch.add`) and
-    grouped launches (`Batch.add_group`, with how many tensors each)."""
+    """Counts the fused launches of a Tap: tensors launched in their hook (`Batch.add`),
+    grouped launches (`Batch.add_group`, with how many tensors each) and launches over the
+    flat buffer of gradients and weights (`Batch.add_flat`: ("flat", how many tensors))."""
 
     def __init__(self, monkeypatch):
         self.one, self.groups = 0, []
-        add, add_group = fused.Batch.add, fused.Batch.add_group
+        add, add_group, add_flat = fused.Batch.add, fused.Batch.add_group, fused.Batch.add_flat
 
         def count_add(b, x):
             self.one += 1
@@ -316,8 +318,13 @@ class _Launches:
         def count_group(b, layers, *args):
             self.groups.append(sum(len(ts) for ts in layers))
             return add_group(b, layers, *args)
+
+        def count_flat(b, x0, rel, lay, unit):
+            self.groups.append(("flat", rel.numel()))
+            return add_flat(b, x0, rel, lay, unit)
         monkeypatch.setattr(fused.Batch, "add", count_add)
         monkeypatch.setattr(fused.Batch, "add_group", count_group)
+        monkeypatch.setattr(fused.Batch, "add_flat", count_flat)
 
     def take(self) -> tuple:
         out, self.one, self.groups = (self.one, self.groups), 0, []
@@ -386,14 +393,17 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
             refs.append({**seen, "x": x.clone()})
             counts.append(launches.take())
     assert tap.sender.dropped == 0
-    # step 0: 6 values launched in their hooks, the 3 gradient layers grouped
-    assert counts[0] == (6, [6])
+    # step 0: 6 values launched in their hooks; the 3 gradient layers' 6 tensors and their 6
+    # weights in one launch over the flat buffer, the 6 updates in one more. With a cap that
+    # the flat buffer (6.4 kB) passes, the gradients are one group where they lie.
+    grads = [("flat", 12), ("flat", 6)] if cap_bytes is None else [6]
+    assert counts[0] == (6, grads)
     if cap_bytes is None:  # then: the changed Linear output alone; 5 values in one group
-        assert counts[1] == counts[2] == (1, [5, 6])
+        assert counts[1] == counts[2] == (1, [5] + grads)
     elif cap_bytes == "share":
-        assert counts[1] == counts[2] == (1, [3, 2, 6])
+        assert counts[1] == counts[2] == (1, [3, 2] + grads)
     else:
-        assert counts[1] == counts[2] == (1, [1] * 5 + [6])
+        assert counts[1] == counts[2] == (1, [1] * 5 + grads)
     assert pull.wait_for(lambda r: len(pull.find("activations")) == 15 and len(pull.find("loader_stats")) == 3)
     for rec in pull.find("activations") + pull.find("loader_stats"):
         ref = refs[rec["step"]][rec["name"]]
@@ -403,9 +413,8 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
 
 
 def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_launch(pull, monkeypatch):
-    """x_combined, a pair built after the model's forward (as the demo does), is deferred into
-    the launch at the end of backward: one grouped launch for its five rows and every
-    gradient layer. Outside a capture step (`always=True`) it is launched at once. Every
+    """x_combined, a pair built after the model's forward (as the demo does), is deferred to
+    the end of backward: one grouped launch for its five rows there, beside the gradients'. Outside a capture step (`always=True`) it is launched at once. Every
     record equals NumPy, with NaN and Inf parts in the value."""
     from tests.client_hooks.test_stats import check_complex
 
@@ -429,8 +438,9 @@ def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_lau
             refs.append(xc.cpu().double().numpy())
             counts.append(launches.take())
     assert tap.sender.dropped == 0
-    # the batch field and the 3 leaves' outputs; x_combined's 5 rows + the 2 layers' 4 tensors
-    assert counts[2] == (0, [4, 5 + 4])
+    # the batch field and the 3 leaves' outputs; x_combined's 5 rows; the 2 layers' 4 tensors
+    # and their 4 weights over the flat buffer, then the 4 updates
+    assert counts[2] == (0, [4, 5, ("flat", 8), ("flat", 4)])
     assert counts[1] == (0, []) and counts[3][1] == [5]  # no capture; at once, in its own launch
     assert pull.wait_for(lambda r: len(pull.find("activations", "x_combined")) == 3)
     for rec in pull.find("activations", "x_combined"):
