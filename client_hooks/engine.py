@@ -615,29 +615,40 @@ class Engine:
         if type(vec) is Span and vec.lo < 0 and not (is_c or extra):  # deferred: see _defer_known
             if len(self._plans) >= PLANS_MAX:
                 self._plans.clear()
-            self._plans[(kind, name)] = (t.dtype, t.shape, t.device, t.get_device(), t.numel(),
-                                         t.element_size(), spec)
+            self._plans[(kind, name)] = _Plan((kind, name), t, vec, spec)
         cap.add(kind, name, vec, spec, 600 if is_c else 300)
 
     def _defer_known(self, kind: str, name: str, value) -> bool:
-        """add_tensor's short way for a value deferred before (its plan) when it comes again
-        alike (dtype, shape, device, contiguous, not found changed in place) into this step's
-        capture: its spec as it was, deferred without add_tensor's checks. False: take the
-        long way. One such call per watched module a capture step, on the training thread:
-        in a step bound by its host (bench/overhead.py on some H100s) each one shows."""
-        key = (kind, name)
-        plan = self._plans.get(key)
+        """add_tensor's short way for a value deferred before (its `_Plan`) when it comes
+        again alike (dtype, shape, device, contiguous, not under inference mode) into this
+        step's capture: its entry as it was (spec, and a Span that it points at its row once
+        launched), deferred without add_tensor's checks. A plan exists only while its value
+        is known unchanged after its hook and is not a declared pair (`_forget`). False: take
+        the long way. One such call per watched module a capture step, on the training
+        thread: in a step bound by its host (bench/overhead.py on some H100s) each one shows."""
+        plan = self._plans.get((kind, name))
         if plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor:
             return False
-        dtype, shape, dev, index, n, size, spec = plan
-        if (value.dtype is not dtype or value.get_device() != index or value.shape != shape
-                or self._changed.get(key) is not False or name in self.opts.pairs
+        index = plan.index
+        if (value.dtype is not plan.dtype or value.get_device() != index or value.shape != plan.shape
                 or not value.is_contiguous() or value.is_inference()):
             return False
-        span = Span(dev, -1, -1)  # its row is known once the group is launched
-        self.capture.add(kind, name, span, spec, 300)
-        self._hold(key, value, ((span, 0, 7),), n, n * size, stats.raw_stream(index), index)
+        plan.span.lo = -1  # (the last capture's row: that capture is sent)
+        self.capture._entries[plan.key] = plan.entry
+        self._deferred.append((plan.key, value, value._version, _raw_stream(index) if index >= 0 else 0,
+                               plan.targets, plan.n))
+        self._deferred_bytes += plan.nbytes
+        if index != self._cap_index:
+            self._cap_index, self._cap = index, defer_cap(index)
+        if self._deferred_bytes > self._cap:
+            self.launch_deferred()
         return True
+
+    def _forget(self, key: tuple) -> None:
+        """Value `key` changed in place after its hook (or became a declared pair): no short
+        way for it from now on."""
+        self._changed[key] = True
+        self._plans.pop(key, None)
 
     def _fused_real(self, cap: Capture, key: tuple, t: torch.Tensor) -> Optional[Span]:
         """A real tensor on the fused path: deferred into this step's grouped launch when its
@@ -726,14 +737,14 @@ class Engine:
         checking, self._checking = self._checking, []
         for key, t, version in checking:  # a module called twice: changed if either was
             if t._version != version:
-                self._changed[key] = True
+                self._forget(key)
             else:
                 self._changed.setdefault(key, False)
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
         groups: dict = {}
         for key, t, version, stream, targets, n in deferred:
             if key is not None and t._version != version:  # changed after all: cannot be read now
-                self._changed[key] = True
+                self._forget(key)
                 say_once(f"in-place {key}", f"tensortap: {key[1]} changed in place after its hook; "
                          "this capture's record of it is dropped, and it is read in its hook from now on")
                 continue
@@ -787,8 +798,9 @@ class Engine:
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
         if not (self.capturing or always):
             return
-        if pair is not None:
-            self.opts.pairs.setdefault(name, pair)
+        if pair is not None and name not in self.opts.pairs:
+            self.opts.pairs[name] = pair
+            self._plans.pop(("activations", name), None)  # a pair from now on: no short way
         if self.capturing:
             self.add_tensor("activations", name, tensor)
             return
@@ -854,6 +866,24 @@ class Engine:
             self._flat.drop()
         if self._hooks is not None:
             self._hooks.detach()
+
+
+class _Plan:
+    """A value deferred before, for `Engine._defer_known`: what it was (dtype, shape, device
+    index, elements, bytes) and its capture entry, made once: the Span that its row fills
+    (reused by each capture: the last one is sent before the next begins), the spec."""
+    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets")
+
+    def __init__(self, key: tuple, t: torch.Tensor, span: Span, spec: list):
+        self.key, self.dtype, self.shape, self.index = key, t.dtype, t.shape, t.get_device()
+        self.n = t.numel()
+        self.nbytes = self.n * t.element_size()
+        self.span, self.entry, self.targets = span, (span, spec, 300), ((span, 0, 7),)
+
+
+# stats.raw_stream for a CUDA device index (>= 0), without a call of ours (a CPU-only torch
+# may lack it: then no index is >= 0)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 _memory: dict = {}  # CUDA device index -> its total memory in bytes
