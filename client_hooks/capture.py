@@ -36,6 +36,7 @@ class _HostRing:
 
     def __init__(self, slots: int = 16):
         self._bufs: list[torch.Tensor] = []
+        self._views: dict = {}  # (slot, n) -> the slot's first n values (`_view`)
         self._events: list = []  # each slot's event, recorded on its device only
         self._devs: list = []
         self._busy: list[bool] = []
@@ -49,7 +50,7 @@ class _HostRing:
             for i, buf in enumerate(self._bufs):
                 if not self._busy[i] and buf.numel() >= n and buf.dtype == dtype and self._devs[i] == device:
                     self._busy[i] = True
-                    return buf[:n], i, self._events[i]
+                    return self._view(i, n), i, self._events[i]
             if len(self._bufs) < self._slots:
                 buf = torch.empty(max(n, 4096), dtype=dtype, pin_memory=True)
                 self._bufs.append(buf)
@@ -60,6 +61,16 @@ class _HostRing:
         # every slot in use (a slow sender): a one-off buffer from torch's caching host allocator
         self.one_off += 1
         return torch.empty(n, dtype=dtype, pin_memory=True), None, None
+
+    def _view(self, i: int, n: int) -> torch.Tensor:
+        """Slot i's first n values: a view made once per size (a slice is a torch operation,
+        and the sizes repeat: a capture's, a loss's)."""
+        v = self._views.get((i, n))
+        if v is None:
+            if len(self._views) >= 64:
+                self._views.clear()
+            v = self._views[(i, n)] = self._bufs[i][:n]
+        return v
 
     def give(self, i: Optional[int]) -> None:
         if i is not None:
@@ -172,10 +183,10 @@ def scalar_to_host(v: torch.Tensor) -> _Readback:
     """One scalar (a loss) to the host without a capture step's bookkeeping, as float64: on
     CUDA, the cast and the copy into a pinned slot in one non-blocking `copy_`, then one
     event; elsewhere a copy (the caller's tensor may change in place later)."""
-    flat = v.detach().reshape(1)
+    flat = v.detach() if v.dim() < 2 else v.detach().reshape(1)  # (a 0-d one copies into (1,) as it is)
     if flat.device.type == "cuda":
         return _to_ring(flat, torch.float64)
-    return to_host(flat.to(torch.float64, copy=True))
+    return to_host(flat.reshape(1).to(torch.float64, copy=True))
 
 
 class Span:
@@ -222,7 +233,7 @@ class Capture:
     def _merged(self, device) -> Optional[torch.Tensor]:
         """The rows of the fused batch on `device`, flat (one merge launch), or None."""
         try:
-            return self._batches[device].finish().reshape(-1)
+            return self._batches[device].finish(flat=True)
         except Exception as e:  # a Triton failure: the torch path from now on; warned once
             stats.fused_failed(e)
             return None

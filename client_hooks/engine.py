@@ -11,13 +11,14 @@ of such a model stay registered between capture steps.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
 grouped kernel launch for the real tensors met during the forward (their block partials); at
-the end of backward one grouped launch for every gradient layer together with the values
-deferred since the forward (a complex value or declared pair recorded after the model's
-forward: ~4 kernels before it, five rows in the launch), two foreach norms, a snapshot copy
-and a stack of the per-parameter norms; then one merge launch and one device-to-host copy.
-The step's tensor and gradient statistics go to the sender as one packed record
-(collector.packed): the collector, not this process, turns the values into payloads, sums
-the layers' norms, update ratios and the total gradient norm. A loss (`metrics`) logged
+the end of backward one grouped launch for the values deferred since the forward (a complex
+value or declared pair recorded after the model's forward: ~4 kernels before it, five rows
+in the launch), one foreach copy of the watched gradients and weights into a flat buffer and
+one launch over it (client_hooks.flat); after the optimizer step one foreach subtraction and
+one launch for the update; then one merge launch and one device-to-host copy. The step's
+tensor and gradient statistics go to the sender as one packed record (collector.packed): the
+collector, not this process, turns the values into payloads, takes the layers' weight and
+update norms, update ratios and the total gradient norm. A loss (`metrics`) logged
 before the capture step ends is one more value of its copy; otherwise it is one copy to a
 pinned slot and one event a step.
 
@@ -321,11 +322,13 @@ class Engine:
     def grads_ready(self) -> None:
         """Gradients are complete and not yet clipped: summarise them, snapshot the weights.
 
-        Per layer: one moments vector of its flat gradient (on CUDA with Triton, every layer
-        in one grouped launch). For all layers at once: one foreach norm of the weights and
-        one foreach copy (the snapshot for update_ratio). The total gradient norm comes from
-        the layers' norms when the watched layers hold every trainable parameter, else from
-        one more foreach norm."""
+        On CUDA with Triton: the watched gradients and weights into one flat buffer, a row of
+        each layer's gradients and one of its weights in one launch (`_flat_grads`). Else
+        (`_layer_grads`) per layer one moments vector of its gradients (on CUDA with Triton,
+        every layer in one grouped launch), one foreach norm of the weights and one foreach
+        copy (the snapshot for update_ratio). The total gradient norm comes from the layers'
+        rows when the watched layers hold every trainable parameter, else from one more
+        foreach norm."""
         if not self.capturing:
             return
         if self._traced.stash:  # a compiled forward's values: before the gradients' grouped launch
@@ -705,15 +708,18 @@ class Engine:
         re, im, ab, ang = stats.complex_parts(t, pair)
         dev = t.device
         try:
-            p = torch.stack([re, im, ang]).add_(ab, alpha=0)  # + |z| * 0: one kernel, not two
-            rows = (p[0], p[1], ab, p[2], ang)
+            p0, p1, p2 = torch.stack([re, im, ang]).add_(ab, alpha=0).unbind(0)  # + |z| * 0: one kernel
+            rows = (p0, p1, ab, p2, ang)
             # nan, inf; nfinite, then real's (min, max, mean, std); imag's, abs', angle's
-            out = tuple(Span(dev, -1, -1) for _ in range(6))
+            out = (Span(dev, -1, -1), Span(dev, -1, -1), Span(dev, -1, -1), Span(dev, -1, -1),
+                   Span(dev, -1, -1), Span(dev, -1, -1))
             targets = (((out[2], 2, 7),), ((out[3], 3, 7),), ((out[1], 1, 2), (out[4], 3, 7)),
                        ((out[5], 3, 7),), ((out[0], 0, 1),))
-            if cap is self.capture and self.capturing and self.group_values and p.dtype in stats.FUSED_DTYPES:
+            if cap is self.capture and self.capturing and self.group_values and p0.dtype in stats.FUSED_DTYPES:
+                n, index = ab.numel(), ab.get_device()  # (five rows alike: `_defer`'s look, once)
+                nbytes, stream = n * ab.element_size(), stats.raw_stream(index)
                 for x, tg in zip(rows, targets):
-                    self._defer(None, x, tg)
+                    self._hold(None, x if x.is_contiguous() else x.contiguous(), tg, n, nbytes, stream, index)
                 return out
             for r, tg in zip(cap.batch(dev, mod).add_group([[x] for x in rows]), targets):
                 _point(tg, r)

@@ -373,11 +373,15 @@ class Batch:
                     (x0, rel, seg_n, seg_b0, blk_seg, sp.buf, g0, sp.cap, BLOCK, _acc(x0.dtype), unit), WARPS)
         return rows
 
-    def finish(self) -> torch.Tensor:
-        """(nrows, 10) float64 matrix on the device: one merge launch per workspace (one unless
-        a capture holds more than ~200M elements). Idempotent."""
-        if self._out is not None:
-            return self._out
+    def finish(self, flat: bool = False) -> torch.Tensor:
+        """(nrows, 10) float64 matrix on the device (flat: its nrows * 10 values as they lie,
+        no view made): one merge launch per workspace (one unless a capture holds more than
+        ~200M elements). Idempotent."""
+        if self._out is None:
+            self._merge()
+        return self._out if flat else self._out.view(self.nrows, 10)
+
+    def _merge(self) -> None:
         used = sum(sp.used for sp in self._spaces)
         if used:
             _size_hint[self.device] = min(max(used, FIRST_CAP), HINT_MAX)
@@ -388,9 +392,8 @@ class Batch:
             desc = _table(tuple(sp.rows), self.device)
             with _on(self.device):
                 _launch(_merge, len(sp.rows) // 2, (sp.buf, sp.cap, desc, out, sp.row0, RB), 4)
-        self._out = out[:self.nrows * 10].view(self.nrows, 10)
+        self._out = out if self.nrows else out[:0]
         self._spaces = []
-        return self._out
 
 
 def layout(sizes: tuple, counts: tuple, device: torch.device):

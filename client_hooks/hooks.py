@@ -5,7 +5,8 @@ forward hook on the watched model itself (the end of its forward); `detach()` re
 one of them. For plain PyTorch the end of backward is found by one tensor hook on the model's
 output, put there at the end of each capture step's forward (one Python call in backward, on
 the autograd thread); where that cannot work (a compiled model, an output the loss does not
-use) by a post-accumulate-grad hook on every trainable parameter (`use_param_hooks`). Between capture steps the model carries no tensortap hook. Once torch's compiler is
+use) by a post-accumulate-grad hook on every trainable parameter (`use_param_hooks`).
+Between capture steps the model carries no tensortap hook. Once torch's compiler is
 imported (torch.compile, or a torch.optim optimizer), each hook checks whether dynamo traces
 it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands its value
 over (`Traced`): no graph break, no statistic in the graph, and the model stays one compiled

@@ -18,8 +18,8 @@ class Rows:
     def __init__(self, m: torch.Tensor):
         self.m = m
 
-    def finish(self) -> torch.Tensor:
-        return self.m
+    def finish(self, flat: bool = False) -> torch.Tensor:
+        return self.m.reshape(-1) if flat else self.m
 
 
 class Kept:
