@@ -125,6 +125,10 @@ SNAPSHOT_KEEP_EVERY = 4  # every_n_steps at or below this keeps the weight snaps
 # forward, and until then adds to the peak memory of a capture step
 DEFER_MAX_BYTES = 1 << 30
 DEFER_MEMORY_SHARE = 64
+# the flat buffer of watched gradients and weights (client_hooks.flat) is kept between rare
+# captures up to this size: making it again costs a view of each parameter twice (~80 view
+# operations for the demo FNO's 20 parameters); beyond, it is made at each capture
+FLAT_KEEP_BYTES = 64 << 20
 PLANS_MAX = 4096  # values with a known short way (Engine._plans); beyond, they are forgotten
 GRAD_LAYERS_PER_ENTRY = 512  # gradient layers of one packed entry (its records' names and values)
 
@@ -551,8 +555,8 @@ class Engine:
                     vec += (Span(dev, 10 * (ru + j0), 10 * (ru + j1)),)
             add_many("gradients", names, vec if scale is None else vec + (Span(scale, 0, 1),), spec, 500)
         n = self.opts.every_n_steps
-        if not (n and n <= SNAPSHOT_KEEP_EVERY):
-            f.drop()  # rare captures: no copy of the watched weights between them
+        if not (n and n <= SNAPSHOT_KEEP_EVERY) and f.nbytes > FLAT_KEEP_BYTES:
+            f.drop()  # rare captures of a big model: no copy of its watched weights between them
 
     def _make_row_specs(self, f, updated: bool, scaled: bool) -> list:
         """`_make_grad_specs` for the flat buffer's rows: (j0, j1, names, spec) per entry of
@@ -591,7 +595,7 @@ class Engine:
     def add_tensor(self, kind: str, name: str, value, extra: Optional[dict] = None,
                    cap: Optional[Capture] = None) -> None:
         """Queue the stats of one tensor (or {"value": x} for a scalar) into a capture."""
-        if cap is None and extra is None and self._defer_known(kind, name, value):
+        if (cap is None or cap is self.capture) and self._defer_known(kind, name, value, extra):
             return
         self._add_long(kind, name, value, extra, cap)
 
@@ -615,20 +619,21 @@ class Engine:
             if vec is None:
                 vec = stats.tensor_stats_vector(t, host_ok=True)
         spec = ["tensor", list(shape), dt, is_c, extra or None]
-        if type(vec) is Span and vec.lo < 0 and not (is_c or extra):  # deferred: see _defer_known
+        if type(vec) is Span and vec.lo < 0 and not is_c:  # deferred: see _defer_known
             if len(self._plans) >= PLANS_MAX:
                 self._plans.clear()
             self._plans[(kind, name)] = _Plan((kind, name), t, vec, spec)
         cap.add(kind, name, vec, spec, 600 if is_c else 300)
 
-    def _defer_known(self, kind: str, name: str, value) -> bool:
+    def _defer_known(self, kind: str, name: str, value, extra: Optional[dict] = None) -> bool:
         """add_tensor's short way for a value deferred before (its `_Plan`) when it comes
         again alike (dtype, shape, device, contiguous, not under inference mode) into this
         step's capture: its entry as it was (spec, and a Span that it points at its row once
         launched), deferred without add_tensor's checks. A plan exists only while its value
         is known unchanged after its hook and is not a declared pair (`_forget`). False: take
         the long way. One such call per watched module a capture step, on the training
-        thread: in a step bound by its host (bench/overhead.py on some H100s) each one shows."""
+        thread: in a step bound by its host (bench/overhead.py on some H100s) each one shows.
+        extra: the record's extra fields (a batch field's split and batch), this capture's."""
         plan = self._plans.get((kind, name))
         if plan is None or not self.capturing or not self.group_values or type(value) is not torch.Tensor:
             return False
@@ -637,7 +642,8 @@ class Engine:
                 or not value.is_contiguous() or value.is_inference()):
             return False
         plan.span.lo = -1  # (the last capture's row: that capture is sent)
-        self.capture._entries[plan.key] = plan.entry
+        self.capture._entries[plan.key] = plan.entry if not extra else \
+            (plan.span, ["tensor", plan.shape_list, plan.dtype_name, False, extra], 300)
         self._deferred.append((plan.key, value, value._version, _raw_stream(index) if index >= 0 else 0,
                                plan.targets, plan.n))
         self._deferred_bytes += plan.nbytes
@@ -878,13 +884,17 @@ class _Plan:
     """A value deferred before, for `Engine._defer_known`: what it was (dtype, shape, device
     index, elements, bytes) and its capture entry, made once: the Span that its row fills
     (reused by each capture: the last one is sent before the next begins), the spec."""
-    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets")
+    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets",
+                 "shape_list", "dtype_name")
 
     def __init__(self, key: tuple, t: torch.Tensor, span: Span, spec: list):
         self.key, self.dtype, self.shape, self.index = key, t.dtype, t.shape, t.get_device()
         self.n = t.numel()
         self.nbytes = self.n * t.element_size()
+        if spec[4] is not None:  # (extra fields: each capture gives its own)
+            spec = spec[:4] + [None]
         self.span, self.entry, self.targets = span, (span, spec, 300), ((span, 0, 7),)
+        self.shape_list, self.dtype_name = spec[1], spec[2]  # (a spec with other extra fields)
 
 
 # stats.raw_stream for a CUDA device index (>= 0), without a call of ours (a CPU-only torch

@@ -12,6 +12,9 @@ from torch import nn
 from client_hooks import Tap
 from tests.client_hooks.hookcount import hook_counts
 
+# CPU, and a GPU where there is one (the fused kernels' gradient path; bench/device_run.sh)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
 
 def small_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
@@ -207,26 +210,28 @@ class _Spectral(nn.Module):
 
 def _flat_vec(tensors) -> np.ndarray:
     """Values as the records count them: a complex tensor as its real pairs."""
-    return np.concatenate([(torch.view_as_real(t) if t.is_complex() else t).detach().double().numpy().ravel()
+    return np.concatenate([(torch.view_as_real(t) if t.is_complex() else t).detach().cpu().double().numpy().ravel()
                            for t in tensors])
 
 
-def test_every_layers_gradient_record_equals_numpy_also_in_a_step_without_some_gradient(pull):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_every_layers_gradient_record_equals_numpy_also_in_a_step_without_some_gradient(pull, dev):
     """Every watched layer, every step: on the fused path the gradients and weights go through
     one flat buffer (client_hooks.flat), and in a step where a layer gets no gradient the
     layers are read where they lie; either way each record equals NumPy's on the same values."""
-    from client_hooks import flat
+    from client_hooks import flat, stats
 
     torch.manual_seed(0)
-    model = _Spectral()
+    model = _Spectral().to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     layers = {"lift": list(model.lift.parameters()), "model": [model.spec], "spare": list(model.spare.parameters())}
-    want = []
+    want, xs = [], []
     with Tap(first_n=0, every_n_steps=1, gradients="all") as tap:
         tap.watch(model, optimizer=opt)
         for step in range(4):
-            x = torch.randn(5, 6)
+            x = torch.randn(5, 6, device=dev)
             tap.log_batch({"x": x}, epoch=0)
+            xs.append(x.cpu().double().numpy())
             model(x, spare=step != 2).pow(2).mean().backward()
             w0 = {n: _flat_vec(ps) for n, ps in layers.items()}
             g = {n: _flat_vec([p.grad for p in ps]) for n, ps in layers.items() if ps[0].grad is not None}
@@ -250,9 +255,12 @@ def test_every_layers_gradient_record_equals_numpy_also_in_a_step_without_some_g
             assert d["zero_frac"] == pytest.approx((g == 0).mean())
             assert d["weight_norm"] == pytest.approx(np.linalg.norm(w0), rel=1e-5)
             assert d["update_ratio"] == pytest.approx(np.linalg.norm(w1 - w0) / np.linalg.norm(w0), rel=1e-3)
-    from client_hooks import stats
-
-    assert fused == (stats.fused_for(torch.device("cpu")) is not None)  # the flat buffer where it applies
+    assert fused == (stats.fused_for(torch.device(dev)) is not None)  # the flat buffer where it applies
+    # the batch field, each step's own (its extra fields too, also where it comes by its plan)
+    got = sorted(pull.find("loader_stats", "x"), key=lambda r: r["step"])
+    assert [(r["step"], r["data"]["batch"], r["data"]["split"]) for r in got] == [(s, s, "train") for s in range(4)]
+    for r in got:
+        assert r["data"]["mean"] == pytest.approx(xs[r["step"]].mean(), rel=1e-5, abs=1e-7)
 
 
 class _TwoHeads(nn.Module):
@@ -374,10 +382,6 @@ def test_the_total_norm_equals_clip_grad_norm_also_with_nonfinite_gradients(pull
     assert got[0] == pytest.approx(totals[0], rel=1e-5) and math.isfinite(got[0])
     for g, t in zip(got[1:], totals[1:]):  # NaN/inf travel as null or as the value itself
         assert (g is None and not math.isfinite(t)) or g == t or (math.isnan(t) and g != g), (g, t)
-
-
-# CPU, and a GPU where there is one (the fused kernels' gradient path; bench/device_run.sh)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.mark.parametrize("dev", DEVICES)
