@@ -10,12 +10,13 @@ than training alone would keep them.
 Prints, for each step of an every-step capture: the bytes deferred at the first launch point
 (the end of the forward, unless `engine.defer_cap` came first), the part of them that autograd
 does not save (what the capture adds to the forward's peak), what autograd saves (training's
-own saved tensors, weights included), and the weight snapshot (for the update ratios) that
-captures every few steps keep between them. On CUDA also, for `none`, `every_step` and
-`every_step` with each value launched in its hook (no grouping: nothing held), the peak
-allocated memory of a step over the memory at its start (torch.cuda.max_memory_allocated),
-and that start. On CPU the kernels are not run (the bookkeeping is the same). The records go
-to an endpoint nobody listens on (they are dropped).
+own saved tensors, weights included), and what captures every few steps keep between them:
+the weight snapshot (for the update ratios), or on CUDA the flat buffer that holds a copy of
+the watched gradients and the weight snapshot (client_hooks.flat). On CUDA also, for `none`,
+`every_step` and `every_step` with each value launched in its hook (no grouping: nothing
+held), the peak allocated memory of a step over the memory at its start
+(torch.cuda.max_memory_allocated), and that start. On CPU the kernels are not run (the
+bookkeeping is the same). The records go to an endpoint nobody listens on (they are dropped).
 """
 from __future__ import annotations
 
@@ -104,11 +105,15 @@ def main() -> None:
             if label == "every_step":
                 group = dict(held[0]) if held else {}  # the first launch point: the end of the forward
                 extra = sum(n for ptr, n in group.items() if ptr not in saved)
-                snap = sum(b.numel() * b.element_size() for b in tap._engine._snap)
+                e = tap._engine
+                snap = sum(b.numel() * b.element_size() for b in e._snap)
+                flat = e._flat.buf if e._flat else None  # gradients and weights (client_hooks.flat)
+                flat = 0 if flat is None else flat.numel() * flat.element_size()
                 print(f"capture {i}: {len(group)} tensors deferred at the end of the forward, "
                       f"{sum(group.values()) / MiB:.0f} MiB; not saved by autograd (held only by the "
                       f"capture) {extra / MiB:.0f} MiB; autograd saved {sum(saved.values()) / MiB:.0f} MiB; "
-                      f"weight snapshot kept between captures {snap / MiB:.0f} MiB")
+                      f"kept between captures: weight snapshot {snap / MiB:.0f} MiB, flat buffer of the "
+                      f"watched gradients and weights {flat / MiB:.0f} MiB")
         if cuda:
             print(f"{label:22s} peak of a step over its start: {statistics.median(peaks[1:] or peaks):8.0f} MiB "
                   f"(steps: {', '.join(f'{p:.0f}' for p in peaks)}); allocated at its start: "
