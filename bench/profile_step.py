@@ -154,13 +154,7 @@ def main() -> None:
     capture._ring._slots = 256  # `nosend` holds two pinned buffers a step until its epoch ends
     names = ("none", "every_step", "nosend", "eager", "nopair", "noact", "nograd")
     with tempfile.TemporaryDirectory() as tmp:
-        endpoint, proc = B.start_collector(tmp)
-        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
-        torch.manual_seed(0)
-        base = B.build_fno(a.width, a.modes)
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
-                    torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
+        proc, base, batches = _start(a, tmp)
         vs = {n: variant(n, base, a.device) for n in names}
         times: dict = {n: [] for n in names}
         for r in range(a.rounds + 1):
@@ -208,6 +202,19 @@ def main() -> None:
             proc.wait(10)
 
 
+def _start(a, tmp: str) -> tuple:
+    """A collector receiving in `tmp`, the gate on towards it; the seeded FNO and an epoch of
+    batches: (collector process, model, batches)."""
+    endpoint, proc = B.start_collector(tmp)
+    os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
+    torch.manual_seed(0)
+    base = B.build_fno(a.width, a.modes)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
+                torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
+    return proc, base, batches
+
+
 def _own_times(v: dict, batches: list, device: str, epochs: int) -> tuple[dict, float]:
     """{function: (own seconds, calls)} over `epochs` epochs of variant v under cProfile, and
     the epochs' wall time a step without it (measured first)."""
@@ -237,13 +244,7 @@ def diff(a) -> None:
     time, which inflates Python calls more than C ones; a guide, not a measure)."""
     epochs = 3
     with tempfile.TemporaryDirectory() as tmp:
-        endpoint, proc = B.start_collector(tmp)
-        os.environ.update(TENSORTAP_BENCH_ON="1", TENSORTAP_ENDPOINT=endpoint, TENSORTAP_RUN="profile")
-        torch.manual_seed(0)
-        base = B.build_fno(a.width, a.modes)
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(a.batch, 1, 64, 64, generator=g).to(a.device),
-                    torch.randn(a.batch, 2, 64, 64, generator=g).to(a.device)) for _ in range(a.steps)]
+        proc, base, batches = _start(a, tmp)
         res, vs = {}, {}
         for n in ("none", "every_step"):
             vs[n] = variant(n, base, a.device)

@@ -382,7 +382,13 @@ class Engine:
             if f is False:
                 return False
         if f.buf is None:
-            f.make()
+            try:
+                f.make()
+            except Exception as e:  # (out of memory): the layers' way from now on
+                self._flat = False
+                say_once("flat buffer", f"tensortap: no flat buffer for the gradients ({e!r}); "
+                         "each layer is read where it lies")
+                return False
         try:
             with torch.no_grad():
                 torch._foreach_copy_(f.views, [p.grad for p in self._wparams] + self._wparams)

@@ -33,6 +33,7 @@ capture's one device-to-host copy.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from itertools import accumulate, chain
 from typing import Optional
@@ -210,14 +211,28 @@ _direct: dict = {}
 _direct_state = {"on": not _INTERPRET}
 
 
-def _spec(args: tuple) -> tuple:
-    """What Triton's specialisation of these arguments depends on, or finer: a tensor's dtype
-    and 16-byte alignment; an int's equality to 1, divisibility by 16 and width (i32, i64,
-    u64); any other argument (the constexprs) itself."""
+_constexprs: dict = {}  # kernel -> which of its parameters are constexprs
+
+
+def _constexpr_mask(fn) -> tuple:
+    """Per parameter of the kernel `fn`, whether it is a constexpr (annotated tl.constexpr)."""
+    m = _constexprs.get(fn)
+    if m is None:
+        params = inspect.signature(fn.fn).parameters.values()
+        m = _constexprs[fn] = tuple(["constexpr" in str(p.annotation) for p in params])
+    return m
+
+
+def _spec(args: tuple, constexpr: tuple) -> tuple:
+    """What Triton's specialisation of these arguments depends on, or finer: a constexpr's
+    value; a tensor's dtype and 16-byte alignment; an int's equality to 1, divisibility by 16
+    and width (i32, i64, u64); any other argument itself."""
     out = []
-    for a in args:
+    for a, c in zip(args, constexpr):
         t = type(a)
-        if t is int:
+        if c:
+            out.append(a)
+        elif t is int:
             out.append((a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF, a > 0x7FFFFFFFFFFFFFFF))
         elif t is torch.Tensor:
             out.append((a.dtype, a.data_ptr() % 16 == 0))
@@ -240,7 +255,7 @@ def _no_launch_hooks() -> bool:
 def _launch(fn, grid: int, args: tuple, num_warps: int) -> None:
     if _direct_state["on"] and _no_launch_hooks():
         dev = torch.cuda.current_device()
-        key = (fn, num_warps, dev, _spec(args))
+        key = (fn, num_warps, dev, _spec(args, _constexpr_mask(fn)))
         k = _direct.get(key)
         if k is not None:
             try:

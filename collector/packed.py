@@ -138,8 +138,18 @@ def grads_payloads(v: list, counts: list, ranges: list, npar: int, total: bool,
     for row, count, (a, b) in zip(rows, counts, ranges):
         wn = math.sqrt(sum(x * x for x in wn_all[a:b]))
         dn = math.sqrt(sum(x * x for x in dn_all[a:b]))
-        ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-        out.append(grad_stats_dict(row + [wn], count, ratio if ratio == ratio else None))
+        out.append(grad_stats_dict(row + [wn], count, _ratio(dn, wn)))
+    return _closed(out, rows, total, scale)
+
+
+def _ratio(dn: float, wn: float) -> Optional[float]:
+    """The update ratio of an update norm and a weight norm (None where it is NaN)."""
+    ratio = dn / wn if wn else (None if dn == 0 else math.inf)
+    return ratio if ratio == ratio else None
+
+
+def _closed(out: list, rows: list, total: bool, scale: Optional[float]) -> list[dict]:
+    """The layers' records `out`, then the total norm's (total), each with the loss scale."""
     if total:
         out.append({"norm": total_norm(rows)})
     if scale is not None:
@@ -162,19 +172,9 @@ def grad_rows_payloads(v: list, counts: list, total: bool, updated: bool,
     out = []
     for i, (row, count) in enumerate(zip(rows, counts)):
         wn = _row_norm(v[10 * (nl + i):10 * (nl + i) + 10])
-        ratio = None
-        if updated:
-            dn = _row_norm(v[10 * (2 * nl + i):10 * (2 * nl + i) + 10])
-            ratio = dn / wn if wn else (None if dn == 0 else math.inf)
-            if ratio != ratio:
-                ratio = None
+        ratio = _ratio(_row_norm(v[10 * (2 * nl + i):10 * (2 * nl + i) + 10]), wn) if updated else None
         out.append(grad_stats_dict(row + [wn], count, ratio))
-    if total:
-        out.append({"norm": total_norm(rows)})
-    if scale is not None:
-        for d in out:
-            d["loss_scale"] = scale
-    return out
+    return _closed(out, rows, total, scale)
 
 
 # -- expansion (collector) ------------------------------------------------------------------

@@ -100,6 +100,27 @@ def test_a_group_of_layers_gives_one_row_per_layer_over_all_its_tensors(monkeypa
         b.add_group([[torch.ones(3, device=DEV)], [torch.ones(3, device=DEV, dtype=torch.float64)]])
 
 
+def test_a_direct_launch_is_keyed_by_every_constexpr_and_specialisation():
+    """A launch alike an earlier one calls the compiled kernel's launcher directly
+    (fused._launch), keyed by `_spec`: two launches share a key only where Triton would give
+    them the same compiled kernel. Constexprs by value (UNIT 4 and 8 differ, though both are
+    ints of the same divisibility); ints by 1, divisibility by 16 and width; tensors by dtype
+    and 16-byte alignment; the runtime sizes themselves do not split the key."""
+    mask = fused._constexpr_mask(fused._partials_group)
+    assert mask == (False,) * 8 + (True,) * 3  # x0 ... cap; BLOCK, ACC, UNIT
+    buf = torch.zeros(64, device=DEV)
+    tabs = [torch.zeros(4, dtype=torch.int64, device=DEV) for _ in range(4)]
+
+    def key(x0=buf, g0=32, cap=4096, unit=4, acc=fused._acc(torch.float32)):
+        return fused._spec((x0, *tabs, buf, g0, cap, fused.BLOCK, acc, unit), mask)
+    assert key() == key(g0=48, cap=8192)  # other sizes, the same kernel
+    assert key(unit=8) != key() and key(unit=1) != key()
+    assert key(g0=1) != key() and key(g0=33) != key() and key(cap=2 ** 40) != key()
+    assert key(x0=buf[1:]) != key()  # 4 bytes off: not 16-byte aligned
+    assert key(x0=buf.double()) != key() and key(acc=fused._acc(torch.float64)) != key()
+    assert fused._constexpr_mask(fused._merge)[-1] and not any(fused._constexpr_mask(fused._merge)[:-1])
+
+
 def test_a_batch_like_the_last_one_fills_one_workspace(monkeypatch):
     """The first workspace takes as many blocks as the last finished batch used: a steady
     capture is merged in one launch."""
@@ -412,10 +433,11 @@ def test_values_unchanged_after_their_hook_join_one_grouped_launch_from_the_seco
     assert len(lin) == 3 and all(r["data"]["min"] < 0 for r in lin)  # before the in-place ReLU
 
 
-def test_a_complex_value_recorded_after_the_forward_is_read_in_the_gradients_launch(pull, monkeypatch):
+def test_a_complex_value_recorded_after_the_forward_is_read_at_the_end_of_backward(pull, monkeypatch):
     """x_combined, a pair built after the model's forward (as the demo does), is deferred to
-    the end of backward: one grouped launch for its five rows there, beside the gradients'. Outside a capture step (`always=True`) it is launched at once. Every
-    record equals NumPy, with NaN and Inf parts in the value."""
+    the end of backward: one grouped launch for its five rows there, beside the gradients'.
+    Outside a capture step (`always=True`) it is launched at once. Every record equals NumPy,
+    with NaN and Inf parts in the value."""
     from tests.client_hooks.test_stats import check_complex
 
     torch.manual_seed(6)
