@@ -16,7 +16,9 @@
 #      more for the same Tap (1.52x against 1.32x on one H100);
 #   6. LAUNCHES=1: bench/launches.py (Triton launches per every-step capture);
 #      PROFILE=N: bench/profile_step.py, N rounds of the ablations, host timers per entry point
-#      (and the same for .prev/ when it is there).
+#      (and the same for .prev/ when it is there); DIFF=1: bench/profile_step.py --diff (the
+#      functions whose own time differs most between none and every_step, and each one's GPU
+#      kernel time a step).
 #   ONLY=compile: instead of all that, test_tap.py's CUDA and torch.compile cases, then
 #      bench/compile_check.py with inductor for this tree and for .prev/ when it is there.
 # Exits non-zero when the tests or fused_check failed.
@@ -100,6 +102,11 @@ if [ "${PROFILE:-0}" != 0 ]; then
             > "$OUT/profile_prev.txt" 2>&1
         tail -22 "$OUT/profile_prev.txt"
     fi
+fi
+if [ "${DIFF:-0}" = 1 ]; then  # where every_step's host time goes, function by function (last:
+    # torch.profiler reads the kernel time, and launches after it may run slower)
+    python3 bench/profile_step.py --diff --steps 50 > "$OUT/profile_diff.txt" 2>&1
+    grep -v -i warn "$OUT/profile_diff.txt" | head -40
 fi
 echo "tests rc=$rc_tests, fused_check rc=$rc_check"
 [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]
