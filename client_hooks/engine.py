@@ -462,18 +462,19 @@ class Engine:
         self.capturing = self._traced.live = False
         if self._hooks is not None and not (self._keep_hooks or self._next_step_captures()):
             self._hooks.detach()  # else kept: re-registering every module's hook costs each step
-        if not self._grad_vecs and self._flat_rows is None and self._layers:
+        late = not self._grad_vecs and self._flat_rows is None and bool(self._layers)
+        if late:
             self.capturing = True  # backward end was not seen (unused params): read grads now
             self.grads_ready()
             self.capturing = False
             self._scale = None  # after the optimizer step: a GradScaler has unscaled them
-            h = self._hooks
-            if (self._grad_vecs or self._flat_rows is not None) and h is not None and h.via_output \
-                    and (h.out_hooked or h.silent()):
-                h.use_param_hooks()  # the output's hook did not show the end of backward
         grads = bool(self._grad_vecs) or self._flat_rows is not None
-        if grads and self._hooks is not None and self._hooks.silent():
-            say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
+        h = self._hooks
+        if grads and h is not None:
+            if late and h.via_output and (h.out_hooked or h.silent()):
+                h.use_param_hooks()  # the output's hook did not show the end of backward
+            if h.silent():
+                say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
         if self._grad_vecs:
             self._add_gradients()
         elif self._flat_rows is not None:
@@ -649,7 +650,7 @@ class Engine:
             return False
         plan.span.lo = -1  # (the last capture's row: that capture is sent)
         self.capture._entries[plan.key] = plan.entry if not extra else \
-            (plan.span, ["tensor", plan.shape_list, plan.dtype_name, False, extra], 300)
+            (plan.span, plan.entry[1][:4] + [extra], 300)
         self._deferred.append((plan.key, value, value._version, _raw_stream(index) if index >= 0 else 0,
                                plan.targets, plan.n))
         self._deferred_bytes += plan.nbytes
@@ -890,8 +891,7 @@ class _Plan:
     """A value deferred before, for `Engine._defer_known`: what it was (dtype, shape, device
     index, elements, bytes) and its capture entry, made once: the Span that its row fills
     (reused by each capture: the last one is sent before the next begins), the spec."""
-    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets",
-                 "shape_list", "dtype_name")
+    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets")
 
     def __init__(self, key: tuple, t: torch.Tensor, span: Span, spec: list):
         self.key, self.dtype, self.shape, self.index = key, t.dtype, t.shape, t.get_device()
@@ -900,7 +900,6 @@ class _Plan:
         if spec[4] is not None:  # (extra fields: each capture gives its own)
             spec = spec[:4] + [None]
         self.span, self.entry, self.targets = span, (span, spec, 300), ((span, 0, 7),)
-        self.shape_list, self.dtype_name = spec[1], spec[2]  # (a spec with other extra fields)
 
 
 # stats.raw_stream for a CUDA device index (>= 0), without a call of ours (a CPU-only torch

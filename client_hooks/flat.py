@@ -48,29 +48,21 @@ class FlatGrads:
         self.nlayers = len(counts)
         # the layers' element counts, as the records give them
         self.counts = [sum(sizes[a:b]) for a, b in ranges]
-        self._tables = (counts, [o // unit for o in offs], [(at + o) // unit for o in offs])
-        self._made = False
+        # the launch's tables on the device (uploads, once): the gradients' rows then the
+        # weights' rows in one launch; the update's rows in another
+        g, w = [o // unit for o in offs], [(at + o) // unit for o in offs]
+        up = (lambda v: torch.tensor(v, dtype=torch.int64, device=device))
+        self.lay_gw = fused_mod.layout(self.sizes + self.sizes, counts + counts, device)
+        self.rel_gw = up(g + w)
+        self.lay_w = fused_mod.layout(self.sizes, counts, device)
+        self.rel_w = up(w)
         self.buf: Optional[torch.Tensor] = None
         self.views: list = []  # each parameter's gradient view, then each one's weight view
         self.wviews: list = []
         self.specs: dict = {}  # (updated, scaled) -> the packed entries (Engine._add_grad_rows)
 
-    def tables(self) -> None:
-        """The launch's tables on the device (made at the first capture: uploads)."""
-        if self._made:
-            return
-        counts, g, w = self._tables
-        up = (lambda v: torch.tensor(v, dtype=torch.int64, device=self.device))
-        # gradients' rows then weights' rows in one launch; the update's rows in another
-        self.lay_gw = self.mod.layout(self.sizes + self.sizes, counts + counts, self.device)
-        self.rel_gw = up(g + w)
-        self.lay_w = self.mod.layout(self.sizes, counts, self.device)
-        self.rel_w = up(w)
-        self._made = True
-
     def make(self) -> None:
         """The buffer and each parameter's views into it."""
-        self.tables()
         buf = torch.zeros(2 * self.half, dtype=self.dtype, device=self.device)
         views = []
         for base in (0, self.half):

@@ -345,12 +345,18 @@ class Hooks:
 
     def _out_grad(self, grad) -> None:
         """Backward has reached the model's output: queue `_backward_done` for its end."""
-        if not self._queued:
-            try:
-                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-                self._queued = True
-            except Exception:  # no engine callback: the parameters' hooks from the next step
-                self.use_param_hooks()
+        if not self._queued and not self._queue_end():
+            self.use_param_hooks()  # no engine callback: the parameters' hooks from the next step
+
+    def _queue_end(self) -> bool:
+        """Queue `_backward_done` to run once this backward has ended; False where the
+        autograd engine takes no callback here."""
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        except Exception:
+            return False
+        self._queued = True
+        return True
 
     def _grad(self, p: torch.Tensor) -> None:
         """Runs in backward as each parameter's gradient lands (autograd thread on CUDA). The
@@ -360,16 +366,12 @@ class Hooks:
         c = self._compiling
         if c is not None and c():
             return self._off(self._grad, p)
-        if self._queued:
+        if self._queued or self._queue_end():
             return
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-            self._queued = True
-        except Exception:  # no engine callback here: count the parameters instead
-            self._seen += 1
-            if self._seen == len(self._params):
-                self._seen = 0
-                self._on_grads_ready()
+        self._seen += 1  # no engine callback here: count the parameters instead
+        if self._seen == len(self._params):
+            self._seen = 0
+            self._on_grads_ready()
 
     def _backward_done(self) -> None:
         self._queued = False
