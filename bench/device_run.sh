@@ -6,7 +6,8 @@
 #   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per
 #      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
 #      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
-#      the launcher;
+#      the launcher; bench/partials_bandwidth.py: the grouped partials kernel's GPU time, for
+#      this tree and .prev/ when it is there;
 #   3. bench/capture_memory.py: the peak memory of a capture step against a plain one
 #      (printed only: $OUT returns at most 8 files);
 #      bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
@@ -66,6 +67,10 @@ if [ "${QUICK:-0}" != 1 ]; then
     grep -v "^ok " "$OUT/fused_check.txt"
     python3 bench/launch_cost.py > "$OUT/launch_cost.txt" 2>&1
     tail -2 "$OUT/launch_cost.txt"
+    # the grouped partials kernel's GPU time over the demo's activations, this tree and .prev/
+    for tree in . .prev; do
+        [ -d "$tree/client_hooks" ] && python3 bench/partials_bandwidth.py --tree "$tree" 2>&1 | tail -4
+    done
 fi
 # torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
 # code took up to 55 s at a capture step with inductor; thirteenth session)

@@ -75,11 +75,13 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
     Non-finite elements are replaced by the finite mean: that leaves min, max and every
     deviation from the mean unchanged, so one aminmax and one std do the rest (few
     kernels: on an accelerator their launch cost is what a capture costs)."""
-    cnt = nfin.clamp(min=1).to(parts[0].dtype)
+    cnt64 = nfin.clamp(min=1)
+    cnt = cnt64.to(parts[0].dtype)
     scale = fin.numel() / cnt
     out = []
     for x in parts:
-        mean = torch.where(fin, x, 0).sum() / cnt
+        # summed in float64: a float32 sum of finite values above ~1e34 would overflow
+        mean = (torch.where(fin, x, 0).sum(dtype=torch.float64) / cnt64).to(x.dtype)
         xr = torch.where(fin, x, mean)
         mn, mx = torch.aminmax(xr)
         out += [mn, mx, mean, _std(xr, mean, mn, mx) * scale.sqrt()]
@@ -149,6 +151,8 @@ def _fast_moments(parts: list[torch.Tensor], zeros: Optional[list] = None) -> Op
     out = []
     for x, (mn, mx, total, sq, _) in zip(parts, reads):
         n = x.numel()
+        if not math.isfinite(total):  # finite elements whose float32 sum overflows (above ~1e34)
+            total = float(x.sum(dtype=torch.float64))  # CPU, training thread: no device wait
         mean = total / n
         amax = max(abs(mn), abs(mx))
         lo, hi = _SQ_SAFE64 if x.dtype == torch.float64 else _SQ_SAFE

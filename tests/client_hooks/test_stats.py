@@ -224,6 +224,21 @@ def test_patch_metrics_match_numpy_and_expose_a_pure_scale_mismatch():
     assert "multiplied by 0.5" in d2["scaling"] and "rms" in d2["scaling"]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter pass's kernels
+@pytest.mark.parametrize("special", [None, math.nan, -math.inf])
+def test_finite_values_whose_float32_sum_overflows_match_numpy(special):
+    """Values near float32's largest: their float32 sum overflows, their statistics do not
+    (all finite, and with a NaN or an infinity among them); over several blocks of the
+    fused kernels and a partial one."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(4096 * 2 + 3, generator=g) * 1e35 + 2e36
+    assert math.isinf(t.sum().item())
+    if special is not None:
+        t[4100] = special
+    check_real(t)
+    check_real(-t[: 4096 * 2].reshape(2, 4096))
+
+
 @settings(max_examples=100, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=2, max_side=9), elements=_values()), st.data())
 def test_the_masked_path_used_on_accelerators_matches_numpy_too(a, data):
