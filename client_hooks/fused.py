@@ -99,7 +99,7 @@ def _general(x, valid, p_ptr, g, cap, ACC: tl.constexpr):
     cnt = tl.maximum(c_fin, 1).to(ACC)
     if tl.abs(tot) < float("inf"):
         mean = tot / cnt
-    else:  # finite elements whose sum overflows (float32 values above ~1e34): summed scaled
+    else:  # finite elements whose sum overflows (a float32 mean above ~8e34): summed scaled
         mean = tl.sum(xf * (1.0 / cnt), axis=0)
     d = tl.where(fin, x - mean, 0.0)
     m2 = _m2(d, tl.max(tl.abs(d), axis=0))

@@ -80,7 +80,7 @@ def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Te
     scale = fin.numel() / cnt
     out = []
     for x in parts:
-        # summed in float64: a float32 sum of finite values above ~1e34 would overflow
+        # summed in float64: a float32 sum of large finite values can overflow
         mean = (torch.where(fin, x, 0).sum(dtype=torch.float64) / cnt64).to(x.dtype)
         xr = torch.where(fin, x, mean)
         mn, mx = torch.aminmax(xr)
@@ -151,7 +151,7 @@ def _fast_moments(parts: list[torch.Tensor], zeros: Optional[list] = None) -> Op
     out = []
     for x, (mn, mx, total, sq, _) in zip(parts, reads):
         n = x.numel()
-        if not math.isfinite(total):  # finite elements whose float32 sum overflows (above ~1e34)
+        if not math.isfinite(total):  # finite elements whose float32 sum overflows (a mean above ~6e32)
             total = float(x.sum(dtype=torch.float64))  # CPU, training thread: no device wait
         mean = total / n
         amax = max(abs(mn), abs(mx))
