@@ -88,8 +88,8 @@ def main() -> None:
     gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
     rev = os.path.join(a.tree, "REV")  # .prev/REV: the commit that tree came from
     rev = open(rev).read().strip() if os.path.exists(rev) else "this checkout"
-    print(f"client_hooks from {a.tree} ({rev}); {name}; {a.tensors} float32 tensors of {a.numel} elements ({gb:.2f} GB), "
-          f"BLOCK {fused.BLOCK}, {fused.WARPS} warps, {a.reps} launches a case")
+    print(f"client_hooks from {a.tree} ({rev}); {name}; {a.tensors} float32 tensors of {a.numel} elements "
+          f"({gb:.2f} GB), BLOCK {fused.BLOCK}, {fused.WARPS} warps, {a.reps} launches a case")
     cases = [("finite", xs)]
     every = [x.clone() for x in xs]
     for x in every:
