@@ -475,10 +475,12 @@ class Engine:
                 h.use_param_hooks()  # the output's hook did not show the end of backward
             if h.silent():
                 say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
+        # read late, the weights snapshot is taken after the optimizer step: no update ratio
+        # (a 0 would read as frozen parameters to the collector's diagnosis)
         if self._grad_vecs:
-            self._add_gradients()
+            self._add_gradients(no_update=late)
         elif self._flat_rows is not None:
-            self._add_grad_rows()
+            self._add_grad_rows(no_update=late)
         if self._total is not None:
             total = self._total.to(torch.float64)
             if self._scale is not None:  # one record, so divided here (the layers': by the collector)
@@ -488,7 +490,7 @@ class Engine:
         self.launch_deferred()
         self.capture.flush(self.sender, self._flush_memo)
 
-    def _add_gradients(self) -> None:
+    def _add_gradients(self, no_update: bool = False) -> None:
         """A record per layer from one packed entry (a few for thousands of layers): the
         layers' moments (consecutive rows of the capture's fused batch on CUDA with Triton,
         else one matrix of the layers' vectors) and every watched parameter's weight and
@@ -503,7 +505,8 @@ class Engine:
         else:
             src, r0 = _rows(vecs).reshape(-1), 0
             dev = src.device
-        no_update = self.optimizer_watched and not self._stepped  # (accumulation): NaN norms, no ratio
+        # no_update, or (accumulation) no optimizer step: NaN update norms, no ratio
+        no_update = no_update or (self.optimizer_watched and not self._stepped)
         norms = self._wnorms
         if not no_update:
             with torch.no_grad():
@@ -530,13 +533,13 @@ class Engine:
             vec = (Span(src, r0 + 10 * j0, r0 + 10 * j1), Span(pn, a, b), Span(pn, npar + a, npar + b))
             add_many("gradients", names, vec if scale is None else vec + (Span(scale, 0, 1),), spec, 500)
 
-    def _add_grad_rows(self) -> None:
+    def _add_grad_rows(self, no_update: bool = False) -> None:
         """The gradient records of the flat buffer (client_hooks.flat): after the optimizer
         step, the update (weights before minus after) in the weights' half by one foreach
         subtraction and its rows by one launch; then the layers' packed entries
         (collector.packed "grad_rows"), their values three runs of the capture's rows."""
         f, rg = self._flat, self._flat_rows
-        updated = not (self.optimizer_watched and not self._stepped)  # (accumulation): no ratio
+        updated = not (no_update or (self.optimizer_watched and not self._stepped))  # (accumulation): no ratio
         dev, nl = f.device, f.nlayers
         ru = 0
         if updated:

@@ -278,9 +278,9 @@ class _TwoHeads(nn.Module):
 def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_parameters(pull, used):
     """A capture step finds the end of backward by one hook on the model's first output that
     requires grad: no parameter carries a hook. Where the loss does not use that output, the
-    first capture reads the gradients at its end (the optimizer has stepped: no true update
-    ratio), and from the next one on every parameter's hook finds the end; their update
-    ratios span the optimizer step."""
+    first capture reads the gradients at its end (the optimizer has stepped: its record has
+    no update ratio, where a 0 would read as frozen parameters), and from the next one on
+    every parameter's hook finds the end; their update ratios span the optimizer step."""
     torch.manual_seed(0)
     model = _TwoHeads()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -305,8 +305,34 @@ def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_par
         assert [got[s] for s in range(3)] == pytest.approx(want, rel=1e-4)
     else:
         assert param_hooks == [0, 6, 6]  # body, aux and main: a weight and a bias each
-        assert got[0] == 0.0  # read after the optimizer step
+        assert got[0] is None  # read after the optimizer step: no update ratio (0 would mean frozen)
         assert [got[1], got[2]] == pytest.approx(want[1:], rel=1e-4)
+
+
+def test_a_first_capture_read_late_is_not_diagnosed_as_frozen_parameters(pull):
+    """The default cadence's one gradient capture of a one-epoch run, on a model whose loss
+    does not use its first output (so that capture reads its gradients after the optimizer
+    step): the collector's diagnosis of its records finds no frozen layer."""
+    from collector.diagnosis import diagnose
+
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Tap() as tap:  # default cadence: the first batch of every epoch
+        tap.watch(model, optimizer=opt)
+        for step in range(4):
+            x = torch.randn(8, 5)
+            tap.log_batch({"x": x}, epoch=0)
+            model(x)[1].pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 1)
+    grads = pull.find("gradients")
+    assert {r["name"] for r in grads} >= {"body", "main"}
+    assert all(r["data"]["update_ratio"] is None for r in grads if r["name"] != "_total")
+    assert all(r["data"]["norm"] > 0 for r in grads)  # the gradients themselves were read
+    rules = [f["rule"] for f in diagnose({"gradients": grads})]
+    assert "frozen_parameters" not in rules, rules
 
 
 def test_an_optimizer_hook_of_the_user_after_ours_and_a_skipped_step_break_nothing(pull):
