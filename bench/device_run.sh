@@ -20,6 +20,9 @@
 #      (and the same for .prev/ when it is there); DIFF=1: bench/profile_step.py --diff (the
 #      functions whose own time differs most between none and every_step, and each one's GPU
 #      kernel time a step).
+#   ONLY=goal: instead of all that, the every-step goal alone: the kernels' tests, then
+#      bench/partials_bandwidth.py and overhead.py (gate_off, default, every_step; STEPS,
+#      default 400) for this tree and .prev/, alternated AB times (default 2).
 #   ONLY=compile: instead of all that, test_tap.py's CUDA and torch.compile cases, then
 #      bench/compile_check.py with inductor for this tree and for .prev/ when it is there.
 # Exits non-zero when the tests or fused_check failed.
@@ -51,6 +54,26 @@ if [ "${ONLY:-}" = compile ]; then
     echo "tests rc=$rc_tap"
     exit $rc_tap
 fi
+ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
+if [ "${ONLY:-}" = goal ]; then  # the every-step goal alone: kernels, then this tree and .prev/ alternated
+    python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py \
+        > "$OUT/tests.txt" 2>&1
+    rc_tests=$?
+    tail -3 "$OUT/tests.txt"
+    for tree in . .prev; do
+        [ -d "$tree/client_hooks" ] && python3 bench/partials_bandwidth.py --tree "$tree" 2>&1 | tail -4
+    done
+    for ab in $(seq 1 "${AB:-2}"); do
+        for tree in . .prev; do
+            [ -d "$tree/client_hooks" ] || continue
+            echo "--- tree $tree ($(cat $tree/REV 2>/dev/null || echo this)), pass $ab ---"
+            python3 $tree/bench/overhead.py $ARGS --steps ${STEPS:-400} --variants gate_off,default,every_step 2>&1 \
+                | tail -9
+        done
+    done
+    echo "tests rc=$rc_tests"
+    exit $rc_tests
+fi
 python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py > "$OUT/tests.txt" 2>&1
 rc_tests=$?
 tail -4 "$OUT/tests.txt"
@@ -75,7 +98,6 @@ fi
 # torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
 # code took up to 55 s at a capture step with inductor; thirteenth session)
 timeout 120 python3 bench/compile_check.py --backend inductor 2>&1 | grep -v "Warning\|^  \|^W" | tail -9
-ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
 python3 bench/capture_memory.py --device cuda --width 64 --modes 16 --batch 64 --size 64 2>&1 | tail -12
 # AB=N: this tree and .prev/ alternated N times (STEPS and PREV_STEPS each time): a machine
 # whose speed drifts within the call then tilts neither (one pass each tilted three calls
