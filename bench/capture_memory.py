@@ -21,6 +21,7 @@ bookkeeping is the same). The records go to an endpoint nobody listens on (they 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -39,6 +40,28 @@ MiB = float(1 << 20)
 def _storage(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return s.data_ptr(), s.nbytes()
+
+
+def _mib(ts) -> float:
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor) and t.is_cuda) / MiB
+
+
+def held_now(v: dict, base) -> str:
+    """What the allocated memory holds between steps, by owner: the variant's model (its
+    parameters and gradients), the optimizer's state, the capture's flat buffer and weight
+    snapshot, the base model the variants are copied from, and the rest (batches, caches)."""
+    model, opt, tap = v["model"], v["opt"], v["tap"]
+    parts = {"parameters": _mib(model.parameters()),
+             "gradients": _mib([p.grad for p in model.parameters()]),
+             "optimizer state": _mib([t for st in opt.state.values() for t in st.values()]),
+             "base model": _mib(base.parameters())}
+    if tap is not None and getattr(tap, "_engine", None) is not None:
+        e = tap._engine
+        parts["flat buffer"] = _mib([e._flat.buf] if e._flat else [])
+        parts["weight snapshot"] = _mib(e._snap)
+    total = torch.cuda.memory_allocated() / MiB
+    parts["the rest"] = total - sum(parts.values())
+    return f"{total:.0f} MiB allocated: " + ", ".join(f"{k} {x:.0f}" for k, x in parts.items())
 
 
 def main() -> None:
@@ -85,6 +108,8 @@ def main() -> None:
     for label, name in (("every_step", "every_step"), ("none", "none"), ("every_step, no grouping", "every_step")):
         if label != "every_step" and not cuda:
             break  # (on CPU only the bookkeeping means anything)
+        v = tap = None
+        gc.collect()  # the last variant's model, optimizer and capture, freed before this one's
         v = B.make_variant(name, base, a.device, 1e-4)
         tap = v["tap"]
         if label == "every_step, no grouping":
@@ -118,6 +143,7 @@ def main() -> None:
             print(f"{label:22s} peak of a step over its start: {statistics.median(peaks[1:] or peaks):8.0f} MiB "
                   f"(steps: {', '.join(f'{p:.0f}' for p in peaks)}); allocated at its start: "
                   f"{statistics.median(starts[1:] or starts):.0f} MiB")
+            print(f"{'':22s} at the end: {held_now(v, base)}")
         if tap is not None:
             tap.close(0.2)
 
