@@ -21,7 +21,7 @@
 #      functions whose own time differs most between none and every_step, and each one's GPU
 #      kernel time a step).
 #   ONLY=goal: instead of all that, the every-step goal alone: the kernels' tests, then
-#      bench/partials_bandwidth.py and overhead.py (gate_off, default, every_step; STEPS,
+#      bench/partials_bandwidth.py (--sweep: other block sizes and warps) and overhead.py (gate_off, default, every_step; STEPS,
 #      default 400) for this tree and .prev/, alternated AB times (default 2).
 #   ONLY=compile: instead of all that, test_tap.py's CUDA and torch.compile cases, then
 #      bench/compile_check.py with inductor for this tree and for .prev/ when it is there.
@@ -60,9 +60,8 @@ if [ "${ONLY:-}" = goal ]; then  # the every-step goal alone: kernels, then this
         > "$OUT/tests.txt" 2>&1
     rc_tests=$?
     tail -3 "$OUT/tests.txt"
-    for tree in . .prev; do
-        [ -d "$tree/client_hooks" ] && python3 bench/partials_bandwidth.py --tree "$tree" 2>&1 | tail -4
-    done
+    python3 bench/partials_bandwidth.py --sweep 2>&1 | tail -10
+    [ -d .prev/client_hooks ] && python3 bench/partials_bandwidth.py --tree .prev 2>&1 | tail -4
     for ab in $(seq 1 "${AB:-2}"); do
         for tree in . .prev; do
             [ -d "$tree/client_hooks" ] || continue

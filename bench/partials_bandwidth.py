@@ -1,6 +1,6 @@
 """GPU time of the grouped partials kernel over a forward's activations, for one tree.
 
-    python bench/partials_bandwidth.py [--tree PATH] [--tensors 17] [--numel 16777216] [--reps 10]
+    python bench/partials_bandwidth.py [--tree PATH] [--tensors 17] [--numel 16777216] [--reps 10] [--sweep]
 
 One `Batch.add_group` over TENSORS float32 tensors of NUMEL elements (the default: the demo
 FNO's 17 activations at batch 64, 64x64x64x64 each, 1.14 GB), timed with CUDA events over REPS
@@ -25,6 +25,8 @@ ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(_
 ap.add_argument("--tensors", type=int, default=17)
 ap.add_argument("--numel", type=int, default=64 * 64 * 64 * 64)
 ap.add_argument("--reps", type=int, default=10)
+ap.add_argument("--sweep", action="store_true",
+                help="then the finite case at other block sizes and warps (fused.BLOCK, fused.WARPS)")
 a = ap.parse_args()
 sys.path.insert(0, a.tree)
 
@@ -103,6 +105,28 @@ def main() -> None:
         ms, rows = timed(ys)
         bad = wrong(ys, rows)
         print(f"  {what:15s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s" + (f"  {bad} ROWS WRONG" if bad else ""))
+    if a.sweep:
+        sweep(xs, gb)
+
+
+SWEEP = ((2048, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8), (16384, 16))
+
+
+def sweep(xs: list, gb: float) -> None:
+    """The finite case at other block sizes and warps than the engine's (the index tables
+    depend on the block size: made again for each)."""
+    block0, warps0 = fused.BLOCK, fused.WARPS
+    try:
+        for block, warps in SWEEP:
+            fused.BLOCK, fused.WARPS = block, warps
+            fused._layouts.clear()
+            ms, rows = timed(xs)
+            bad = wrong(xs, rows)
+            print(f"  finite, BLOCK {block:5d} warps {warps:2d} {ms:8.3f} ms  {gb / ms:6.2f} TB/s"
+                  + (f"  {bad} ROWS WRONG" if bad else ""))
+    finally:
+        fused.BLOCK, fused.WARPS = block0, warps0
+        fused._layouts.clear()
 
 
 if __name__ == "__main__":
