@@ -201,7 +201,7 @@ class Hooks:
         self._on_forward_done = on_forward_done
         self._handles: list = []
         self._seen = 0
-        self._queued = False
+        self._queued = self._requeued = False
         self.fired = 0  # forward hooks run in this capture step (none: a compiled model, see Engine)
         # set by `untrace`: each hook then checks compiling() first (see tracing_guard)
         self._compiling: Optional[Callable[[], bool]] = None
@@ -230,7 +230,7 @@ class Hooks:
             # after the targets' hooks when the root is one of them
             self._handles.append(self._root.register_forward_hook(self._done_hook))
         if self._on_grads_ready is not None:
-            self._seen, self._queued = 0, False
+            self._seen, self._queued, self._requeued = 0, False, False
             if not self.via_output:
                 self._attach_param_hooks()
 
@@ -262,7 +262,7 @@ class Hooks:
 
     def new_step(self) -> None:
         """Forget a backward whose end was never seen (one that raised): each step starts clean."""
-        self._seen, self._queued, self.fired, self.out_hooked = 0, False, 0, False
+        self._seen, self._queued, self._requeued, self.fired, self.out_hooked = 0, False, False, 0, False
 
     def deliver(self, name: str, value) -> None:
         """A value a compiled forward handed over (Traced.HOOK), taken in eager code: counted
@@ -374,5 +374,19 @@ class Hooks:
             self._on_grads_ready()
 
     def _backward_done(self) -> None:
-        self._queued = False
+        """The engine's callback at the end of backward. The first call queues itself once
+        more and returns, so that the gradients are read after the callbacks that others
+        queued during backward: DDP queues its finalize (the averaged gradients written to
+        `.grad`, and on CUDA the stream made to wait for the all-reduce that writes them)
+        when its last bucket is ready, after this hook queued ours at the start of backward.
+        Read before it, the gradients were each rank's own, not those the optimizer steps
+        with (and a Lightning fit of the same run, which reads them later, disagreed)."""
+        if not self._requeued:
+            self._requeued = True
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+                return
+            except Exception:  # no more callbacks taken here: read now
+                pass
+        self._requeued = self._queued = False
         self._on_grads_ready()

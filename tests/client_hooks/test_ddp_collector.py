@@ -74,6 +74,18 @@ def test_a_fit_fills_one_run_folder_from_every_rank_without_gaps(collector, ddp)
         # every seq below next_seq is in a JSONL file, except patch_metrics.json's overwritten ones
         n_patch = 8 // len(ranks)
         assert len(seqs) == m["received"] - n_patch, (len(seqs), m)
+    if ddp:  # the ranks' batches differ (DistributedSampler); the averaged gradients do not
+        total = {(r["rank"], r["step"]): r["data"]["norm"] for r in recs
+                 if r["kind"] == "gradients" and r["name"] == "_total"}
+        steps = sorted({s for _, s in total})
+        assert steps and all((0, s) in total and (1, s) in total for s in steps), sorted(total)
+        for s in steps:
+            assert total[(0, s)] == pytest.approx(total[(1, s)], rel=1e-5), (s, total)
+        x0 = [r["data"]["mean"] for r in recs if r["kind"] == "loader_stats" and r["name"] == "images"
+              and r["rank"] == 0]
+        x1 = [r["data"]["mean"] for r in recs if r["kind"] == "loader_stats" and r["name"] == "images"
+              and r["rank"] == 1]
+        assert x0 and x0 != x1  # (so equal norms are not equal batches)
 
 
 TAP_APP = os.path.join(os.path.dirname(__file__), "tap_ddp_app.py")
@@ -103,6 +115,15 @@ def test_torchrun_ranks_with_no_endpoint_share_rank_0s_embedded_collector(tmp_pa
     metrics = read_jsonl(runs[0] / "metrics.jsonl")
     if front == "tap":
         assert [(r["rank"], r["name"]) for r in metrics if r["name"] == "late"] == [(1, "late")]
+        # the gradients recorded are those DDP averaged (what the optimizer steps with), not
+        # each rank's own: equal on both ranks, and to the norm each rank read after backward
+        after = {(r["rank"], r["step"]): r["data"]["value"] for r in metrics if r["name"] == "grad_norm"}
+        grads = read_jsonl(runs[0] / "gradients.jsonl")
+        total = {(r["rank"], r["step"]): r["data"]["norm"] for r in grads if r["name"] == "_total"}
+        assert sorted(total) == [(0, 0), (0, 4), (1, 0), (1, 4)], sorted(total)
+        for (rank, step), norm in total.items():
+            assert norm == pytest.approx(after[(rank, step)], rel=1e-5), (rank, step, norm, after)
+            assert norm == pytest.approx(total[(1 - rank, step)], rel=1e-5)
         assert sorted(line.split()[1] for line in res.stdout.splitlines() if line.startswith("RANK")) == ["0", "1"]
     assert not list(tmp_path.parent.glob("tensortap-job-*"))
 
