@@ -6,6 +6,8 @@ one of them. For plain PyTorch the end of backward is found by one tensor hook o
 output, put there at the end of each capture step's forward (one Python call in backward, on
 the autograd thread); where that cannot work (a compiled model, an output the loss does not
 use) by a post-accumulate-grad hook on every trainable parameter (`use_param_hooks`).
+Either queues an engine callback, which reads the gradients after the other callbacks of
+that backward (DDP's finalize: the averaged gradients; `_backward_done`).
 Between capture steps the model carries no tensortap hook. Once torch's compiler is
 imported (torch.compile, or a torch.optim optimizer), each hook checks whether dynamo traces
 it (`Hooks.untrace`). Traced into a compiled forward, a forward hook only hands its value
