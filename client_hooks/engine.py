@@ -652,15 +652,8 @@ class Engine:
                 or not value.is_contiguous() or value.is_inference()):
             return False
         plan.span.lo = -1  # (the last capture's row: that capture is sent)
-        self.capture._entries[plan.key] = plan.entry if not extra else \
-            (plan.span, plan.entry[1][:4] + [extra], 300)
-        self._deferred.append((plan.key, value, value._version, _raw_stream(index) if index >= 0 else 0,
-                               plan.targets, plan.n))
-        self._deferred_bytes += plan.nbytes
-        if index != self._cap_index:
-            self._cap_index, self._cap = index, defer_cap(index)
-        if self._deferred_bytes > self._cap:
-            self.launch_deferred()
+        self.capture.add(kind, name, plan.span, plan.spec if not extra else plan.spec[:4] + [extra], 300)
+        self._hold(plan.key, value, plan.targets, plan.n, plan.nbytes, stats.raw_stream(index), index)
         return True
 
     def _forget(self, key: tuple) -> None:
@@ -892,9 +885,10 @@ class Engine:
 
 class _Plan:
     """A value deferred before, for `Engine._defer_known`: what it was (dtype, shape, device
-    index, elements, bytes) and its capture entry, made once: the Span that its row fills
-    (reused by each capture: the last one is sent before the next begins), the spec."""
-    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "entry", "targets")
+    index, elements, bytes) and what its capture entry holds, made once: the Span that its
+    row fills (reused by each capture: the last one is sent before the next begins), the
+    spec."""
+    __slots__ = ("key", "dtype", "shape", "index", "n", "nbytes", "span", "spec", "targets")
 
     def __init__(self, key: tuple, t: torch.Tensor, span: Span, spec: list):
         self.key, self.dtype, self.shape, self.index = key, t.dtype, t.shape, t.get_device()
@@ -902,12 +896,7 @@ class _Plan:
         self.nbytes = self.n * t.element_size()
         if spec[4] is not None:  # (extra fields: each capture gives its own)
             spec = spec[:4] + [None]
-        self.span, self.entry, self.targets = span, (span, spec, 300), ((span, 0, 7),)
-
-
-# stats.raw_stream for a CUDA device index (>= 0), without a call of ours (a CPU-only torch
-# may lack it: then no index is >= 0)
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.span, self.spec, self.targets = span, spec, ((span, 0, 7),)
 
 
 _memory: dict = {}  # CUDA device index -> its total memory in bytes

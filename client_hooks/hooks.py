@@ -385,10 +385,7 @@ class Hooks:
         with (and a Lightning fit of the same run, which reads them later, disagreed)."""
         if not self._requeued:
             self._requeued = True
-            try:
-                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-                return
-            except Exception:  # no more callbacks taken here: read now
-                pass
+            if self._queue_end():
+                return  # (else no more callbacks taken here: read now)
         self._requeued = self._queued = False
         self._on_grads_ready()
