@@ -4,10 +4,10 @@
 #      test_tap.py's CUDA cases (AMP with a GradScaler, gradient accumulation, torch.compile);
 #      bench/compile_check.py (a compiled model's step times under a Tap);
 #   2. (not with QUICK=1) bench/fused_check.py: fused vs torch path vs NumPy, host cost per
-#      call, the grouped kernel's bandwidth by block size and warps, GPU time the capture adds
-#      kernel by kernel; bench/launch_cost.py: host time of a Triton launch, JIT path against
-#      the launcher; bench/partials_bandwidth.py: the grouped partials kernel's GPU time, for
-#      this tree and .prev/ when it is there;
+#      call, GPU time the capture adds kernel by kernel; bench/launch_cost.py: host time of a
+#      Triton launch, JIT path against the launcher; bench/partials_bandwidth.py: the grouped
+#      partials kernel's GPU time (this tree's also by block size and warps), for this tree
+#      and .prev/ when it is there;
 #   3. bench/capture_memory.py: the peak memory of a capture step against a plain one
 #      (printed only: $OUT returns at most 8 files);
 #      bench/overhead.py on the demo FNO (width 64, modes 16, batch 64), STEPS (default 600);
@@ -21,8 +21,9 @@
 #      functions whose own time differs most between none and every_step, and each one's GPU
 #      kernel time a step).
 #   ONLY=goal: instead of all that, the every-step goal alone: the kernels' tests, then
-#      bench/partials_bandwidth.py (--sweep: other block sizes and warps) and overhead.py (gate_off, default, every_step; STEPS,
-#      default 400) for this tree and .prev/, alternated AB times (default 2).
+#      bench/partials_bandwidth.py (this tree's with --sweep: other block sizes and warps),
+#      and overhead.py (gate_off, default, every_step; STEPS, default 400) for this tree and
+#      .prev/, alternated AB times (default 2).
 #   ONLY=compile: instead of all that, test_tap.py's CUDA and torch.compile cases, then
 #      bench/compile_check.py with inductor for this tree and for .prev/ when it is there.
 # Exits non-zero when the tests or fused_check failed.
@@ -90,9 +91,8 @@ if [ "${QUICK:-0}" != 1 ]; then
     python3 bench/launch_cost.py > "$OUT/launch_cost.txt" 2>&1
     tail -2 "$OUT/launch_cost.txt"
     # the grouped partials kernel's GPU time over the demo's activations, this tree and .prev/
-    for tree in . .prev; do
-        [ -d "$tree/client_hooks" ] && python3 bench/partials_bandwidth.py --tree "$tree" 2>&1 | tail -4
-    done
+    python3 bench/partials_bandwidth.py --sweep 2>&1 | tail -10
+    [ -d .prev/client_hooks ] && python3 bench/partials_bandwidth.py --tree .prev 2>&1 | tail -4
 fi
 # torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
 # code took up to 55 s at a capture step with inductor; thirteenth session)

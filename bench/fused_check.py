@@ -176,55 +176,6 @@ def batch_speed(device: str) -> None:
           f"a capture of 14 tensors + 20 layers: {host * 1e3:.2f} ms host, {wall * 1e3:.2f} ms to done")
 
 
-def group_bandwidth(device: str) -> None:
-    """GPU time of one grouped partials launch over 17 float32 tensors of 64x64x64x64 (the
-    demo FNO's forward at batch 64: 1.14 GB read), for the kernel's block size and warps
-    (the engine's are fused.BLOCK and fused.WARPS) and a few others, and the engine's with every tensor
-    4 bytes off the 16-byte grid (no vector loads); CUDA events over 10 launches. Each
-    configuration's rows are checked against the engine's on aligned copies."""
-    from client_hooks import fused
-
-    full = [torch.randn(64 * 64 * 64 * 64 + 1, device=device) for _ in range(17)]
-    n = 64 * 64 * 64 * 64
-    ref = {}
-    for off in (0, 1):  # the engine's configuration, on aligned copies of the values
-        b = fused.Batch(torch.device(device))
-        b.add_group([[x[off:off + n].clone()] for x in full])
-        ref[off] = b.finish().clone()
-    block0, launch0 = fused.BLOCK, fused._launch
-    try:
-        # the last: the same values 4 bytes off the 16-byte grid (offsets in elements, scalar loads)
-        w0 = fused.WARPS
-        for block, warps, off in ((block0, w0, 0), (4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (2048, 4, 0),
-                                  (2048, 8, 0), (1024, 4, 0), (block0, w0, 1)):
-            xs = [x[off:off + n] for x in full]
-            gb = sum(x.numel() * x.element_size() for x in xs) / 1e9
-            fused.BLOCK = block
-            fused._layouts.clear()
-            fused._launch = (lambda fn, grid, args, num_warps, w=warps: launch0(fn, grid, args, w))
-            rows = None
-            for _ in range(2):  # the first compiles
-                b = fused.Batch(torch.device(device))
-                b.add_group([[x] for x in xs])
-                rows = b.finish()
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(10):
-                b = fused.Batch(torch.device(device))
-                b.add_group([[x] for x in xs])
-            e1.record()
-            torch.cuda.synchronize()
-            ms = e0.elapsed_time(e1) / 10
-            same = bool(torch.allclose(rows, ref[off], rtol=1e-6, atol=1e-9))
-            print(f"group partials BLOCK {block:5d} warps {warps:2d}{' unaligned' if off else ''}: "
-                  f"{ms:.3f} ms for {gb:.2f} GB ({gb / ms:.2f} TB/s){'' if same else '  ROWS DIFFER'}")
-    finally:
-        fused.BLOCK, fused._launch = block0, launch0
-        fused._layouts.clear()
-    del full
-
-
 def launches(device: str, steps: int = 5, width: int = 64, modes: int = 16, batch: int = 64) -> None:
     """GPU kernels per training step, demo FNO (width 64, modes 16, batch 64), none vs every_step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -293,8 +244,7 @@ def main() -> None:
         except ImportError:
             print("triton: not importable")
         speed(a.device)
-        batch_speed(a.device)
-        group_bandwidth(a.device)
+        batch_speed(a.device)  # (the grouped kernel's bandwidth: bench/partials_bandwidth.py)
         if not a.no_launches:
             launches(a.device)
     sys.exit(1 if fails else 0)

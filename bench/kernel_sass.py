@@ -14,7 +14,7 @@ the H100, by default; Triton's bundled ptxas and nvdisasm, no GPU needed) and pr
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit).
 The partials kernel is bound by its arithmetic, not its loads, on an H100 (docs/BENCHMARKS.md,
 sixth session), so its instructions a block are what its GPU time follows; a count is not a
-time: the device run (`fused_check.py`) measures the bandwidth.
+time: the device run (`partials_bandwidth.py`) measures the bandwidth.
 """
 from __future__ import annotations
 
