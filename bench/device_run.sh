@@ -56,13 +56,16 @@ if [ "${ONLY:-}" = compile ]; then
     exit $rc_tap
 fi
 ARGS="--device cuda --width 64 --modes 16 --batch 64 --epoch-steps 50"
+bandwidth() {  # the grouped partials kernel: this tree by block size and warps, then .prev/'s
+    python3 bench/partials_bandwidth.py --sweep 2>&1 | tail -10
+    [ -d .prev/client_hooks ] && python3 bench/partials_bandwidth.py --tree .prev 2>&1 | tail -4
+}
 if [ "${ONLY:-}" = goal ]; then  # the every-step goal alone: kernels, then this tree and .prev/ alternated
     python3 -m pytest -q -p no:cacheprovider tests/client_hooks/test_fused.py tests/client_hooks/test_stats.py \
         > "$OUT/tests.txt" 2>&1
     rc_tests=$?
     tail -3 "$OUT/tests.txt"
-    python3 bench/partials_bandwidth.py --sweep 2>&1 | tail -10
-    [ -d .prev/client_hooks ] && python3 bench/partials_bandwidth.py --tree .prev 2>&1 | tail -4
+    bandwidth
     for ab in $(seq 1 "${AB:-2}"); do
         for tree in . .prev; do
             [ -d "$tree/client_hooks" ] || continue
@@ -91,8 +94,7 @@ if [ "${QUICK:-0}" != 1 ]; then
     python3 bench/launch_cost.py > "$OUT/launch_cost.txt" 2>&1
     tail -2 "$OUT/launch_cost.txt"
     # the grouped partials kernel's GPU time over the demo's activations, this tree and .prev/
-    python3 bench/partials_bandwidth.py --sweep 2>&1 | tail -10
-    [ -d .prev/client_hooks ] && python3 bench/partials_bandwidth.py --tree .prev 2>&1 | tail -4
+    bandwidth
 fi
 # torch.compile under a Tap: one compilation, then no capture step recompiles (the earlier
 # code took up to 55 s at a capture step with inductor; thirteenth session)
