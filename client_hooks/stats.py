@@ -60,13 +60,24 @@ def _std(x: torch.Tensor, mean: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor
 
     CPU: the sum of squared deviations (`_deviations_m2`: torch's CPU sum is a cascade sum,
     so this is as accurate as var_mean and ~15x faster than its Welford kernel; float64
-    where float32 squares would underflow or overflow); elsewhere one var_mean."""
+    where float32 squares would underflow or overflow); elsewhere `_std_scaled`."""
     if x.device.type == "cpu":
         if x.numel() == 0:
             return torch.tensor(math.nan, dtype=x.dtype)
         m2 = _deviations_m2(x, float(mean), float(mn), float(mx))  # CPU, training thread: no device wait
         return torch.tensor(math.sqrt(m2 / x.numel()), dtype=x.dtype)
-    return torch.var_mean(x, correction=0)[0].sqrt()
+    return _std_scaled(x, mn, mx)
+
+
+def _std_scaled(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """Population std of 1-D `x` by one var_mean, without reading anything back (the
+    accelerator way where Triton is missing). x is first divided by s, the power of two at
+    or below its largest magnitude (exact, bar underflow far below the spread): float32
+    squares of deviations above ~1.8e19 would overflow and those below ~1e-19 underflow."""
+    a = torch.maximum(mn.abs(), mx.abs())
+    s = torch.exp2(torch.floor(torch.log2(a)))
+    s = torch.where((a > 0) & torch.isfinite(a), s, torch.ones_like(s))
+    return torch.var_mean(x / s, correction=0)[0].sqrt() * s
 
 
 def _masked_moments(parts: list[torch.Tensor], fin: torch.Tensor, nfin: torch.Tensor) -> list[torch.Tensor]:

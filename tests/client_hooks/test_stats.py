@@ -250,3 +250,30 @@ def test_the_masked_path_used_on_accelerators_matches_numpy_too(a, data):
         z = np.empty(a.shape, np.complex64)
         z.real, z.imag = a, im
         check_complex(z, computed(torch.from_numpy(z)))
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, 2.0, 3.0],
+    [0.0, 0.0],
+    [5.0],
+    "huge",  # float32 squares of the deviations overflow
+    "tiny",  # float32 squares of the deviations underflow
+    "huge_nan",
+])
+def test_the_accelerator_std_without_triton_matches_numpy(values):
+    """The masked path with the std that accelerators use where Triton is missing (one
+    var_mean of the scaled values), run here on CPU tensors."""
+    from unittest import mock
+
+    g = torch.Generator().manual_seed(3)
+    if values in ("huge", "huge_nan"):
+        t = torch.randn(1000, generator=g) * 1e30
+        if values == "huge_nan":
+            t[10] = math.nan
+    elif values == "tiny":
+        t = torch.randn(1000, generator=g) * 1e-25 + 3e-25
+    else:
+        t = torch.tensor(values)
+    with mock.patch.object(stats, "_fast_moments", lambda parts, zeros=None: None), \
+            mock.patch.object(stats, "_std", lambda x, mean, mn, mx: stats._std_scaled(x, mn, mx)):
+        check_real(t)
