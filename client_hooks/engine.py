@@ -843,12 +843,19 @@ class Engine:
         this capture step goes with the capture's copy (a float64 copy of it now, in case it
         changes in place before the step ends; a packed "value" entry); any other is copied
         to the host on its own (`scalar_to_host`, without a capture's bookkeeping). Either is
-        read on the sender thread."""
+        read on the sender thread. A CPU tensor is read at once (nothing to wait for)."""
         items = []
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
+                    continue
+                if v.device.type == "cpu":  # read now: no device to wait for, nothing to copy
+                    value = float(v.detach().real)
+                    if with_capture:
+                        self.capture.add("metrics", name, [value], ["value"], 64)
+                    else:
+                        items.append(("metrics", name, {"value": value}, 64))
                     continue
                 if with_capture and not v.is_complex():
                     self.capture.add("metrics", name, v.detach().reshape(1).to(torch.float64, copy=True),
