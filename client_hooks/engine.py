@@ -850,7 +850,7 @@ class Engine:
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
                     continue
-                if v.device.type == "cpu":  # read now: no device to wait for, nothing to copy
+                if stats.read_now(v.device):  # CPU: no device to wait for, nothing to copy
                     value = float(v.detach().real)
                     if with_capture:
                         self.capture.add("metrics", name, [value], ["value"], 64)

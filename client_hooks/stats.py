@@ -250,6 +250,12 @@ _fused_state: dict = {}  # "mod": the Triton module, or "off": why it is not use
 _FUSED_CPU = os.environ.get("TENSORTAP_FUSED_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def read_now(device: torch.device) -> bool:
+    """Whether a value on `device` is read on the training thread at once: CPU (no device to
+    wait for), except in the fused-kernel test mode, which takes the CUDA way."""
+    return device.type == "cpu" and not _FUSED_CPU
+
+
 def fused_module(x: torch.Tensor):
     """client_hooks.fused when real `x` can use it (CUDA, float dtype, not empty), else None.
     Triton is imported here, lazily, on the first CUDA tensor only (never on CPU)."""
