@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -51,7 +52,7 @@ from client_hooks import flat as _flat
 from client_hooks import hooks as _hooks
 from client_hooks import stats
 from client_hooks.capture import Capture, FlushMemo, Span, scalar_to_host
-from client_hooks.fields import walk
+from client_hooks.fields import leaf as _leaf, walk
 
 
 @dataclass
@@ -97,17 +98,64 @@ def say_once(key: str, message: str) -> None:
         pass
 
 
+class BadInput(ValueError):
+    """An argument tensortap cannot record: said once per `key` (one line), the call
+    ignored; unlike an internal failure, it does not silence that kind's later errors."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def guarded(kind: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **kw):
             try:
                 return fn(*a, **kw)
+            except BadInput as e:
+                say_once(f"input {e.key}", f"tensortap: {e}; the call is ignored")
+                return None
             except Exception as e:  # telemetry never raises into the training loop
                 warn_once(kind, e)
                 return None
         return inner
     return wrap
+
+
+def whole(v, what: str) -> Optional[int]:
+    """A step or epoch as an int: Python, NumPy or 0-d tensor integers, and floats of whole
+    value (3.0); None stays None. Anything else is a BadInput (the wire holds integers)."""
+    if v is None or type(v) is int:
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        pass
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = math.nan
+    if math.isfinite(f) and f.is_integer():
+        return int(f)
+    raise BadInput(what, f"{what} must be a whole number, got {v!r}")
+
+
+def metric_value(name: str, v):
+    """A metric's value: a one-element tensor (kept), or a Python or NumPy number as float."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1:
+            return v
+        got = f"a tensor of {v.numel()} elements"
+    else:
+        leaf = _leaf(v)
+        if isinstance(leaf, torch.Tensor) and leaf.numel() == 1:  # a one-element NumPy array
+            return float(leaf.reshape(()).real)
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            return float(leaf)
+        got = type(v).__name__
+    raise BadInput(f"metric {name}", f"log_metric({name!r}): a value must be a number or a one-element "
+                                     f"tensor, got {got}")
 
 
 NO_FORWARD_HOOK = (
@@ -227,6 +275,7 @@ class Engine:
     # -- step ------------------------------------------------------------------------------
     @guarded("step")
     def begin_step(self, step: Optional[int] = None, epoch: Optional[int] = None) -> bool:
+        step, epoch = whole(step, "step"), whole(epoch, "epoch")
         if self.capturing:
             self.end_step()
         elif self._traced.stash:  # record(always=True) in a compiled forward outside a capture step
@@ -813,15 +862,15 @@ class Engine:
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
         if not (self.capturing or always):
             return
-        if pair is not None and name not in self.opts.pairs:
+        values = _recordable(name, tensor, pair)
+        if pair is not None and self.opts.pairs.get(name) != pair:
             self.opts.pairs[name] = pair
             self._plans.pop(("activations", name), None)  # a pair from now on: no short way
-        if self.capturing:
-            self.add_tensor("activations", name, tensor)
-            return
-        cap = Capture(self.step, self.epoch)  # outside a capture step: its own copy, sent now
-        self.add_tensor("activations", name, tensor, cap=cap)
-        cap.flush(self.sender)
+        cap = self.capture if self.capturing else Capture(self.step, self.epoch)  # outside: sent now
+        for key, value in values:
+            self.add_tensor("activations", key, value, cap=cap)
+        if not self.capturing:
+            cap.flush(self.sender)
 
     @guarded("loader_stats")
     def log_batch(self, batch, split: str, batch_idx: Optional[int]) -> None:
@@ -845,11 +894,15 @@ class Engine:
         to the host on its own (`scalar_to_host`, without a capture's bookkeeping). Either is
         read on the sender thread. A CPU tensor is read at once (nothing to wait for)."""
         items = []
+        step, epoch = whole(step, "step"), whole(epoch, "epoch")
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():
+            try:
+                v = metric_value(name, v)
+            except BadInput as e:  # this value only: the others of the call still go
+                say_once(f"input {e.key}", f"tensortap: {e}; it is not recorded")
+                continue
             if isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    continue
                 if stats.read_now(v.device):  # CPU: no device to wait for, nothing to copy
                     value = float(v.detach().real)
                     if with_capture:
@@ -863,13 +916,14 @@ class Engine:
                     continue
                 rb = scalar_to_host(v)
                 items.append(("metrics", name, lambda rb=rb: {"value": rb.values()[0]}, 64))
-            elif isinstance(v, (int, float)):
-                items.append(("metrics", name, {"value": float(v)}, 64))
+            else:
+                items.append(("metrics", name, {"value": v}, 64))
         if items:
             self.sender.send_many(items, step, epoch)
 
     @guarded("patch_metrics")
     def patch(self, pred, target, scale, note, name, step, epoch) -> None:
+        step, epoch = whole(step, "step"), whole(epoch, "epoch")
         vec = stats.patch_vector(pred, target, scale)
         count = pred.numel()
         cap = Capture(step, epoch)
@@ -879,6 +933,14 @@ class Engine:
     @guarded("events")
     def event(self, name: str, data: dict, step=None, epoch=None) -> None:
         self.sender.send("events", name, data, step, epoch)
+
+    @guarded("events")
+    def epoch_event(self, name: str, epoch, begin: bool) -> None:
+        """epoch_start (a new epoch: its batch count starts again) or epoch_end."""
+        epoch = whole(epoch, "epoch")
+        if begin:
+            self.new_epoch(epoch)
+        self.sender.send("events", name, {"epoch": epoch}, self.step, epoch)
 
     def close(self) -> None:
         self.end_step()
@@ -907,6 +969,31 @@ class _Plan:
 
 
 _memory: dict = {}  # CUDA device index -> its total memory in bytes
+
+
+def _recordable(name: str, value, pair) -> list[tuple[str, Any]]:
+    """[(name, value)] that `record` can measure: a tensor, a NumPy array, a number, or a
+    structure of them (tuple, dict, dataclass: a name each, as a module's output gets). A
+    pair is checked here, on this value, so a wrong one is not kept for the name."""
+    one = _leaf(value)
+    if one is None and isinstance(value, complex):
+        one = torch.tensor(value)
+    if one is not None:
+        if pair is not None:
+            if not isinstance(one, torch.Tensor):
+                raise BadInput(f"pair {name}", f"record({name!r}): a pair needs a tensor, got {type(value).__name__}")
+            kind, dim = stats.pair_spec(pair)
+            try:
+                stats._check_pair(one, kind, dim)
+            except (ValueError, IndexError) as e:
+                raise BadInput(f"pair {name}", f"record({name!r}): {str(e).removeprefix('tensortap: ')}") from None
+        return [(name, one)]
+    if pair is None:
+        found = [(f"{name}.{sub}", v) for sub, v in walk(value, root="")]
+        if found:
+            return found
+    raise BadInput(f"record {name}", f"record({name!r}): a value must be a tensor, a NumPy array or a number, "
+                                     f"got {type(value).__name__}")
 
 
 def device_memory(index: int) -> Optional[int]:

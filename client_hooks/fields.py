@@ -34,7 +34,8 @@ def _children(obj: Any) -> Iterator[tuple[Any, Any]]:
             yield f.name, getattr(obj, f.name)
 
 
-def _leaf(obj: Any):
+def leaf(obj: Any):
+    """A tensor, a NumPy array as a tensor, or a plain scalar; None for anything else."""
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, bool) or isinstance(obj, (int, float)):
@@ -57,9 +58,9 @@ def walk(batch: Any, root: str = "batch") -> list[tuple[str, Leaf]]:
     def visit(obj: Any, name: str, depth: int) -> None:
         if len(out) >= MAX_FIELDS or depth > MAX_DEPTH:
             return
-        leaf = _leaf(obj)
-        if leaf is not None:
-            out.append((name or root, leaf))
+        value = leaf(obj)
+        if value is not None:
+            out.append((name or root, value))
             return
         for key, child in _children(obj):
             visit(child, _join(name, key), depth + 1)

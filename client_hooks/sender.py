@@ -187,10 +187,13 @@ class Sender:
         for r, n in recs:
             r.seq = self._seq
             self._seq += n
-        if len(recs) == 1:
-            frames = [(encode(recs[0][0]), 1)]
-        else:
-            frames = _frames([r for r, _ in recs])
+        try:
+            frames = [(encode(recs[0][0]), 1)] if len(recs) == 1 else _frames([r for r, _ in recs])
+        except Exception:  # a value JSON cannot hold: drop that record alone, number the rest
+            self._seq = first
+            recs = self._encodable(recs)
+            self._send_records(recs, deadline)
+            return
         done = sent_objs = 0
         for frame, k in frames:
             n = sum(c for _, c in recs[sent_objs:sent_objs + k])
@@ -204,6 +207,21 @@ class Sender:
             sent_objs += k
             done += n
             self.sent += n
+
+    def _encodable(self, recs: list[tuple[Record, int]]) -> list[tuple[Record, int]]:
+        """The records that encode alone; the others are dropped and counted (the entry
+        points check what users hand them, so this is a last guard: the thread lives on)."""
+        keep = []
+        for r, n in recs:
+            try:
+                encode(r)
+                keep.append((r, n))
+            except Exception as e:
+                self._warn_once("encode", f"tensortap: a {r.kind} record '{r.name}' could not be encoded "
+                                          f"({e}); dropping it")
+                with self._lock:
+                    self.dropped += n
+        return keep
 
     def _send_frame(self, frame: bytes, deadline: Optional[float]) -> bool:
         """Try to hand a frame to ZeroMQ, retrying while the peer is away or full.
@@ -231,7 +249,12 @@ class Sender:
             self._wake.clear()
             items = self._take()
             if items:
-                self._send_records(self._records(items), None)
+                try:
+                    self._send_records(self._records(items), None)
+                except Exception as e:  # never seen; the thread must outlive it all the same
+                    self._warn_once("thread", f"tensortap: the sender failed ({e!r}); dropping its records")
+                    with self._lock:
+                        self.dropped += sum(_count(it[5]) for it in items)
             if len(items) < self.batch:  # the queue is empty: sleep (else on with the next batch)
                 self._wake.wait(min(IDLE_WAIT_S, self._drop_report_s))
             now = time.monotonic()

@@ -189,14 +189,13 @@ turned into one RuntimeWarning per kind and never raised.
 
     def epoch_start(self, epoch: int) -> None:
         if self._engine is not None:
-            self._engine.new_epoch(epoch)
+            self._engine.epoch_event("epoch_start", epoch, begin=True)
             self._split_seen.clear()
-            self._engine.event("epoch_start", {"epoch": epoch}, self._engine.step, epoch)
 
     def epoch_end(self, epoch: int) -> None:
         if self._engine is not None:
             self._end()
-            self._engine.event("epoch_end", {"epoch": epoch}, self._engine.step, epoch)
+            self._engine.epoch_event("epoch_end", epoch, begin=False)
 
     # -- end ------------------------------------------------------------------------------
     def _after_opt_step(self, optimizer, args, kwargs) -> None:

@@ -82,6 +82,37 @@ def test_a_payload_that_fails_on_the_sender_thread_is_dropped_and_counted(recwar
     assert any("could not be read" in str(w.message) for w in recwarn)
 
 
+@pytest.mark.parametrize("batch", [1, 64])
+def test_a_value_json_cannot_hold_is_dropped_alone_and_the_thread_lives_on(recwarn, batch):
+    """A record that does not encode drops alone (counted, warned once); the records sent
+    with it and after it arrive live, numbered without a gap, and close() does not raise."""
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    s = Sender(f"tcp://127.0.0.1:{port}", "unencodable", batch=batch)
+    s.send("metrics", "ok", {"value": 1.0})
+    s.send("metrics", "odd", {"value": object()})
+    s.send("metrics", "ok2", {"value": 2.0})
+    got = []
+
+    def arrived(n):
+        while pull.poll(10):
+            got.extend(decode(pull.recv())[0])
+        return len(got) >= n
+
+    assert wait_for(lambda: arrived(3), 5)  # live, before close
+    assert s._thread.is_alive()
+    s.send("metrics", "later", {"value": 3.0})
+    s.close()
+    while pull.poll(500):
+        got += decode(pull.recv())[0]
+    pull.close()
+    assert [r.name for r in got] == ["hello", "ok", "ok2", "later", "bye"]
+    assert [r.seq for r in got] == list(range(5))
+    assert s.dropped == 1 and got[-1].data == {"sent": 4, "dropped": 1}
+    assert sum("'odd' could not be encoded" in str(w.message) for w in recwarn) == 1
+
+
 def test_the_sender_reconnects_by_itself_when_the_collector_restarts(tmp_path):
     col = CollectorProc(str(tmp_path))
     s = Sender(col.endpoint, "reconn", batch=8)

@@ -1082,3 +1082,75 @@ def test_a_process_that_never_compiles_does_not_import_the_compiler(pull):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiler imported: False" in out.stdout
     assert pull.wait_for(lambda r: len(pull.find("activations", "x")) == 2)
+
+
+def test_odd_values_from_user_code_are_recorded_or_refused_in_one_line(pull):
+    """NumPy and 0-d tensor steps and epochs, NumPy and complex scalars, a dict of tensors
+    are recorded; a value that cannot be (an object, a vector or None as a metric, a
+    fractional epoch) is refused with one line each, and nothing else is lost: the sender
+    lives on and the run's records are numbered without a gap."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tap(first_n=0, every_n_steps=1) as tap:
+            tap.watch(model, optimizer=opt)
+            tap.epoch_start(np.int64(0))
+            for step in range(3):
+                tap.log_batch(torch.randn(4, 3), step=np.int64(step))
+                model(torch.randn(4, 3)).sum().backward()
+                tap.record("np_scalar", np.float32(1.5))
+                tap.record("py_complex", 1 + 2j)
+                tap.record("parts", {"a": torch.ones(2), "b": torch.zeros(3)})
+                tap.record("thing", object())
+                tap.log_metric("lr", np.float32(0.25))
+                tap.log_metric("acc", np.int64(3), step=torch.tensor(step))
+                tap.log_metric("vec", torch.ones(3))
+                tap.log_metric("nothing", None)
+                tap.log_metric("frac", 1.0, epoch=step / 10 + 0.05)
+                tap.log_loss(torch.tensor(0.5))
+                opt.step()
+                opt.zero_grad()
+            tap.epoch_end(torch.tensor(0))
+            sender = tap.sender
+    assert pull.wait_for(lambda r: len(pull.find("events", "epoch_end")) == 1)
+    assert [r["data"]["value"] for r in pull.find("metrics", "lr")] == [0.25] * 3
+    assert sorted((r["step"], r["data"]["value"]) for r in pull.find("metrics", "acc")) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+    assert len(pull.find("metrics", "loss")) == 3
+    assert not pull.find("metrics", "vec") + pull.find("metrics", "nothing") + pull.find("metrics", "frac")
+    assert [r["data"] for r in pull.find("activations", "np_scalar")] == [{"value": 1.5}] * 3
+    assert {r["data"]["imag"]["mean"] for r in pull.find("activations", "py_complex")} == {2.0}
+    assert [r["data"]["count"] for r in pull.find("activations", "parts.b")] == [3] * 3
+    assert len(pull.find("activations", "parts.a")) == 3 and not pull.find("activations", "thing")
+    assert [r["data"] for r in pull.find("events", "epoch_start") + pull.find("events", "epoch_end")] == \
+        [{"epoch": 0}, {"epoch": 0}]
+    assert sorted(r["step"] for r in pull.find("loader_stats")) == [0, 1, 2]
+    seqs = sorted(r["seq"] for r in pull.records)
+    assert seqs == list(range(len(seqs))) and sender.dropped == 0
+    said = [str(w.message) for w in caught if "tensortap" in str(w.message)]
+    for text in ("record('thing'): a value must be a tensor, a NumPy array or a number, got object",
+                 "log_metric('vec'): a value must be a number or a one-element tensor, got a tensor of 3 elements",
+                 "log_metric('nothing'): a value must be a number or a one-element tensor, got NoneType",
+                 "epoch must be a whole number, got 0.05"):
+        assert sum(text in m for m in said) == 1, (text, said)
+
+
+def test_a_wrong_pair_is_refused_for_that_call_only(pull):
+    """A pair that does not fit the value is refused in one line and not kept: the same
+    name with a right pair is then recorded as that pair."""
+    model = nn.Linear(3, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tap(first_n=0, every_n_steps=1) as tap:
+            tap.watch(model)
+            for step, dim in enumerate([2, 1, 1]):
+                tap.log_batch(None, step=step)
+                tap.record("field", torch.randn(4, 2, 5), pair=("real_imag", dim))
+                tap.step_end()
+    assert pull.wait_for(lambda r: len(pull.find("activations", "field")) == 2)
+    assert sorted(r["step"] for r in pull.find("activations", "field")) == [1, 2]
+    assert all(r["data"]["shape"] == [4, 5] and "real" in r["data"] for r in pull.find("activations", "field"))
+    said = [str(w.message) for w in caught if "real_imag pair" in str(w.message)]
+    assert said == ["tensortap: record('field'): a real_imag pair needs size 2 along dim 2, got shape (4, 2, 5); "
+                    "the call is ignored"]
