@@ -236,6 +236,8 @@ class Engine:
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
         """param_hooks: find the end of backward by itself (plain PyTorch); Lightning says so."""
         o = self.opts
+        if self._hooks is not None:  # watched before: that model's hooks go (a capture step's too)
+            self._hooks.detach()
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
         self._wparams = [p for _, ps in self._layers for p in ps]
@@ -924,7 +926,10 @@ class Engine:
     @guarded("patch_metrics")
     def patch(self, pred, target, scale, note, name, step, epoch) -> None:
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
-        vec = stats.patch_vector(pred, target, scale)
+        try:
+            vec = stats.patch_vector(pred, target, scale)
+        except stats.PatchShapes as e:
+            raise BadInput(f"patch {name}", str(e)) from None
         count = pred.numel()
         cap = Capture(step, epoch)
         cap.add("patch_metrics", name, vec, lambda v: stats.patch_dict(v, count, scale is not None, note))

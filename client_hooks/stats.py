@@ -456,6 +456,10 @@ def grad_stats_vector(grads: list[torch.Tensor], weights: list[torch.Tensor]) ->
 
 
 # -- patch metrics --------------------------------------------------------------------------
+class PatchShapes(ValueError):
+    """pred and target that do not line up element by element."""
+
+
 def patch_vector(pred: torch.Tensor, target: torch.Tensor, scale) -> torch.Tensor:
     """[mae, mse, optimal_scale, mae_after, mse_after, scale] of amplitude pred vs target.
 
@@ -464,9 +468,10 @@ def patch_vector(pred: torch.Tensor, target: torch.Tensor, scale) -> torch.Tenso
     p = pred.detach().abs() if pred.is_complex() else pred.detach()
     t = target.detach().abs() if target.is_complex() else target.detach()
     dt = torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32
+    if [n for n in p.shape if n != 1] != [n for n in t.shape if n != 1]:  # (B, 1, H, W) vs (B, H, W) is fine
+        raise PatchShapes(f"patch_metrics needs pred and target of one shape (size-1 dims aside), got "
+                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
     p, t = p.to(dt).reshape(-1), t.to(dt).reshape(-1)
-    if p.shape != t.shape:
-        raise ValueError(f"tensortap: patch_metrics needs equal sizes, got {pred.shape} and {target.shape}")
     sc = torch.as_tensor(1.0 if scale is None else scale, dtype=dt, device=p.device).reshape(())
     p = p * sc
     diff = p - t

@@ -115,6 +115,9 @@ turned into one RuntimeWarning per kind and never raised.
         when backward ends, still scaled, and their statistics are divided by the scale."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
+            if self._opt_handle is not None:  # watched before: the hook on that optimizer goes
+                self._opt_handle.remove()
+                self._opt_handle = None
             self._optimizer = optimizer
             self._engine.optimizer_watched = optimizer is not None
             if scaler is not None:

@@ -1154,3 +1154,44 @@ def test_a_wrong_pair_is_refused_for_that_call_only(pull):
     said = [str(w.message) for w in caught if "real_imag pair" in str(w.message)]
     assert said == ["tensortap: record('field'): a real_imag pair needs size 2 along dim 2, got shape (4, 2, 5); "
                     "the call is ignored"]
+
+
+def test_watching_again_moves_every_hook_to_the_new_model(pull):
+    """watch() a second time (a notebook cell run again, another model) while hooks are on:
+    the first model and its optimizer keep none, during the run or after close."""
+    m1, m2 = nn.Linear(3, 2), nn.Linear(3, 2)
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    with Tap(first_n=0, every_n_steps=1) as tap:
+        tap.watch(m1, optimizer=o1)
+        tap.log_batch(x, step=0)
+        m1(x).sum().backward()
+        assert hook_counts(m1) > 0 and len(o1._optimizer_step_post_hooks) == 1
+        tap.watch(m2, optimizer=o2)
+        assert hook_counts(m1) == 0 and not o1._optimizer_step_post_hooks
+        for step in (1, 2):
+            tap.log_batch(x, step=step)
+            m2(x).sum().backward()
+            o2.step()
+            o2.zero_grad()
+            m1(x)  # no longer watched: not recorded
+    assert hook_counts(m1) == 0 and hook_counts(m2) == 0
+    assert pull.wait_for(lambda r: len(pull.find("gradients")) >= 4)
+    assert sorted(r["step"] for r in pull.find("activations")) == [0, 1, 2]
+
+
+def test_patch_metrics_refuses_shapes_that_do_not_line_up_in_one_line(pull):
+    """(4, 3) against (3, 4) has the same count but compares other elements: refused. A
+    size-1 channel on one side only lines up, and is compared."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tap() as tap:
+            tap.patch_metrics(torch.rand(4, 3), torch.rand(3, 4), name="transposed")
+            pred = torch.rand(2, 1, 4, 4)
+            tap.patch_metrics(pred, pred[:, 0] * 2, name="channel")
+    assert pull.wait_for(lambda r: len(pull.find("patch_metrics", "channel")) == 1)
+    assert pull.find("patch_metrics", "channel")[0]["data"]["optimal_scale"] == pytest.approx(2.0)
+    assert not pull.find("patch_metrics", "transposed")
+    said = [str(w.message) for w in caught if "patch_metrics needs" in str(w.message)]
+    assert said == ["tensortap: patch_metrics needs pred and target of one shape (size-1 dims aside), got "
+                    "(4, 3) and (3, 4); the call is ignored"]
