@@ -247,7 +247,11 @@ class Engine:
         self._wrange = list(zip(at[:-1], at[1:]))  # each layer's slice of _wparams
         self._flat = None  # planned at the first capture's gradients
         # every trainable parameter in a watched layer: the total norm comes from the layers'
-        self._covers_all = {id(p) for p in self._wparams} >= {id(p) for p in model.parameters() if p.requires_grad}
+        # (a parameter in two watched layers, e.g. tied embedding and head weights: the rows
+        # would count it twice, so the total is taken apart, as clip_grad_norm_ counts it)
+        ids = [id(p) for p in self._wparams]
+        self._covers_all = len(set(ids)) == len(ids) and \
+            set(ids) >= {id(p) for p in model.parameters() if p.requires_grad}
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,

@@ -1195,3 +1195,34 @@ def test_patch_metrics_refuses_shapes_that_do_not_line_up_in_one_line(pull):
     said = [str(w.message) for w in caught if "patch_metrics needs" in str(w.message)]
     assert said == ["tensortap: patch_metrics needs pred and target of one shape (size-1 dims aside), got "
                     "(4, 3) and (3, 4); the call is ignored"]
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied: one parameter, two modules own it
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+@pytest.mark.parametrize("gradients", ["all", None])  # "all" lists the tied weight under emb and head
+def test_a_tied_parameter_counts_once_in_the_total_norm(pull, gradients):
+    torch.manual_seed(0)
+    model = _TiedLM()
+    totals = []
+    with Tap(every_n_steps=1, gradients=gradients) as tap:
+        tap.watch(model)
+        for step in range(2):
+            ids = torch.randint(0, 10, (6,))
+            tap.log_batch(ids, step=step)
+            model(ids).pow(2).mean().backward()
+            totals.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item())
+            model.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 2)
+    got = [r["data"]["norm"] for r in sorted(pull.find("gradients", "_total"), key=lambda r: r["step"])]
+    assert got == pytest.approx(totals, rel=1e-5)
+    assert {r["name"] for r in pull.find("gradients")} >= {"emb", "head"}
