@@ -197,6 +197,7 @@ class Engine:
         self._grad_vecs: dict[int, tuple[Any, int]] = {}  # layer -> (moments: tensor or host list, count)
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
+        self._wsaved: Optional[list] = None  # the weights as the step's first gradient read saw them
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
         # CUDA with Triton: the watched gradients and weights in one buffer (client_hooks.flat);
@@ -369,6 +370,7 @@ class Engine:
 
     def _reset_grads(self) -> None:
         self._grad_vecs, self._wnorms, self._before, self._total, self._scale = {}, [], [], None, None
+        self._wsaved = None
         self._flat_rows = None
 
     def _read_scale(self) -> Any:
@@ -420,8 +422,12 @@ class Engine:
                 self._grad_vecs[i] = (stats.grad_moments_vector(grads, host_ok=True), count)
         if self._grad_vecs:
             with torch.no_grad():  # the parameters themselves: no detached copies to make
-                self._wnorms = list(torch._foreach_norm(self._wparams))
-                self._before = self._snapshot(self._wparams)
+                if self._wsaved is None:
+                    self._wnorms = list(torch._foreach_norm(self._wparams))
+                    self._before = self._wsaved = self._snapshot(self._wparams)
+                else:  # read again (an optimizer each): the update spans them all
+                    self._wnorms = self._wnorms or list(torch._foreach_norm(self._wsaved))
+                    self._before = self._wsaved
 
     def _flat_grads(self) -> bool:
         """CUDA with Triton: every watched gradient and weight into the flat buffer (one
@@ -444,11 +450,18 @@ class Engine:
                 say_once("flat buffer", f"tensortap: no flat buffer for the gradients ({e!r}); "
                          "each layer is read where it lies")
                 return False
+        grads = [p.grad for p in self._wparams]
         try:
             with torch.no_grad():
-                torch._foreach_copy_(f.views, [p.grad for p in self._wparams] + self._wparams)
+                if self._wsaved is None:
+                    torch._foreach_copy_(f.views, grads + self._wparams)
+                elif self._wsaved is f.wviews:  # read again (an optimizer each): the weights as first seen
+                    torch._foreach_copy_(f.views[:len(grads)], grads)
+                else:
+                    torch._foreach_copy_(f.views, grads + self._wsaved)
         except (TypeError, RuntimeError):  # a gradient is None (or of another layout)
             return False
+        self._wsaved = f.wviews
         self.launch_deferred()  # the values deferred since the forward: a group of their own
         try:
             self._flat_rows = self.capture.batch(f.device, f.mod).add_flat(f.buf, f.rel_gw, f.lay_gw, f.unit)[0]

@@ -114,3 +114,54 @@ def test_under_gradient_accumulation_a_capture_without_an_optimizer_step_has_no_
     assert all(r["data"]["update_ratio"] is None and r["data"]["norm"] > 0 for r in layers)
     assert dead_parameters(pull.records) == []
 
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*(num_workers|many workers|GPU available).*")
+def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ratio(pull):
+    """Manual optimization, a generator and a critic stepped by an optimizer each (Lightning's
+    GAN pattern): each optimizer step reads the gradients again, and the update ratio spans
+    the whole training step, for both nets. (The second read took a new weight snapshot,
+    after the first optimizer had stepped: its layers read 0, 'frozen parameters'.)"""
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client_hooks import TapCallback
+    from collector.diagnosis.gradients import dead_parameters
+
+    class Gan(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.g, self.d, self.want = nn.Linear(4, 4), nn.Linear(4, 1), {}
+
+        def training_step(self, batch, i):
+            og, od = self.optimizers()
+            step = self.global_step  # (each optimizer step counts: 0, 2, 4)
+            flat = {n: torch.cat([p.detach().reshape(-1) for p in m.parameters()]).clone()
+                    for n, m in (("g", self.g), ("d", self.d))}
+            x = batch[0]
+            og.zero_grad()
+            self.manual_backward(-self.d(self.g(x)).mean())
+            og.step()
+            od.zero_grad()
+            self.manual_backward(self.d(self.g(x).detach()).mean() - self.d(x).mean())
+            od.step()
+            self.want[step] = {
+                n: float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - flat[n]).norm() / flat[n].norm())
+                for n, m in (("g", self.g), ("d", self.d))}
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
+
+    torch.manual_seed(0)
+    model = Gan()
+    data = DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=8)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu",
+              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(model, data)
+    assert pull.wait_for(lambda r: len([x for x in pull.find("gradients") if x["name"] in ("g", "d")]) == 6)
+    layers = [r for r in pull.find("gradients") if r["name"] in ("g", "d")]
+    for r in layers:
+        assert r["data"]["update_ratio"] == pytest.approx(model.want[r["step"]][r["name"]], rel=1e-4), r
+    assert dead_parameters(pull.records) == []
