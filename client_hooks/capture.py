@@ -215,6 +215,9 @@ class Capture:
         values, or a collector.packed spec."""
         self._entries[(kind, name)] = (vec, decode, nbytes)
 
+    def has(self, kind: str, name: str) -> bool:
+        return (kind, name) in self._entries
+
     def add_many(self, kind: str, names: tuple, vec, spec: list, nbytes: int = 400) -> None:
         """Records of several names from one vector (a layer per name), by one packed spec
         that makes them all (collector.packed "grads")."""

@@ -869,12 +869,17 @@ class Engine:
         per watched module a capture step."""
         if not self.capturing:  # hooks kept between two capture steps (e.g. validation)
             return
+        # an evaluation forward under no_grad (in the step, after training's) does not replace
+        # the training forward's value; a module called twice with grad on: the last call
+        keep = None if torch.is_grad_enabled() else self.capture.has
         if type(output) is torch.Tensor or isinstance(output, torch.Tensor):  # (a subclass: _defer_known says no)
+            if keep is not None and keep("activations", name):
+                return
             if not self._defer_known("activations", name, output):
                 self._add_long("activations", name, output)
             return
         for sub, leaf in walk(output, root=""):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and not (keep is not None and keep("activations", f"{name}.{sub}")):
                 self.add_tensor("activations", f"{name}.{sub}", leaf)
 
     @guarded("activations")

@@ -1226,3 +1226,28 @@ def test_a_tied_parameter_counts_once_in_the_total_norm(pull, gradients):
     got = [r["data"]["norm"] for r in sorted(pull.find("gradients", "_total"), key=lambda r: r["step"])]
     assert got == pytest.approx(totals, rel=1e-5)
     assert {r["name"] for r in pull.find("gradients")} >= {"emb", "head"}
+
+
+def test_an_evaluation_forward_under_no_grad_in_the_step_does_not_replace_trainings(pull):
+    """No optimizer watched, so the step lasts until the next batch; a no_grad forward on
+    other data within it (a quick check of the model) leaves the training forward's values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = []
+    with Tap(first_n=0, every_n_steps=1, all_leaves=True) as tap:
+        tap.watch(model)
+        for step in range(2):
+            tap.log_batch(None, step=step)
+            out = model(torch.randn(8, 3))
+            want.append(float(out.detach().mean()))
+            out.sum().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                model(torch.full((2, 3), 5.0))
+    assert pull.wait_for(lambda r: len(pull.find("activations", "2:output")) == 2)
+    recs = sorted(pull.find("activations", "2:output"), key=lambda r: r["step"])
+    assert [r["data"]["count"] for r in recs] == [16, 16]
+    assert [r["data"]["mean"] for r in recs] == pytest.approx(want, rel=1e-5)
+    assert {r["data"]["count"] for r in pull.find("activations", "0:output")} == {32}
