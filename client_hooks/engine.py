@@ -237,7 +237,8 @@ class Engine:
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
         """param_hooks: find the end of backward by itself (plain PyTorch); Lightning says so."""
         o = self.opts
-        if self._hooks is not None:  # watched before: that model's hooks go (a capture step's too)
+        if self._hooks is not None:  # watched before: that model's step ends, its hooks go
+            self.end_step()
             self._hooks.detach()
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)

@@ -1158,7 +1158,8 @@ def test_a_wrong_pair_is_refused_for_that_call_only(pull):
 
 def test_watching_again_moves_every_hook_to_the_new_model(pull):
     """watch() a second time (a notebook cell run again, another model) while hooks are on:
-    the first model and its optimizer keep none, during the run or after close."""
+    the step under way ends with the first model's records, and the first model and its
+    optimizer keep no hook, during the run or after close."""
     m1, m2 = nn.Linear(3, 2), nn.Linear(3, 2)
     o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
     x = torch.randn(4, 3)
