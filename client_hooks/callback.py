@@ -49,6 +49,7 @@ class TapCallback(Callback):
         self._engine = None
         self._run, self._watch, self._log_batches = run, watch, log_batches
         self._val_logged = False
+        self._val_sent: tuple = ()  # (step, epoch, names) of the metrics validation's end sent
         self._holding = False  # holds its run (session.hold): from __init__ (rank 0) or setup to teardown
         if not self.enabled:
             return
@@ -152,12 +153,16 @@ class TapCallback(Callback):
         if not self._val_logged:  # validation never ran in this epoch: there is none
             e.send_now("loader_stats", "val_loader", {"present": False, "length": None})
             self._val_logged = True
-        e.metrics(_epoch_metrics(trainer), trainer.global_step, trainer.current_epoch)
+        at = (trainer.global_step, trainer.current_epoch)
+        sent = self._val_sent[2] if self._val_sent[:2] == at else ()  # validation ran in this epoch
+        e.metrics({k: v for k, v in _epoch_metrics(trainer).items() if k not in sent}, *at)
         e.event("epoch_end", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._engine is not None and not trainer.sanity_checking:
-            self._engine.metrics(_epoch_metrics(trainer), trainer.global_step, trainer.current_epoch)
+            values = _epoch_metrics(trainer)
+            self._engine.metrics(values, trainer.global_step, trainer.current_epoch)
+            self._val_sent = (trainer.global_step, trainer.current_epoch, set(values))
 
     # -- per step ---------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:

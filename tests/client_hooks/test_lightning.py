@@ -46,6 +46,8 @@ def test_gate_on_a_fit_sends_every_stream_and_removes_its_hooks(pull, model):
     # 2 epochs x 4 batches, once each: a logged "loss" is not sent again at epoch end
     assert [r["step"] for r in pull.find("metrics", "loss")] == list(range(8))
     assert {r["step"] for r in pull.find("metrics", "train_mse_epoch")} == {4, 8}
+    # validation's metrics once an epoch (the train epoch's end does not send them again)
+    assert sorted((r["step"], r["epoch"]) for r in pull.find("metrics", "val_loss")) == [(4, 0), (8, 1)]
     assert [r["epoch"] for r in pull.find("loader_stats", "images")] == [0, 1]
     assert pull.find("loader_stats", "val_loader")[0]["data"] == {"present": True, "length": 2}
     probe = pull.find("loader_stats", "probe")[0]["data"]
