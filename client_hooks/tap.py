@@ -42,8 +42,8 @@ Streams (kind: name -> data; every record carries step and epoch):
   any clipping: read when the last parameter's gradient has been accumulated).
   update_ratio = ||w_after - w_before|| / ||w_before||, measured across the optimizer step:
   w_before is read when backward ends, w_after at the end of the capture step (the
-  optimizer's step post-hook when `watch(..., optimizer=)` is given, otherwise the next
-  log_batch, step_end() or close()). With an optimizer given, a capture step in which it
+  optimizer's step post-hook when `watch(..., optimizer=)` is given: with a list, once each
+  of them has stepped; otherwise the next log_batch, step_end() or close()). With an optimizer given, a capture step in which it
   did not step (gradient accumulation) has update_ratio None: no update to measure.
   Complex gradients count as (re, im) pairs of reals.
   With `watch(..., scaler=)` (AMP) mean, std, norm, max_abs and the total norm are those of
@@ -73,8 +73,9 @@ turned into one RuntimeWarning per kind and never raised.
                  gradients=None, all_leaves: bool = False, pairs: Optional[dict] = None):
         self.enabled = session.enabled(gate)
         self._eng = None
-        self._optimizer = None
-        self._opt_handle = None
+        self._optimizers: list = []
+        self._opt_handles: list = []
+        self._opt_stepped: set = set()  # ids of the watched optimizers that stepped in this capture step
         self._split_seen: dict[str, int] = {}
         self._closed = False
         if not self.enabled:
@@ -111,15 +112,16 @@ turned into one RuntimeWarning per kind and never raised.
     def watch(self, model, optimizer=None, scaler=None):
         """Choose the modules and layers to measure (no hook is registered now); returns model.
         A module path of `activations` or `gradients` that the model lacks is a ValueError.
+        optimizer: one, or a list when each steps some of the parameters (a capture step ends
+        once each of them has stepped, so every layer's update ratio is measured).
         scaler: AMP's GradScaler, when backward runs on a scaled loss: the gradients are read
         when backward ends, still scaled, and their statistics are divided by the scale."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
-            if self._opt_handle is not None:  # watched before: the hook on that optimizer goes
-                self._opt_handle.remove()
-                self._opt_handle = None
-            self._optimizer = optimizer
-            self._engine.optimizer_watched = optimizer is not None
+            self._unhook_optimizers()  # watched before: the hooks on those optimizers go
+            self._optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else \
+                [] if optimizer is None else [optimizer]
+            self._engine.optimizer_watched = bool(self._optimizers)
             if scaler is not None:
                 self._engine.loss_scale = _scale_reader(scaler)
         return model
@@ -140,12 +142,12 @@ turned into one RuntimeWarning per kind and never raised.
         if e is None:
             return
         if split == "train":
-            if e.begin_step(step, epoch) and self._optimizer is not None:
-                if self._opt_handle is None:  # one hook, also when a captured step had no optimizer step
-                    self._opt_handle = self._optimizer.register_step_post_hook(self._after_opt_step)
-            elif self._opt_handle is not None:
-                self._opt_handle.remove()  # here, outside the optimizer's loop over its hooks
-                self._opt_handle = None
+            if e.begin_step(step, epoch) and self._optimizers:
+                self._opt_stepped.clear()
+                if not self._opt_handles:  # a hook each, also when a captured step had no optimizer step
+                    self._opt_handles = [o.register_step_post_hook(self._after_opt_step) for o in self._optimizers]
+            else:
+                self._unhook_optimizers()  # here, outside the optimizers' loops over their hooks
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
@@ -206,13 +208,18 @@ turned into one RuntimeWarning per kind and never raised.
         optimizer iterates over its hooks, would break that loop when a hook follows ours;
         the next non-capture batch (or step_end, epoch_end, close) removes it."""
         self._engine.optimizer_stepping()
-        self._engine.end_step()
+        self._opt_stepped.add(id(optimizer))
+        if len(self._opt_stepped) == len(self._optimizers):  # each watched one has stepped
+            self._engine.end_step()
 
     def _end(self) -> None:
-        if self._opt_handle is not None:
-            self._opt_handle.remove()
-            self._opt_handle = None
+        self._unhook_optimizers()
         self._engine.end_step()
+
+    def _unhook_optimizers(self) -> None:
+        for h in self._opt_handles:
+            h.remove()
+        self._opt_handles = []
 
     def close(self, timeout: float = 2.0) -> None:
         """Finish the step, remove every hook, wait (bounded) until the records are sent. The

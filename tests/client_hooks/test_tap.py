@@ -1252,3 +1252,30 @@ def test_an_evaluation_forward_under_no_grad_in_the_step_does_not_replace_traini
     assert [r["data"]["count"] for r in recs] == [16, 16]
     assert [r["data"]["mean"] for r in recs] == pytest.approx(want, rel=1e-5)
     assert {r["data"]["count"] for r in pull.find("activations", "0:output")} == {32}
+
+
+def test_with_a_list_of_optimizers_each_layer_gets_its_real_update_ratio(pull):
+    """An optimizer for the first layer and one for the last, both watched: the step ends
+    once both have stepped (it ended at the first: the other's layer read update_ratio 0,
+    'frozen parameters')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    last = torch.optim.Adam(model[2].parameters(), lr=0.01)
+    flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()]).clone()  # noqa: E731
+    want = []
+    with Tap(first_n=0, every_n_steps=1) as tap:
+        tap.watch(model, optimizer=[first, last])
+        for step in range(2):
+            tap.log_batch(None, step=step)
+            before = {"0": flat(model[0]), "2": flat(model[2])}
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            first.step()
+            last.step()
+            first.zero_grad()
+            last.zero_grad()
+            want.append({k: float((flat(model[int(k)]) - w).norm() / w.norm()) for k, w in before.items()})
+    assert pull.wait_for(lambda r: len([x for x in pull.find("gradients") if x["name"] != "_total"]) == 4)
+    for r in pull.find("gradients"):
+        if r["name"] != "_total":
+            assert r["data"]["update_ratio"] == pytest.approx(want[r["step"]][r["name"]], rel=1e-4), r
