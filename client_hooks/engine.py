@@ -198,6 +198,7 @@ class Engine:
         self._wnorms: list[torch.Tensor] = []  # per watched parameter, before the optimizer step
         self._before: list[torch.Tensor] = []  # weight snapshot (one foreach copy)
         self._wsaved: Optional[list] = None  # the weights as the step's first gradient read saw them
+        self._grad_seen = False
         self._snap: list[torch.Tensor] = []  # reused snapshot buffers (frequent captures only)
         self._total: Any = None  # (1,) tensor: all gradients' norm, when the layers hold only some
         # CUDA with Triton: the watched gradients and weights in one buffer (client_hooks.flat);
@@ -295,6 +296,7 @@ class Engine:
         self.batch_in_epoch += 1
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)
+            self._grad_seen = False  # a hooked output with grad enabled came in this step
             self._stepped = False
             self._reset_grads()
             if not self._untraced and _hooks.compiler_loaded():
@@ -871,8 +873,11 @@ class Engine:
         if not self.capturing:  # hooks kept between two capture steps (e.g. validation)
             return
         # an evaluation forward under no_grad (in the step, after training's) does not replace
-        # the training forward's value; a module called twice with grad on: the last call
-        keep = None if torch.is_grad_enabled() else self.capture.has
+        # the training forward's value; a module called twice alike: the last call
+        if torch.is_grad_enabled():
+            self._grad_seen, keep = True, None
+        else:
+            keep = self.capture.has if self._grad_seen else None
         if type(output) is torch.Tensor or isinstance(output, torch.Tensor):  # (a subclass: _defer_known says no)
             if keep is not None and keep("activations", name):
                 return
