@@ -7,12 +7,12 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import subprocess
 import sys
 
+from collector.security import is_loopback
 from collector.text import plural
 
 
@@ -20,28 +20,25 @@ class UsageError(Exception):
     """Bad command-line input; the message is the one line the user sees."""
 
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_zmq_endpoint(ep: str) -> str:
+def check_zmq_endpoint(ep: str, option: str = "--zmq") -> str:
     m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+|\*):(\d{1,5}|\*)", ep)
     if m:
         if m.group(2) != "*" and int(m.group(2)) > 65535:
-            raise UsageError(f"bad --zmq endpoint {ep!r}: port must be 0-65535")
+            raise UsageError(f"bad {option} endpoint {ep!r}: port must be 0-65535")
         return ep
     if re.fullmatch(r"ipc://\S+", ep):
         return ep
-    raise UsageError(f"bad --zmq endpoint {ep!r}: expected tcp://HOST:PORT or ipc:///PATH")
+    raise UsageError(f"bad {option} endpoint {ep!r}: expected tcp://HOST:PORT or ipc:///PATH")
+
+
+def check_int(option: str, value, env: str) -> int:
+    """An integer option; its default comes from an environment variable as text, read only
+    by the command that uses it (a bad value there must not break every subcommand)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        src = f"{env}={value!r}" if os.environ.get(env) == value else f"{option} {value!r}"
+        raise UsageError(f"{src} is not a whole number of bytes") from None
 
 
 def check_http(addr: str) -> str:
@@ -87,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server key file from `tensortap keys` (required off loopback)")
     c.add_argument("--allow-keys", default=_env("allow_keys", None),
                    help="file of allowed client public keys, one per line")
-    c.add_argument("--max-frame", type=int, default=int(_env("max_frame", 1 << 20)),
+    # integers checked by cmd_collect (check_int): an environment default is text here
+    c.add_argument("--max-frame", default=_env("max_frame", str(1 << 20)),
                    help="largest frame in bytes; larger ones are rejected (default %(default)s)")
-    c.add_argument("--queue-bytes", type=int, default=int(_env("queue_bytes", 64 << 20)),
+    c.add_argument("--queue-bytes", default=_env("queue_bytes", str(64 << 20)),
                    help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     c.add_argument("--quiet", action="store_true", help="print nothing: no start line, no summary at stop")
@@ -118,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.json (default %(default)s); the telemetry goes under TENSORTAP_OUT")
     k = sub.add_parser("keys", help="make a CURVE key pair for a remote endpoint")
     k.add_argument("prefix", help="writes PREFIX.key (secret) and PREFIX.pub (public)")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
     return p
 
 
@@ -132,8 +131,15 @@ def cmd_collect(a) -> int:
                          "(see `tensortap keys`)")
     if http and not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
+    if bool(a.curve_secret) != bool(a.allow_keys):
+        raise UsageError("--curve-secret and --allow-keys go together: the server's key file and the "
+                         "file of client public keys it accepts (see `tensortap keys`)")
+    a.max_frame = check_int("--max-frame", a.max_frame, "TENSORTAP_COLLECT_MAX_FRAME")
+    a.queue_bytes = check_int("--queue-bytes", a.queue_bytes, "TENSORTAP_COLLECT_QUEUE_BYTES")
     if a.max_frame < 1024:
         raise UsageError("--max-frame must be at least 1024 bytes")
+    if a.queue_bytes < 1:
+        raise UsageError("--queue-bytes must be at least 1")
     check_out(a.out)
     cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
                  allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
@@ -165,7 +171,11 @@ def cmd_serve(a) -> int:
                   + ", ".join(f"{p!r} ({n})" for p, n in roots[:3]) + ": serve one of those", file=sys.stderr)
     col = Collector(Config(zmq=None, http=http, out=a.root, token=a.token, ready_file=a.ready_file),
                     index=index)
-    col.start()
+    try:
+        col.start()
+    except Exception as e:  # e.g. address in use
+        col.shutdown()
+        raise UsageError(f"web view failed to start: {e}") from None
     col.serve_forever()
     return 0
 
@@ -201,7 +211,7 @@ def check_run_folder(path: str) -> None:
 
 
 def cmd_replay(a) -> int:
-    check_zmq_endpoint(a.to)
+    check_zmq_endpoint(a.to, "--to")
     check_run_folder(a.run_dir)
     if a.speed <= 0:
         raise UsageError("--speed must be > 0")
@@ -234,7 +244,10 @@ def cmd_demo(a) -> int:
 def cmd_keys(a) -> int:
     from collector.security import write_keypair
 
-    pub = write_keypair(a.prefix)
+    try:
+        pub = write_keypair(a.prefix, overwrite=a.force)
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or a.prefix!r}: {e.strerror or e}") from None
     print(f"wrote {a.prefix}.key (secret, keep it) and {a.prefix}.pub: {pub}")
     return 0
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import time
 from collections import Counter
 from typing import Optional
 
-from collector.store import REJECTED_CAP_BYTES, RunFiles, atomic_write_json, rejected_line
+from collector.store import (REJECTED_CAP_BYTES, RunFiles, RunUnusable, atomic_write_json, rejected_line,
+                             repair_tail)
 from collector.wire import MAX_FRAME_BYTES, STREAM_FILES, WireError, decode, encode, encode_lines, valid_run_id
 
 import msgspec
@@ -24,6 +26,7 @@ HANDOFF_S = 0.05  # pending lines reach the OS within ~50 ms (DESIGN: at least e
 HANDOFF_BYTES = 1 << 20
 FSYNC_S = 1.0
 RCVHWM = 64  # frames waiting in the socket
+UNUSABLE_RETRY_S = 5.0  # a run whose folder could not be used is tried again after this
 
 
 class BytesQueue:
@@ -115,12 +118,41 @@ class Ingest:
         self.stop = threading.Event()
         self.on_run_changed = on_run_changed or (lambda run: None)
         self._dirty: set[str] = set()
+        self.unusable: dict[str, tuple[float, str]] = {}  # run -> (retry after, why)
+        self._repair_root_rejected()
+
+    def _repair_root_rejected(self) -> None:
+        """A torn last line of the root's _rejected.jsonl (a killed collector) is replaced by
+        one saying so, as for a run's files."""
+        path = os.path.join(self.root, "_rejected.jsonl")
+        try:
+            fragment = repair_tail(path) if os.path.isfile(path) else None
+            if fragment:
+                with open(path, "ab") as f:
+                    f.write(rejected_line("torn line repaired at startup", fragment, file="_rejected.jsonl"))
+        except OSError:
+            pass
 
     # -- ingest thread --------------------------------------------------------------------
     def open_run(self, run: str) -> RunFiles:
+        """The run's files, opened (and recovered) at its first record. Raises RunUnusable
+        when its folder cannot be used (said once on stderr; tried again after
+        UNUSABLE_RETRY_S): the caller quarantines the frame at the root and goes on."""
         rf = self.runs.get(run)
         if rf is None:
-            rf = self.runs[run] = RunFiles(self.root, run)
+            known = self.unusable.get(run)
+            if known is not None and time.monotonic() < known[0]:
+                raise RunUnusable(known[1])
+            try:
+                rf = RunFiles(self.root, run)
+            except RunUnusable as e:
+                if known is None:
+                    print(f"tensortap collector: {e}; its frames are quarantined in "
+                          f"{os.path.join(self.root, '_rejected.jsonl')}", file=sys.stderr, flush=True)
+                self.unusable[run] = (time.monotonic() + UNUSABLE_RETRY_S, str(e))
+                raise
+            self.unusable.pop(run, None)
+            self.runs[run] = rf
             self.index.run(run).manifest = rf.manifest()
         return rf
 
@@ -132,11 +164,17 @@ class Ingest:
         except WireError as e:
             self.reject(frame, str(e))
             return
-        if type(raw) is bytes:  # a single record, written as it arrived
-            self._record(recs[0], raw)
-        elif not self._batch(recs, raw):  # record by record: see _record
-            for i, rec in enumerate(recs):
-                self._record(rec, None if raw is None else raw[i])
+        try:
+            if type(raw) is bytes:  # a single record, written as it arrived
+                self._record(recs[0], raw)
+            elif not self._batch(recs, raw):  # record by record: see _record
+                for run in {r.run for r in recs}:  # every run first: a frame is all-or-nothing
+                    self.runs.get(run) or self.open_run(run)
+                for i, rec in enumerate(recs):
+                    self._record(rec, None if raw is None else raw[i])
+        except RunUnusable as e:  # (raised before any of the frame's records is accounted)
+            self.reject(frame, str(e), run_usable=False)
+            return
         self.records += len(recs)
         self.pending_bytes += len(frame)
         if self.pending_bytes >= HANDOFF_BYTES:
@@ -148,13 +186,22 @@ class Ingest:
         rf = self.runs.get(rec.run) or self.open_run(rec.run)
         st = rf.ranks.get(rec.rank) or rf.rank(rec.rank)
         st.received += 1
-        seq, exp = rec.seq, st.expected
+        seq, exp = rec.seq + st.seq_offset, st.expected
         if seq != exp:
-            if seq < exp:  # already seen (ZeroMQ keeps order per connection)
+            if seq >= exp:
+                st.gaps += seq - exp
+            elif rec.seq == 0 and rec.kind == "events" and rec.name == "hello":
+                # a new sender for this rank (a training run again with the same run id): a
+                # sender's hello is its first record, never sent twice
+                st.new_session(rec.data)
+                seq = exp
+            else:  # already seen (ZeroMQ keeps order per connection)
                 st.duplicates += 1
+                rf.touched = True  # no write follows: the next sync rewrites the manifest
                 return
-            st.gaps += seq - exp
         st.expected = seq + 1
+        if st.seq_offset:  # stored after the earlier sessions' records
+            rec.seq, line = seq, None
         st.world = rec.world
         kind = rec.kind
         if kind == "events":
@@ -180,7 +227,7 @@ class Ingest:
         run, rank, s0, n = r0.run, r0.rank, r0.seq, len(recs)
         rf = self.runs.get(run) or self.open_run(run)
         st = rf.ranks.get(rank) or rf.rank(rank)
-        if (s0 < st.expected or recs[-1].seq != s0 + n - 1
+        if (st.seq_offset or s0 < st.expected or recs[-1].seq != s0 + n - 1
                 or not all(r.run == run and r.rank == rank for r in recs)
                 or [r.seq for r in recs] != list(range(s0, s0 + n))):
             return False
@@ -218,24 +265,31 @@ class Ingest:
             st.closed = False
         elif rec.name in ("bye", "drops"):
             if isinstance(d.get("dropped"), int):
-                st.dropped_by_sender = d["dropped"]
+                st.dropped_by_sender = st.dropped_before + d["dropped"]
             if isinstance(d.get("sent"), int):
-                st.sent_by_sender = d["sent"]
+                st.sent_by_sender = st.sent_before + d["sent"]
             st.closed = rec.name == "bye"
 
-    def reject(self, frame: bytes, reason: str) -> None:
+    def reject(self, frame: bytes, reason: str, run_usable: bool = True) -> None:
+        """Count and quarantine one frame: in its run's rejected.jsonl when it names a run
+        whose folder can be used, else in the root's _rejected.jsonl. Never raises."""
         self.rejected += 1
         self.rejected_by_reason[reason_class(reason)] += 1
         run = None
-        try:  # quarantine in the run's folder when the frame names a usable run
-            run = msgspec.json.decode(frame[: self.max_frame], type=_RunOnly).run
-        except Exception:  # garbage: msgspec errors, bad UTF-8, nesting
-            pass
-        if run is None or not valid_run_id(run):
-            run = None
+        if run_usable:
+            try:  # quarantine in the run's folder when the frame names a usable run
+                run = msgspec.json.decode(frame[: self.max_frame], type=_RunOnly).run
+            except Exception:  # garbage: msgspec errors, bad UTF-8, nesting
+                pass
+            if run is not None and valid_run_id(run):
+                try:
+                    self.open_run(run)
+                except Exception:  # RunUnusable, or a bug: the root it is
+                    run = None
+            else:
+                run = None
+        if run is None:
             self.rejected_no_run += 1
-        else:
-            self.open_run(run)
         self.queue.put(("reject", run, rejected_line(reason, frame)), 512, self.stop)
 
     def handoff(self) -> None:
@@ -258,7 +312,10 @@ class Ingest:
         while True:
             item = self.queue.get(0.1)
             if item is not None:
-                self.write_item(item)
+                try:
+                    self.write_item(item)
+                except Exception as e:  # a bug costs that chunk, never the writer thread
+                    self.degraded = f"write failed: {e!r}"
             now = time.monotonic()
             if now - last_sync >= FSYNC_S:
                 self.sync()
@@ -273,22 +330,33 @@ class Ingest:
             if run is None:
                 self._write_root_reject(line)
             else:
-                self.runs[run].add_rejected(line, self._write)
+                try:
+                    self.runs[run].add_rejected(line, self._write)
+                except OSError:  # the run's folder went away: counted, not kept
+                    pass
                 self._dirty.add(run)
             return
-        if item[0] == "patch":
+        patch = item[0] == "patch"
+        if patch:
             _, run, name, rank, line = item
             rf = self.runs[run]
             ok, counts = self._write_patch(rf, name, line), {rank: 1}
         else:
             _, run, kind, (data, counts) = item
             rf = self.runs[run]
-            ok = self._write(rf.fd(STREAM_FILES[kind]), data)
+            try:
+                fd = rf.fd(STREAM_FILES[kind])
+            except OSError as e:  # the run's folder went away
+                ok, self.degraded = False, f"write failed: {e.strerror or e}"
+            else:
+                ok = self._write(fd, data)
         n = sum(counts.values())
         for rank, c in counts.items():
             st = rf.rank(rank)
             if ok:
                 st.written += c
+                if patch:
+                    st.patch_written += c
             else:
                 st.write_failed += c
         if ok:
@@ -337,20 +405,24 @@ class Ingest:
 
     def sync(self) -> None:
         t0 = time.perf_counter()
-        for run in list(self._dirty):
+        dirty, self._dirty = self._dirty, set()
+        for rf in list(self.runs.values()):
+            if rf.touched:  # a change of the ingest thread no write followed (duplicates)
+                rf.touched = False
+                dirty.add(rf.run)
+        for run in dirty:
             rf = self.runs[run]
             for fd in list(rf.fds.values()):
                 try:
                     os.fsync(fd)
                 except OSError:
                     pass
-            man = rf.manifest()
-            self.index.run(run).manifest = man
             try:
+                man = rf.manifest()
+                self.index.run(run).manifest = man
                 atomic_write_json(os.path.join(rf.dir, "manifest.json"), man)
             except OSError as e:
-                self.degraded = f"manifest write failed: {e.strerror}"
-        self._dirty.clear()
+                self.degraded = f"manifest write failed: {e.strerror or e}"
         ms = (time.perf_counter() - t0) * 1000
         self.fsync_ms_last, self.fsync_ms_max = ms, max(self.fsync_ms_max, ms)
 

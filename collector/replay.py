@@ -7,7 +7,10 @@ lifecycle events (hello, bye, drops) are not re-sent: each Sender makes its own,
 hello names the source run (`replay_of`). Sequence numbers are the new senders' own.
 
 Unlike training, replay may wait: when a sender's queue is nearly full it pauses instead of
-dropping, so the copy holds every record.
+dropping, so the copy holds every record. It first checks that a collector answers at the
+endpoint (CONNECT_S; with the CURVE keys of TENSORTAP_CURVE_SERVER_KEY and
+TENSORTAP_CURVE_CLIENT_KEY, as a training process does), and stops waiting for the last
+records when the collector takes none for STALL_S.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from collector.wire import valid_run_id
 LIFECYCLE = frozenset({"hello", "bye", "drops"})  # events a Sender sends by itself
 QUEUE_BYTES = 32 << 20
 _NBYTES = 256  # per-record queue charge (an estimate; the bound only needs to be consistent)
+CONNECT_S = 3.0  # a collector answers (ZeroMQ handshake done) within this, or replay says so
+STALL_S = 10.0  # the collector took no record for this long: stop waiting for the rest
 
 
 class ReplayError(ValueError):
@@ -40,14 +45,82 @@ def _wait_for_room(sender) -> None:
         time.sleep(0.001)
 
 
+def _curve_options() -> dict:
+    """The Sender's CURVE keys from the environment, read the way a training process reads
+    them (client_hooks.session.curve_options)."""
+    from client_hooks.session import curve_options
+
+    try:
+        return curve_options()
+    except (OSError, ValueError) as e:
+        raise ReplayError(f"cannot read the CURVE keys (TENSORTAP_CURVE_SERVER_KEY, TENSORTAP_CURVE_CLIENT_KEY): {e}") from None
+
+
+def check_collector(endpoint: str, curve: dict, timeout: float = CONNECT_S) -> None:
+    """Raise ReplayError unless a collector completes a ZeroMQ handshake at `endpoint` within
+    `timeout` s (nothing is sent: a probe frame would be a rejected frame there)."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    failed = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this client's key",
+              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "does not speak the same security mechanism",
+              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "refused the handshake"}
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    mon = None
+    try:
+        if "curve_server_key" in curve:
+            pub, sec = curve.get("curve_keypair") or zmq.curve_keypair()
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve["curve_server_key"], pub, sec
+        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(failed))
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:  # a malformed endpoint
+            raise ReplayError(f"cannot connect to {endpoint!r}: {e}") from None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not mon.poll(int(left * 1000) + 1):
+                break
+            event = recv_monitor_message(mon)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            hint = "" if curve else " (a CURVE endpoint? set TENSORTAP_CURVE_SERVER_KEY and TENSORTAP_CURVE_CLIENT_KEY)"
+            raise ReplayError(f"the collector at {endpoint} {failed[event]}{hint}")
+        raise ReplayError(f"no collector at {endpoint} (none answered within {timeout:g} s): "
+                          "start one with `tensortap collect`")
+    finally:
+        if mon is not None:
+            sock.disable_monitor()
+            mon.close(0)
+        sock.close(0)
+        ctx.term()
+
+
+def _drain(senders: dict, timeout: float, stall_s: float = STALL_S) -> None:
+    """Wait until every sender's queue is empty: at most `timeout` s in all, and no longer
+    than `stall_s` once the collector takes nothing (gone since the start)."""
+    deadline = time.monotonic() + timeout
+    for sender in senders.values():
+        last, since = None, time.monotonic()
+        while not sender.flush(timeout=min(0.5, max(deadline - time.monotonic(), 0))):
+            now = time.monotonic()
+            queued = sender.stats()["queued"]
+            if queued != last:
+                last, since = queued, now
+            if now >= deadline or now - since >= stall_s:
+                return
+
+
 def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possible: bool = False,
            run: Optional[str] = None, drain_timeout: float = 120.0) -> dict:
     """Re-send the run stored in `run_dir` to the collector at `endpoint`.
 
     Returns {"run", "source", "records", "ranks", "seconds", "sent", "dropped", "skipped_lines"}:
-    records is what was re-sent (lifecycle events excluded), sent/dropped the senders' counts
-    (hello and bye included). Raises ReplayError for an empty or unreadable folder, a bad
-    run id or speed."""
+    records is what was re-sent (lifecycle events excluded), sent the senders' counts (hello
+    and bye included), dropped how many of `records` never left (at most `records`). Raises
+    ReplayError for an empty or unreadable folder, a bad run id or speed, bad CURVE keys, or
+    no collector answering at `endpoint`."""
     from client_hooks.sender import Sender  # the ZeroMQ side; kept out of `import collector`
 
     if not os.path.isdir(run_dir):
@@ -65,11 +138,13 @@ def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possib
     hellos = {r.rank: r.data for r in recs if r.kind == "events" and r.name == "hello"}
     worlds = {r.rank: r.world for r in recs}
     body = [r for r in recs if not _lifecycle(r)]
+    curve = _curve_options()
+    check_collector(endpoint, curve)
     senders = {}
     try:
         for rank, world in sorted(worlds.items()):
             senders[rank] = Sender(endpoint, run, rank=rank, world=world, max_queue_bytes=QUEUE_BYTES,
-                                   hello={**hellos.get(rank, {}), "replay_of": source})
+                                   hello={**hellos.get(rank, {}), "replay_of": source}, **curve)
     except Exception as e:  # zmq.ZMQError: a malformed endpoint
         for sender in senders.values():
             sender.close(timeout=0.1)
@@ -88,15 +163,18 @@ def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possib
             _wait_for_room(sender)
             sender.send(rec.kind, rec.name, rec.data, step=rec.step, epoch=rec.epoch,
                         nbytes=_NBYTES, t=rec.t)
-        for sender in senders.values():
-            sender.flush(timeout=drain_timeout)
+        _drain(senders, drain_timeout)
     finally:
         for sender in senders.values():
-            sender.close(timeout=5.0)
+            sender.close(timeout=2.0)
+    per_rank = {rank: 0 for rank in senders}
+    for r in body:
+        per_rank[r.rank] += 1
+    # a sender's drops include its own hello, reports and bye: count the replayed records only
+    dropped = sum(min(s.dropped, per_rank[rank]) for rank, s in senders.items())
     return {"run": run, "source": source, "records": len(body), "ranks": len(senders),
             "seconds": round(time.monotonic() - start, 3),
-            "sent": sum(s.sent for s in senders.values()),
-            "dropped": sum(s.dropped for s in senders.values()),
+            "sent": sum(s.sent for s in senders.values()), "dropped": dropped,
             "skipped_lines": stats.torn + stats.bad}
 
 

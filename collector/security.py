@@ -7,12 +7,32 @@ listed is refused during the handshake: none of its frames reach the collector.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 
 
-def write_keypair(prefix: str) -> str:
+def is_loopback(host: str) -> bool:
+    """Whether a host (name or address, IPv6 with or without brackets) is this machine only:
+    the one test of both the CLI's checks and the server's binding."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def write_keypair(prefix: str, overwrite: bool = False) -> str:
+    """Write PREFIX.key and PREFIX.pub. An existing pair is kept unless overwrite: replacing
+    a secret key locks out every client that trusts the old public key. Raises OSError
+    (FileExistsError for an existing file)."""
     import zmq
 
+    if not overwrite:
+        for path in (prefix + ".key", prefix + ".pub"):
+            if os.path.exists(path):
+                raise FileExistsError(17, "already exists (pass --force to replace the pair)", path)
     pub, sec = zmq.curve_keypair()
     fd = os.open(prefix + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -131,14 +131,20 @@ class Collector:
 
         from dashboard.app import create_app
 
+        from collector.security import is_loopback
+
         host, port = self.cfg.http.rsplit(":", 1)
-        loopback = host in ("127.0.0.1", "localhost", "::1")
-        app = create_app(self.index, token=self.cfg.token, loopback_only=loopback)
-        lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        addr = host.strip("[]")  # [::1]:8050 names the address ::1
+        app = create_app(self.index, token=self.cfg.token, loopback_only=is_loopback(host))
+        lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((host, int(port)))
+        try:
+            lsock.bind((addr, int(port)))
+        except OSError:
+            lsock.close()
+            raise
         bound_port = lsock.getsockname()[1]
-        self.http_url = f"http://{host}:{bound_port}/"
+        self.http_url = f"http://{f'[{addr}]' if ':' in addr else addr}:{bound_port}/"
         # an open page holds a server-sent-events stream: give it 1 s, not forever, at shutdown
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=1)
@@ -174,7 +180,10 @@ class Collector:
             try:
                 ing.frame(data)
             except Exception as e:  # a bug must cost one frame, never the collector
-                ing.reject(data, f"internal error: {e!r}")
+                try:
+                    ing.reject(data, f"internal error: {e!r}")
+                except Exception:  # (reject never raises; this is the last guard)
+                    ing.rejected += 1
 
         while not self.stop.is_set():
             if poller.poll(50):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from typing import Optional
@@ -31,21 +32,40 @@ class RankState:
     """Accounting for one (run, rank): what arrived, what is on disk, what was lost."""
 
     __slots__ = ("expected", "received", "written", "gaps", "duplicates", "write_failed",
-                 "dropped_by_sender", "sent_by_sender", "world", "hello", "closed")
+                 "dropped_by_sender", "sent_by_sender", "world", "hello", "closed",
+                 "patch_written", "sessions", "seq_offset", "sent_before", "dropped_before")
 
     def __init__(self) -> None:
         self.expected = self.received = self.written = self.gaps = self.duplicates = 0
         self.write_failed = self.dropped_by_sender = self.sent_by_sender = 0
+        # of `written`: patch metrics records (patch_metrics.json keeps only the latest per
+        # name, so a restart cannot count them from disk)
+        self.patch_written = 0
         self.world = 1
         self.hello: Optional[dict] = None
         self.closed = False
+        # a rank's sender sessions (a training run again with the same run id): each new one
+        # numbers its records from 0; stored, they follow the earlier ones (seq + seq_offset),
+        # and its sent/dropped reports add to those of the sessions before it
+        self.sessions = 1
+        self.seq_offset = self.sent_before = self.dropped_before = 0
 
     def as_dict(self) -> dict:
         return {"received": self.received, "written": self.written, "gaps": self.gaps,
                 "duplicates": self.duplicates, "write_failed": self.write_failed,
                 "dropped_by_sender": self.dropped_by_sender, "sent_by_sender": self.sent_by_sender,
                 "next_seq": self.expected, "world": self.world, "closed": self.closed,
-                "hello": self.hello}
+                "hello": self.hello, "patch_written": self.patch_written, "sessions": self.sessions,
+                "seq_offset": self.seq_offset, "sent_before": self.sent_before,
+                "dropped_before": self.dropped_before}
+
+    def new_session(self, hello: dict) -> None:
+        """A new sender process for this rank (its hello, seq 0, came after records of an
+        earlier one): its records go after those already stored."""
+        self.sessions += 1
+        self.seq_offset = self.expected
+        self.sent_before, self.dropped_before = self.sent_by_sender, self.dropped_by_sender
+        self.hello, self.closed = hello, False
 
 
 class _SeqOnly(msgspec.Struct):
@@ -92,40 +112,66 @@ def repair_tail(path: str) -> Optional[bytes]:
         return fragment
 
 
+class RunUnusable(Exception):
+    """A run's folder cannot be used (a file in its place, no permission, unreadable files):
+    its frames are quarantined at the root and the collector goes on with other runs."""
+
+
+def _int(x, default: int = 0) -> int:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else default
+
+
+def _note(msg: str) -> None:
+    print(f"tensortap collector: {msg}", file=sys.stderr, flush=True)
+
+
 class RunFiles:
     """Open files of one run, and its accounting per rank."""
 
     def __init__(self, root: str, run: str) -> None:
         self.run, self.dir = run, os.path.join(root, run)
-        os.makedirs(self.dir, exist_ok=True)
         self.fds: dict[str, int] = {}
         self.ranks: dict[int, RankState] = {}
         self.patch: dict[str, dict] = {}
         self.rejected = 0
         self.created = time.time()
-        rej = os.path.join(self.dir, "rejected.jsonl")
-        self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
-        self._recover()
+        # set by the ingest thread for a change no write follows (a duplicate): the writer's
+        # next sync rewrites the manifest
+        self.touched = False
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self._recover()
+        except Exception as e:  # a file named like the run, no permission, ...
+            self.close()
+            raise RunUnusable(f"run folder unusable: {self.dir!r}: "
+                              f"{e.strerror if isinstance(e, OSError) and e.strerror else repr(e)}") from None
 
     def _recover(self) -> None:
-        """After a crash or restart: repair torn tails, rebuild per-rank seq state from disk."""
-        old = {}
-        mpath = os.path.join(self.dir, "manifest.json")
-        if os.path.exists(mpath):
-            try:
-                with open(mpath, "rb") as f:
-                    old = msgspec.json.decode(f.read())
-                self.created = old.get("created", self.created)
-                self.rejected = old.get("rejected", 0)
-            except (msgspec.DecodeError, OSError):
-                old = {}
+        """After a crash or restart: repair torn tails, rebuild per-rank accounting.
+
+        The manifest (written every second and at stop) holds what the files cannot say:
+        duplicates, failed writes, the senders' reports, and how many patch metrics records
+        were written (patch_metrics.json keeps the latest of each name). The stream files say
+        what is really stored, including what was written after the last manifest. So:
+        next seq = max(manifest's, last stored + 1); written = stored stream records + patch
+        records written; gaps = next seq - written - failed writes: a record lost with a
+        killed collector is a gap, a failed write stays a failed write (counted once)."""
+        old = self._old_manifest()
+        rej = os.path.join(self.dir, "rejected.jsonl")
+        if os.path.exists(rej):
+            fragment = repair_tail(rej)
+            if fragment:  # quarantined already; its torn line is replaced by one saying so
+                with open(rej, "ab") as f:
+                    f.write(rejected_line("torn line repaired at startup", fragment, file="rejected.jsonl"))
+        self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
         seen: dict[int, list[int]] = {}
+        patch_seqs: dict[int, list[int]] = {}
         for kind, fname in STREAM_FILES.items():
             path = os.path.join(self.dir, fname)
             if not os.path.exists(path):
                 continue
             if kind == "patch_metrics":
-                self._recover_patch(path, seen)
+                self._recover_patch(path, patch_seqs)
                 continue
             fragment = repair_tail(path)
             if fragment:
@@ -137,30 +183,70 @@ class RunFiles:
                     except msgspec.DecodeError:
                         continue
                     seen.setdefault(r.rank, []).append(r.seq)
-        for rank, seqs in seen.items():
-            st = self.rank(rank)
-            st.written = len(seqs)
-            st.expected = max(seqs) + 1
-            st.gaps = st.expected - len(set(seqs))
-            st.received = st.written
-        for rank, d in (old.get("ranks") or {}).items():
-            st = self.rank(int(rank))
-            st.duplicates = d.get("duplicates", 0)
-            st.dropped_by_sender = d.get("dropped_by_sender", 0)
-            st.sent_by_sender = d.get("sent_by_sender", 0)
-            st.write_failed = d.get("write_failed", 0)
-            st.world = d.get("world", 1)
-            st.hello, st.closed = d.get("hello"), d.get("closed", False)
-            st.received = max(st.received, d.get("received", 0))
+        ranks = old.get("ranks")
+        ranks = {int(r): d for r, d in ranks.items()
+                 if isinstance(r, str) and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
+        for rank in sorted(set(seen) | set(patch_seqs) | set(ranks)):
+            st, d = self.rank(rank), ranks.get(rank, {})
+            stream, patch = seen.get(rank, []), patch_seqs.get(rank, [])
+            next_m = _int(d.get("next_seq"))
+            if "patch_written" in d:  # patch records written, stored now or overwritten since
+                patch_written = _int(d.get("patch_written")) + sum(1 for s in patch if s >= next_m)
+            else:  # a manifest of an earlier version: what it counts beyond the stream files
+                below = sum(1 for s in stream if s < next_m)
+                patch_written = max(_int(d.get("written")) - below, 0) + sum(1 for s in patch if s >= next_m)
+            st.expected = max([next_m, *(s + 1 for s in stream), *(s + 1 for s in patch)])
+            st.patch_written = patch_written
+            st.written = len(stream) + patch_written
+            st.write_failed = _int(d.get("write_failed"))
+            st.gaps = max(st.expected - st.written - st.write_failed, 0)
+            st.duplicates = _int(d.get("duplicates"))
+            st.dropped_by_sender = _int(d.get("dropped_by_sender"))
+            st.sent_by_sender = _int(d.get("sent_by_sender"))
+            st.world = _int(d.get("world"), 1) or 1
+            st.hello = d.get("hello") if isinstance(d.get("hello"), dict) else None
+            st.closed = d.get("closed") is True
+            st.sessions = _int(d.get("sessions"), 1) or 1
+            st.seq_offset = min(_int(d.get("seq_offset")), st.expected)
+            st.sent_before, st.dropped_before = _int(d.get("sent_before")), _int(d.get("dropped_before"))
+            st.received = max(_int(d.get("received")), st.written + st.write_failed + st.duplicates)
+
+    def _old_manifest(self) -> dict:
+        """manifest.json as a dict; anything else (torn, not an object) is treated as missing,
+        and said once: the accounting is then rebuilt from the run's files alone."""
+        mpath = os.path.join(self.dir, "manifest.json")
+        if not os.path.exists(mpath):
+            return {}
+        try:
+            with open(mpath, "rb") as f:
+                old = msgspec.json.decode(f.read())
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            old, why = None, f"not JSON ({e})"
+        else:
+            why = f"not a JSON object but {type(old).__name__}"
+        if not isinstance(old, dict):
+            _note(f"{mpath} is not a manifest ({why}); rebuilding its counts from the run's files")
+            return {}
+        created = old.get("created")
+        if isinstance(created, (int, float)) and not isinstance(created, bool):
+            self.created = float(created)
+        self.rejected = _int(old.get("rejected"))
+        return old
 
     def _recover_patch(self, path: str, seen: dict) -> None:
         try:
             with open(path, "rb") as f:
-                self.patch = msgspec.json.decode(f.read())
-        except (msgspec.DecodeError, OSError):
-            self.patch = {}
-        for rec in self.patch.values():
-            seen.setdefault(rec.get("rank", 0), []).append(rec.get("seq", 0))
+                patch = msgspec.json.decode(f.read())
+        except msgspec.DecodeError:
+            patch = None
+        if not isinstance(patch, dict) or not all(isinstance(v, dict) for v in patch.values()):
+            _note(f"{path} is not a patch metrics document; rewritten with the next patch metrics record")
+            patch = {}
+        self.patch = patch
+        for rec in patch.values():
+            rank, seq = rec.get("rank", 0), rec.get("seq", 0)
+            if isinstance(rank, int) and isinstance(seq, int) and rank >= 0 and seq >= 0:
+                seen.setdefault(rank, []).append(seq)
 
     def rank(self, rank: int) -> RankState:
         st = self.ranks.get(rank)

@@ -1,0 +1,122 @@
+"""Command-line mistakes give one line, not a traceback; replay finds out quickly that no
+collector listens, and reaches a CURVE-authenticated one with the keys a training uses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tests.collector.test_collector import rec
+from tests.procs import ROOT, CollectorProc, free_port, manifest, read_jsonl, wait_for
+
+
+def _cli(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _one_line(r, cmd: str, says: str) -> None:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tensortap {cmd}: error: ") and says in lines[0], r.stderr
+
+
+def _run_folder(tmp_path, n: int = 5):
+    run = tmp_path / "stored" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_bytes(b"".join(rec(i) + b"\n" for i in range(n)))
+    return run
+
+
+def test_cli_mistakes_give_one_line(tmp_path):
+    run = _run_folder(tmp_path)
+    _one_line(_cli("replay", str(run), "--to", "nonsense"), "replay", "bad --to endpoint 'nonsense'")
+    _one_line(_cli("keys", str(tmp_path / "missing" / "dir" / "k")), "keys", "No such file or directory")
+    assert _cli("keys", str(tmp_path / "k")).returncode == 0
+    _one_line(_cli("collect", "--curve-secret", str(tmp_path / "k.key"), "--http", "off", "--out", str(tmp_path)),
+              "collect", "--curve-secret and --allow-keys go together")
+    bad = {"TENSORTAP_COLLECT_MAX_FRAME": "1MiB", "TENSORTAP_COLLECT_QUEUE_BYTES": "lots"}
+    _one_line(_cli("collect", "--out", str(tmp_path), env=bad), "collect", "TENSORTAP_COLLECT_MAX_FRAME='1MiB'")
+    _one_line(_cli("collect", "--max-frame", "4096", "--out", str(tmp_path), env=bad), "collect",
+              "TENSORTAP_COLLECT_QUEUE_BYTES='lots'")
+    r = _cli("report", str(run), env=bad)  # other subcommands do not read them
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_keys_keeps_an_existing_pair_unless_forced(tmp_path):
+    prefix = str(tmp_path / "srv")
+    assert _cli("keys", prefix).returncode == 0
+    before = (tmp_path / "srv.key").read_bytes()
+    _one_line(_cli("keys", prefix), "keys", "already exists (pass --force to replace the pair)")
+    assert (tmp_path / "srv.key").read_bytes() == before
+    assert _cli("keys", prefix, "--force").returncode == 0
+    assert (tmp_path / "srv.key").read_bytes() != before
+
+
+def test_serve_on_a_busy_port_is_one_line(tmp_path):
+    _run_folder(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _one_line(_cli("serve", str(tmp_path / "stored"), "--http", f"127.0.0.1:{port}"), "serve",
+                  "Address already in use")
+
+
+def _serve(root, http: str, tmp_path) -> tuple[subprocess.Popen, dict]:
+    ready = str(tmp_path / f"ready-{time.monotonic_ns()}")
+    p = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(root), "--http", http,
+                          "--ready-file", ready], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for(lambda: os.path.exists(ready) or p.poll() is not None, 30) and p.poll() is None, \
+        p.communicate()[1][-2000:]
+    with open(ready) as f:
+        return p, json.load(f)
+
+
+def test_the_web_view_binds_any_loopback_address_without_a_token(tmp_path):
+    """127.0.0.2 and [::1] are loopback for the command line's check and for the server alike."""
+    _run_folder(tmp_path)
+    for http, url in (("127.0.0.2:0", "http://127.0.0.2:"), ("[::1]:0", "http://[::1]:")):
+        p, info = _serve(tmp_path / "stored", http, tmp_path)
+        try:
+            assert info["http"].startswith(url), info
+            if "::1" in http:
+                with urllib.request.urlopen(info["http"] + "api/health", timeout=5) as r:
+                    assert r.status == 200
+        finally:
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=30)
+        assert p.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_replay_to_no_collector_says_so_in_one_line_within_seconds(tmp_path):
+    run = _run_folder(tmp_path)
+    t0 = time.monotonic()
+    r = _cli("replay", str(run), "--to", f"tcp://127.0.0.1:{free_port()}", "--max")
+    assert time.monotonic() - t0 < 15
+    _one_line(r, "replay", "no collector at tcp://127.0.0.1:")
+
+
+def test_replay_reaches_a_curve_collector_with_the_training_side_keys(tmp_path):
+    run = _run_folder(tmp_path, 7)
+    for name in ("srv", "cli"):
+        assert _cli("keys", str(tmp_path / name)).returncode == 0
+    (tmp_path / "allowed").write_bytes((tmp_path / "cli.pub").read_bytes())
+    col = CollectorProc(str(tmp_path / "out"), extra=["--curve-secret", str(tmp_path / "srv.key"),
+                                                      "--allow-keys", str(tmp_path / "allowed")])
+    try:
+        r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", timeout=60)
+        _one_line(r, "replay", "set TENSORTAP_CURVE_SERVER_KEY and TENSORTAP_CURVE_CLIENT_KEY")  # no keys
+        env = {"TENSORTAP_CURVE_SERVER_KEY": str(tmp_path / "srv.pub"),
+               "TENSORTAP_CURVE_CLIENT_KEY": str(tmp_path / "cli.key")}
+        r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", env=env, timeout=60)
+        assert r.returncode == 0 and "7 records" in r.stdout and "0 dropped" in r.stdout, (r.stdout, r.stderr)
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "out" / "copy" / "metrics.jsonl")) == 7)
+    finally:
+        col.stop()
+    assert manifest(tmp_path / "out" / "copy")["totals"]["gaps"] == 0
