@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import Optional
 
@@ -18,7 +19,6 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 COOKIE = "tensortap_token"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -37,6 +37,16 @@ def host_name(host_header: str) -> str:
         end = h.find("]")
         return h[: end + 1] if end > 0 else h
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def loopback_name(host: str) -> bool:
+    """A Host header's name that is this machine: localhost, 127.0.0.0/8, ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def token_ok(expected: str, headers: Headers, query: QueryParams) -> tuple[bool, bool]:
@@ -65,7 +75,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if self.loopback_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+        if self.loopback_only and not loopback_name(host_name(headers.get("host", ""))):
             await PlainTextResponse("refused: Host header is not a loopback name "
                                     "(tensortap serves loopback only)", 421)(scope, receive, send)
             return
