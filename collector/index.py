@@ -1,10 +1,14 @@
 """In-memory index of runs, kept by the collector and read (only) by the dashboard.
 
-Per run, per (kind, name) series, columnar arrays of every numeric statistic (nested keys
+Per run, per (kind, name, rank) series, columnar arrays of every numeric statistic (nested keys
 flattened with dots: "abs.mean"). Memory is bounded: at most MAX_POINTS points per series
 (older halves are thinned 2:1 when full), MAX_SERIES series per run, a ring of the last
 RECENT records per run for live streaming (server-sent events), and full records kept only
 for the small kinds (loader_stats, patch_metrics, events).
+
+Ranks are kept apart (DDP: each rank's loss is its own series, not one zigzag of both). A
+series is shown under its `label`: its name for rank 0 and in a single-rank run, "name · rank
+r" otherwise (`RunIndex.label`).
 
 Thread model: the ingest thread calls `add`; HTTP handlers read. Appends to Python lists and
 arrays are atomic under the GIL, so readers see a consistent prefix.
@@ -41,7 +45,7 @@ def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[st
 
 
 class Series:
-    """One (kind, name) series, row-major: rows = [step, t, v_0 .. v_k-1, step, t, ...] with
+    """One (kind, name, rank) series, row-major: rows = [step, t, v_0 .. v_k-1, step, t, ...] with
     v_j the statistic keys[j]. A payload whose keys are already its flat numeric statistics
     (gradients, metrics) is appended with one array construction; others are flattened."""
 
@@ -128,7 +132,7 @@ class RunIndex:
 
     def __init__(self, run: str) -> None:
         self.run = run
-        self.series: dict[tuple[str, str], Series] = {}
+        self.series: dict[tuple[str, str, int], Series] = {}
         self.full: dict[str, collections.deque] = {k: collections.deque(maxlen=MAX_FULL) for k in FULL_KINDS}
         # the last >= RECENT records, as added, in blocks: (number of the first, records,
         # their steps). A frame's records are one block; single records share a block, up
@@ -138,6 +142,9 @@ class RunIndex:
         self._singles: Optional[tuple[list, list]] = None  # the block single records join
         self.count = 0  # records added; the cursor of `since`
         self.first_t = self.last_t = 0.0
+        # when the last record arrived here (collector clock): liveness goes by it, not by the
+        # records' own t (a replay re-sends a stored run's original timestamps)
+        self.arrived = 0.0
         self.closed_ranks: set[int] = set()
         self.ranks: set[int] = set()
         self.manifest: dict[str, Any] = {}
@@ -149,6 +156,7 @@ class RunIndex:
         `add_many` without its per-frame set-up (single-record frames are the slower path)."""
         self.count += 1
         self.last_t = rec.t
+        self.arrived = time.time()
         if not self.first_t:
             self.first_t = rec.t
         self.ranks.add(rec.rank)
@@ -170,12 +178,13 @@ class RunIndex:
             self.full[kind].append(rec)
             if kind == "events" and rec.name == "bye":
                 self.closed_ranks.add(rec.rank)
-        s = self.series.get((kind, rec.name))
+        key = (kind, rec.name, rec.rank)
+        s = self.series.get(key)
         if s is None:
             if len(self.series) >= MAX_SERIES:
                 self.dropped_series += 1
                 return None
-            s = self.series[(kind, rec.name)] = Series()
+            s = self.series[key] = Series()
         step = rec.step
         if step is None:
             step = s.n
@@ -190,6 +199,7 @@ class RunIndex:
         first = self.count + 1
         self.count += len(recs)
         self.last_t = recs[-1].t
+        self.arrived = time.time()
         if not self.first_t:
             self.first_t = next((r.t for r in recs if r.t), 0.0)
         if rank is None:
@@ -209,42 +219,63 @@ class RunIndex:
 
     # -- reads ----------------------------------------------------------------------------
     def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:
+        """A rank has not said bye and records arrived within idle_s (by the collector's clock)."""
         now = time.time() if now is None else now
-        return bool(self.ranks - self.closed_ranks) and now - self.last_t < idle_s
+        return bool(self.ranks - self.closed_ranks) and now - self.arrived < idle_s
+
+    def label(self, name: str, rank: int) -> str:
+        """The name a series is shown and asked for by: its own for rank 0 and in a run of one
+        rank (nothing changes for those), "name · rank r" for the other ranks."""
+        return name if not rank or len(self.ranks) <= 1 else f"{name} · rank {rank}"
 
     def streams(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = collections.defaultdict(list)
-        for (kind, name), s in list(self.series.items()):
-            out[kind].append({"name": name, "points": s.points(), "stats": s.stats()})
+        for (kind, name, rank), s in sorted(list(self.series.items()), key=lambda kv: kv[0][2]):
+            out[kind].append({"name": name, "rank": rank, "label": self.label(name, rank),
+                              "points": s.points(), "stats": s.stats()})
         return dict(out)
 
+    def find(self, kind: str, name: str, rank: Optional[int] = None) -> Optional[tuple[int, Series]]:
+        """(rank, series) of `name` in `kind`: of that rank when given; else the lowest rank's,
+        or the series whose label is `name` ("loss · rank 1"). None when there is none."""
+        if rank is not None:
+            s = self.series.get((kind, name, rank))
+            return None if s is None else (rank, s)
+        found = [(r, s) for (k, n, r), s in list(self.series.items()) if k == kind and n == name]
+        if not found:
+            found = [(r, s) for (k, n, r), s in list(self.series.items())
+                     if k == kind and self.label(n, r) == name]
+        return min(found, key=lambda x: x[0]) if found else None
+
     def get_series(self, kind: str, name: str, stat: str, since: int = 0,
-                   limit: int = 10_000) -> Optional[dict]:
-        """Points [since, since+limit) of one statistic; None when (kind, name) is unknown."""
-        s = self.series.get((kind, name))
-        if s is None:
+                   limit: int = 10_000, rank: Optional[int] = None) -> Optional[dict]:
+        """Points [since, since+limit) of one statistic; None when the series is unknown
+        (rank: see `find`)."""
+        found = self.find(kind, name, rank)
+        if found is None:
             return None
+        rank, s = found
         rows, w, col, n = s.snapshot()
         since = min(since, n)
         end = min(n, since + limit)
         lo, hi = since * w, end * w
         j = col.get(stat)
         values = rows[lo + j:hi:w] if j is not None else [math.nan] * (end - since)
-        return {"kind": kind, "name": name, "stat": stat, "since": since, "next": end,
+        return {"kind": kind, "name": name, "rank": rank, "stat": stat, "since": since, "next": end,
                 "total": n, "step": rows[lo:hi:w].tolist(), "t": rows[lo + 1:hi:w].tolist(),
                 "value": [None if v != v else v for v in values]}
 
-    def series_stats(self, kind: str, name: str) -> Optional[list[str]]:
-        """Statistic names of one series; None when (kind, name) is unknown."""
-        s = self.series.get((kind, name))
-        return None if s is None else s.stats()
+    def series_stats(self, kind: str, name: str, rank: Optional[int] = None) -> Optional[list[str]]:
+        """Statistic names of one series; None when it is unknown (rank: see `find`)."""
+        found = self.find(kind, name, rank)
+        return None if found is None else found[1].stats()
 
     def kind_series(self, kind: str, stats: Iterable[str], points: int = 2_000) -> dict[str, dict]:
         """Every series of one kind, each stat decimated to at most ~`points` (every k-th point
-        plus the last) for drawing: {name: {"step": [...], "t": [...], stat: [...]}}.
+        plus the last) for drawing: {label: {"step": [...], "t": [...], stat: [...]}}.
         NaN stays float('nan') (the dashboard's JSON encoder writes null)."""
         out = {}
-        for (k, name), s in list(self.series.items()):
+        for (k, name, rank), s in sorted(list(self.series.items()), key=lambda kv: kv[0][2]):
             if k != kind:
                 continue
             rows, w, col, n = s.snapshot()
@@ -257,7 +288,7 @@ class RunIndex:
                 j = col.get(stat)
                 if j is not None:
                     row[stat] = [rows[i * w + j] for i in keep]
-            out[name] = row
+            out[self.label(name, rank)] = row
         return out
 
     def records(self, kind: str) -> list[dict]:
@@ -268,7 +299,8 @@ class RunIndex:
 
     def since(self, cursor: int, limit: int = 5_000) -> tuple[int, list[tuple]]:
         """Recent records after `cursor` (for live updates): (new cursor, [(i, kind, name,
-        rank, step, t, flat_stats), ...]). Older than the ring: starts at the ring's oldest."""
+        rank, step, t, flat_stats, label), ...]). Older than the ring: starts at the ring's
+        oldest."""
         items: list[tuple] = []
         for first, recs, steps in list(self.recent):
             n = len(recs)  # a block of single records may grow meanwhile: up to here
@@ -278,7 +310,8 @@ class RunIndex:
                 if steps[j] is None:
                     continue
                 r = recs[j]
-                items.append((first + j, r.kind, r.name, r.rank, steps[j], r.t, flatten(r.data)))
+                items.append((first + j, r.kind, r.name, r.rank, steps[j], r.t, flatten(r.data),
+                              self.label(r.name, r.rank)))
                 if len(items) >= limit:
                     return items[-1][0], items
         return (items[-1][0] if items else max(cursor, 0)), items

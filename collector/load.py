@@ -1,6 +1,6 @@
 """Read stored runs back: the index behind `tensortap serve ROOT`, and the records replay sends.
 
-A run folder is any folder under ROOT holding a manifest.json or one of the stream files
+ROOT may also be one run's folder (that run is served). A run folder is any folder holding a manifest.json or one of the stream files
 (collector.wire.STREAM_FILES). A torn last line (a killed collector) and lines that are
 not valid records are skipped and counted, never fatal.
 """
@@ -101,6 +101,7 @@ def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> RunIndex:
         ri.add(rec)
     ri.manifest, findings = stored_docs(run_dir, stats)
     ri.findings = findings or []
+    ri.arrived = 0.0  # read from disk just now, received long ago: not live
     return ri
 
 
@@ -120,16 +121,21 @@ RESCAN_S = 5.0  # `serve` looks for new run folders at most this often (when run
 
 
 class StoredIndex(Index):
-    """The runs under a folder, for `tensortap serve ROOT` (no ingest). Listed at start from
+    """The runs under a folder (or the one run of a run's folder), for `tensortap serve ROOT`
+    (no ingest). Listed at start from
     each run's manifest.json and findings.json (a run without a manifest is read whole);
     a run's records are read when it is first asked for (`get`), and at most
     MAX_LOADED_RUNS runs are held so: a folder of a thousand runs starts in about the time
     it takes to read their manifests, in bounded memory. health() reports mode "serve", the
-    root, the runs, the records their manifests count, and what reading skipped so far."""
+    root, the runs, the records their manifests count, and what reading skipped so far. A run
+    whose folder has gone (deleted while served) is no longer listed, nor served."""
 
     def __init__(self, root: str) -> None:
         super().__init__()
         self.root, self.stats, self.loaded_at = root, LoadStats(), time.time()
+        # ROOT is itself a run's folder: that run, found in the folder above
+        self.only = os.path.basename(os.path.normpath(root)) if is_run_dir(root) else None
+        self.base = os.path.dirname(os.path.abspath(root)) if self.only else root
         self._listed: dict[str, dict] = {}  # run -> its summary
         self._recent: list[str] = []  # the runs held read, least recently asked for first
         self._scanned = 0.0
@@ -143,17 +149,29 @@ class StoredIndex(Index):
         when the runs are listed) a run is listed once its collector has written a manifest:
         runs written meanwhile (a training beside `serve`) appear in the list."""
         self._scanned = time.monotonic()
+        for name in [n for n in self._listed if not is_run_dir(self._path(n))]:
+            self._drop(name)  # deleted meanwhile
         try:
-            names = sorted(os.listdir(self.root))
+            names = [self.only] if self.only else sorted(os.listdir(self.root))
         except OSError:
             return
         for name in names:
-            path = os.path.join(self.root, name)
+            path = self._path(name)
             if name in self._listed or not valid_run_id(name) or not is_run_dir(path):
                 continue  # (the folder name is the run id)
             summary = self._summary(name, path, read_bare=first)
             if summary is not None:
                 self._listed[name] = summary
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.base, name)
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            self._listed.pop(name, None)
+            self.runs.pop(name, None)
+            if name in self._recent:
+                self._recent.remove(name)
 
     def _summary(self, name: str, path: str, read_bare: bool = True) -> Optional[dict]:
         m, findings = stored_docs(path)
@@ -175,7 +193,7 @@ class StoredIndex(Index):
         with self._lock:
             ri = self.runs.get(name)
             if ri is None:
-                ri = self.runs[name] = load_run(os.path.join(self.root, name), self.stats)
+                ri = self.runs[name] = load_run(self._path(name), self.stats)
                 self._recent.append(name)
                 while len(self._recent) > MAX_LOADED_RUNS:
                     self.runs.pop(self._recent.pop(0), None)
@@ -186,6 +204,9 @@ class StoredIndex(Index):
 
     def get(self, run: str) -> Optional[RunIndex]:
         if run not in self._listed:
+            return None
+        if not os.path.isdir(self._path(run)):  # deleted while served
+            self._drop(run)
             return None
         return self._read(run)
 

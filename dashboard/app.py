@@ -59,6 +59,8 @@ class RunSummary(BaseModel):
 
 class StreamInfo(BaseModel):
     name: str
+    rank: int = 0
+    label: str  # the key of the series in /kind/{kind}: its name, "name · rank r" for ranks > 0
     points: int
     stats: list[str]
 
@@ -66,6 +68,7 @@ class StreamInfo(BaseModel):
 class SeriesOut(BaseModel):
     kind: str
     name: str
+    rank: int
     stat: str
     since: int
     next: int
@@ -178,7 +181,8 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     async def manifest(run: str = RunId) -> Response:
         return _json(get_run(run).manifest)
 
-    @app.get("/api/runs/{run}/streams", summary="Series of the run by kind, with their statistics",
+    @app.get("/api/runs/{run}/streams", summary="Series of the run by kind and rank, with their "
+             "statistics",
              response_model=dict[str, list[StreamInfo]], responses=NOT_FOUND)
     async def streams(run: str = RunId) -> Response:
         return _json(get_run(run).streams())
@@ -188,17 +192,21 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     async def series(run: str = RunId, kind: Kind = Query(...),
                      name: str = Query(..., min_length=1, max_length=256),
                      stat: str = Query(..., min_length=1, max_length=256),
-                     since: int = Query(0, ge=0, le=2**62), limit: int = Query(10_000, ge=1, le=100_000)) -> Response:
+                     since: int = Query(0, ge=0, le=2**62), limit: int = Query(10_000, ge=1, le=100_000),
+                     rank: Optional[int] = Query(None, ge=0, le=2**31, description="the rank's series; "
+                                                 "unset: the lowest rank's (or `name` is a label)")) -> Response:
         ri = get_run(run)
-        stats = ri.series_stats(kind.value, name)
+        stats = ri.series_stats(kind.value, name, rank)
         if stats is None:
-            raise HTTPException(404, f"unknown series {kind.value}/{name!r} in run {run!r}")
+            of = "" if rank is None else f" of rank {rank}"
+            raise HTTPException(404, f"unknown series {kind.value}/{name!r}{of} in run {run!r}")
         if stat not in stats:
             raise HTTPException(404, f"series {kind.value}/{name!r} has no statistic {stat!r}")
-        return _json(ri.get_series(kind.value, name, stat, since=since, limit=limit))
+        return _json(ri.get_series(kind.value, name, stat, since=since, limit=limit, rank=rank))
 
-    @app.get("/api/runs/{run}/kind/{kind}", summary="Every series of a kind, chosen statistics, "
-             "decimated to at most `points` each (for drawing)", response_model=KindSeriesOut,
+    @app.get("/api/runs/{run}/kind/{kind}", summary="Every series of a kind by label (its name; "
+             "'name · rank r' for ranks > 0 of a run of several), chosen statistics, decimated to "
+             "at most `points` each (for drawing)", response_model=KindSeriesOut,
              responses=NOT_FOUND)
     async def kind_series(run: str = RunId, kind: Kind = PathParam(...),
                           stat: list[str] = Query(..., min_length=1, max_length=64),
@@ -222,14 +230,16 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
              response_class=StreamingResponse, responses={
                  **NOT_FOUND, 200: {"content": {"text/event-stream": {}},
                                     "description": "events `data: {cursor, items: [[i, kind, "
-                                    "name, rank, step, t, stats], ...], findings, live, records}`"}})
+                                    "name, rank, step, t, stats, label], ...], findings, live, "
+                                    "records}`"}})
     async def live(request: Request, run: str = RunId,
                    cursor: int = Query(-1, ge=-1, le=2**62, description="-1: from now on"),
                    kinds: Optional[list[Kind]] = Query(None, description="only these kinds"),
                    last_event_id: Optional[str] = Header(None)) -> StreamingResponse:
         ri = get_run(run)
-        if last_event_id is not None and last_event_id.isdigit():  # EventSource reconnect
-            cursor = int(last_event_id)
+        lei = last_event_id
+        if lei is not None and lei.isascii() and lei.isdigit() and len(lei) <= 18:
+            cursor = int(lei)  # EventSource reconnect (isdigit alone takes "²", int() not)
         if cursor < 0 or cursor > ri.count:  # a cursor from before a restart: from now on
             cursor = ri.count
         wanted = {k.value for k in kinds} if kinds else None

@@ -4,7 +4,9 @@
     load_run(run_dir) -> {kind: [record, ...]}
     write_findings(run_dir) -> findings (also written to run_dir/findings.json, atomically)
 
-Rules and thresholds: docs/DIAGNOSIS.md. Judged from statistics alone.
+Rules and thresholds: docs/DIAGNOSIS.md. Judged from statistics alone. In a run of several
+ranks (DDP) the tensor rules judge the lowest rank's records (rank 0); NaN/Inf are looked for
+in every rank's, and the loss is averaged over the ranks per step.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import time
 
 from collector.diagnosis import gradients, values
+from collector.diagnosis.common import finite_json, one_rank
 from collector.diagnosis.load import load_run
 
 __all__ = ["diagnose", "load_run", "write_findings"]
@@ -21,18 +24,20 @@ _ORDER = {"high": 0, "medium": 1, "low": 2}
 
 
 def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
-    """All findings for one run's records, most severe first."""
+    """All findings for one run's records, most severe first; evidence numbers finite or None."""
     r = records_by_kind
-    grads, acts = r.get("gradients", []), r.get("activations", [])
+    grads, acts = one_rank(r.get("gradients", [])), one_rank(r.get("activations", []))
     found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads)
              + gradients.update_ratios(grads) + values.activations(acts) + values.weak_layers(acts)
              + values.input_range(acts)
-             + values.scale_mismatch(r.get("patch_metrics", [])) + values.loss_plateau(r.get("metrics", [])))
-    return sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"]))
+             + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", [])))
+    # NaN/Inf of the evidence as None: findings.json and the API stay strict JSON
+    return finite_json(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))
 
 
 def write_findings(run_dir: str) -> list[dict]:
-    """Diagnose a stored run and write run_dir/findings.json (tmp file + rename)."""
+    """Diagnose a stored run and write run_dir/findings.json (tmp file + rename); a non-finite
+    number of the evidence is written as null (strict JSON)."""
     records = load_run(run_dir)
     findings = diagnose(records)
     doc = {"v": 1, "run": os.path.basename(os.path.normpath(run_dir)), "t": time.time(),
@@ -40,6 +45,6 @@ def write_findings(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "findings.json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
+        json.dump(finite_json(doc), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
     return findings

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Iterable, Optional
 
 SEVERITIES = ("high", "medium", "low")
@@ -37,7 +38,7 @@ def median(xs: Iterable[float]) -> Optional[float]:
     if not v:
         return None
     m = len(v) // 2
-    return v[m] if len(v) % 2 else 0.5 * (v[m - 1] + v[m])
+    return v[m] if len(v) % 2 else 0.5 * v[m - 1] + 0.5 * v[m]  # (no overflow near the float max)
 
 
 def by_name(records: list[dict]) -> dict[str, list[dict]]:
@@ -67,10 +68,33 @@ def max_abs(s: dict) -> Optional[float]:
 
 
 def rms(s: dict) -> Optional[float]:
+    """sqrt(mean^2 + std^2), without overflowing in the squares (None past the float range)."""
     m, sd = num(s.get("mean")), num(s.get("std"))
     if m is None or sd is None:
         return None
-    return math.sqrt(m * m + sd * sd)
+    r = math.hypot(m, sd)
+    return r if math.isfinite(r) else sys.float_info.max  # (both finite: it is at least that)
+
+
+def one_rank(records: list[dict]) -> list[dict]:
+    """The records of the lowest rank present (rank 0 in DDP): the ranks' series are not mixed
+    into one (their steps interleave, and "the latest capture" would be any rank's)."""
+    ranks = {r.get("rank") for r in records if isinstance(r.get("rank"), int)}
+    if len(ranks) <= 1:
+        return records
+    low = min(ranks)
+    return [r for r in records if r.get("rank", low) == low]
+
+
+def finite_json(x: Any) -> Any:
+    """`x` with every non-finite float (NaN, Inf: what strict JSON cannot hold) as None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
 
 
 def sig(x: Optional[float]) -> Optional[float]:

@@ -205,7 +205,7 @@ def loss_plateau(records: list[dict]) -> list[dict]:
         if v is not None and isinstance(st, int):
             per_step.setdefault(st, []).append(v)  # ranks: averaged per step
     steps = sorted(per_step)
-    vals = [sum(per_step[s]) / len(per_step[s]) for s in steps]
+    vals = [sum(v / len(per_step[s]) for v in per_step[s]) for s in steps]
     n = len(vals)
     if n < PLATEAU_MIN_POINTS:
         return []
@@ -213,7 +213,7 @@ def loss_plateau(records: list[dict]) -> list[dict]:
     head, tail, rel = _thirds(vals[-w:])
     below = _fraction_below(vals[-w:])
     k = max(2, n // 4)
-    run_rel = _decrease(sum(vals[:k]) / k, sum(vals[-k:]) / k)
+    run_rel = _decrease(sum(v / k for v in vals[:k]), sum(v / k for v in vals[-k:]))  # (no overflow)
     ev = {"steps": [steps[-w], steps[-1]], "points": n, "window": w, "first_median": sig(head),
           "last_median": sig(tail), "relative_decrease": sig(rel), "threshold": PLATEAU_REL,
           "late_below_early": sig(below), "consistency_threshold": PLATEAU_CONSISTENT,
@@ -272,4 +272,5 @@ def _fraction_below(window: list[float]) -> float:
 
 
 def _decrease(head: float, tail: float) -> float:
-    return (head - tail) / abs(head) if head else 0.0
+    """(head - tail) / |head|, computed so that values near the float max do not overflow."""
+    return (head / abs(head) - tail / abs(head)) if head else 0.0

@@ -4,15 +4,21 @@
 
 const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
+// An error of api() has .status (the HTTP status), or .network (no answer: collector gone).
 async function api(path) {
-  const r = await fetch(path, {cache: "no-store"});
-  if (!r.ok) throw new Error(r.status + " " + path);
+  let r;
+  try {
+    r = await fetch(path, {cache: "no-store"});
+  } catch (e) {
+    throw Object.assign(new Error("unreachable: " + path), {network: true});
+  }
+  if (!r.ok) throw Object.assign(new Error(r.status + " " + path), {status: r.status});
   return r.json();
 }
 
 // State, exposed for tests and the benchmark (window.__tt.latency: ms from wire t to drawn).
 const S = {run: null, cmp: null, gen: 0, charts: new Map(), es: null, findings: -1,
-  latency: [], flushing: false, runs: []};
+  latency: [], flushing: false, runs: [], down: false, missing: null, cursor: 0, pollMs: 2000};
 window.__tt = S;
 
 // Which statistic each chart draws: the first of these a series has (exact, then by suffix).
@@ -51,6 +57,7 @@ function newActDiv(id) {
 
 // Route one series (initial rows or one live record) into the charts that draw it.
 // prefix "" for the run in view, "cmp" for the overlay (drawn dashed).
+// name: the series' label (its name, "name · rank r" for the other ranks of a DDP run).
 function place(kind, name, stats, prefix, x, y) {
   const label = prefix ? prefix + " · " + name : name;
   const dash = prefix ? "dot" : "solid";
@@ -60,12 +67,14 @@ function place(kind, name, stats, prefix, x, y) {
     const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, "value");
     if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
   } else if (kind === "gradients") {
+    showKind(kind, true);
     for (const [id, want, title, log] of GRAD_CHARTS) {
-      const c = chartFor(id, title, {log});
+      const c = chartFor(id, title, {log, below: true});
       const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, want);
       if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
     }
   } else if (kind === "activations") {
+    showKind(kind, true);
     const c = chartFor("act:" + name, "activation: " + name, {legend: true});
     for (const stat of actStats(stats)) {
       const key = prefix + "|" + stat;
@@ -98,25 +107,43 @@ async function loadSeries(run, prefix, gen, onAsked = () => {}) {
   onAsked();
   const results = await Promise.all(asked);
   if (gen !== S.gen) return null;
+  if (!prefix) for (const kind of Object.keys(NONE)) showKind(kind, kinds.includes(kind));
   let cursor = Infinity;
   kinds.forEach((kind, k) => {
     const res = results[k];
     if (!res) return;
     cursor = Math.min(cursor, res.cursor);
     for (const s of streams[kind]) {
-      const row = res.series[s.name];
-      if (row) place(kind, s.name, s.stats, prefix, () => row.step, (st) => row[st] || []);
+      const label = s.label ?? s.name, row = res.series[label];
+      if (row) place(kind, label, s.stats, prefix, () => row.step, (st) => row[st] || []);
     }
   });
   return cursor === Infinity ? 0 : cursor;
 }
 
+// A kind a run has no records of (a metrics-only run: no gradients, no activations) is one
+// line saying so, not an empty panel; its charts show as soon as a record of it comes.
+const NONE = {
+  gradients: ["grad-none", "grad-charts", "No gradient records in this run. A loop that never " +
+    "begins a step (tap.log_batch) records the loss only."],
+  activations: ["act-none", "act-charts", "No activation records in this run."],
+};
+
+function showKind(kind, has) {
+  const [hint, box, text] = NONE[kind];
+  if ($(box).hidden === !has) return;
+  $(box).hidden = !has;
+  $(hint).hidden = has;
+  $(hint).textContent = has ? "" : text;
+}
+
 function onLive(msg) {
-  for (const [, kind, name, , step, t, flat] of msg.items) {
+  S.cursor = msg.cursor;
+  for (const [, kind, name, , step, t, flat, label] of msg.items) {
     if (kind === "metrics" || kind === "gradients" || kind === "activations") {
       const stats = Object.keys(flat);
       const rec = {t, left: 0};  // drawn once each visible chart it went to has been redrawn
-      for (const [c, key, stat] of place(kind, name, stats, "", () => [], () => [])) {
+      for (const [c, key, stat] of place(kind, label ?? name, stats, "", () => [], () => [])) {
         if (stat in flat) c.push(key, step, flat[stat]);
         if (c.visible && c.waiting.at(-1) !== rec) { c.waiting.push(rec); rec.left++; }
       }
@@ -162,6 +189,7 @@ async function draw() {
       const recs = c.waiting;
       c.waiting = [];
       await c.flush();
+      if (gen !== S.gen) break;  // another run opened meanwhile: its charts are new ones
       const now = Date.now();
       for (const r of recs) if (--r.left === 0 && !r.gone && gen === S.gen) S.latency.push(now - r.t * 1000);
     }
@@ -283,6 +311,12 @@ function kvTable(obj) {
 // -- runs, health, navigation ---------------------------------------------------------------
 async function refreshRuns() {
   S.runs = await api("/api/runs");
+  if (S.missing && S.runs.some(r => r.run === S.missing)) {  // the run asked for has come
+    S.missing = null;
+    openRun().catch(showError);
+  } else if (S.missing) {
+    showMissing(S.missing);
+  }
   $("runs").replaceChildren(...S.runs.slice().reverse().map(r => {
     const li = el("li", {class: r.run === S.run ? "selected" : ""}, el("span", {class: "dot" + (r.live ? " live" : "")}),
       r.run, el("span", {class: "sub"}, `${r.records} records · ${r.findings} findings${r.live ? " · live" : ""}`));
@@ -295,7 +329,7 @@ async function refreshRuns() {
     sel.replaceChildren(...want.map(r => el("option", {value: r}, r || "(none)")));
   }
   sel.value = S.cmp || "";
-  if (!S.run && S.runs.length) go((S.runs.find(r => r.live) || S.runs[S.runs.length - 1]).run, null);
+  if (!S.run && !S.missing && S.runs.length) go((S.runs.find(r => r.live) || S.runs[S.runs.length - 1]).run, null);
 }
 
 async function refreshHealth() {
@@ -306,12 +340,55 @@ async function refreshHealth() {
 }
 
 function setLive(live) {
+  if (S.down) return;  // the badge says "collector unreachable" until it answers again
   $("run-live").textContent = live ? "live" : "finished";
   $("run-live").className = "badge" + (live ? " live" : "");
 }
 
+// The runs and the health every POLL_MS. While the collector does not answer, the page says so
+// (a banner, the badge, no run marked live) and asks less and less often (up to POLL_MAX_MS);
+// once it answers again, the run in view is opened afresh (a restarted collector has a new index).
+const POLL_MS = 2000, POLL_MAX_MS = 30000;
+
+function poll() {
+  if (S.polling) return S.polling;  // (one at a time: one chain of timers)
+  clearTimeout(S.pollTimer);
+  let gone = false;
+  const one = (p) => p.catch(e => { if (e.network) gone = true; else showError(e); });
+  return S.polling = Promise.all([one(refreshRuns()), one(refreshHealth())]).then(() => {
+    S.polling = null;
+    setDown(gone);
+    S.pollMs = gone ? Math.min(POLL_MAX_MS, S.pollMs * 2) : POLL_MS;
+    S.pollTimer = setTimeout(poll, S.pollMs);
+  });
+}
+
+function setDown(down) {
+  if (down === S.down) return;
+  S.down = down;
+  $("down").hidden = !down;
+  if (down) {
+    if (S.es) { S.es.close(); S.es = null; }
+    $("run-live").textContent = "collector unreachable";
+    $("run-live").className = "badge down";
+    for (const dot of document.querySelectorAll("#runs .dot.live")) dot.classList.remove("live");
+  } else if (S.run && !S.missing) {
+    openRun().catch(showError);
+  }
+}
+
 function go(run, cmp) {
   location.hash = new URLSearchParams(Object.entries({run, ...(cmp ? {cmp} : {})})).toString();
+}
+
+// A run the URL names that the collector does not have: one line saying so, and the runs it has.
+function showMissing(run) {
+  const links = S.runs.slice().reverse().map(r => el("a", {href: "#" + new URLSearchParams({run: r.run})}, r.run));
+  const list = links.flatMap((a, i) => i ? [", ", a] : [a]);
+  $("empty").replaceChildren(el("strong", {}, `no run '${run}' here.`), " ",
+    ...(links.length ? ["Runs here: ", ...list] : ["No runs here yet; it opens once it sends."]));
+  $("empty").hidden = false;
+  $("run").hidden = true;
 }
 
 async function openRun() {
@@ -319,7 +396,8 @@ async function openRun() {
   const run = h.get("run"), cmp = h.get("cmp") || null;
   if (!run) return;
   const gen = ++S.gen;
-  if (S.es) S.es.close();
+  S.missing = null;
+  if (S.es) { S.es.close(); S.es = null; }
   for (const c of S.charts.values()) c.purge();
   S.charts = new Map();
   S.colors = new Map();
@@ -339,7 +417,19 @@ async function openRun() {
   const head = Promise.all([api(`/api/runs/${enc(run)}`), api(`/api/runs/${enc(run)}/manifest`)]);
   shown.push(head.catch(() => {}).then(() => new Promise(r => setTimeout(r, 0))));  // (after it is drawn below)
   Promise.all(shown).then(loadPlotly).catch(showError);
-  const [summary, manifest] = await head;
+  let summary, manifest;
+  try {
+    [summary, manifest] = await head;
+  } catch (e) {
+    if (gen !== S.gen || e.status !== 404) throw e;
+    S.gen++;  // what else was asked for this run is dropped
+    S.missing = run;
+    for (const c of S.charts.values()) c.purge();
+    S.charts = new Map();
+    showMissing(run);
+    refreshRuns().catch(showError);
+    return;
+  }
   if (gen !== S.gen) return;
   setLive(summary.live);
   const ranks = summary.ranks.length === 1 ? `rank ${summary.ranks[0]}` : `ranks ${summary.ranks.join(", ")}`;
@@ -356,20 +446,33 @@ async function openRun() {
   await loadPlotly();
   if (gen !== S.gen) return;
   requestDraw();
-  const es = S.es = new EventSource(`/api/runs/${enc(run)}/live?cursor=${cursor}`);
-  es.onmessage = (ev) => { if (gen === S.gen) onLive(JSON.parse(ev.data)); };
+  openStream(run, gen, cursor);
 }
 
-function showError(e) { console.error("tensortap:", e); }
+// The live stream. EventSource would retry every second on its own, for ever, while the
+// collector is gone; instead an error closes it and asks poll() at once: a collector that
+// answers gets a new stream from the last cursor, one that does not gets the backed-off polling.
+function openStream(run, gen, cursor) {
+  S.cursor = cursor;
+  const es = S.es = new EventSource(`/api/runs/${enc(run)}/live?cursor=${cursor}`);
+  es.onmessage = (ev) => { if (gen === S.gen) onLive(JSON.parse(ev.data)); };
+  es.onerror = () => {
+    es.close();
+    if (S.es !== es) return;
+    S.es = null;
+    poll().then(() => { if (!S.down && gen === S.gen && !S.es) openStream(run, gen, S.cursor); });
+  };
+}
+
+// (a 404 is shown where it matters: an unknown run by showMissing; an unreachable collector
+// by the banner)
+function showError(e) { if (!e || (e.status !== 404 && !e.network)) console.error("tensortap:", e); }
 
 window.addEventListener("hashchange", () => openRun().catch(showError));
 document.addEventListener("DOMContentLoaded", () => {
   $("compare").addEventListener("change", (e) => go(S.run, e.target.value || null));
   $("loss-log").addEventListener("change", (e) => S.charts.get("metrics")?.setLog(e.target.checked));
   openRun().catch(showError);
-  refreshRuns().catch(showError);
-  refreshHealth().catch(showError);
+  poll();
   setTimeout(() => loadPlotly().catch(showError), 2000);  // no run opened yet: ready for the first
-  setInterval(() => refreshRuns().catch(showError), 2000);
-  setInterval(() => refreshHealth().catch(showError), 2000);
 });

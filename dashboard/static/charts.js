@@ -72,6 +72,19 @@ function flatten(obj, prefix = "", out = []) {
   return out;
 }
 
+// A trace's name in a legend, at most LEGEND_MAX characters: the last dotted parts of a long
+// layer path that fit ("…3.spectral_conv.weights1"), so that a legend of long names does not
+// squeeze the plot; the whole name is in the hover.
+const LEGEND_MAX = 28;
+function legendName(s) {
+  s = String(s);
+  if (s.length <= LEGEND_MAX) return s;
+  const parts = s.split(".");
+  let tail = parts.pop();
+  while (parts.length && tail.length + parts.at(-1).length + 2 <= LEGEND_MAX) tail = parts.pop() + "." + tail;
+  return "…" + tail.slice(-(LEGEND_MAX - 1));
+}
+
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
   "#db2777", "#4b5563", "#65a30d"];
 // Points per trace kept while live: past it a trace is thinned 2:1 (the whole history stays
@@ -111,6 +124,7 @@ class Chart {
     this.sparse = new Set(); // indices drawn with markers (fewer than SPARSE_MAX points)
     this.waiting = [];       // live records sent here while in view, not drawn yet (latency)
     this.drawn = false;
+    this.purged = false;     // purge()d (another run opened): a flush under way stops
     this.visible = true;     // in the viewport (an IntersectionObserver keeps this)
     Chart.observer.observe(div);
     div.__chart = this;
@@ -134,7 +148,7 @@ class Chart {
     const sparse = x.length < SPARSE_MAX;
     if (sparse) this.sparse.add(i);
     this.newTraces.push({
-      type: "scatter", mode: sparse ? "lines+markers" : "lines", name: plotlyText(spec.label), x, y,
+      type: "scatter", mode: sparse ? "lines+markers" : "lines", name: plotlyText(legendName(spec.label)), x, y,
       line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"}, marker: {size: 5, color: spec.color},
       visible: spec.visible === undefined ? true : spec.visible,
       hovertemplate: "%{y:.4g} @ step %{x}<extra>" + plotlyText(spec.label) + "</extra>",
@@ -157,20 +171,25 @@ class Chart {
 
   dirty() { return this.newTraces.length > 0 || this.pending.size > 0 || !this.drawn; }
 
-  // Draw what is queued.
+  // Draw what is queued. Each plotly call is awaited; a chart purged meanwhile (the page
+  // opened another run) stops there: its div has no plot to extend any more.
   async flush() {
     if (!window.Plotly) await loadPlotly();
+    if (this.purged) return;
     if (!this.drawn) {
       const traces = this.newTraces;
       this.newTraces = [];
       this.drawn = true;
-      const layout = {...this.layout, showlegend: this.layout.showlegend ?? traces.length <= 14};
+      const {legendBelow, ...layout} = {...this.layout, showlegend: this.layout.showlegend ?? traces.length <= 14};
       await Plotly.newPlot(this.div, traces, layout, {displaylogo: false, responsive: true});
+      if (this.layout.legendBelow) await this.fitLegend();
     } else if (this.newTraces.length) {
       const traces = this.newTraces;
       this.newTraces = [];
       await Plotly.addTraces(this.div, traces);
+      if (this.layout.legendBelow) await this.fitLegend();
     }
+    if (this.purged) return;
     if (this.pending.size) {
       const idx = [...this.pending.keys()];
       const xs = idx.map(i => this.pending.get(i).x);
@@ -180,11 +199,24 @@ class Chart {
       idx.forEach((i, k) => { this.lengths[i] += xs[k].length; if (this.lengths[i] > LIVE_CAP) full.push(i); });
       if (full.length) await this.thin(idx, xs, ys, full);
       else await Plotly.extendTraces(this.div, {x: xs, y: ys}, idx);
+      if (this.purged) return;
       const dense = idx.filter(i => this.sparse.has(i) && this.lengths[i] >= SPARSE_MAX);
       if (dense.length) {  // once per trace: its markers go
         dense.forEach(i => this.sparse.delete(i));
         await Plotly.restyle(this.div, {mode: "lines"}, dense);
       }
+    }
+  }
+
+  // A legend below the plot (a chart of layers: long names) adds its own height to the chart's,
+  // so that the plot keeps its height and its whole width.
+  async fitLegend() {
+    if (this.purged) return;
+    const fl = this.div._fullLayout, lh = fl && fl.showlegend && fl.legend ? fl.legend._height || 0 : 0;
+    const want = Math.round(CHART_PX + lh);
+    if (Math.abs(this.div.clientHeight - want) > 2) {
+      this.div.style.height = want + "px";
+      await Plotly.relayout(this.div, {height: want, "margin.b": MARGIN_B + lh});
     }
   }
 
@@ -208,7 +240,11 @@ class Chart {
     this.layout.yaxis = {...this.layout.yaxis, type: on ? "log" : "linear"};
   }
 
-  purge() { Chart.observer.unobserve(this.div); if (this.drawn) Plotly.purge(this.div); }
+  purge() {
+    this.purged = true;
+    Chart.observer.unobserve(this.div);
+    if (this.drawn && window.Plotly) Plotly.purge(this.div);
+  }
 }
 Chart.onVisible = () => {};
 Chart.observer = new IntersectionObserver((entries) => {
@@ -226,13 +262,17 @@ Chart.observer = new IntersectionObserver((entries) => {
   if (shown) Chart.onVisible();
 });
 
-function chartLayout(title, {log = false, legend} = {}) {
+const CHART_PX = 300, MARGIN_B = 36;  // a chart's height (style.css .chart), a legend below it added
+
+function chartLayout(title, {log = false, legend, below = false} = {}) {
   return {
+    legendBelow: below,
     title: title ? {text: plotlyText(title), font: {size: 13}, x: 0.01} : undefined,
-    margin: {l: 55, r: 10, t: title ? 32 : 10, b: 36},
+    margin: {l: 55, r: 10, t: title ? 32 : 10, b: MARGIN_B},
     xaxis: {title: {text: "step"}, zeroline: false},
     yaxis: {type: log ? "log" : "linear", exponentformat: "e"},
-    legend: {font: {size: 10}},
+    legend: below ? {font: {size: 10}, orientation: "h", x: 0, xanchor: "left", y: 0, yref: "container",
+      yanchor: "bottom"} : {font: {size: 10}},
     showlegend: legend,
     hovermode: "closest",
     paper_bgcolor: "#fff", plot_bgcolor: "#fff",

@@ -354,6 +354,8 @@ def test_batched_frames_are_accounted_written_and_streamed_like_single_records(t
                         break
         series = httpx.get(col.http + "api/runs/r1/series", params={"kind": "metrics", "name": "loss",
                                                                   "stat": "value"}).json()
+        series1 = httpx.get(col.http + "api/runs/r1/series", params={"kind": "metrics", "name": "loss",
+                                                                   "stat": "value", "rank": 1}).json()
     finally:
         assert col.stop() == 0
     m = manifest(run_dir)["ranks"]
@@ -372,4 +374,6 @@ def test_batched_frames_are_accounted_written_and_streamed_like_single_records(t
         (0, 0), (0, 1), (0, 2), (0, 5), (0, 6), (0, 7), (0, 8), (0, 10), (1, 0), (0, 11), (1, 1),
         (0, 12), (0, 13), (0, 14), (0, 15), (0, 16), (0, 17)]
     assert [it[1] for it in items].count("gradients") == 1 and items[11][1:3] == ["events", "hello"]
-    assert series["step"] == [0, 1, 2, 6, 7, 8, 10, 0, 11, 1, 13, 14, 15, 16, 17]
+    # a series per rank: rank 0's (the default) and rank 1's
+    assert series["step"] == [0, 1, 2, 6, 7, 8, 10, 11, 13, 14, 15, 16, 17]
+    assert series1["step"] == [0, 1]

@@ -433,3 +433,39 @@ def test_the_diagnosis_package_imports_no_torch_lightning_or_web_stack():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_huge_finite_values_never_stop_findings_json(tmp_path):
+    """A loss of 1e308 and a model input near the float max: the rules do not overflow (the
+    input's RMS stays finite and is flagged), and findings.json is written as strict JSON with
+    null for anything not finite (it raised "Out of range float values" before)."""
+    huge = {"count": 4, "nan": 0, "inf": 0, "min": -1e308, "max": 1e308, "mean": 1e308, "std": 1e308}
+    r = {"metrics": loss_stream([1e308] * 60),
+         "activations": [rec("activations", n, huge, step=i, seq=i) for i in range(5)
+                         for n in ("model_input", "generator_output")]}
+    run = write_run(tmp_path, r, torn=False)
+    found = write_findings(str(run))
+
+    def strict(s):
+        raise ValueError(f"non-finite {s} in findings.json")
+    doc = json.loads((run / "findings.json").read_text(), parse_constant=strict)
+    assert doc["findings"] == found and {"input_range", "loss_plateau"} <= rules(found)
+    ev = one(found, "input_range")["evidence"]
+    assert ev["rms"] == pytest.approx(1.414e308) and one(found, "input_range")["severity"] == "high"
+    assert one(found, "loss_plateau")["evidence"]["first_median"] == 1e308
+    # whatever a rule puts in its evidence, nothing non-finite comes out
+    assert diagnose({"activations": [rec("activations", "model_input", {**huge, "mean": 1.7e308,
+                                                                         "std": 1.7e308})]})
+
+
+def test_ranks_are_not_mixed_the_lowest_rank_is_judged():
+    """DDP: rank 1 sends its captures after rank 0's at each step. The latest capture of an
+    activation is rank 0's latest, not whichever rank came last; the loss stays averaged."""
+    def ranked(r, rank):
+        return {**r, "rank": rank}
+    acts = []
+    for i in range(3):
+        acts.append(ranked(rec("activations", "generator_output", stats(0.3, 0.5), step=i, seq=2 * i), 0))
+        acts.append(ranked(rec("activations", "generator_output", stats(0.0, 0.0, 0.0, 0.0), step=i, seq=2 * i + 1), 1))
+    assert "dead_activation" not in rules(diagnose({"activations": acts}))
+    assert "dead_activation" in rules(diagnose({"activations": [ranked(a, 0) for a in acts if a["rank"] == 1]}))

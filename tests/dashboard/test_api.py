@@ -281,3 +281,72 @@ def test_the_live_ring_keeps_at_least_the_last_records_of_single_and_batched_add
     one(23)
     assert ri.count == 23 and ri.dropped_series == 1
     assert [(it[0], it[2]) for it in ri.since(20)[1]] == [(21, "other"), (23, "loss")]
+
+
+def test_ranks_of_a_ddp_run_are_separate_series(tmp_path):
+    """Two ranks of one run, through a real collector: each rank's loss (and gradients and
+    activations) is its own series; rank 0 keeps the plain name, rank 1 is "name · rank 1".
+    (They were one series whose steps went 0..15, 0..15, 16..19, 16..19: a zigzag.)"""
+    from client_hooks.sender import Sender
+    from tests.dashboard.conftest import collector_process, wait_for
+
+    with collector_process(str(tmp_path)) as info, httpx.Client(base_url=info["http"], timeout=10) as c:
+        senders = [Sender(info["zmq"], "ddp", rank=r, world=2, batch=16) for r in (0, 1)]
+        try:
+            for step in range(20):
+                for r, s in enumerate(senders):
+                    s.send("metrics", "loss", {"value": 1.0 + r}, step=step)
+                    s.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (r + 1)}, step=step)
+                    s.send("activations", "model_input", {"mean": float(r), "std": 1.0}, step=step)
+            for s in senders:
+                s.flush()
+            assert wait_for(lambda: c.get("/api/runs/ddp").json().get("records", 0) >= 120)
+        finally:
+            for s in senders:
+                s.close()
+        got = c.get("/api/runs/ddp/kind/metrics", params={"stat": "value"}).json()["series"]
+        assert list(got) == ["loss", "loss · rank 1"]
+        for label, value in (("loss", 1.0), ("loss · rank 1", 2.0)):
+            assert got[label]["step"] == list(range(20)) and got[label]["value"] == [value] * 20
+        grads = c.get("/api/runs/ddp/kind/gradients", params={"stat": "norm"}).json()["series"]
+        assert {k: v["norm"][0] for k, v in grads.items()} == {"enc.0": 0.1, "enc.0 · rank 1": 0.2}
+        acts = c.get("/api/runs/ddp/kind/activations", params={"stat": "mean"}).json()["series"]
+        assert {k: v["mean"][-1] for k, v in acts.items()} == {"model_input": 0.0, "model_input · rank 1": 1.0}
+        streams = c.get("/api/runs/ddp/streams").json()["metrics"]
+        assert [(s["name"], s["rank"], s["label"], s["points"]) for s in streams] == [
+            ("loss", 0, "loss", 20), ("loss", 1, "loss · rank 1", 20)]
+        # /series: rank 0's by default (as before for a single rank), another by rank= or label
+        q = {"kind": "metrics", "name": "loss", "stat": "value"}
+        assert c.get("/api/runs/ddp/series", params=q).json()["value"] == [1.0] * 20
+        one = c.get("/api/runs/ddp/series", params={**q, "rank": 1}).json()
+        assert one["value"] == [2.0] * 20 and one["step"] == list(range(20)) and one["rank"] == 1
+        assert c.get("/api/runs/ddp/series", params={**q, "name": "loss · rank 1"}).json()["value"] == [2.0] * 20
+        assert c.get("/api/runs/ddp/series", params={**q, "rank": 5}).status_code == 404
+
+
+def test_a_single_rank_run_keeps_its_names_whatever_its_rank():
+    index = Index()
+    index.add(rec("r3", "metrics", "loss", {"value": 1.0}, step=0, rank=3))
+    ri = index.get("r3")
+    assert list(ri.kind_series("metrics", ["value"])) == ["loss"]
+    assert ri.since(0)[1][0][7] == "loss" and ri.get_series("metrics", "loss", "value")["rank"] == 3
+
+
+def test_liveness_goes_by_arrival_not_by_the_records_own_time():
+    """A replay re-sends a stored run's original wall times: records an hour old that arrive
+    now are live; records that stop arriving are not, after the idle time."""
+    index = Index()
+    index.add(rec("replayed", "metrics", "loss", {"value": 1.0}, step=0, t=time.time() - 3600))
+    ri = index.get("replayed")
+    assert ri.live() and index.summaries()[0]["live"]
+    assert not ri.live(now=time.time() + 16)
+
+
+def test_a_non_ascii_digit_last_event_id_is_ignored_not_a_500(index):
+    """str.isdigit() takes "²" (and int() does not): a Last-Event-ID of it gave a 500."""
+    with serve(create_app(index)) as url, httpx.Client(timeout=10) as c:
+        for value in (b"\xb2", "9" * 5000):
+            with c.stream("GET", f"{url}/api/runs/run-a/live", headers={"last-event-id": value}) as r:
+                assert r.status_code == 200
+                data = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+            assert data["cursor"] == index.get("run-a").count  # from now on

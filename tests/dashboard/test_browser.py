@@ -11,7 +11,7 @@ import pytest
 
 from collector.index import Index
 from dashboard.app import create_app
-from tests.dashboard.conftest import REPO, XSS, collector_process, fill_run, rec, serve
+from tests.dashboard.conftest import REPO, XSS, collector_process, fill_run, free_port, rec, serve, stats
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.browser,
@@ -285,3 +285,176 @@ def test_a_chart_out_of_view_waits_for_the_view_then_catches_up(browser, tmp_pat
             sender.close()
     ctx.close()
     assert problems == []
+
+
+def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
+    """Two ranks of one run: rank 0's loss is "loss", rank 1's "loss · rank 1", loaded and
+    live (they were one trace zigzagging between the ranks' values)."""
+    from client_hooks.sender import Sender
+
+    with collector_process(str(tmp_path)) as info:
+        senders = [Sender(info["zmq"], "ddp", rank=r, world=2, batch=16) for r in (0, 1)]
+        try:
+            for step in range(20):
+                for r, s in enumerate(senders):
+                    s.send("metrics", "loss", {"value": 1.0 + r}, step=step)
+                    s.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (r + 1)}, step=step)
+            for s in senders:
+                s.flush()
+            time.sleep(0.5)
+            page.goto(f"{info['http']}#run=ddp")
+            chart_has(page, "chart-metrics", 19)
+            chart_has(page, "chart-grad-norm", 19)
+            page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+            time.sleep(0.3)
+            for r, s in enumerate(senders):
+                s.send("metrics", "loss", {"value": 1.0 + r}, step=20)
+                s.flush()
+            page.wait_for_function("() => document.getElementById('chart-metrics').data"
+                                   ".every(t => Array.from(t.x).includes(20))", timeout=5_000)
+            traces = page.evaluate("document.getElementById('chart-metrics').data.map(t => "
+                                   "[t.name, Array.from(t.x), Array.from(t.y)])")
+            assert [t[0] for t in traces] == ["loss", "loss · rank 1"]
+            for (_, xs, ys), value in zip(traces, (1.0, 2.0)):
+                assert xs == list(range(21)) and ys == [value] * 21
+            names = page.evaluate("document.getElementById('chart-grad-norm').data.map(t => t.name)")
+            assert names == ["enc.0", "enc.0 · rank 1"]
+            assert page.inner_text("#run-meta").endswith("ranks 0, 1")
+            leave(page)
+        finally:
+            for s in senders:
+                s.close()
+    assert page.problems == []
+
+
+def test_opening_another_run_while_a_chart_is_being_drawn_raises_no_page_error(page):
+    """Opening another run purges the charts while a draw may be awaiting one of them (here
+    plotly's first drawing of a new chart is held 400 ms); the draw stops there. It went on to
+    extend the purged chart: "gd.data must be an array" (at Plotly.extendTraces <- flush <- draw)."""
+    index = Index(health=lambda: {"status": "ok"})
+    for run in ("run-a", "run-b"):
+        fill_run(index, run, t0=time.time() - 20)
+        index.get(run).closed_ranks.clear()  # both still sending
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=run-a")
+        chart_has(page, "chart-metrics", 19)
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1 && "
+                               "[...window.__tt.charts.values()].every(c => c.drawn && !c.dirty())")
+        page.evaluate("""() => { const newPlot = Plotly.newPlot;
+            Plotly.newPlot = async (...a) => { const r = await newPlot(...a);
+              window.__holding = true; await new Promise(ok => setTimeout(ok, 400)); return r; }; }""")
+        # a live record of a new activation: a new chart, drawn (held) and then extended
+        index.add(rec("run-a", "activations", "late", stats(0.0), step=20))
+        page.wait_for_function("() => window.__holding === true", timeout=5_000)
+        page.evaluate("location.hash = 'run=run-b'")
+        time.sleep(1.0)
+        chart_has(page, "chart-metrics", 19)
+        assert page.inner_text("#run-title") == "run-b"
+        leave(page)
+    assert page.problems == []
+
+
+def real_problems(page) -> list[str]:
+    """The page's problems less the browser's own line for each failed request (a 404 asked for
+    on purpose, a refused connection while the server is down)."""
+    return [p for p in page.problems if "Failed to load resource" not in p
+            and "ERR_CONNECTION_REFUSED" not in p]
+
+
+def test_an_unknown_run_in_the_url_says_so_and_lists_the_runs(page):
+    index = Index(health=lambda: {"status": "ok"})
+    fill_run(index, "run-a")
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=nope")
+        page.wait_for_function("() => document.getElementById('empty').innerText.includes(\"no run 'nope' here\")",
+                               timeout=5_000)
+        assert page.is_visible("#empty") and not page.is_visible("#run")
+        assert page.inner_text("#empty").splitlines()[0] == "no run 'nope' here. Runs here: run-a"
+        assert page.get_attribute("#empty a", "href") == "#run=run-a"
+        # the run starts sending: the page opens it
+        fill_run(index, "nope", t0=time.time() - 20)
+        chart_has(page, "chart-metrics", 19, timeout_ms=10_000)
+        assert page.inner_text("#run-title") == "nope" and not page.is_visible("#empty")
+        leave(page)
+    assert real_problems(page) == []
+
+
+def test_a_stopped_collector_is_shown_polled_less_and_picked_up_again(page):
+    """The server goes away under an open page: a visible "collector unreachable" (not "live"
+    for ever), requests backing off instead of a few a second; back, the page is as before."""
+    index = Index(health=lambda: {"status": "ok"})
+    fill_run(index, "r", t0=time.time() - 20)
+    ri = index.get("r")
+    ri.closed_ranks.clear()  # still sending
+    index.add(rec("r", "metrics", "loss", {"value": 0.5}, step=20))
+    port = free_port()
+    asked = []
+    page.on("request", lambda r: asked.append(time.monotonic()))
+    with serve(create_app(index), port=port) as url:
+        page.goto(f"{url}/#run=r")
+        chart_has(page, "chart-metrics", 20)
+        page.wait_for_function("() => document.getElementById('run-live').textContent === 'live'")
+        assert not page.is_visible("#down")
+        leave_url = url
+    t_down = time.monotonic()
+    page.wait_for_selector("#down", state="visible", timeout=5_000)
+    assert page.inner_text("#run-live") == "collector unreachable"
+    time.sleep(8)
+    n = sum(1 for t in asked if t > t_down)
+    assert n <= 8, n  # was: runs + health every 2 s and the live stream every second (~16)
+    index.add(rec("r", "metrics", "loss", {"value": 0.3}, step=20))  # (still sending meanwhile)
+    with serve(create_app(index), port=port):
+        page.wait_for_selector("#down", state="hidden", timeout=20_000)
+        page.wait_for_function("() => document.getElementById('run-live').textContent === 'live'", timeout=5_000)
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1", timeout=5_000)
+        index.add(rec("r", "metrics", "loss", {"value": 0.25}, step=21))
+        chart_has(page, "chart-metrics", 21, timeout_ms=5_000)
+        leave(page)
+    assert leave_url and real_problems(page) == []
+
+
+def test_a_metrics_only_run_says_it_has_no_gradients_or_activations(page):
+    index = Index(health=lambda: {"status": "ok"})
+    for i in range(10):
+        index.add(rec("loss-only", "metrics", "loss", {"value": 1.0 / (i + 1)}, step=i))
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=loss-only")
+        chart_has(page, "chart-metrics", 9)
+        page.wait_for_selector("#grad-none", state="visible", timeout=5_000)
+        assert "No gradient records in this run" in page.inner_text("#grad-none")
+        assert "No activation records in this run" in page.inner_text("#act-none")
+        assert not page.is_visible("#grad-charts") and not page.is_visible("#act-charts")
+        height = page.evaluate("document.getElementById('grad-section').getBoundingClientRect().height")
+        assert height < 100, height
+        # a gradient that comes later shows its charts
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+        index.add(rec("loss-only", "gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1}, step=10))
+        chart_has(page, "chart-grad-norm", 10, timeout_ms=5_000)
+        assert page.is_visible("#grad-charts") and not page.is_visible("#grad-none")
+        leave(page)
+    assert page.problems == []
+
+
+def test_long_layer_names_do_not_squeeze_the_gradient_charts(page):
+    """Legends of layer paths sat right of the plot and took two thirds of a gradient chart."""
+    index = Index(health=lambda: {"status": "ok"})
+    names = [f"generator.unet.down_blocks.{j}.spectral_conv.weights1" for j in range(4)]
+    for i in range(10):
+        index.add(rec("long", "metrics", "loss", {"value": 1.0}, step=i))
+        for j, name in enumerate(names):
+            index.add(rec("long", "gradients", name, {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (j + 1)}, step=i))
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=long")
+        for cid in ("chart-grad-mean", "chart-grad-std", "chart-grad-norm"):
+            chart_has(page, cid, 9)
+        sizes = page.evaluate("['chart-grad-mean', 'chart-grad-std', 'chart-grad-norm'].map(id => {"
+                              " const d = document.getElementById(id), s = d._fullLayout._size;"
+                              " return [s.w / d.clientWidth, s.h]; })")
+        # the plot keeps its width (the legend is below it, was 1/3 of the width) and its height
+        assert all(w > 0.75 and h >= 220 for w, h in sizes), sizes
+        legend = page.evaluate("[...document.querySelectorAll('#chart-grad-norm .legendtext')].map(e => e.textContent)")
+        assert legend == [f"…{j}.spectral_conv.weights1" for j in range(4)]
+        hover = page.evaluate("document.getElementById('chart-grad-norm').data.map(t => t.hovertemplate)")
+        assert all(name in h for name, h in zip(names, hover))  # the whole name in the hover
+        leave(page)
+    assert page.problems == []

@@ -185,7 +185,10 @@ def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
         assert [r["run"] for r in httpx.get(f"{base}/api/runs").json()] == ["orig"]
         s = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss",
                                                              "stat": "value"}).json()
-        assert s["total"] == 40  # one series per (kind, name): both ranks, 20 steps each
+        assert s["total"] == 20  # rank 0's 20 steps (each rank is its own series)
+        s1 = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss · rank 1",
+                                                              "stat": "value"}).json()
+        assert s1["total"] == 20 and s1["rank"] == 1
     finally:
         proc.terminate()
         proc.wait(20)
@@ -205,3 +208,63 @@ def test_serve_of_the_folder_above_the_runs_says_where_they_are(original, tmp_pa
     note = [line for line in err.splitlines() if "note:" in line]
     assert note == [f"tensortap serve: note: {str(tmp_path)!r} holds no run; runs are one level down, in "
                     f"{str(tmp_path / 'artifacts')!r} (1): serve one of those"]
+
+
+def test_a_replayed_run_is_live_while_it_is_being_replayed(tmp_path):
+    """Replay re-sends the original wall times (here an hour old): the collector judges
+    liveness by when records arrive, so the copy is live while it comes, as a training is."""
+    src = tmp_path / "old"
+    src.mkdir()
+    t0 = time.time() - 3600
+    with open(src / "metrics.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"v": 1, "run": "old", "rank": 0, "world": 1, "seq": i, "t": t0 + 0.1 * i,
+                                "kind": "metrics", "name": "loss", "step": i, "data": {"value": 1.0}}) + "\n")
+    with collector_process(str(tmp_path / "out")) as info:
+        import threading
+
+        done = []
+        th = threading.Thread(target=lambda: done.append(replay(str(src), info["zmq"], run="copy")), daemon=True)
+        th.start()  # 3 s at the original pacing
+        try:
+            seen = wait_for(lambda: any(r["run"] == "copy" and r["live"]  # (not after its bye)
+                                        for r in httpx.get(f"{info['http']}api/runs", timeout=5).json()),
+                            timeout=10)
+        finally:
+            th.join(30)
+        assert seen and done and done[0]["records"] == 30
+
+
+def test_serve_of_one_runs_folder_serves_that_run(original, tmp_path):
+    """`tensortap serve RUN_DIR`: the cli says ROOT may be one run's folder; it showed none."""
+    run_dir = tmp_path / "orig"
+    shutil.copytree(original, run_dir)
+    ready = str(tmp_path / "ready.json")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(run_dir), "--http",
+                             f"127.0.0.1:{port}", "--ready-file", ready], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: os.path.exists(ready), timeout=30)
+        base = f"http://127.0.0.1:{port}"
+        assert [r["run"] for r in httpx.get(f"{base}/api/runs").json()] == ["orig"]
+        s = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss",
+                                                             "stat": "value"}).json()
+        assert s["total"] == 20
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_serve_drops_a_run_whose_folder_is_deleted(original, tmp_path, monkeypatch):
+    from collector import load
+
+    for name in ("a", "b"):
+        shutil.copytree(original, tmp_path / name)
+    index = load_root(str(tmp_path))
+    assert index.get("a").count > 0 and index.get("b").count > 0
+    shutil.rmtree(tmp_path / "a")
+    assert index.get("a") is None and "a" not in index.runs  # read before: not served any more
+    shutil.rmtree(tmp_path / "b")
+    monkeypatch.setattr(load, "RESCAN_S", 0.0)
+    assert index.summaries() == [] and index.health()["runs"] == 0
