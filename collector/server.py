@@ -135,7 +135,7 @@ class Collector:
 
         host, port = self.cfg.http.rsplit(":", 1)
         addr = host.strip("[]")  # [::1]:8050 names the address ::1
-        app = create_app(self.index, token=self.cfg.token, loopback_only=is_loopback(host))
+        app = self._app = create_app(self.index, token=self.cfg.token, loopback_only=is_loopback(host))
         lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -253,6 +253,7 @@ class Collector:
         if getattr(self, "ctx", None) is not None:
             self.ctx.destroy(linger=0)  # closes whatever a failed start left open
         if self._http_server is not None:
+            self._app.state.closing.set()  # open pages' live streams end, not cancelled with a traceback
             self._http_server.should_exit = True
             if "tensortap-http" in threads:
                 threads["tensortap-http"].join(5)

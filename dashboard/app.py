@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import importlib.util
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -119,6 +120,8 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
                   description="Live and stored tensortap runs: gradient, activation, loader and "
                               "loss statistics, findings, collector health.")
     app.add_middleware(Guard, token=token, loopback_only=loopback_only)
+    # set by the collector as it stops: open live streams end (else the server cancels them)
+    app.state.closing = threading.Event()
     plotly_path = plotly_js()
 
     def get_run(run: str):
@@ -243,18 +246,20 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
         if cursor < 0 or cursor > ri.count:  # a cursor from before a restart: from now on
             cursor = ri.count
         wanted = {k.value for k in kinds} if kinds else None
-        return StreamingResponse(_live_events(ri, cursor, wanted), media_type="text/event-stream",
+        return StreamingResponse(_live_events(ri, cursor, wanted, app.state.closing),
+                                 media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     return app
 
 
-async def _live_events(ri, cursor: int, wanted: Optional[set]):
-    """Poll the run's ring of recent records every SSE_INTERVAL_S; send what is new."""
+async def _live_events(ri, cursor: int, wanted: Optional[set], closing: threading.Event):
+    """Poll the run's ring of recent records every SSE_INTERVAL_S; send what is new. Ends
+    when the server closes (the page's EventSource then retries until it is back)."""
     yield b"retry: 1000\n\n"
     start = last_sent = time.monotonic()
     state = None
-    while time.monotonic() - start < SSE_MAX_S:
+    while time.monotonic() - start < SSE_MAX_S and not closing.is_set():
         cursor, items = ri.since(cursor, 5_000)
         full = len(items) >= 5_000  # more is waiting: no sleep
         if wanted is not None:

@@ -119,3 +119,35 @@ def test_replay_reaches_a_curve_collector_with_the_training_side_keys(tmp_path):
     finally:
         col.stop()
     assert manifest(tmp_path / "out" / "copy")["totals"]["gaps"] == 0
+
+
+def test_a_page_left_open_does_not_make_the_stop_print_a_traceback(tmp_path):
+    """An open dashboard holds the live stream (server-sent events): the collector ends it
+    when it stops, instead of uvicorn cancelling it after its grace second with a traceback."""
+    import threading
+
+    import httpx
+    import zmq
+
+    col = CollectorProc(str(tmp_path / "out"), http=True, quiet=False)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(col.endpoint)
+    push.send(rec(0, run="open"))
+    assert wait_for(lambda: httpx.get(col.http + "api/runs").json(), 10)
+    got = []
+
+    def listen():
+        with httpx.stream("GET", col.http + "api/runs/open/live", timeout=30) as r:
+            for chunk in r.iter_bytes():
+                got.append(chunk)
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert wait_for(lambda: got, 10)
+    rc = col.stop()
+    push.close(0)
+    t.join(10)
+    out = col.output()
+    assert rc == 0 and not t.is_alive()
+    assert "Traceback" not in out and "Exception in ASGI application" not in out and "ERROR" not in out, out
