@@ -35,10 +35,11 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     return finite_json(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))
 
 
-def write_findings(run_dir: str) -> list[dict]:
+def write_findings(run_dir: str, stats=None) -> list[dict]:
     """Diagnose a stored run and write run_dir/findings.json (tmp file + rename); a non-finite
-    number of the evidence is written as null (strict JSON)."""
-    records = load_run(run_dir)
+    number of the evidence is written as null (strict JSON). stats: a collector.load
+    LoadStats that counts the records read and the lines skipped."""
+    records = load_run(run_dir, stats)
     findings = diagnose(records)
     doc = {"v": 1, "run": os.path.basename(os.path.normpath(run_dir)), "t": time.time(),
            "records": {k: len(v) for k, v in records.items()}, "findings": findings}

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import msgspec
 
-from collector.load import run_records
+from typing import Optional
+
+from collector.load import LoadStats, run_records
 from collector.wire import STREAM_FILES
 
 
-def load_run(run_dir: str) -> dict[str, list[dict]]:
-    """All records of a stored run, by kind (every kind of wire.STREAM_FILES is a key)."""
+def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> dict[str, list[dict]]:
+    """All records of a stored run, by kind (every kind of wire.STREAM_FILES is a key);
+    `stats` counts what was read and skipped."""
     out: dict[str, list[dict]] = {kind: [] for kind in STREAM_FILES}
-    for rec in run_records(run_dir):
+    for rec in run_records(run_dir, stats):
         out[rec.kind].append(msgspec.structs.asdict(rec))
     return out

@@ -29,8 +29,10 @@ def root_rows(root: str) -> list[dict]:
         m, f = stored_docs(e.path)
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
         created = m.get("created")
+        mpath = os.path.join(e.path, "manifest.json")
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
-                     "manifest": bool(m), "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
+                     "manifest": bool(m),
+                     "manifest_state": "ok" if m else "unreadable or empty" if os.path.isfile(mpath) else "missing", "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
                      "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,
@@ -50,7 +52,8 @@ def report_root(root: str, as_json: bool) -> int:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
         if not r["manifest"]:
-            what = "no manifest.json (its collector was killed?): `tensortap report` it to see"
+            why = " (its collector was killed?)" if r["manifest_state"] == "missing" else ""
+            what = f"manifest.json {r['manifest_state']}{why}: `tensortap report` it to see"
         else:
             f = r["findings"]
             what = run_counts(r["totals"], r["unclosed"], r["rejected"], len(f or []))
@@ -67,20 +70,30 @@ def report_main(args) -> int:
     """args.run_dir: a run folder; args.json: print the findings as JSON instead of text.
 
     Writes run_dir/findings.json when the folder is writable (else only prints). Returns 0."""
+    from collector.load import LoadStats
+
     run_dir = args.run_dir
+    stats = LoadStats()
     try:
-        findings = write_findings(run_dir)
+        findings = write_findings(run_dir, stats)
     except OSError:
-        findings = diagnose(load_run(run_dir))
+        stats = LoadStats()
+        findings = diagnose(load_run(run_dir, stats))
     if getattr(args, "json", False):
         json.dump(findings, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     name = os.path.basename(os.path.normpath(run_dir))
-    if not findings:
-        print(f"{name}: no findings")
+    skipped = f"{plural(stats.torn + stats.bad, 'line')} skipped: torn or not a record"
+    if not stats.records:
+        print(f"{name}: no record could be read{f' ({skipped})' if stats.torn + stats.bad else ''}: "
+              "nothing to diagnose")
         return 0
-    print(f"{name}: {plural(len(findings), 'finding')}")
+    read = plural(stats.records, "record") + " read" + (f" ({skipped})" if stats.torn + stats.bad else "")
+    if not findings:
+        print(f"{name}: {read}; no findings")
+        return 0
+    print(f"{name}: {read}; {plural(len(findings), 'finding')}")
     for f in findings:
         print(f"[{f['severity'].upper()}] {f['rule']}: {f['hint']}")
         print(f"    evidence: {_evidence_line(f['evidence'])}")

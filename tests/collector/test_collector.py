@@ -287,7 +287,7 @@ def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp
     assert lines[0].startswith(f"{tmp_path}: 2 runs, newest first")
     assert lines[1].split()[0] == "lossy" and lines[1].endswith(
         "5 records written, 2 lost (2 gaps), 1 finding: nonfinite"), lines[1]
-    assert lines[2].split()[0] == "bare" and "no manifest.json" in lines[2]
+    assert lines[2].split()[0] == "bare" and "manifest.json missing (its collector was killed?)" in lines[2]
     assert len(lines) == 3
     assert json.loads(_cli("report", str(tmp_path), "--json").stdout)[0]["findings"] == ["nonfinite"]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
@@ -295,6 +295,21 @@ def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp
     (tmp_path / "odd" / "manifest.json").write_text('{"created": "yesterday", "totals": {"written": "x", "gaps": "y"}}')
     r = _cli("report", str(tmp_path))
     assert r.returncode == 0 and r.stderr == "" and "odd" in r.stdout, r.stderr
+    (tmp_path / "odd" / "manifest.json").write_text("xx{")
+    line = [x for x in _cli("report", str(tmp_path)).stdout.splitlines() if x.split()[0] == "odd"][0]
+    assert "manifest.json unreadable or empty: `tensortap report` it to see" in line, line
+
+
+def test_report_of_a_run_says_how_many_records_it_read_and_skipped(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b"garbage\n{\"v\": 1}\n")
+    r = _cli("report", str(run))
+    assert r.returncode == 0 and r.stdout == (
+        "run: no record could be read (2 lines skipped: torn or not a record): nothing to diagnose\n"), r.stdout
+    (run / "metrics.jsonl").write_bytes(b"".join(rec(i) + b"\n" for i in range(3)) + b"torn")
+    r = _cli("report", str(run))
+    assert r.stdout == "run: 3 records read (1 line skipped: torn or not a record); no findings\n", r.stdout
 
 
 def test_report_into_a_pipe_closed_early_ends_quietly(tmp_path):
