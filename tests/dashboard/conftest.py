@@ -127,6 +127,24 @@ def collector_process(out: str, *extra: str):
         proc.stderr.close()
 
 
+def two_ranks(endpoint: str, steps: int = 20, activations: bool = True) -> list:
+    """Senders of ranks 0 and 1 of run "ddp" (world 2), each having sent, per step, loss
+    1 + rank, gradient layer enc.0 of norm 0.1 * (rank + 1) and (activations) model_input of
+    mean rank; flushed. The caller closes them."""
+    from client_hooks.sender import Sender
+
+    senders = [Sender(endpoint, "ddp", rank=r, world=2, batch=16) for r in (0, 1)]
+    for step in range(steps):
+        for r, s in enumerate(senders):
+            s.send("metrics", "loss", {"value": 1.0 + r}, step=step)
+            s.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (r + 1)}, step=step)
+            if activations:
+                s.send("activations", "model_input", {"mean": float(r), "std": 1.0}, step=step)
+    for s in senders:
+        s.flush()
+    return senders
+
+
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -287,19 +287,11 @@ def test_ranks_of_a_ddp_run_are_separate_series(tmp_path):
     """Two ranks of one run, through a real collector: each rank's loss (and gradients and
     activations) is its own series; rank 0 keeps the plain name, rank 1 is "name · rank 1".
     (They were one series whose steps went 0..15, 0..15, 16..19, 16..19: a zigzag.)"""
-    from client_hooks.sender import Sender
-    from tests.dashboard.conftest import collector_process, wait_for
+    from tests.dashboard.conftest import collector_process, two_ranks, wait_for
 
     with collector_process(str(tmp_path)) as info, httpx.Client(base_url=info["http"], timeout=10) as c:
-        senders = [Sender(info["zmq"], "ddp", rank=r, world=2, batch=16) for r in (0, 1)]
+        senders = two_ranks(info["zmq"])
         try:
-            for step in range(20):
-                for r, s in enumerate(senders):
-                    s.send("metrics", "loss", {"value": 1.0 + r}, step=step)
-                    s.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (r + 1)}, step=step)
-                    s.send("activations", "model_input", {"mean": float(r), "std": 1.0}, step=step)
-            for s in senders:
-                s.flush()
             assert wait_for(lambda: c.get("/api/runs/ddp").json().get("records", 0) >= 120)
         finally:
             for s in senders:

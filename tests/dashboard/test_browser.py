@@ -290,17 +290,11 @@ def test_a_chart_out_of_view_waits_for_the_view_then_catches_up(browser, tmp_pat
 def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
     """Two ranks of one run: rank 0's loss is "loss", rank 1's "loss · rank 1", loaded and
     live (they were one trace zigzagging between the ranks' values)."""
-    from client_hooks.sender import Sender
+    from tests.dashboard.conftest import two_ranks
 
     with collector_process(str(tmp_path)) as info:
-        senders = [Sender(info["zmq"], "ddp", rank=r, world=2, batch=16) for r in (0, 1)]
+        senders = two_ranks(info["zmq"], activations=False)
         try:
-            for step in range(20):
-                for r, s in enumerate(senders):
-                    s.send("metrics", "loss", {"value": 1.0 + r}, step=step)
-                    s.send("gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1 * (r + 1)}, step=step)
-            for s in senders:
-                s.flush()
             time.sleep(0.5)
             page.goto(f"{info['http']}#run=ddp")
             chart_has(page, "chart-metrics", 19)

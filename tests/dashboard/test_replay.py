@@ -4,6 +4,7 @@ records as the original (ignoring run id and sequence numbers), with the origina
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -172,26 +173,36 @@ def test_serve_lists_runs_from_their_manifests_and_holds_few_read(original, tmp_
     assert "d" in {s["run"] for s in index.summaries()} and index.get("d").count > 0
 
 
-def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
-    shutil.copytree(original, tmp_path / "orig")
+@contextlib.contextmanager
+def serving(folder, tmp_path):
+    """`tensortap serve FOLDER` in a subprocess; yields its base URL once it is ready."""
     ready = str(tmp_path / "ready.json")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(tmp_path), "--http",
+    proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(folder), "--http",
                              f"127.0.0.1:{port}", "--ready-file", ready], cwd=REPO,
                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: os.path.exists(ready), timeout=30)
-        base = f"http://127.0.0.1:{port}"
-        assert [r["run"] for r in httpx.get(f"{base}/api/runs").json()] == ["orig"]
-        s = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss",
-                                                             "stat": "value"}).json()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _orig_loss(base: str) -> dict:
+    assert [r["run"] for r in httpx.get(f"{base}/api/runs").json()] == ["orig"]
+    return httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss",
+                                                            "stat": "value"}).json()
+
+
+def test_serve_shows_stored_runs_without_ingest(original, tmp_path):
+    shutil.copytree(original, tmp_path / "orig")
+    with serving(tmp_path, tmp_path) as base:
+        s = _orig_loss(base)
         assert s["total"] == 20  # rank 0's 20 steps (each rank is its own series)
         s1 = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss · rank 1",
                                                               "stat": "value"}).json()
         assert s1["total"] == 20 and s1["rank"] == 1
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_serve_of_the_folder_above_the_runs_says_where_they_are(original, tmp_path):
@@ -239,21 +250,8 @@ def test_serve_of_one_runs_folder_serves_that_run(original, tmp_path):
     """`tensortap serve RUN_DIR`: the cli says ROOT may be one run's folder; it showed none."""
     run_dir = tmp_path / "orig"
     shutil.copytree(original, run_dir)
-    ready = str(tmp_path / "ready.json")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(run_dir), "--http",
-                             f"127.0.0.1:{port}", "--ready-file", ready], cwd=REPO,
-                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: os.path.exists(ready), timeout=30)
-        base = f"http://127.0.0.1:{port}"
-        assert [r["run"] for r in httpx.get(f"{base}/api/runs").json()] == ["orig"]
-        s = httpx.get(f"{base}/api/runs/orig/series", params={"kind": "metrics", "name": "loss",
-                                                             "stat": "value"}).json()
-        assert s["total"] == 20
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with serving(run_dir, tmp_path) as base:
+        assert _orig_loss(base)["total"] == 20
 
 
 def test_serve_drops_a_run_whose_folder_is_deleted(original, tmp_path, monkeypatch):
