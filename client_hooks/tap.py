@@ -43,8 +43,9 @@ Streams (kind: name -> data; every record carries step and epoch):
   update_ratio = ||w_after - w_before|| / ||w_before||, measured across the optimizer step:
   w_before is read when backward ends, w_after at the end of the capture step (the
   optimizer's step post-hook when `watch(..., optimizer=)` is given: with a list, once each
-  of them has stepped; otherwise the next log_batch, step_end() or close()). With an optimizer given, a capture step in which it
-  did not step (gradient accumulation) has update_ratio None: no update to measure.
+  of them has stepped; otherwise the next log_batch, step_end() or close()). With an
+  optimizer given, a capture step in which it did not step (gradient accumulation) has
+  update_ratio None: no update to measure.
   Complex gradients count as (re, im) pairs of reals.
   With `watch(..., scaler=)` (AMP) mean, std, norm, max_abs and the total norm are those of
   the unscaled gradients, and each record carries the "loss_scale" it was divided by.

@@ -53,7 +53,8 @@ def _curve_options() -> dict:
     try:
         return curve_options()
     except (OSError, ValueError) as e:
-        raise ReplayError(f"cannot read the CURVE keys (TENSORTAP_CURVE_SERVER_KEY, TENSORTAP_CURVE_CLIENT_KEY): {e}") from None
+        raise ReplayError("cannot read the CURVE keys (TENSORTAP_CURVE_SERVER_KEY, "
+                          f"TENSORTAP_CURVE_CLIENT_KEY): {e}") from None
 
 
 def check_collector(endpoint: str, curve: dict, timeout: float = CONNECT_S) -> None:

@@ -32,7 +32,8 @@ def root_rows(root: str) -> list[dict]:
         mpath = os.path.join(e.path, "manifest.json")
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
                      "manifest": bool(m),
-                     "manifest_state": "ok" if m else "unreadable or empty" if os.path.isfile(mpath) else "missing", "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
+                     "manifest_state": "ok" if m else "unreadable or empty" if os.path.isfile(mpath) else "missing",
+                     "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
                      "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,

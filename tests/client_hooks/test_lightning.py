@@ -150,7 +150,8 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
             self.manual_backward(self.d(self.g(x).detach()).mean() - self.d(x).mean())
             od.step()
             self.want[step] = {
-                n: float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - flat[n]).norm() / flat[n].norm())
+                n: float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - flat[n]).norm()
+                         / flat[n].norm())
                 for n, m in (("g", self.g), ("d", self.d))}
 
         def configure_optimizers(self):

@@ -1116,7 +1116,8 @@ def test_odd_values_from_user_code_are_recorded_or_refused_in_one_line(pull):
             sender = tap.sender
     assert pull.wait_for(lambda r: len(pull.find("events", "epoch_end")) == 1)
     assert [r["data"]["value"] for r in pull.find("metrics", "lr")] == [0.25] * 3
-    assert sorted((r["step"], r["data"]["value"]) for r in pull.find("metrics", "acc")) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+    assert sorted((r["step"], r["data"]["value"]) for r in pull.find("metrics", "acc")) == \
+        [(0, 3.0), (1, 3.0), (2, 3.0)]
     assert len(pull.find("metrics", "loss")) == 3
     assert not pull.find("metrics", "vec") + pull.find("metrics", "nothing") + pull.find("metrics", "frac")
     assert [r["data"] for r in pull.find("activations", "np_scalar")] == [{"value": 1.5}] * 3
