@@ -1,8 +1,8 @@
 """Read stored runs back: the index behind `tensortap serve ROOT`, and the records replay sends.
 
 ROOT may also be one run's folder (that run is served). A run folder is any folder holding a
-manifest.json or one of the stream files (collector.wire.STREAM_FILES). A torn last line (a killed collector) and lines that are
-not valid records are skipped and counted, never fatal.
+manifest.json or one of the stream files (collector.wire.STREAM_FILES). A torn last line (a
+killed collector) and lines that are not valid records are skipped and counted, never fatal.
 """
 from __future__ import annotations
 
