@@ -302,6 +302,7 @@ class RunIndex:
         rank, step, t, flat_stats, label), ...]). Older than the ring: starts at the ring's
         oldest."""
         items: list[tuple] = []
+        one = len(self.ranks) <= 1  # (`label` inline: every name is its own label)
         for first, recs, steps in list(self.recent):
             n = len(recs)  # a block of single records may grow meanwhile: up to here
             if first + n <= cursor + 1:
@@ -311,7 +312,7 @@ class RunIndex:
                     continue
                 r = recs[j]
                 items.append((first + j, r.kind, r.name, r.rank, steps[j], r.t, flatten(r.data),
-                              self.label(r.name, r.rank)))
+                              r.name if one or not r.rank else self.label(r.name, r.rank)))
                 if len(items) >= limit:
                     return items[-1][0], items
         return (items[-1][0] if items else max(cursor, 0)), items
