@@ -130,6 +130,7 @@ class TapCallback(Callback):
         e = self._engine
         if e is None:
             return
+        e.set_optimizers([getattr(o, "_optimizer", o) for o in trainer.optimizers])
         n = trainer.num_training_batches
         e.send_now("loader_stats", "train_loader", {"present": trainer.train_dataloader is not None,
                                                     "length": _int_or_none(n)})
@@ -173,7 +174,7 @@ class TapCallback(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._engine is not None:
-            self._engine.optimizer_stepping()
+            self._engine.optimizer_stepping(getattr(optimizer, "_optimizer", optimizer))
             self._engine.grads_ready()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

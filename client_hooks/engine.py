@@ -213,6 +213,11 @@ class Engine:
         # step in which it did not (gradient accumulation) has no update ratio to report
         self.optimizer_watched = False
         self._stepped = False
+        # per watched parameter, the optimizer (its id) that steps it, when known (Tap's list,
+        # Lightning's optimizers); the optimizers that stepped in this capture step
+        self._optimizers: list = []
+        self._owners: list = []
+        self._stepped_opts: set = set()
         self._covers_all = False
         # grouped launch of the forward's tensors (CUDA with Triton, see the module docstring)
         self.group_values = True  # False: every tensor launched in its hook (benchmarks compare)
@@ -248,6 +253,7 @@ class Engine:
         for _, ps in self._layers:
             at.append(at[-1] + len(ps))
         self._wrange = list(zip(at[:-1], at[1:]))  # each layer's slice of _wparams
+        self.set_optimizers(self._optimizers)
         self._flat = None  # planned at the first capture's gradients
         # every trainable parameter in a watched layer: the total norm comes from the layers'
         # (a parameter in two watched layers, e.g. tied embedding and head weights: the rows
@@ -298,6 +304,7 @@ class Engine:
             self.capture = Capture(self.step, self.epoch)
             self._grad_seen = False  # a hooked output with grad enabled came in this step
             self._stepped = False
+            self._stepped_opts.clear()
             self._reset_grads()
             if not self._untraced and _hooks.compiler_loaded():
                 self._untrace()
@@ -367,9 +374,26 @@ class Engine:
         nxt = (self.step or 0) + 1
         return self.batch_in_epoch < o.first_n or bool(o.every_n_steps) and nxt % o.every_n_steps == 0
 
-    def optimizer_stepping(self) -> None:
-        """The optimizer steps (or has stepped) in this step: its capture's update ratios are real."""
+    def optimizer_stepping(self, optimizer=None) -> None:
+        """An optimizer steps (or has stepped) in this step: its capture's update ratios are real.
+        Given which, the layers of watched optimizers that did not step get none (`_unstepped`)."""
         self._stepped = True
+        if optimizer is not None:
+            self._stepped_opts.add(id(optimizer))
+
+    def set_optimizers(self, optimizers: list) -> None:
+        """The optimizers that step the watched parameters (see `_unstepped`)."""
+        self._optimizers = list(optimizers)
+        owner = {id(p): id(o) for o in self._optimizers for g in o.param_groups for p in g["params"]}
+        self._owners = [owner.get(id(p)) for p in self._wparams]
+
+    def _unstepped(self) -> list[int]:
+        """Watched parameters whose optimizer did not step in this capture step while another
+        did (an optimizer each, one accumulating): no update to measure, so no ratio (0 would
+        read as frozen). A parameter no known optimizer steps keeps its measured update."""
+        if not self._stepped_opts:
+            return []
+        return [i for i, o in enumerate(self._owners) if o is not None and o not in self._stepped_opts]
 
     def _reset_grads(self) -> None:
         self._grad_vecs, self._wnorms, self._before, self._total, self._scale = {}, [], [], None, None
@@ -583,6 +607,8 @@ class Engine:
             with torch.no_grad():
                 torch._foreach_sub_(self._before, self._wparams)  # before - after, in place
             norms = norms + list(torch._foreach_norm(self._before))
+            for i in self._unstepped():
+                norms[len(self._wparams) + i] = torch.full_like(norms[i], math.nan)
         try:
             pn = torch.stack(norms)
         except RuntimeError:  # parameters on several devices: their norms moved to `dev`
@@ -617,6 +643,8 @@ class Engine:
             try:
                 with torch.no_grad():
                     torch._foreach_sub_(f.wviews, self._wparams)  # before - after, in place
+                    for i in self._unstepped():
+                        f.wviews[i].fill_(math.nan)
                 ru = self.capture.batch(dev, f.mod).add_flat(f.buf, f.rel_w, f.lay_w, f.unit)[0]
             except Exception as e:  # a Triton failure: no update ratio in this capture
                 stats.fused_failed(e)

@@ -123,6 +123,7 @@ turned into one RuntimeWarning per kind and never raised.
             self._optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else \
                 [] if optimizer is None else [optimizer]
             self._engine.optimizer_watched = bool(self._optimizers)
+            self._engine.set_optimizers(self._optimizers)
             if scaler is not None:
                 self._engine.loss_scale = _scale_reader(scaler)
         return model
@@ -208,7 +209,7 @@ turned into one RuntimeWarning per kind and never raised.
         """Ends the capture step. The hook stays registered: removing it here, while the
         optimizer iterates over its hooks, would break that loop when a hook follows ours;
         the next non-capture batch (or step_end, epoch_end, close) removes it."""
-        self._engine.optimizer_stepping()
+        self._engine.optimizer_stepping(optimizer)
         self._opt_stepped.add(id(optimizer))
         if len(self._opt_stepped) == len(self._optimizers):  # each watched one has stepped
             self._engine.end_step()

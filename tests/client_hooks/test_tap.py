@@ -1280,3 +1280,31 @@ def test_with_a_list_of_optimizers_each_layer_gets_its_real_update_ratio(pull):
     for r in pull.find("gradients"):
         if r["name"] != "_total":
             assert r["data"]["update_ratio"] == pytest.approx(want[r["step"]][r["name"]], rel=1e-4), r
+
+
+def test_a_watched_optimizer_that_did_not_step_leaves_its_layers_without_an_update_ratio(pull):
+    """An optimizer each, the second accumulating (it steps every other batch): in a capture
+    step without its step, its layer has no update ratio (it read 0.0, and the diagnosis said
+    'frozen parameters'), the other layer its real one."""
+    from collector.diagnosis.gradients import dead_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    last = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    with Tap(first_n=0, every_n_steps=1) as tap:
+        tap.watch(model, optimizer=[first, last])
+        for step in range(4):
+            tap.log_batch(None, step=step)
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            first.step()
+            first.zero_grad()
+            if step % 2 == 1:
+                last.step()
+                last.zero_grad()
+    assert pull.wait_for(lambda r: len([x for x in pull.find("gradients") if x["name"] != "_total"]) == 8)
+    ratio = {(r["step"], r["name"]): r["data"]["update_ratio"]
+             for r in pull.find("gradients") if r["name"] != "_total"}
+    assert [ratio[(s, "2")] is None for s in range(4)] == [True, False, True, False]
+    assert all(ratio[(s, "0")] > 0 for s in range(4)) and ratio[(1, "2")] > 0
+    assert dead_parameters(pull.records) == []
