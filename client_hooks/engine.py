@@ -142,11 +142,12 @@ def whole(v, what: str) -> Optional[int]:
 
 
 def metric_value(name: str, v):
-    """A metric's value: a one-element tensor (kept), or a Python or NumPy number as float."""
+    """A metric's value: a one-element real tensor (kept), or a Python or NumPy real number
+    as float."""
     if isinstance(v, torch.Tensor):
-        if v.numel() == 1:
+        if v.numel() == 1 and not v.is_complex():
             return v
-        got = f"a tensor of {v.numel()} elements"
+        got = "a complex tensor" if v.is_complex() else f"a tensor of {v.numel()} elements"
     else:
         leaf = _leaf(v)
         if isinstance(leaf, torch.Tensor) and leaf.numel() == 1:  # a one-element NumPy array
@@ -154,8 +155,8 @@ def metric_value(name: str, v):
         if leaf is not None and not isinstance(leaf, torch.Tensor):
             return float(leaf)
         got = type(v).__name__
-    raise BadInput(f"metric {name}", f"log_metric({name!r}): a value must be a number or a one-element "
-                                     f"tensor, got {got}")
+    raise BadInput(f"metric {name}", f"log_metric({name!r}): a value must be a real number or a one-element "
+                                     f"real tensor, got {got}")
 
 
 NO_FORWARD_HOOK = (

@@ -1108,6 +1108,7 @@ def test_odd_values_from_user_code_are_recorded_or_refused_in_one_line(pull):
                 tap.log_metric("acc", np.int64(3), step=torch.tensor(step))
                 tap.log_metric("vec", torch.ones(3))
                 tap.log_metric("nothing", None)
+                tap.log_metric("complex", torch.tensor(3 + 4j))
                 tap.log_metric("frac", 1.0, epoch=step / 10 + 0.05)
                 tap.log_loss(torch.tensor(0.5))
                 opt.step()
@@ -1119,7 +1120,7 @@ def test_odd_values_from_user_code_are_recorded_or_refused_in_one_line(pull):
     assert sorted((r["step"], r["data"]["value"]) for r in pull.find("metrics", "acc")) == \
         [(0, 3.0), (1, 3.0), (2, 3.0)]
     assert len(pull.find("metrics", "loss")) == 3
-    assert not pull.find("metrics", "vec") + pull.find("metrics", "nothing") + pull.find("metrics", "frac")
+    assert not [r for r in pull.find("metrics") if r["name"] in ("vec", "nothing", "frac", "complex")]
     assert [r["data"] for r in pull.find("activations", "np_scalar")] == [{"value": 1.5}] * 3
     assert {r["data"]["imag"]["mean"] for r in pull.find("activations", "py_complex")} == {2.0}
     assert [r["data"]["count"] for r in pull.find("activations", "parts.b")] == [3] * 3
@@ -1130,10 +1131,10 @@ def test_odd_values_from_user_code_are_recorded_or_refused_in_one_line(pull):
     seqs = sorted(r["seq"] for r in pull.records)
     assert seqs == list(range(len(seqs))) and sender.dropped == 0
     said = [str(w.message) for w in caught if "tensortap" in str(w.message)]
+    must = "a value must be a real number or a one-element real tensor, got"
     for text in ("record('thing'): a value must be a tensor, a NumPy array or a number, got object",
-                 "log_metric('vec'): a value must be a number or a one-element tensor, got a tensor of 3 elements",
-                 "log_metric('nothing'): a value must be a number or a one-element tensor, got NoneType",
-                 "epoch must be a whole number, got 0.05"):
+                 f"log_metric('vec'): {must} a tensor of 3 elements", f"log_metric('nothing'): {must} NoneType",
+                 f"log_metric('complex'): {must} a complex tensor", "epoch must be a whole number, got 0.05"):
         assert sum(text in m for m in said) == 1, (text, said)
 
 
