@@ -172,10 +172,17 @@ class TapCallback(Callback):
             if self._log_batches:
                 e.log_batch(batch, "train", batch_idx)
 
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """Manual optimization: the gradients are read here, before the module's own clipping
+        (self.clip_gradients runs before opt.step(), so before on_before_optimizer_step)."""
+        if self._engine is not None and not pl_module.automatic_optimization:
+            self._engine.grads_ready()
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._engine is not None:
             self._engine.optimizer_stepping(getattr(optimizer, "_optimizer", optimizer))
-            self._engine.grads_ready()
+            if pl_module.automatic_optimization:  # (Lightning clips after this hook)
+                self._engine.grads_ready()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         e = self._engine

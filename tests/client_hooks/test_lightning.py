@@ -135,7 +135,7 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False
-            self.g, self.d, self.want = nn.Linear(4, 4), nn.Linear(4, 1), {}
+            self.g, self.d, self.want, self.d_norm = nn.Linear(4, 4), nn.Linear(4, 1), {}, {}
 
         def training_step(self, batch, i):
             og, od = self.optimizers()
@@ -148,6 +148,8 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
             og.step()
             od.zero_grad()
             self.manual_backward(self.d(self.g(x).detach()).mean() - self.d(x).mean())
+            self.d_norm[step] = float(torch.cat([p.grad.reshape(-1) for p in self.d.parameters()]).norm())
+            self.clip_gradients(od, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
             od.step()
             self.want[step] = {
                 n: float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - flat[n]).norm()
@@ -167,4 +169,7 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
     layers = [r for r in pull.find("gradients") if r["name"] in ("g", "d")]
     for r in layers:
         assert r["data"]["update_ratio"] == pytest.approx(model.want[r["step"]][r["name"]], rel=1e-4), r
+    # the critic's gradients as its own clip_gradients found them (they were read after it)
+    assert [r["data"]["norm"] for r in sorted(layers, key=lambda r: r["step"]) if r["name"] == "d"] == \
+        pytest.approx([model.d_norm[s] for s in sorted(model.d_norm)], rel=1e-5)
     assert dead_parameters(pull.records) == []
