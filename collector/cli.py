@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--queue-bytes", default=_env("queue_bytes", str(64 << 20)),
                    help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
-    c.add_argument("--quiet", action="store_true", help="print nothing: no start line, no summary at stop")
+    c.add_argument("--quiet", action="store_true", default=_env("quiet", "") not in ("", "0"),
+                   help="print nothing: no start line, no summary at stop (TENSORTAP_COLLECT_QUIET=1)")
     # started by a training process (client_hooks.session), which prints the URL itself
     c.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     s = sub.add_parser("serve", help="serve the dashboard over stored runs (no ingest)")

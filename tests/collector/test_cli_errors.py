@@ -151,3 +151,13 @@ def test_a_page_left_open_does_not_make_the_stop_print_a_traceback(tmp_path):
     out = col.output()
     assert rc == 0 and not t.is_alive()
     assert "Traceback" not in out and "Exception in ASGI application" not in out and "ERROR" not in out, out
+
+
+def test_every_collect_option_has_its_environment_variable_quiet_too(tmp_path):
+    """README: every `collect` option can be set as TENSORTAP_COLLECT_<OPTION>; --quiet was not."""
+    col = CollectorProc(str(tmp_path / "out"), quiet=False, env={"TENSORTAP_COLLECT_QUIET": "1"})
+    assert col.stop() == 0
+    assert col.output() == ""
+    loud = CollectorProc(str(tmp_path / "out2"), quiet=False)
+    assert loud.stop() == 0
+    assert "tensortap collector: stopped after" in loud.output()
