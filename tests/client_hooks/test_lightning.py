@@ -173,3 +173,47 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
     assert [r["data"]["norm"] for r in sorted(layers, key=lambda r: r["step"]) if r["name"] == "d"] == \
         pytest.approx([model.d_norm[s] for s in sorted(model.d_norm)], rel=1e-5)
     assert dead_parameters(pull.records) == []
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*(num_workers|many workers|GPU available).*")
+def test_manual_optimization_with_one_optimizer_accumulating_gives_its_layers_no_update_ratio(pull):
+    """The critic steps every batch, the generator every other one: in a captured batch
+    without the generator's step, its layer has no update ratio (it read 0.0: 'frozen')."""
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client_hooks import TapCallback
+    from collector.diagnosis.gradients import dead_parameters
+
+    class Gan(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.g, self.d, self.g_stepped = nn.Linear(4, 4), nn.Linear(4, 1), {}
+
+        def training_step(self, batch, i):
+            og, od = self.optimizers()
+            self.g_stepped[self.global_step] = i % 2 == 1
+            self.manual_backward(-self.d(self.g(batch[0])).mean())
+            if i % 2 == 1:
+                og.step()
+                og.zero_grad()
+            od.step()
+            od.zero_grad()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
+
+    torch.manual_seed(0)
+    model = Gan()
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu",
+              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(
+        model, DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8))
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "d")) == 4)
+    assert len(pull.find("gradients", "g")) == 4  # (read at od.step, after og.zero_grad: it had none)
+    for r in pull.find("gradients", "g"):
+        assert (r["data"]["update_ratio"] is not None) == model.g_stepped[r["step"]], r
+    assert all(r["data"]["update_ratio"] > 0 for r in pull.find("gradients", "d"))
+    assert dead_parameters(pull.records) == []
