@@ -48,6 +48,14 @@ def check_http(addr: str) -> str:
     return addr
 
 
+def check_token(token):
+    """A --token as a browser can send it: not blank, no whitespace (a Bearer header's token
+    is read stripped, so " s3cret" could never match)."""
+    if token is not None and (not token or any(c.isspace() for c in token)):
+        raise UsageError("--token must be a non-empty word without spaces")
+    return token
+
+
 def check_out(out: str) -> str:
     try:
         os.makedirs(out, exist_ok=True)
@@ -130,6 +138,7 @@ def cmd_collect(a) -> int:
     if not is_loopback(zhost) and not (a.curve_secret and a.allow_keys):
         raise UsageError(f"--zmq {a.zmq} is not loopback: it needs --curve-secret and --allow-keys "
                          "(see `tensortap keys`)")
+    check_token(a.token)
     if http and not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
     if bool(a.curve_secret) != bool(a.allow_keys):
@@ -162,6 +171,7 @@ def cmd_serve(a) -> int:
     if not os.path.isdir(a.root):
         raise UsageError(f"no such directory: {a.root!r}")
     http = check_http(a.http)
+    check_token(a.token)
     if not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
         raise UsageError(f"--http {http} is not loopback: it needs --token")
     index = load_root(a.root)
@@ -214,7 +224,7 @@ def check_run_folder(path: str) -> None:
 def cmd_replay(a) -> int:
     check_zmq_endpoint(a.to, "--to")
     check_run_folder(a.run_dir)
-    if a.speed <= 0:
+    if a.speed <= 0 and not a.max:  # (--max: the speed is not used)
         raise UsageError("--speed must be > 0")
     from collector.replay import replay_main
 

@@ -46,6 +46,10 @@ def test_cli_mistakes_give_one_line(tmp_path):
               "TENSORTAP_COLLECT_QUEUE_BYTES='lots'")
     r = _cli("report", str(run), env=bad)  # other subcommands do not read them
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for cmd in ("collect", "serve"):  # a token no Bearer header can match
+        where = ["--out", str(tmp_path)] if cmd == "collect" else [str(tmp_path)]
+        _one_line(_cli(cmd, *where, "--http", "0.0.0.0:0", "--token", " s3cret"), cmd,
+                  "--token must be a non-empty word without spaces")
 
 
 def test_keys_keeps_an_existing_pair_unless_forced(tmp_path):
@@ -96,7 +100,7 @@ def test_the_web_view_binds_any_loopback_address_without_a_token(tmp_path):
 def test_replay_to_no_collector_says_so_in_one_line_within_seconds(tmp_path):
     run = _run_folder(tmp_path)
     t0 = time.monotonic()
-    r = _cli("replay", str(run), "--to", f"tcp://127.0.0.1:{free_port()}", "--max")
+    r = _cli("replay", str(run), "--to", f"tcp://127.0.0.1:{free_port()}", "--max", "--speed", "-1")  # (unused)
     assert time.monotonic() - t0 < 15
     _one_line(r, "replay", "no collector at tcp://127.0.0.1:")
 
