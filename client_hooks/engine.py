@@ -128,6 +128,8 @@ def whole(v, what: str) -> Optional[int]:
     value (3.0); None stays None. Anything else is a BadInput (the wire holds integers)."""
     if v is None or type(v) is int:
         return v
+    # training thread: Python or NumPy numbers, or a 0-d CPU tensor in practice (a CUDA one
+    # would wait for its device here, once per call, not per statistic)
     try:
         return operator.index(v)
     except TypeError:
@@ -151,7 +153,7 @@ def metric_value(name: str, v):
     else:
         leaf = _leaf(v)
         if isinstance(leaf, torch.Tensor) and leaf.numel() == 1:  # a one-element NumPy array
-            return float(leaf.reshape(()).real)
+            return float(leaf.reshape(()).real)  # training thread; NumPy: host memory, no device wait
         if leaf is not None and not isinstance(leaf, torch.Tensor):
             return float(leaf)
         got = type(v).__name__
@@ -218,6 +220,7 @@ class Engine:
         # Lightning's optimizers); the optimizers that stepped in this capture step
         self._optimizers: list = []
         self._owners: list = []
+        self._owner_set: set = set()
         self._stepped_opts: set = set()
         self._covers_all = False
         # grouped launch of the forward's tensors (CUDA with Triton, see the module docstring)
@@ -387,13 +390,14 @@ class Engine:
         self._optimizers = list(optimizers)
         owner = {id(p): id(o) for o in self._optimizers for g in o.param_groups for p in g["params"]}
         self._owners = [owner.get(id(p)) for p in self._wparams]
+        self._owner_set = {o for o in self._owners if o is not None}
 
     def _unstepped(self) -> list[int]:
         """Watched parameters whose optimizer did not step in this capture step while another
         did (an optimizer each, one accumulating): no update to measure, so no ratio (0 would
         read as frozen). A parameter no known optimizer steps keeps its measured update."""
-        if not self._stepped_opts:
-            return []
+        if not self._stepped_opts or self._owner_set <= self._stepped_opts:
+            return []  # (every capture step of one optimizer: no loop over the parameters)
         return [i for i, o in enumerate(self._owners) if o is not None and o not in self._stepped_opts]
 
     def _reset_grads(self) -> None:
@@ -963,7 +967,7 @@ class Engine:
                 continue
             if isinstance(v, torch.Tensor):
                 if stats.read_now(v.device):  # CPU: no device to wait for, nothing to copy
-                    value = float(v.detach().real)
+                    value = float(v.detach().real)  # training thread; CPU: no device wait
                     if with_capture:
                         self.capture.add("metrics", name, [value], ["value"], 64)
                     else:

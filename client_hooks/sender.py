@@ -191,8 +191,13 @@ class Sender:
             frames = [(encode(recs[0][0]), 1)] if len(recs) == 1 else _frames([r for r, _ in recs])
         except Exception:  # a value JSON cannot hold: drop that record alone, number the rest
             self._seq = first
-            recs = self._encodable(recs)
-            self._send_records(recs, deadline)
+            kept = self._encodable(recs)
+            if len(kept) < len(recs):
+                self._send_records(kept, deadline)
+            else:  # each encodes alone, the frame not (never seen): dropped, not tried again
+                self._warn_once("encode", "tensortap: a frame could not be encoded; dropping its records")
+                with self._lock:
+                    self.dropped += sum(n for _, n in recs)
             return
         done = sent_objs = 0
         for frame, k in frames:

@@ -238,6 +238,8 @@ class RunIndex:
     def find(self, kind: str, name: str, rank: Optional[int] = None) -> Optional[tuple[int, Series]]:
         """(rank, series) of `name` in `kind`: of that rank when given; else the lowest rank's,
         or the series whose label is `name` ("loss · rank 1"). None when there is none."""
+        if rank is None and (kind, name, 0) in self.series:
+            rank = 0  # the lowest there is: one lookup, not a scan (every single-rank run)
         if rank is not None:
             s = self.series.get((kind, name, rank))
             return None if s is None else (rank, s)

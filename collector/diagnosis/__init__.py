@@ -46,6 +46,6 @@ def write_findings(run_dir: str, stats=None) -> list[dict]:
     path = os.path.join(run_dir, "findings.json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(finite_json(doc), f, indent=1, allow_nan=False)
+        json.dump(doc, f, indent=1, allow_nan=False)  # (the findings are finite_json'd by diagnose)
     os.replace(tmp, path)
     return findings
