@@ -184,6 +184,11 @@ class TapCallback(Callback):
             if pl_module.automatic_optimization:  # (Lightning clips after this hook)
                 self._engine.grads_ready()
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if self._engine is not None:  # each batch's record(always=True) of a compiled forward
+            self._engine.take_traced()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         e = self._engine
         if e is None:

@@ -6,7 +6,8 @@ A capture step (cadence: first `first_n` batches of every epoch, and every `ever
 step) attaches hooks at begin_step and removes them at end_step, where the step's vectors go
 to the host in one copy. Every public method swallows its errors: one warning per kind. A
 torch.compile'd forward hands its hooks' (and record()'s) values over instead of running them
-(hooks.Traced): they are taken at the end of backward or of the step (`_drain`), and the hooks
+(hooks.Traced: a slot per hook and record name): they are taken at the end of backward or of
+the step (`_drain`), and the hooks
 of such a model stay registered between capture steps.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
@@ -250,6 +251,7 @@ class Engine:
         if self._hooks is not None:  # watched before: that model's step ends, its hooks go
             self.end_step()
             self._hooks.detach()
+            self._traced.drop_hooks()  # (the new hooks make their own slots)
         self._model = model
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
         self._wparams = [p for _, ps in self._layers for p in ps]
@@ -297,7 +299,7 @@ class Engine:
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         if self.capturing:
             self.end_step()
-        elif self._traced.stash:  # record(always=True) in a compiled forward outside a capture step
+        elif self._traced.full:  # record(always=True) in a compiled forward outside a capture step
             self._drain()
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
@@ -343,34 +345,47 @@ class Engine:
         compiling, _ = _hooks.tracing_guard()
         if compiling is None:
             return record
-        t, RECORD, ALWAYS = self._traced, _hooks.Traced.RECORD, _hooks.Traced.ALWAYS
+        t = self._traced
 
         def call(name: str, tensor, pair=None, always: bool = False) -> None:
             if compiling():
                 if t.live or always:
-                    t.stash.append((name, tensor, pair, ALWAYS if always else RECORD))
+                    t.record(name, tensor, pair, always)
                 return None
             return record(name, tensor, pair, always)
         return functools.wraps(record)(call)
 
     def _drain(self) -> None:
         """The values a compiled forward handed over (hooks.Traced; callers on the capture
-        path check that `_traced.stash` holds any first: one call less), taken in eager code:
-        each as its hook or record() would have taken it in an eager forward (at the end of
-        backward, they join the gradients' grouped launch). A hook's value says that the
-        model runs compiled, and compiled code keeps the hooks it was compiled with: the
-        hooks stay registered from then on (they hand values over only while `live`)."""
+        path check `_traced.full` first: one call less), taken in eager code: each as its
+        hook or record() would have taken it in an eager forward (at the end of backward,
+        they join the gradients' grouped launch); a hook's value from a forward under
+        no_grad under no_grad again, so that it does not replace a training forward's. A
+        hook's value says that the model runs compiled, and compiled code keeps the hooks it
+        was compiled with: the hooks stay registered from then on (they hand values over
+        only while `live`)."""
         t = self._traced
-        if not t.stash:
+        if not t.full:
             return
-        for name, value, pair, how in t.take():
+        for name, value, pair, how, grad in t.take():
             if how == _hooks.Traced.HOOK:  # (only the hooks hand these over: _hooks is set)
                 if not self._keep_hooks:
                     self._keep_hooks = True
                     self._hooks.use_param_hooks()  # a compiled forward puts no hook on its output
-                self._hooks.deliver(name, value)
+                if grad:
+                    self._hooks.deliver(name, value)
+                else:
+                    with torch.no_grad():
+                        self._hooks.deliver(name, value)
             else:  # (the method itself: self.record is the traced wrapper)
                 Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
+
+    def take_traced(self) -> None:
+        """Outside a capture step, the values that record(always=True) in a compiled forward
+        handed over since the last take (hooks.Traced keeps a name's last value: taken at
+        each tensortap call of the loop, each evaluation batch gets its record)."""
+        if self._traced.full and not self.capturing:
+            self._drain()
 
     def _next_step_captures(self) -> bool:
         """Whether the step after this one will capture (every_n_steps, the same epoch)."""
@@ -424,7 +439,7 @@ class Engine:
         foreach norm."""
         if not self.capturing:
             return
-        if self._traced.stash:  # a compiled forward's values: before the gradients' grouped launch
+        if self._traced.full:  # a compiled forward's values: before the gradients' grouped launch
             self._drain()
         self._grad_vecs, self._flat_rows = {}, None
         if self._flat is False or not self._flat_grads():
@@ -557,7 +572,7 @@ class Engine:
         """Update ratios, then one copy of the whole step to the host; removes the hooks."""
         if not self.capturing:
             return
-        if self._traced.stash:
+        if self._traced.full:
             self._drain()
         self.capturing = self._traced.live = False
         if self._hooks is not None and not (self._keep_hooks or self._next_step_captures()):
@@ -957,6 +972,7 @@ class Engine:
         to the host on its own (`scalar_to_host`, without a capture's bookkeeping). Either is
         read on the sender thread. A CPU tensor is read at once (nothing to wait for)."""
         items = []
+        self.take_traced()
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():

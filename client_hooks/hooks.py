@@ -136,27 +136,81 @@ def tracing_guard() -> tuple:
     return compiling, disable(_call)
 
 
+class Slot:
+    """Where one hook (or one record() name) of a compiled forward leaves its value: the last
+    call's, as an eager forward's capture keeps the last (a hook's value under no_grad apart,
+    see `put`). Traced code only stores into it (no read, so nothing to guard on)."""
+
+    def __init__(self, owner: "Traced", name: str, how: int, pair=None):
+        self.owner, self.name, self.how, self.pair = owner, name, how, pair
+        self.grad = self.nograd = None
+
+    def put(self, value) -> None:
+        """Traced (inlined into the compiled code); the stores replayed at each call. A
+        hook's value is kept apart by the grad mode of its forward: an evaluation forward
+        under no_grad does not replace a training forward's value (Engine.on_output)."""
+        if self.how != Traced.HOOK or torch.is_grad_enabled():
+            self.grad = value
+        else:
+            self.nograd = value
+        self.owner.full = True
+
+
 class Traced:
     """What a compiled forward hands to tensortap. A hook (or `record`) traced by dynamo does
     not compute its statistics in the graph, nor break it: while `live` (a capture step) it
-    appends (name, value, pair, how) to `stash`, a list mutation that the compiled code
-    replays at each call, and the engine takes the values in eager code (Engine._drain).
-    Why not a graph break: dynamo cannot resume after a break inside a hook in a loop (an
-    nn.Sequential) and runs that frame eagerly from then on, on every later step too (torch
-    2.11: the whole model; 2.13: leaf by leaf). Dynamo guards on `live` and on whether
-    `stash` is empty: a few compiled variants, chosen at each call without recompiling."""
+    stores its value into its own `Slot` (an attribute store that the compiled code replays
+    at each call) and sets `full`; the engine takes the values in eager code
+    (Engine._drain). Why not a graph break: dynamo cannot resume after a break inside a hook
+    in a loop (an nn.Sequential) and runs that frame eagerly from then on, on every later
+    step too (torch 2.11: the whole model; 2.13: leaf by leaf). Why not a list that grows:
+    dynamo guards on a list's length, so a compiled model called again before the values
+    were taken (a rollout, micro-batches, an evaluation loop with always=True) compiled
+    anew at each call, up to the recompile limit. Stores are not guarded on: dynamo guards
+    on `live` (and the grad mode), so a capture step and a plain one each have their
+    variant, chosen at each call; a record() name met for the first time adds its slot
+    (one recompilation)."""
 
     HOOK, RECORD, ALWAYS = 0, 1, 2  # how: a forward hook's value; record(); record(always=True)
 
     def __init__(self):
         self.live = False
-        self.stash: list = []
+        self.full = False  # a slot holds a value not yet taken
+        self.slots: list[Slot] = []  # the hooks' slots and the records', in the order made
+        self.named: dict = {}  # (name, always) -> the Slot of record(name, ..., always)
+
+    def slot(self, name: str, how: int) -> Slot:
+        """A hook's slot (made in eager code, with the hook)."""
+        s = Slot(self, name, how)
+        self.slots.append(s)
+        return s
+
+    def record(self, name: str, value, pair, always: bool) -> None:
+        """record(name, value, pair, always) in a compiled forward (traced): its value into
+        the slot of that name, made at the first call."""
+        s = self.named.get((name, always))
+        if s is None:
+            s = self.named[(name, always)] = Slot(self, name, Traced.ALWAYS if always else Traced.RECORD)
+            self.slots.append(s)
+        s.pair = pair
+        s.put(value)
+
+    def drop_hooks(self) -> None:
+        """Forget the hooks' slots (their hooks are gone: a model watched anew)."""
+        self.slots = [s for s in self.slots if s.how != Traced.HOOK]
 
     def take(self) -> list:
-        """The values handed over since the last take, in their order; the stash emptied (the
-        same list object: the compiled code holds it)."""
-        items = self.stash[:]
-        self.stash.clear()
+        """(name, value, pair, how, grad) of each value handed over since the last take, a
+        slot's grad-mode value before its no_grad one; the slots emptied."""
+        items = []
+        self.full = False
+        for s in self.slots:
+            if s.grad is not None:
+                items.append((s.name, s.grad, s.pair, s.how, True))
+                s.grad = None
+            if s.nograd is not None:
+                items.append((s.name, s.nograd, s.pair, s.how, False))
+                s.nograd = None
         return items
 
 
@@ -287,13 +341,13 @@ class Hooks:
 
     def _fwd(self, path: str):
         name = f"{path}:output"
+        slot = self.traced.slot(name, Traced.HOOK)  # where a compiled forward leaves its value
 
         def hook(module, args, output):
             c = self._compiling
             if c is not None and c():  # in a compiled forward: handed over, nothing computed
-                t = self.traced
-                if t.live:
-                    t.stash.append((name, output, None, Traced.HOOK))
+                if self.traced.live:
+                    slot.put(output)
                 return None
             self.fired += 1
             try:
@@ -304,13 +358,13 @@ class Hooks:
 
     def _pre(self, path: str):
         name = f"{path}:input"
+        slot = self.traced.slot(name, Traced.HOOK)
 
         def hook(module, args):
             c = self._compiling
             if c is not None and c():
-                t = self.traced
-                if t.live:
-                    t.stash.append((name, args[0] if len(args) == 1 else args, None, Traced.HOOK))
+                if self.traced.live:
+                    slot.put(args[0] if len(args) == 1 else args)
                 return None
             self.fired += 1
             try:

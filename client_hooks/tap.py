@@ -153,6 +153,7 @@ turned into one RuntimeWarning per kind and never raised.
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
+        e.take_traced()  # an evaluation batch: the last batch's record(always=True) of a compiled forward
         n = self._split_seen.get(split, 0)
         self._split_seen[split] = n + 1
         if n < e.opts.first_n:

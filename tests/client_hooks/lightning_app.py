@@ -58,7 +58,16 @@ class Module(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.net(batch["images"]).pow(2).mean())
+        val = getattr(self, "compiled_val", None)
+        self.log("val_loss", val(batch["images"]) if val is not None else self.net(batch["images"]).pow(2).mean())
+
+    def val_recorded(self, x):
+        """--val-record: validation's loss, compiled with a record(always=True) in it."""
+        out = self.net(x)
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, TapCallback):
+                cb.record("val_out", out, always=True)
+        return out.pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -89,9 +98,13 @@ def main():
                     "Trainers with a new TapCallback each, one after the other (a notebook's cells)")
     ap.add_argument("--compile", action="store_true", help="the module's net torch.compile'd (aot_eager), "
                     "every leaf watched; RESULT also has dynamo's graph and break counts")
+    ap.add_argument("--val-record", action="store_true", help="with --compile: validation's loss "
+                    "compiled too, with a record(always=True) of the net's output in it")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
+    if a.val_record:
+        module.compiled_val = torch.compile(module.val_recorded, backend="aot_eager")
     if a.compile:
         module.net = torch.compile(module.net, backend="aot_eager")
     cb = TapCallback(gradients="all", all_leaves=a.compile)

@@ -67,6 +67,21 @@ def test_a_compiled_net_in_a_fit_keeps_whole_graphs_and_records_every_leaf(pull)
     assert {r["step"] for r in pull.find("gradients", "net.0")} == {0, 4}
 
 
+def test_a_record_always_in_a_compiled_validation_step_is_sent_for_each_batch(pull):
+    """record(always=True) inside a compiled validation function: the compiled code leaves
+    each call's value in one place per name (hooks.Traced), taken at each validation batch's
+    end: every batch gets its record (2 epochs x 2 batches) in its own epoch (before, they
+    waited for the next training step, the first epoch's then labelled with the second)."""
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+                   "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--compile", "--val-record")
+    assert res["breaks"] == 0 and res["graphs"] <= 6, res
+    assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
+    got = pull.find("activations", "val_out")
+    # (the step: the last training step begun, as an eager record(always=True) outside a step has)
+    assert sorted((r["step"], r["epoch"]) for r in got) == [(3, 0), (3, 0), (7, 1), (7, 1)]
+    assert all(r["data"]["count"] == 8 * 64 and r["data"]["nan"] == 0 for r in got)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")
 def test_under_16_mixed_precision_on_a_gpu_the_gradients_are_the_unscaled_ones(pull):
     """precision="16-mixed" on CUDA: autocast, and a GradScaler (init scale 1024) that scales

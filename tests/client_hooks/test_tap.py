@@ -844,15 +844,17 @@ def test_a_hook_traced_into_a_compiled_forward_hands_its_value_over_and_breaks_n
         x = torch.randn(2, 8)
         compiled(x)
         got = hooks.traced.take()
-        assert seen == [] and len(errors) == 1 and not hooks.traced.stash
+        assert seen == [] and len(errors) == 1 and not hooks.traced.full and hooks.traced.take() == []
         if not live:
             assert got == []
             continue
         with torch.no_grad():
             h0 = model[0].forward(x)
             want = [("0:input", x), ("0:output", h0), ("1:input", h0), ("1:output", model[1].forward(h0))]
-        assert [(n, p, how) for n, _, p, how in got] == [(n, None, Traced.HOOK) for n, _ in want]
-        assert all(torch.equal(v, w) for (_, v, _, _), (_, w) in zip(got, want))
+        assert sorted((n, p, how, grad) for n, _, p, how, grad in got) == sorted(
+            (n, None, Traced.HOOK, True) for n, _ in want)
+        values = {n: v for n, v, _, _, _ in got}
+        assert all(torch.equal(values[n], w) for n, w in want)
     ops = [sorted(str(n.target) for n in g.graph.nodes if n.op.startswith("call")) for g in graphs]
     assert len(graphs) == 2 and all(o == sorted(map(str, [nn.functional.linear] * 2 + [nn.functional.gelu]))
                                     for o in ops), ops
@@ -954,6 +956,62 @@ def test_a_record_inside_a_compiled_forward_is_the_eager_value_and_breaks_no_gra
             w = want[step][name]
             assert [got[step][k] for k in ("mean", "min", "max")] == pytest.approx(
                 [w.mean().item(), w.min().item(), w.max().item()], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_eager_rules(pull):
+    """A compiled model called again and again before tensortap takes the values (a rollout or
+    micro-batches in one capture step; an evaluation loop with record(always=True) between
+    steps): no recompilation at each call (the values were a list that grew, and dynamo
+    guards on a list's length: 8 graphs, then the recompile limit). In a capture step each
+    name keeps the last call's value, as an eager model's capture does, and an evaluation
+    forward under no_grad after the training forward does not replace its values; outside,
+    each evaluation batch begun by log_batch gets its own always=True record."""
+    graphs, ref = [], []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = Recording(ref)
+    compiled = torch.compile(model, backend=keep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(5, 8) for _ in range(12)]
+    evals = [torch.randn(3, 8) for _ in range(10)]
+    with Tap(first_n=1, gradients="all", all_leaves=True) as tap:
+        ref.append(tap)
+        tap.watch(model, optimizer=opt)
+        tap.log_batch({"x": xs[0]}, epoch=0)
+        loss = sum(compiled(x).pow(2).mean() for x in xs)  # 12 calls in the capture step
+        with torch.no_grad():
+            compiled(torch.full((2, 8), 100.0))  # an evaluation forward, after training's
+        loss.backward()
+        with torch.no_grad():
+            # a hook's value: the training forward's; a record: the last call's (as in eager code)
+            want = {"a:output": model.a(xs[-1]), "mid": nn.functional.gelu(model.a(torch.full((2, 8), 100.0))) * 2}
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            want_eval = [nn.functional.gelu(model.a(x)) - 1 for x in evals]
+        compiled_in_step = len(graphs)
+        with torch.no_grad():
+            for i, x in enumerate(evals):  # outside capture steps
+                tap.log_batch({"x": x}, split="val", batch_idx=i)
+                compiled(x)
+        tap.log_batch({"x": xs[0]}, epoch=0)  # a next step (not captured): takes the last batch's
+    # a capture step's variants: under grad (compiled again once: the first call made the
+    # record names' slots) and under no_grad; then the plain steps' (the old code: 8, the limit)
+    assert compiled_in_step <= 3 and len(graphs) <= 4, (compiled_in_step, len(graphs))
+    assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 11)
+    for name, w in want.items():
+        (got,) = pull.find("activations", name)
+        assert got["data"]["count"] == w.numel() and [got["data"][k] for k in ("mean", "max")] == \
+            pytest.approx([w.double().mean().item(), w.max().item()], rel=1e-5), name
+    evals_got = sorted((r for r in pull.find("activations", "mid_always") if r["step"] == 0 and
+                        r["data"]["count"] == 3 * 16), key=lambda r: r["seq"])
+    assert [r["data"]["mean"] for r in evals_got] == pytest.approx(
+        [w.double().mean().item() for w in want_eval], rel=1e-5)
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)
