@@ -441,9 +441,12 @@ class Engine:
             return
         if self._traced.full:  # a compiled forward's values: before the gradients' grouped launch
             self._drain()
-        self._grad_vecs, self._flat_rows = {}, None
+        earlier, self._grad_vecs, self._flat_rows = self._grad_vecs, {}, None
         if self._flat is False or not self._flat_grads():
             self._layer_grads()
+            if earlier:  # read again (a backward each): a layer with no gradient now (its
+                # optimizer stepped and zeroed them) keeps what its optimizer stepped with
+                self._grad_vecs = {**earlier, **self._grad_vecs}
         self._scale = self._read_scale()
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
@@ -502,8 +505,11 @@ class Engine:
             with torch.no_grad():
                 if self._wsaved is None:
                     torch._foreach_copy_(f.views, grads + self._wparams)
-                elif self._wsaved is f.wviews:  # read again (an optimizer each): the weights as first seen
-                    torch._foreach_copy_(f.views[:len(grads)], grads)
+                elif self._wsaved is f.wviews:  # read again (an optimizer each): the weights as first seen;
+                    # a gradient gone since (its optimizer stepped, then zeroed it) keeps its first read
+                    have = [i for i, g in enumerate(grads) if g is not None]
+                    if have:
+                        torch._foreach_copy_([f.views[i] for i in have], [grads[i] for i in have])
                 else:
                     torch._foreach_copy_(f.views, grads + self._wsaved)
         except (TypeError, RuntimeError):  # a gradient is None (or of another layout)

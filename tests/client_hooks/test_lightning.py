@@ -191,6 +191,58 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*(num_workers|many workers|GPU available).*")
+def test_with_two_backwards_a_step_a_layer_zeroed_before_the_second_keeps_its_own_gradients(pull):
+    """Manual optimization, each optimizer stepping and zeroing its gradients (set to None)
+    right after its backward, before the other net's: the gradients are read after each
+    backward, and a layer that has none at the second read keeps what the first read found
+    (its optimizer stepped with that). The generator's layer was dropped from those steps."""
+    import lightning as L
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client_hooks import TapCallback
+
+    def norm(m):
+        return float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm())
+
+    class Gan(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.g, self.d, self.norms = nn.Linear(4, 4), nn.Linear(4, 1), {}
+
+        def training_step(self, batch, i):
+            og, od = self.optimizers()
+            x, step = batch[0], self.global_step
+            self.manual_backward(-self.d(self.g(x)).mean())
+            self.norms[step] = {"g": norm(self.g)}
+            og.step()
+            og.zero_grad()
+            od.zero_grad()  # (the generator's loss reached the critic too)
+            self.manual_backward(self.d(self.g(x).detach()).mean() - self.d(x).mean())
+            self.norms[step]["d"] = norm(self.d)
+            od.step()
+            od.zero_grad()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
+
+    torch.manual_seed(0)
+    model = Gan()
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu",
+              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(
+        model, DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=8))
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "d")) == 3)
+    for name in ("g", "d"):
+        got = sorted(pull.find("gradients", name), key=lambda r: r["step"])
+        assert [r["step"] for r in got] == sorted(model.norms), name
+        assert [r["data"]["norm"] for r in got] == pytest.approx(
+            [model.norms[s][name] for s in sorted(model.norms)], rel=1e-5), name
+        assert all(r["data"]["update_ratio"] > 0 for r in got), name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*(num_workers|many workers|GPU available).*")
 def test_manual_optimization_with_one_optimizer_accumulating_gives_its_layers_no_update_ratio(pull):
     """The critic steps every batch, the generator every other one: in a captured batch
     without the generator's step, its layer has no update ratio (it read 0.0: 'frozen')."""
