@@ -57,8 +57,9 @@ function newActDiv(id) {
 
 // Route one series (initial rows or one live record) into the charts that draw it.
 // prefix "" for the run in view, "cmp" for the overlay (drawn dashed).
-// name: the series' label (its name, "name · rank r" for the other ranks of a DDP run).
-function place(kind, name, stats, prefix, x, y) {
+// name: the series' label (its name, "name · rank r" for the other ranks of a DDP run);
+// base, rank: its own name and rank (an activation's chart is one for every rank of it).
+function place(kind, name, stats, prefix, x, y, base = name, rank = 0) {
   const label = prefix ? prefix + " · " + name : name;
   const dash = prefix ? "dot" : "solid";
   const out = [];  // [chart, key, stat] where this series goes
@@ -75,11 +76,12 @@ function place(kind, name, stats, prefix, x, y) {
     }
   } else if (kind === "activations") {
     showKind(kind, true);
-    const c = chartFor("act:" + name, "activation: " + name, {legend: true});
+    const c = chartFor("act:" + base, "activation: " + base, {legend: true});
+    const r = rank ? "rank " + rank + " · " : "";  // the other ranks' traces in rank 0's chart
     for (const stat of actStats(stats)) {
-      const key = prefix + "|" + stat;
+      const key = prefix + "|" + r + stat, own = r + stat;
       const visible = ACT_SHOWN.includes(stat.split(".").pop()) ? true : "legendonly";
-      c.add(key, {label: prefix ? prefix + " · " + stat : stat, stat, color: colorOf(stat), dash, visible},
+      c.add(key, {label: prefix ? prefix + " · " + own : own, stat, color: colorOf(own), dash, visible},
         x(stat), y(stat));
       out.push([c, key, stat]);
     }
@@ -115,7 +117,7 @@ async function loadSeries(run, prefix, gen, onAsked = () => {}) {
     cursor = Math.min(cursor, res.cursor);
     for (const s of streams[kind]) {
       const label = s.label ?? s.name, row = res.series[label];
-      if (row) place(kind, label, s.stats, prefix, () => row.step, (st) => row[st] || []);
+      if (row) place(kind, label, s.stats, prefix, () => row.step, (st) => row[st] || [], s.name, label === s.name ? 0 : s.rank);
     }
   });
   return cursor === Infinity ? 0 : cursor;
@@ -139,11 +141,12 @@ function showKind(kind, has) {
 
 function onLive(msg) {
   S.cursor = msg.cursor;
-  for (const [, kind, name, , step, t, flat, label] of msg.items) {
+  for (const [, kind, name, rank, step, t, flat, label] of msg.items) {
     if (kind === "metrics" || kind === "gradients" || kind === "activations") {
       const stats = Object.keys(flat);
       const rec = {t, left: 0};  // drawn once each visible chart it went to has been redrawn
-      for (const [c, key, stat] of place(kind, label ?? name, stats, "", () => [], () => [])) {
+      const own = label ?? name;  // (a rank's own trace once the run has several ranks)
+      for (const [c, key, stat] of place(kind, own, stats, "", () => [], () => [], name, own === name ? 0 : rank)) {
         if (stat in flat) c.push(key, step, flat[stat]);
         if (c.visible && c.waiting.at(-1) !== rec) { c.waiting.push(rec); rec.left++; }
       }

@@ -289,11 +289,13 @@ def test_a_chart_out_of_view_waits_for_the_view_then_catches_up(browser, tmp_pat
 
 def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
     """Two ranks of one run: rank 0's loss is "loss", rank 1's "loss · rank 1", loaded and
-    live (they were one trace zigzagging between the ranks' values)."""
+    live (they were one trace zigzagging between the ranks' values). An activation has one
+    chart for both ranks, rank 1's statistics named "rank 1 · mean" in it (it had a chart
+    of its own per rank)."""
     from tests.dashboard.conftest import two_ranks
 
     with collector_process(str(tmp_path)) as info:
-        senders = two_ranks(info["zmq"], activations=False)
+        senders = two_ranks(info["zmq"])
         try:
             time.sleep(0.5)
             page.goto(f"{info['http']}#run=ddp")
@@ -314,6 +316,18 @@ def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
             names = page.evaluate("document.getElementById('chart-grad-norm').data.map(t => t.name)")
             assert names == ["enc.0", "enc.0 · rank 1"]
             assert page.inner_text("#run-meta").endswith("ranks 0, 1")
+            for r, s in enumerate(senders):  # live, into the same chart
+                s.send("activations", "model_input", {"mean": float(r), "std": 1.0}, step=20)
+                s.flush()
+            page.locator("#activations .chart").first.scroll_into_view_if_needed()  # (drawn once in view)
+            page.wait_for_function("() => [...document.querySelectorAll('#activations .chart')].some(d => "
+                                   "d.data && d.data.length === 4 && d.data.every(t => Array.from(t.x).includes(20)))",
+                                   timeout=5_000)
+            acts = page.evaluate("[...document.querySelectorAll('#activations .chart')].map(d => "
+                                 "[d.querySelector('.gtitle').textContent, d.data.map(t => "
+                                 "[t.name, Array.from(t.x).length, Array.from(t.y).at(-1)])])")
+            assert acts == [["activation: model_input", [["mean", 21, 0.0], ["std", 21, 1.0],
+                                                         ["rank 1 · mean", 21, 1.0], ["rank 1 · std", 21, 1.0]]]]
             leave(page)
         finally:
             for s in senders:
