@@ -359,8 +359,8 @@ class Engine:
         """The values a compiled forward handed over (hooks.Traced; callers on the capture
         path check `_traced.full` first: one call less), taken in eager code: each as its
         hook or record() would have taken it in an eager forward (at the end of backward,
-        they join the gradients' grouped launch); a hook's value from a forward under
-        no_grad under no_grad again, so that it does not replace a training forward's. A
+        they join the gradients' grouped launch); a hook's value under the grad mode of its
+        forward, so that one under no_grad does not replace a training forward's. A
         hook's value says that the model runs compiled, and compiled code keeps the hooks it
         was compiled with: the hooks stay registered from then on (they hand values over
         only while `live`)."""
@@ -372,11 +372,8 @@ class Engine:
                 if not self._keep_hooks:
                     self._keep_hooks = True
                     self._hooks.use_param_hooks()  # a compiled forward puts no hook on its output
-                if grad:
+                with torch.set_grad_enabled(grad):  # (a drain at the end of backward may run without grad)
                     self._hooks.deliver(name, value)
-                else:
-                    with torch.no_grad():
-                        self._hooks.deliver(name, value)
             else:  # (the method itself: self.record is the traced wrapper)
                 Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
 

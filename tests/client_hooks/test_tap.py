@@ -977,24 +977,26 @@ def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_e
     model = Recording(ref)
     compiled = torch.compile(model, backend=keep)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs = [torch.randn(5, 8) for _ in range(12)]
-    evals = [torch.randn(3, 8) for _ in range(10)]
-    with Tap(first_n=1, gradients="all", all_leaves=True) as tap:
+    evals, probe = [torch.randn(3, 8) for _ in range(10)], torch.full((2, 8), 100.0)
+    want = {}
+    with Tap(first_n=2, gradients="all", all_leaves=True) as tap:
         ref.append(tap)
         tap.watch(model, optimizer=opt)
-        tap.log_batch({"x": xs[0]}, epoch=0)
-        loss = sum(compiled(x).pow(2).mean() for x in xs)  # 12 calls in the capture step
-        with torch.no_grad():
-            compiled(torch.full((2, 8), 100.0))  # an evaluation forward, after training's
-        loss.backward()
-        with torch.no_grad():
-            # a hook's value: the training forward's; a record: the last call's (as in eager code)
-            want = {"a:output": model.a(xs[-1]), "mid": nn.functional.gelu(model.a(torch.full((2, 8), 100.0))) * 2}
-        opt.step()
-        opt.zero_grad()
+        for step in range(2):  # (from the second, the values are taken inside backward)
+            xs = [torch.randn(5, 8) for _ in range(12)]
+            tap.log_batch({"x": xs[0]}, epoch=0)
+            loss = sum(compiled(x).pow(2).mean() for x in xs)  # 12 calls in the capture step
+            with torch.no_grad():
+                compiled(probe)  # an evaluation forward, after training's
+            loss.backward()
+            with torch.no_grad():
+                # a hook's value: the training forward's; a record: the last call's (as in eager code)
+                want[step] = {"a:output": model.a(xs[-1]), "mid": nn.functional.gelu(model.a(probe)) * 2}
+            opt.step()
+            opt.zero_grad()
         with torch.no_grad():
             want_eval = [nn.functional.gelu(model.a(x)) - 1 for x in evals]
-        compiled_in_step = len(graphs)
+        compiled_in_steps = len(graphs)
         with torch.no_grad():
             for i, x in enumerate(evals):  # outside capture steps
                 tap.log_batch({"x": x}, split="val", batch_idx=i)
@@ -1002,13 +1004,14 @@ def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_e
         tap.log_batch({"x": xs[0]}, epoch=0)  # a next step (not captured): takes the last batch's
     # a capture step's variants: under grad (compiled again once: the first call made the
     # record names' slots) and under no_grad; then the plain steps' (the old code: 8, the limit)
-    assert compiled_in_step <= 3 and len(graphs) <= 4, (compiled_in_step, len(graphs))
-    assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 11)
-    for name, w in want.items():
-        (got,) = pull.find("activations", name)
-        assert got["data"]["count"] == w.numel() and [got["data"][k] for k in ("mean", "max")] == \
-            pytest.approx([w.double().mean().item(), w.max().item()], rel=1e-5), name
-    evals_got = sorted((r for r in pull.find("activations", "mid_always") if r["step"] == 0 and
+    assert compiled_in_steps <= 3 and len(graphs) <= 4, (compiled_in_steps, len(graphs))
+    assert pull.wait_for(lambda r: len(pull.find("activations", "mid_always")) == 12)
+    for step in range(2):
+        for name, w in want[step].items():
+            (got,) = [r for r in pull.find("activations", name) if r["step"] == step]
+            assert got["data"]["count"] == w.numel() and [got["data"][k] for k in ("mean", "max")] == \
+                pytest.approx([w.double().mean().item(), w.max().item()], rel=1e-5), (step, name)
+    evals_got = sorted((r for r in pull.find("activations", "mid_always") if r["step"] == 1 and
                         r["data"]["count"] == 3 * 16), key=lambda r: r["seq"])
     assert [r["data"]["mean"] for r in evals_got] == pytest.approx(
         [w.double().mean().item() for w in want_eval], rel=1e-5)
