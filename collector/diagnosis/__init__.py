@@ -27,9 +27,12 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     """All findings for one run's records, most severe first; evidence numbers finite or None."""
     r = records_by_kind
     grads, acts = one_rank(r.get("gradients", [])), one_rank(r.get("activations", []))
-    found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads)
-             + gradients.update_ratios(grads) + values.activations(acts) + values.weak_layers(acts)
-             + values.input_range(acts)
+    act = values.activations(acts)
+    dead = tuple(t for f in act if f["rule"] == "dead_activation" for t in f["evidence"]["tensors"])
+    found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads, dead)
+             + gradients.no_gradient_at_all(grads, acts, r.get("metrics", []))
+             + gradients.update_ratios(grads) + act + values.weak_layers(acts)
+             + values.input_range(acts) + values.constant_target(one_rank(r.get("loader_stats", [])))
              + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", [])))
     # NaN/Inf of the evidence as None: findings.json and the API stay strict JSON
     return finite_json(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))

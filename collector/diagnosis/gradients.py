@@ -16,6 +16,12 @@ VANISH_TOTAL = 1e-8        # total grad norm below this (but > 0): vanishing eve
 UPDATE_SMALL = 1e-6        # median update/weight below this (but > 0): too small (medium)
 UPDATE_LARGE = 0.5         # largest update/weight of any capture above this: too large (high)
 UPDATE_LARGE_MEDIUM = 0.1  # ... above this: medium
+# A gradient norm is in the loss's units: a target or input in large units (x1e3) gives norms
+# far above EXPLODE_NORM while Adam's steps stay ~lr. What hurts is the step it causes, so a
+# huge norm is high only when some captured update/weight ratio exceeds UPDATE_LARGE_MEDIUM
+# (or no ratio is known); with every known ratio below it, it is medium (units, not a blow-up).
+NO_GRAD_MIN_CAPTURES = 2   # capture steps with module activations (and loss values) but not one
+                           # gradient record: the loss does not reach the model (a detached output)
 
 
 def _layers(records: list[dict]) -> dict[str, list[dict]]:
@@ -45,9 +51,18 @@ def gradient_flow(records: list[dict]) -> list[dict]:
                            "the whole gradient is ~0: check loss scaling, saturating outputs, detached tensors"))
     big = [(k, n) for k, n in live if n > EXPLODE_NORM] + [("_total", t) for t in total if t > EXPLODE_NORM][:1]
     if big:
-        out.append(finding("exploding_gradients", "high",
-                           {"layers": {k: sig(n) for k, n in big}, "threshold": EXPLODE_NORM},
-                           "gradient norms are huge: lower the learning rate, clip gradients, normalise inputs"))
+        ev = {"layers": {k: sig(n) for k, n in big}, "threshold": EXPLODE_NORM}
+        ur = [u for u in (num(r["data"].get("update_ratio")) for s in layers.values() for r in s)
+              if u is not None]
+        if ur and max(ur) <= UPDATE_LARGE_MEDIUM:
+            ev["update_ratio_max"] = sig(max(ur))
+            out.append(finding("exploding_gradients", "medium", ev,
+                               f"gradient norms are large (up to {max(n for _, n in big):.3g}) but every step "
+                               f"stays small (update/weight <= {max(ur):.2g}): the loss is in large units; "
+                               "normalise the target or input"))
+        else:
+            out.append(finding("exploding_gradients", "high", ev,
+                               "gradient norms are huge: lower the learning rate, clip gradients, normalise inputs"))
     if len(live) < 2:
         return out
     (first, n0), (last, n1) = live[0], live[-1]
@@ -69,8 +84,11 @@ def gradient_flow(records: list[dict]) -> list[dict]:
     return out
 
 
-def dead_parameters(records: list[dict]) -> list[dict]:
-    """Layers that never receive a gradient, and layers whose weights never change."""
+def dead_parameters(records: list[dict], dead_tensors: tuple = ()) -> list[dict]:
+    """Layers that never receive a gradient, and layers whose weights never change.
+    dead_tensors: activations found all ~0 (dead_activation); an all-zero gradient is then
+    most likely theirs (a ReLU that is 0 everywhere passes no gradient back), and the hint
+    says so first."""
     no_grad, frozen = {}, {}
     for name, series in _layers(records).items():
         norms = [num(r["data"].get("norm")) for r in series]
@@ -87,9 +105,15 @@ def dead_parameters(records: list[dict]) -> list[dict]:
                             "grad_norm_median": sig(median(moving)) if moving else 0.0}
     out = []
     if no_grad:
-        out.append(finding("no_gradient", "high", {"layers": no_grad, "count": len(no_grad)},
-                           f"{listed(no_grad)} never get a gradient: detached graph, unused module "
-                           "or requires_grad=False"))
+        ev = {"layers": no_grad, "count": len(no_grad)}
+        if dead_tensors:
+            ev["dead_activations"] = list(dead_tensors)
+            hint = (f"{listed(no_grad, 30)} get an all-zero gradient: {listed(dead_tensors, 30)} "
+                    "is ~0 everywhere (dead ReLUs pass no gradient): check bias/init, input scale, lr")
+        else:
+            hint = (f"{listed(no_grad)} get an all-zero gradient: dead units after them (ReLU ~0), "
+                    "a detached graph, an unused module or requires_grad=False")
+        out.append(finding("no_gradient", "high", ev, hint))
     if frozen:
         out.append(finding("frozen_parameters", "high",
                            {"layers": frozen, "count": len(frozen), "update_ratio": 0.0},
@@ -98,16 +122,37 @@ def dead_parameters(records: list[dict]) -> list[dict]:
     return out
 
 
+def no_gradient_at_all(grads: list[dict], acts: list[dict], metrics: list[dict]) -> list[dict]:
+    """The model ran forward in capture steps (its modules' activations came) and a loss was
+    logged, yet not one gradient record arrived, not even the total norm (which the client
+    sends whenever backward reaches a watched parameter, also with gradients=[]): backward
+    never reaches the model, e.g. a loss computed on a detached output."""
+    if grads:
+        return []
+    steps = sorted({r.get("step") for r in acts if isinstance(r.get("step"), int)
+                    and isinstance(r.get("name"), str) and r["name"].endswith((":output", ":input"))})
+    losses = [r for r in metrics if r.get("name") == "loss" and isinstance(r.get("data"), dict)
+              and num(r["data"].get("value")) is not None]
+    if len(steps) < NO_GRAD_MIN_CAPTURES or len(losses) < NO_GRAD_MIN_CAPTURES:
+        return []
+    return [finding("no_gradient", "high",
+                    {"layers": {}, "count": 0, "gradient_records": 0, "capture_steps": steps,
+                     "loss_points": len(losses)},
+                    f"no gradient reached the model in {len(steps)} capture steps: the loss is "
+                    "detached from its output (.detach(), .item(), numpy, no_grad) or backward() never runs")]
+
+
 def update_ratios(records: list[dict]) -> list[dict]:
     """Update-to-weight ratio ||dw||/||w||: too small by its median over captures (a layer
     that barely moves), too large by its largest capture (one step that rewrites a large part
     of a layer is a problem whenever it happens, typically at the start)."""
-    small, large = {}, {}
+    small, large, measured = {}, {}, 0
     for name, series in _layers(records).items():
         ur = [u for u in (num(r["data"].get("update_ratio")) for r in series) if u is not None and u > 0]
         m = median(ur)
         if m is None:
             continue
+        measured += 1
         wn = median(w for w in (num(r["data"].get("weight_norm")) for r in series) if w is not None)
         ev = {"update_ratio_median": sig(m), "update_ratio_max": sig(max(ur)), "weight_norm": sig(wn),
               "captures": len(ur), "steps": _steps(series)}
@@ -117,7 +162,17 @@ def update_ratios(records: list[dict]) -> list[dict]:
             ev["step_of_max"] = series[[num(r["data"].get("update_ratio")) for r in series].index(max(ur))].get("step")
             large[name] = ev
     out = []
-    if small:
+    if small and len(small) == measured:
+        # every layer with a measured update moves < 1e-6 of itself per step: even 1e4 steps
+        # change no weight by more than 1%, so nothing can learn (a learning rate orders of
+        # magnitude too small); only some layers that slow is a gradient-flow matter (medium)
+        typical = median(v["update_ratio_median"] for v in small.values())
+        out.append(finding("update_ratio_small", "high",
+                           {"layers": small, "threshold": UPDATE_SMALL, "all_layers": True},
+                           f"every watched layer ({listed(small, 40)}) barely moves per step (median "
+                           f"update/weight {typical:.2g}): "
+                           "the learning rate is far too small (or every gradient is)"))
+    elif small:
         out.append(finding("update_ratio_small", "medium",
                            {"layers": small, "threshold": UPDATE_SMALL},
                            f"weights barely move per step ({listed(small)}): learning rate too small "

@@ -30,6 +30,17 @@ SCALE_GAIN = 0.5         # ... and MAE after it below half the raw MAE: scale mi
 SCALE_VERY_FAR = 4.0     # optimal scale outside [1/4, 4] ...
 SCALE_GAIN_WEAK = 0.8    # ... and MAE after it below 80% of the raw MAE: high as well;
                          # far with MAE below 80% only: medium
+SCALE_EXPLAINED = 0.2    # ... and the rescaled prediction removes at least this fraction of the
+                         # target's mean square: below it, rescaling does little better than
+                         # predicting 0 (an output unrelated to the target and far too large
+                         # gets a tiny "optimal scale" that only shrinks it toward 0: not a gain
+                         # error; measured 0.014-0.017 in such runs, 0.9+ for a true gain error)
+DIVERGE_RISE = 1e2       # the finite loss rose above this many times its minimum before the
+                         # first non-finite value: the run diverged (a noisy loss spikes 2-10x)
+TARGET_NAMES = ("target", "targets", "y", "label", "labels", "gt", "ground_truth")
+                         # loader fields taken as the target: a tensor field of this name that is
+                         # one value throughout every captured train batch is a constant target
+                         # (other constant fields, e.g. zero offsets, can be legitimate)
 PLATEAU_MIN_POINTS = 8   # fewer loss values than this: no verdict
 PLATEAU_REL = 0.05       # last half of the run: first-third -> last-third median decrease below 5%
 PLATEAU_CONSISTENT = 0.75  # ... or a late value is below an early one in fewer than 75% of pairs
@@ -56,9 +67,37 @@ def nonfinite(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     if not total:
         return []
     hits.sort(key=lambda h: (h["step"] if isinstance(h["step"], int) else -1))
-    return [finding("nonfinite", "high", {"records": total, "first": hits[:10]},
-                    f"NaN/Inf first seen in {hits[0]['kind']} {hits[0]['name']!r} at step "
-                    f"{hits[0]['step']}: check the loss (log/sqrt/divide), learning rate, input")]
+    ev = {"records": total, "first": hits[:10]}
+    where = f"NaN/Inf first seen in {hits[0]['kind']} {hits[0]['name']!r} at step {hits[0]['step']}"
+    before = _loss_before(records_by_kind.get("metrics", []), hits[0]["step"])
+    if before is None or before["rise"] is None:  # (too few values, or a loss <= 0: no ratio)
+        return [finding("nonfinite", "high", ev,
+                        f"{where}: check the loss (log/sqrt/divide), learning rate, input")]
+    ev["loss_before"] = before
+    if before["rise"] > DIVERGE_RISE:
+        hint = (f"{where}, after the loss rose {before['rise']:.3g}x: training diverged; lower the "
+                "learning rate (or clip gradients)")
+    else:
+        hint = (f"{where}, the loss steady before it: a bad batch (NaN/Inf in input or target) "
+                "or the loss itself (log/sqrt/divide)")
+    return [finding("nonfinite", "high", ev, hint)]
+
+
+def _loss_before(metrics: list[dict], step) -> dict | None:
+    """The finite loss values logged before `step` (the first non-finite one): their minimum,
+    the last one and how far the last ones rose above that minimum (max of the last 3 over the
+    minimum); None with fewer than 3 values to judge by."""
+    if not isinstance(step, int):
+        return None
+    vals = [(r.get("step"), num(r["data"].get("value"))) for r in metrics
+            if r.get("name") == "loss" and isinstance(r.get("data"), dict)
+            and isinstance(r.get("step"), int) and r["step"] < step]
+    vals = [v for _, v in sorted((st, v) for st, v in vals if v is not None)]
+    if len(vals) < 3:
+        return None
+    lo, peak = min(vals), max(vals[-3:])
+    return {"points": len(vals), "min": sig(lo), "last": sig(vals[-1]),
+            "rise": sig(min(peak / lo, 1e300)) if lo > 0 else None}
 
 
 def activations(records: list[dict]) -> list[dict]:
@@ -181,14 +220,54 @@ def scale_mismatch(records: list[dict]) -> list[dict]:
         very_far = s <= 0 or s > SCALE_VERY_FAR or s < 1 / SCALE_VERY_FAR
         if not far or mae_s >= SCALE_GAIN_WEAK * mae:
             continue
+        explained = _explained(s, num(d.get("mse")), num(d.get("mse_after_optimal_scale")))
+        if explained is not None and explained < SCALE_EXPLAINED:
+            continue  # rescaling barely beats predicting 0: the output is unrelated, not mis-scaled
         sev = "high" if mae_s < SCALE_GAIN * mae or very_far else "medium"
         out.append(finding("scale_mismatch", sev,
                            {"name": name, "optimal_scale": sig(s), "mae": sig(mae),
                             "mae_after_optimal_scale": sig(mae_s),
-                            "mae_reduction": sig(1 - mae_s / mae), "scaling": d.get("scaling"),
-                            "step": series[-1].get("step")},
+                            "mae_reduction": sig(1 - mae_s / mae), "explained": sig(explained),
+                            "scaling": d.get("scaling"), "step": series[-1].get("step")},
                            f"the prediction is off by ~{s:.3g}x: look for a unit or gain error "
                            "(intensity vs amplitude, a stray broadcast, a missing scale constant)"))
+    return out
+
+
+def _explained(s: float, mse: float | None, mse_s: float | None) -> float | None:
+    """1 - mse_after / mean(t^2): the fraction of the target's mean square that the rescaled
+    prediction s*p removes, from the stored figures alone. With P = mean(p^2) and T = mean(t^2),
+    the least-squares s gives mse - mse_s = P (1 - s)^2 and mse_s = T - s^2 P."""
+    if mse is None or mse_s is None or s == 1 or mse < mse_s:
+        return None
+    P = (mse - mse_s) / (1 - s) ** 2
+    T = mse_s + s * s * P
+    if not math.isfinite(T) or T <= 0:
+        return None
+    return max(0.0, 1 - mse_s / T)
+
+
+def constant_target(records: list[dict]) -> list[dict]:
+    """A target-named loader field that holds one value in every captured train batch."""
+    out = []
+    for name, series in by_name(records).items():
+        if name.rsplit(".", 1)[-1].lower() not in TARGET_NAMES:
+            continue
+        batches = [r for r in series if r["data"].get("split", "train") == "train"
+                   and (num(r["data"].get("count")) or 0) > 1]
+        ends = [(num(r["data"].get("min")), num(r["data"].get("max"))) for r in batches]
+        if not ends or any(lo is None or hi is None or lo != hi for lo, hi in ends):
+            continue
+        values = sorted({lo for lo, _ in ends})
+        # one batch could be constant by chance (a small batch of binary labels); every batch
+        # of several captures is not chance
+        sev = "high" if len(batches) >= 2 else "medium"
+        same = f"is {values[0]:.4g} everywhere" if len(values) == 1 else "is one value within each batch"
+        out.append(finding("constant_target", sev,
+                           {"name": name, "values": [sig(v) for v in values[:10]], "captures": len(batches),
+                            "steps": [r.get("step") for r in batches]},
+                           f"loader field {name!r} {same} in all {len(batches)} captured batches: the model "
+                           "can only learn a constant (a falling loss means nothing)"))
     return out
 
 

@@ -127,10 +127,27 @@ def test_exploding_gradients_fire_on_the_first_to_last_ratio_at_their_thresholds
 
 
 def test_a_huge_absolute_gradient_norm_is_exploding_even_with_a_flat_profile():
-    found = G.gradient_flow(grad_stream(norms={L: 2e4 for L in LAYERS}))
+    # no update ratio known (no optimizer watched): the norm alone decides, high
+    found = G.gradient_flow(grad_stream(norms={L: 2e4 for L in LAYERS}, ratios={L: None for L in LAYERS}))
     f = one(found, "exploding_gradients")
     assert f["severity"] == "high" and set(f["evidence"]["layers"]) == set(LAYERS)
     assert G.gradient_flow(grad_stream(norms={L: 0.9e4 for L in LAYERS})) == []
+
+
+def test_huge_gradient_norms_with_small_updates_are_medium_large_units_not_a_blow_up():
+    """Seen in a real run: MLP, Adam lr 1e-3, target x1e3. The total norm reached 2e4 (the
+    loss is in 1e6 units) while every update/weight stayed <= 0.015 and the loss fell; the old
+    rule said high "lower the learning rate". Raw inputs (x1e4) gave the same picture."""
+    calm = grad_stream(norms={"project.2": 1.0e4, "lift.0": 50.0}, ratios={L: 0.015 for L in LAYERS})
+    calm += [rec("gradients", "_total", {"norm": 2.047e4}, 190)]
+    f = one(G.gradient_flow(calm), "exploding_gradients")
+    assert f["severity"] == "medium" and f["evidence"]["update_ratio_max"] == 0.015
+    assert f["evidence"]["layers"] == {"_total": 2.047e4}
+    assert "units" in f["hint"] and "target" in f["hint"]
+    # one step that did rewrite a layer (Adam at lr 1.0: ratio 6.8): high as before
+    wild = calm + [rec("gradients", "lift.0", grad(4.6e4, 6.8), 200)]
+    f = one([x for x in G.gradient_flow(wild) if "layers" in x["evidence"]], "exploding_gradients")
+    assert f["severity"] == "high" and "learning rate" in f["hint"]
 
 
 def test_a_vanishing_total_gradient_is_named_even_when_layers_agree():
@@ -292,10 +309,16 @@ def test_model_input_far_from_unit_scale_or_peaky_is_an_input_range_finding(mean
         assert f["evidence"]["max_abs"] == hi and f["evidence"]["tensor"] == "model_input"
 
 
-def pm(scale, mae, mae_s):
-    return [rec("patch_metrics", "patch_metrics", {"mae": mae, "mse": mae ** 2, "count": 5,
+def pm(scale, mae, mae_s, explained=0.9):
+    """A patch-metrics record whose MSE figures are those of a least-squares scale that removes
+    `explained` of the target's mean square T (the prediction a scaled copy of the target,
+    up to noise): mse_after = (1 - explained) T, s^2 P = explained T, mse = mse_after + P (1-s)^2."""
+    mse_s = mae_s ** 2
+    T = mse_s / (1 - explained)
+    P = explained * T / scale ** 2
+    return [rec("patch_metrics", "patch_metrics", {"mae": mae, "mse": mse_s + P * (1 - scale) ** 2, "count": 5,
             "scaling": "none", "scale_applied": False, "optimal_scale": scale,
-            "mae_after_optimal_scale": mae_s, "mse_after_optimal_scale": mae_s ** 2}, step=40)]
+            "mae_after_optimal_scale": mae_s, "mse_after_optimal_scale": mse_s}, step=40)]
 
 
 @pytest.mark.parametrize("scale,mae_s,severity", [
@@ -469,3 +492,123 @@ def test_ranks_are_not_mixed_the_lowest_rank_is_judged():
         acts.append(ranked(rec("activations", "generator_output", stats(0.0, 0.0, 0.0, 0.0), step=i, seq=2 * i + 1), 1))
     assert "dead_activation" not in rules(diagnose({"activations": acts}))
     assert "dead_activation" in rules(diagnose({"activations": [ranked(a, 0) for a in acts if a["rank"] == 1]}))
+
+
+# -- findings checked against real runs (MLP/FNO trainings with one known fault each) --------
+
+def test_a_loss_on_a_detached_output_sends_no_gradient_record_and_is_no_gradient():
+    """`loss = mse(model(x).detach(), y).requires_grad_()`: the forward hooks send activations
+    at every capture step, the loss comes every step, and no gradient record at all arrives
+    (not even `_total`). The old diagnosis said only loss_plateau."""
+    r = healthy()
+    r["gradients"] = []
+    r["activations"] = [rec("activations", name, stats(0.01, 0.6, -2.2, 2.3), step=st)
+                        for st in (0, 10, 20) for name in ("model_input", "0:output", "2:output")]
+    r["metrics"] = loss_stream([0.094, 0.100, 0.097, 0.084, 0.089, 0.072, 0.081, 0.069, 0.115] * 3)
+    f = one(diagnose(r), "no_gradient")
+    assert f["severity"] == "high" and f["evidence"]["capture_steps"] == [0, 10, 20]
+    assert f["evidence"]["gradient_records"] == 0 and "detach" in f["hint"]
+    # the total norm arriving (gradients=[] in a working loop) means backward reaches the model
+    r["gradients"] = [rec("gradients", "_total", {"norm": 0.13}, st) for st in (0, 10, 20)]
+    assert "no_gradient" not in rules(diagnose(r))
+    # one capture step is not enough to judge (a run stopped after its first forward)
+    r["gradients"], r["activations"] = [], [a for a in r["activations"] if a["step"] == 0]
+    assert "no_gradient" not in rules(diagnose(r))
+
+
+def test_an_all_zero_gradient_behind_a_dead_relu_names_the_dead_activation_not_a_detached_graph():
+    """Linear bias -20 before a ReLU: `1:output` is 0 everywhere, so layer `0` gets an all-zero
+    gradient. The old hint blamed a detached graph / requires_grad=False."""
+    r = healthy()
+    dead = {"count": 1088, "mean": 0.0, "std": 0.0, "norm": 0.0, "max_abs": 0.0, "nan": 0, "inf": 0,
+            "zero_frac": 1.0, "weight_norm": 160.07, "update_ratio": 0.0}
+    r["gradients"] = [rec("gradients", "0", dead, st) for st in (0, 10, 20)]
+    r["gradients"] += [rec("gradients", "2", grad(0.05, 1e-3), st) for st in (0, 10, 20)]
+    r["activations"].append(rec("activations", "1:output", stats(0.0, 0.0, 0.0, 0.0), step=20))
+    f = one(diagnose(r), "no_gradient")
+    assert list(f["evidence"]["layers"]) == ["0"] and f["evidence"]["dead_activations"] == ["1:output"]
+    assert "1:output" in f["hint"] and "dead ReLU" in f["hint"] and "detached" not in f["hint"]
+    assert len(f["hint"]) < 200
+
+
+def test_a_nan_after_a_rising_loss_is_divergence_and_after_a_steady_one_a_bad_batch():
+    """SGD lr 3.0 on an MLP: 0.094, 0.078, 0.63, 54, 1535, 5.4e20, then NaN (real run); the
+    old hint said "check the loss (log/sqrt/divide), learning rate, input" either way."""
+    r = {"metrics": loss_stream([0.09385, 0.07764, 0.6261, 53.96, 1535.0, 5.369e20, None, None])}
+    f = one(diagnose(r), "nonfinite")
+    assert f["evidence"]["loss_before"]["rise"] > 1e2 and f["evidence"]["first"][0]["step"] == 6
+    assert "diverged" in f["hint"] and "learning rate" in f["hint"]
+    # one NaN batch at step 57 of a steady loss (real run): no divergence claimed
+    steady = [0.05 * (1 + 0.2 * math.sin(i)) for i in range(57)] + [None] * 5
+    f = one(diagnose({"metrics": loss_stream(steady)}), "nonfinite")
+    assert f["evidence"]["loss_before"]["rise"] < 2 and "diverged" not in f["hint"]
+    assert "bad batch" in f["hint"]
+    # a loss that can be <= 0 (a log-likelihood) has no rise ratio: the general hint, no claim
+    f = one(diagnose({"metrics": loss_stream([-1.0, -2.0, -3.0, None])}), "nonfinite")
+    assert "loss_before" not in f["evidence"] and "diverged" not in f["hint"] and "steady" not in f["hint"]
+
+
+def pm_rec(**d):
+    return [rec("patch_metrics", "patch_metrics", {"count": 64, "scaling": "none", "scale_applied": False, **d},
+                step=190)]
+
+
+def test_a_tiny_optimal_scale_that_only_shrinks_an_unrelated_output_is_not_scale_mismatch():
+    """Raw inputs (x1e4) and Adam at lr 1.0 (real runs): the prediction is large and unrelated
+    to the target, the least-squares scale (0.0022, 0.031) shrinks it to ~0 and the MAE falls
+    to that of predicting 0. The old rule called it a unit/gain error (high)."""
+    for d in ({"mae": 13.93, "mse": 321.97, "optimal_scale": 0.0021697, "mae_after_optimal_scale": 0.252,
+               "mse_after_optimal_scale": 0.10014},
+              {"mae": 1.1849, "mse": 1.50427, "optimal_scale": 0.0305854, "mae_after_optimal_scale": 0.25173,
+               "mse_after_optimal_scale": 0.100263}):
+        assert V.scale_mismatch(pm_rec(**d)) == []
+    # sigmoid output (<= 1) against a target in x1e3 units (real run): a true gain error stays high
+    f = one(V.scale_mismatch(pm_rec(mae=474.83, mse=264868.4, optimal_scale=475.94, mae_after_optimal_scale=166.52,
+                                    mse_after_optimal_scale=39399.97)), "scale_mismatch")
+    assert f["severity"] == "high" and f["evidence"]["explained"] > 0.8
+
+
+@pytest.mark.parametrize("explained,fires", [(0.19, False), (0.21, True), (0.9, True)])
+def test_scale_mismatch_needs_the_rescaled_prediction_to_explain_a_fifth_of_the_target(explained, fires):
+    found = V.scale_mismatch(pm(0.01, 0.2, 0.05, explained))
+    assert (rules(found) == {"scale_mismatch"}) is fires
+    if fires:
+        assert math.isclose(found[0]["evidence"]["explained"], explained, rel_tol=1e-3)
+
+
+def test_update_ratio_small_is_high_when_every_watched_layer_barely_moves():
+    """SGD lr 1e-7 (real run): every layer's update/weight ~1e-10; the only high finding was
+    the plateau, and the cause (a learning rate far too small) was medium."""
+    f = one(G.update_ratios(grad_stream(ratios={L: 7e-11 for L in LAYERS})), "update_ratio_small")
+    assert f["severity"] == "high" and f["evidence"]["all_layers"] is True
+    assert "learning rate" in f["hint"] and "lift.0" in f["hint"]
+    # some layers slow, the others moving (vanishing gradients): still medium
+    f = one(G.update_ratios(grad_stream(ratios={"lift.0": 2e-12, "blocks.0.spectral": 3e-9})),
+            "update_ratio_small")
+    assert f["severity"] == "medium"
+
+
+def target_rec(name, lo, hi, step):
+    return rec("loader_stats", name, {"count": 64, "nan": 0, "inf": 0, "min": lo, "max": hi,
+                                      "mean": (lo + hi) / 2, "std": 5.96e-8 if lo == hi else 0.3,
+                                      "shape": [64, 1], "dtype": "float32", "split": "train", "batch": 0}, step)
+
+
+def test_a_target_with_one_value_in_every_captured_batch_is_constant_target():
+    """y = 0.7 for every sample (real run): the loss falls to ~0 and the old diagnosis found
+    nothing. Other constant fields (the demo's coords_relative is all 0 at gridsize 1) are not
+    judged: only a target-named field."""
+    r = healthy()
+    r["loader_stats"] += [target_rec("target", 0.7, 0.7, st) for st in (0, 10, 20)]
+    r["loader_stats"] += [target_rec("coords_relative", 0.0, 0.0, st) for st in (0, 10, 20)]
+    f = one(diagnose(r), "constant_target")
+    assert f["severity"] == "high" and f["evidence"]["name"] == "target"
+    assert f["evidence"]["values"] == [0.7] and f["evidence"]["captures"] == 3
+    assert "'target'" in f["hint"]
+    # a single captured batch could be constant by chance: medium
+    assert one(V.constant_target([target_rec("labels", 1.0, 1.0, 0)]), "constant_target")["severity"] == "medium"
+    # one batch with spread clears it; a validation batch is not judged
+    assert V.constant_target(r["loader_stats"] + [target_rec("target", 0.1, 0.9, 30)]) == []
+    val = target_rec("y", 0.5, 0.5, 0)
+    val["data"]["split"] = "val"
+    assert V.constant_target([val]) == []
