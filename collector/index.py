@@ -12,10 +12,19 @@ r" otherwise (`RunIndex.label`).
 
 Thread model: the ingest thread calls `add`; HTTP handlers read. Appends to Python lists and
 arrays are atomic under the GIL, so readers see a consistent prefix.
+
+A run that has records on disk when a (restarted) collector takes its first new record is
+loaded by a thread of its own (collector.load.load_stored): the stored records go into a
+private RunIndex (`add_stored`), which is then merged into the live one, stored points first
+(`merge_stored`). While that runs, `lock` is set: the ingest thread takes it to add records of
+that run, and the loader takes it to merge a few series at a time; otherwise it is None and
+adds take no lock. Readers never lock: a merged series is a new Series object put in place
+of the old one, so a reader holds either the old one or the new one, each consistent.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import threading
 import time
@@ -106,11 +115,45 @@ class Series:
             self.sig = ()
 
     def _thin(self) -> None:
-        w, rows, out = self.width, self.rows, array("d")
-        for i in range(0, len(rows), 2 * w):
-            out.extend(rows[i:i + w])
+        """Every other row (the 1st, 3rd, ...), a column at a time (slices, no loop per row)."""
+        w, rows = self.width, self.rows
+        keep = (len(rows) // w + 1) // 2
+        out = array("d", bytes(8 * keep * w))
+        for j in range(w):
+            out[j::w] = rows[j::2 * w]
         self.rows = out
         self.stride *= 2
+
+    @staticmethod
+    def merged(a: "Series", b: "Series") -> "Series":
+        """A new series: the points of `a`, then those of `b` (same kind, name and rank: the
+        stored part of a series and its live part). Columns are `a`'s and then those only `b`
+        has; a statistic one of them lacks is NaN in its rows. Thinned like `append`."""
+        m = Series()
+        m.keys = list(a.keys) + [k for k in b.keys if k not in a.col]
+        m.col = {k: 2 + i for i, k in enumerate(m.keys)}
+        w = m.width = 2 + len(m.keys)
+        ra, wa, na = a.rows, a.width, a.points()
+        rb, wb, nb = b.rows, b.width, b.points()
+        rows = array("d", [math.nan]) * ((na + nb) * w)
+        if wa == w:
+            rows[:na * w] = ra[:na * w]
+        else:
+            for j in range(wa):  # a's columns keep their places
+                rows[j:na * w:w] = ra[j:na * wa:wa]
+        places = [0, 1] + [m.col[k] for k in b.keys]
+        off = na * w
+        if places == list(range(w)):
+            rows[off:] = rb[:nb * wb]
+        else:
+            for j, to in enumerate(places):
+                rows[off + to::w] = rb[j:nb * wb:wb]
+        m.rows = rows
+        m.sig = a.sig if a.sig == b.sig else ()  # () : every payload flattened (always right)
+        m.n, m.stride = a.n + b.n, max(a.stride, b.stride)
+        while len(m.rows) >= MAX_POINTS * w:
+            m._thin()
+        return m
 
     def snapshot(self) -> tuple[array, int, dict[str, int], int]:
         """(rows, width, stat -> row index, points), consistent for a reader thread."""
@@ -150,10 +193,23 @@ class RunIndex:
         self.manifest: dict[str, Any] = {}
         self.findings: list[dict] = []
         self.dropped_series = 0
+        self.loaded = 0  # records merged in from the run's files (not counted in `count`)
+        # while the stored records are being read and merged (collector.load.load_stored):
+        # {"bytes": to read, "read": read so far}; None otherwise
+        self.loading: Optional[dict] = None
+        self.load_error: Optional[str] = None
+        self.lock: Optional[threading.Lock] = None  # set while a load may merge (see the module doc)
 
     def add(self, rec) -> None:
         """rec: a collector.wire.Record (or any object with the same attributes). One record:
         `add_many` without its per-frame set-up (single-record frames are the slower path)."""
+        lock = self.lock
+        if lock is not None:
+            with lock:
+                return self._add(rec)
+        self._add(rec)
+
+    def _add(self, rec) -> None:
         self.count += 1
         self.last_t = rec.t
         self.arrived = time.time()
@@ -176,8 +232,11 @@ class RunIndex:
         kind = rec.kind
         if kind in self.full:
             self.full[kind].append(rec)
-            if kind == "events" and rec.name == "bye":
-                self.closed_ranks.add(rec.rank)
+            if kind == "events":
+                if rec.name == "bye":
+                    self.closed_ranks.add(rec.rank)
+                elif rec.name == "hello":  # a new sender session of the rank (same run id)
+                    self.closed_ranks.discard(rec.rank)
         key = (kind, rec.name, rec.rank)
         s = self.series.get(key)
         if s is None:
@@ -196,6 +255,13 @@ class RunIndex:
     def add_many(self, recs, rank: Optional[int] = None) -> None:
         """Records in arrival order (a frame's). rank: the rank of every one of them, when
         the caller knows it (one set update instead of one per record)."""
+        lock = self.lock
+        if lock is not None:
+            with lock:
+                return self._add_many(recs, rank)
+        self._add_many(recs, rank)
+
+    def _add_many(self, recs, rank: Optional[int]) -> None:
         first = self.count + 1
         self.count += len(recs)
         self.last_t = recs[-1].t
@@ -216,6 +282,56 @@ class RunIndex:
         self.recent.append(block)
         while self._recent_n - len(self.recent[0][1]) >= RECENT:
             self._recent_n -= len(self.recent.popleft()[1])
+
+    # -- stored records (a restarted collector; see collector.load.load_stored) -------------
+    def add_stored(self, recs) -> None:
+        """Stored records of one kind, in file order, into the series and the full records of
+        this (private) index: no ring (they are not new), no `count` (the live cursor)."""
+        if not recs:
+            return
+        add = self._series_add
+        for rec in recs:
+            add(rec)
+        self.loaded += len(recs)
+        self.ranks.update({r.rank for r in recs})
+        ts = [r.t for r in recs if r.t]
+        if ts:
+            self.first_t = min(self.first_t or math.inf, min(ts))
+            self.last_t = max(self.last_t, max(ts))
+
+    def merge_stored(self, stored: "RunIndex", chunk: int = 32, pause=None) -> None:
+        """Put `stored` (a private index of this run's stored records) before what this index
+        took in since: series by series, `chunk` at a time under `lock` (the ingest thread
+        waits for one chunk at most), `pause()` between chunks. Then the full records, ranks,
+        times and counts, and `lock` is cleared. Called on the loader thread only."""
+        lock = self.lock
+        assert lock is not None, "merge_stored needs the lock set before the first live record"
+        keys = list(stored.series)
+        for i in range(0, len(keys), chunk):
+            with lock:
+                for key in keys[i:i + chunk]:
+                    a = stored.series[key]
+                    b = self.series.get(key)
+                    if b is not None:
+                        self.series[key] = Series.merged(a, b)
+                    elif len(self.series) < MAX_SERIES:
+                        self.series[key] = a
+                    else:
+                        self.dropped_series += a.n
+            if pause is not None:
+                pause()
+        with lock:
+            for kind, dq in stored.full.items():
+                self.full[kind] = collections.deque(itertools.chain(dq, self.full[kind]), maxlen=MAX_FULL)
+            # a rank's stored bye counts only if the rank sent nothing since
+            self.closed_ranks = (stored.closed_ranks - self.ranks) | self.closed_ranks
+            self.ranks = self.ranks | stored.ranks
+            if stored.first_t and (not self.first_t or stored.first_t < self.first_t):
+                self.first_t = stored.first_t
+            self.last_t = max(self.last_t, stored.last_t)
+            self.dropped_series += stored.dropped_series
+            self.loaded += stored.loaded
+            self.lock = None
 
     # -- reads ----------------------------------------------------------------------------
     def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:
@@ -329,11 +445,13 @@ class Index:
         self._lock = threading.Lock()
         self.health = health or (lambda: {})
 
-    def run(self, run: str) -> RunIndex:
+    def run(self, run: str, new: Optional[RunIndex] = None) -> RunIndex:
+        """The run's index; made (or `new`, set up by the caller before readers can see it)
+        if there is none."""
         r = self.runs.get(run)
         if r is None:
             with self._lock:
-                r = self.runs.setdefault(run, RunIndex(run))
+                r = self.runs.setdefault(run, new or RunIndex(run))
         return r
 
     def add(self, rec) -> None:
@@ -344,6 +462,7 @@ class Index:
 
     def summaries(self) -> list[dict]:
         now = time.time()
-        return [{"run": r.run, "live": r.live(now), "records": r.count, "ranks": sorted(r.ranks),
-                 "first_t": r.first_t, "last_t": r.last_t, "findings": len(r.findings)}
+        return [{"run": r.run, "live": r.live(now), "records": r.count + r.loaded, "ranks": sorted(r.ranks),
+                 "first_t": r.first_t, "last_t": r.last_t, "findings": len(r.findings),
+                 "loading": r.loading is not None}
                 for r in sorted(list(self.runs.values()), key=lambda r: r.first_t)]

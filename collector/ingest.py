@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from typing import Optional
 
+from collector.index import RunIndex
+from collector.load import load_stored
 from collector.store import (REJECTED_CAP_BYTES, RunFiles, RunUnusable, atomic_write_json, rejected_line,
                              repair_tail)
 from collector.wire import MAX_FRAME_BYTES, STREAM_FILES, WireError, decode, encode, encode_lines, valid_run_id
@@ -119,6 +121,8 @@ class Ingest:
         self.on_run_changed = on_run_changed or (lambda run: None)
         self._dirty: set[str] = set()
         self.unusable: dict[str, tuple[float, str]] = {}  # run -> (retry after, why)
+        self.closing = threading.Event()  # set at shutdown: loaders of stored records stop
+        self.loaders: list[threading.Thread] = []
         self._repair_root_rejected()
 
     def _repair_root_rejected(self) -> None:
@@ -153,8 +157,43 @@ class Ingest:
                 raise
             self.unusable.pop(run, None)
             self.runs[run] = rf
+            self.load_stored(rf)
             self.index.run(run).manifest = rf.manifest()
         return rf
+
+    def load_stored(self, rf: RunFiles) -> None:
+        """A run with records on disk (a restarted collector, its first new record): a thread
+        of its own reads them into the run's live index, before what arrives from now on
+        (collector.load.load_stored). The ingest thread goes on; it only sets the run's index
+        lock first, so that its adds and the loader's merge take turns."""
+        sizes = {fname: n for fname, n in rf.stored.items() if n}
+        patch = dict(rf.patch)
+        if not (sizes or patch):
+            return
+        new = RunIndex(rf.run)  # shown as loading from the start
+        new.lock = threading.Lock()
+        new.loading = {"bytes": sum(sizes.values()), "read": 0}
+        ri = self.index.run(rf.run, new)
+        if ri is not new:
+            return  # this index has the run already (an index shared by two Ingests: tests)
+        t = threading.Thread(target=load_stored, args=(ri, rf.dir, sizes, patch),
+                             kwargs={"stop": self.closing, "pause": self._loader_pause()},
+                             name=f"tensortap-load-{rf.run}", daemon=True)
+        t.start()
+        self.loaders = [x for x in self.loaders if x.is_alive()] + [t]
+
+    def _loader_pause(self):
+        """What a loader of stored records does between two slices of its work: while frames
+        are coming in, it sleeps as long as the slice took (ingest keeps at least half the
+        interpreter: a CPU-bound thread would otherwise hold the GIL most of the time, and
+        the ingest thread waits for it at each socket call); otherwise it only yields."""
+        last = [self.frames, time.perf_counter()]
+
+        def pause() -> None:
+            now = time.perf_counter()
+            time.sleep(min(now - last[1], 0.05) if self.frames != last[0] else 0)
+            last[0], last[1] = self.frames, time.perf_counter()
+        return pause
 
     def frame(self, frame: bytes) -> None:
         """Validate one frame and account for its records (the hot path)."""
@@ -445,7 +484,8 @@ class Ingest:
                 "duplicates": dups, "dropped_by_sender": dropped,
                 "write_failed": self.write_failed, "queue_bytes": self.queue.bytes,
                 "queue_max_bytes": self.queue.max_bytes, "fsync_ms_last": round(self.fsync_ms_last, 3),
-                "fsync_ms_max": round(self.fsync_ms_max, 3), "runs": len(self.runs)}
+                "fsync_ms_max": round(self.fsync_ms_max, 3), "runs": len(self.runs),
+                "runs_loading": sum(1 for t in list(self.loaders) if t.is_alive())}
 
 
 class _RunOnly(msgspec.Struct):

@@ -1,4 +1,5 @@
-"""Read stored runs back: the index behind `tensortap serve ROOT`, and the records replay sends.
+"""Read stored runs back: the index behind `tensortap serve ROOT`, the records replay sends,
+and the stored records a restarted collector puts back into a run's live index (`load_stored`).
 
 ROOT may also be one run's folder (that run is served). A run folder is any folder holding a
 manifest.json or one of the stream files (collector.wire.STREAM_FILES). A torn last line (a
@@ -7,8 +8,10 @@ killed collector) and lines that are not valid records are skipped and counted, 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import msgspec
 
@@ -17,6 +20,10 @@ from collector.wire import STREAM_FILES, Record, valid_run_id
 
 _decode_record = msgspec.json.Decoder(Record).decode
 _decode_any = msgspec.json.Decoder().decode
+_decode_records = msgspec.json.Decoder(list[Record]).decode
+
+LOAD_BLOCK = 256 << 10  # bytes read (and decoded in one call) at a time by load_stored
+LOAD_SLICE = 500  # records load_stored indexes between two pauses
 
 
 class LoadStats:
@@ -47,6 +54,97 @@ def jsonl_records(path: str, stats: LoadStats) -> Iterator[Record]:
             continue
         stats.records += 1
         yield rec
+
+
+def jsonl_blocks(path: str, size: int, stats: LoadStats,
+                 block: int = LOAD_BLOCK) -> Iterator[tuple[list[Record], int]]:
+    """The records of the first `size` bytes of a JSONL file, a list per ~`block` bytes, in
+    file order, each with the bytes it was read from. Each block's whole lines are decoded in one call (as a JSON array); a block
+    holding a line that is not a record is decoded line by line, skipping (and counting) the
+    bad ones. Bytes after the last newline within `size` count as a torn line."""
+    with open(path, "rb") as f:
+        left, carry = size, b""
+        while left > 0:
+            data = f.read(min(block, left))
+            if not data:
+                break  # shorter than it was: the bytes that are there
+            left -= len(data)
+            nbytes = len(data)
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            lines = [ln for ln in data[:cut].split(b"\n") if ln.strip()]
+            if not lines:
+                yield [], nbytes
+                continue
+            try:
+                recs = _decode_records(b"[" + b",".join(lines) + b"]")
+                if len(recs) != len(lines):  # a line of two records ("{..},{..}") is not one
+                    raise msgspec.DecodeError
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                recs = []
+                for line in lines:
+                    try:
+                        recs.append(_decode_record(line))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        stats.bad += 1
+            stats.records += len(recs)
+            yield recs, nbytes
+        if carry.strip():
+            stats.torn += 1
+
+
+def load_stored(ri: RunIndex, run_dir: str, sizes: dict[str, int], patch: dict,
+                pause: Callable[[], None] = lambda: time.sleep(0),
+                stop: Optional[threading.Event] = None) -> LoadStats:
+    """Put a run's stored records into its live index `ri`, before the records it took in
+    since (a restarted collector: the run's first new record came). Runs on a thread of its
+    own while ingest goes on: `ri.lock` must be set before the run's first live record.
+
+    sizes: {stream file: bytes it held before this collector wrote to it}: only those are
+    read, so a record is either stored-before (read here) or taken in since (in `ri`), never
+    both; a record sent again is a duplicate by its sequence number and is never indexed.
+    patch: patch_metrics.json as it was then ({name: record}). The records go into a private
+    RunIndex (memory bounded as any index), which is then merged, stored points first
+    (RunIndex.merge_stored). `pause()` runs after each block and between merge chunks.
+    A failure is said in one line on stderr and recorded in `ri.load_error`; the live
+    records stay as they are. Never raises."""
+    stats = LoadStats()
+    ri.loading = {"bytes": sum(sizes.values()), "read": 0}
+    stored = RunIndex(ri.run)
+    try:
+        if not ri.findings:  # the last diagnosis, until the live one comes
+            ri.findings = stored_docs(run_dir)[1] or ri.findings
+        for fname, size in sizes.items():
+            for recs, nbytes in jsonl_blocks(os.path.join(run_dir, fname), size, stats):
+                for i in range(0, len(recs), LOAD_SLICE):
+                    stored.add_stored(recs[i:i + LOAD_SLICE])
+                    pause()
+                    if stop is not None and stop.is_set():
+                        return stats
+                ri.loading["read"] += nbytes
+        recs = []
+        for item in patch.values():
+            try:
+                recs.append(msgspec.convert(item, Record))
+            except msgspec.ValidationError:
+                stats.bad += 1
+        recs.sort(key=lambda r: (r.t, r.rank, r.seq))
+        stored.add_stored(recs)
+        stats.records += len(recs)
+        ri.merge_stored(stored, pause=pause)
+    except Exception as e:  # a vanished folder, a bug: the live records stay as they are
+        ri.load_error = f"{type(e).__name__}: {e}"
+        print(f"tensortap collector: could not load the stored records of run {ri.run}: "
+              f"{ri.load_error}; its view shows the records taken in since the restart",
+              file=sys.stderr, flush=True)
+    finally:
+        lock = ri.lock
+        if lock is not None:  # (not merged: a failure, or stopped)
+            with lock:
+                ri.lock = None
+        ri.loading = None
+    return stats
 
 
 def _read_json(path: str, stats: LoadStats):

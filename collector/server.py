@@ -240,6 +240,8 @@ class Collector:
     # -- stop -----------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.stop.set()
+        if self.ingest is not None:
+            self.ingest.closing.set()  # loaders of stored records (collector.load.load_stored) stop
         threads = self.threads
         if "tensortap-ingest" in threads:
             threads["tensortap-ingest"].join(5)

@@ -135,6 +135,9 @@ class RunFiles:
         self.patch: dict[str, dict] = {}
         self.rejected = 0
         self.created = time.time()
+        # stream file -> its bytes before this collector wrote to it (what a restart found;
+        # read back into the live index by collector.load.load_stored)
+        self.stored: dict[str, int] = {}
         # set by the ingest thread for a change no write follows (a duplicate): the writer's
         # next sync rewrites the manifest
         self.touched = False
@@ -176,6 +179,7 @@ class RunFiles:
             fragment = repair_tail(path)
             if fragment:
                 self.reject_line("torn line repaired at startup", fragment, file=fname)
+            self.stored[fname] = os.path.getsize(path)
             with open(path, "rb") as f:
                 for line in f:
                     try:

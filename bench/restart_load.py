@@ -1,0 +1,165 @@
+"""A restarted collector loading a big stored run while ingest goes on (a benchmark, not a test).
+
+    .venv/bin/python bench/restart_load.py [--stored 1000000] [--baseline-s 4]
+
+Plants a run folder as a collector leaves it (`--stored` gradient records of 50 layers,
+seq 0..n-1, and its manifest), starts a real collector (`tensortap collect`, web view on),
+and has one sender process push batched frames (256 loss records each, blocking sends: as
+fast as the collector takes them) to another run without pause. The ingest rate comes from
+/api/health's `written`, sampled every 50 ms:
+- baseline: `--baseline-s` seconds before the stored run sends again;
+- during the load: from one frame of the stored run (its next seq: the restart case) until
+  /api/health says no run is loading (`runs_loading` 0), which is also the load's time;
+- longest stall: the longest time between two samples with no new record written (the
+  ingest thread opening the stored run, RunFiles._recover, reads every line once).
+Run it from a checkout of older code (no load) to compare: there the "load" ends once the
+stored run's frame is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.procs import CollectorProc  # noqa: E402
+
+T0 = 1_700_000_000.0
+
+
+def _grad(seq: int, run: str):
+    from collector.wire import Record
+
+    x = seq * 1e-3
+    return Record(v=1, run=run, rank=0, world=1, seq=seq, t=T0 + seq * 1e-3, kind="gradients",
+                  name=f"layer.{seq % 50}", step=seq // 50, data={
+                      "count": 4096, "mean": x, "std": 1.0 + x, "norm": 64.0 + x, "max_abs": 3.0 + x,
+                      "nan": 0, "inf": 0, "zero_frac": 0.0, "weight_norm": 10.0 + x, "update_ratio": 1e-3})
+
+
+def plant(run_dir: str, n: int) -> int:
+    from collector.wire import encode_many
+
+    os.makedirs(run_dir)
+    run = os.path.basename(run_dir)
+    with open(os.path.join(run_dir, "gradients.jsonl"), "wb") as f:
+        for i in range(0, n, 4096):
+            for frame, _ in encode_many([_grad(s, run) for s in range(i, min(n, i + 4096))]):
+                f.write(frame[1:-1].replace(b'},{"v"', b'}\n{"v"') + b"\n")
+    ranks = {"0": {"received": n, "written": n, "next_seq": n, "world": 1}}
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump({"run": run, "schema": 1, "created": T0, "ranks": ranks}, f)
+    return os.path.getsize(os.path.join(run_dir, "gradients.jsonl"))
+
+
+def sender(endpoint: str, stop) -> None:
+    """Loss records of run `live`, 256 a frame, without pause; each round of 100k records
+    under a new rank (its own sequence), so the frames are encoded once."""
+    import zmq
+
+    from collector.wire import Record, encode_many
+
+    recs = [Record(v=1, run="live", rank=0, world=1, seq=i, t=time.time(), kind="metrics", name="loss",
+                   step=i, data={"value": i * 1e-3}) for i in range(100_352)]
+    frames = [encode_many(recs[i:i + 256])[0][0] for i in range(0, len(recs), 256)]
+    sock = zmq.Context().socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.connect(endpoint)
+    rank = 0
+    while not stop.is_set():
+        tag = b'"rank":%d,' % rank
+        for f in frames:
+            sock.send(f.replace(b'"rank":0,', tag))
+            if stop.is_set():
+                break
+        rank += 1
+    sock.close(linger=0)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "api/health", timeout=10) as r:
+        return json.load(r)
+
+
+def loading(url: str, run: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + f"api/runs/{run}", timeout=10) as r:
+            return bool(json.load(r).get("loading"))
+    except urllib.error.HTTPError:  # not known yet: the ingest thread is opening it
+        return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stored", type=int, default=1_000_000)
+    ap.add_argument("--baseline-s", type=float, default=4.0)
+    a = ap.parse_args()
+    out = tempfile.mkdtemp(prefix="tt-restart-")
+    t = time.perf_counter()
+    size = plant(os.path.join(out, "big"), a.stored)
+    print(f"planted {a.stored:,} gradient records, {size / 2**20:.0f} MiB, in {time.perf_counter() - t:.1f} s", flush=True)
+    col = CollectorProc(out, http=True)
+    stop = mp.Event()
+    p = mp.Process(target=sender, args=(col.endpoint, stop))
+    p.start()
+    samples = []  # (monotonic, written)
+
+    def sample() -> dict:
+        h = health(col.http)
+        samples.append((time.monotonic(), h["written"]))
+        return h
+
+    try:
+        while sample()["written"] < 100_000:  # warm: the sender connected, the run opened
+            time.sleep(0.05)
+        b0 = samples[-1]
+        while time.monotonic() - b0[0] < a.baseline_s:
+            time.sleep(0.05)
+            sample()
+        b1 = samples[-1]
+        import zmq
+
+        from collector.wire import encode
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(col.endpoint)
+        push.send(encode(_grad(a.stored, "big")))  # the stored run sends again
+        t_go = time.monotonic()
+        i_go = len(samples)
+        while True:
+            time.sleep(0.05)
+            h = sample()
+            if time.monotonic() - t_go > 0.2 and not h.get("runs_loading") and not loading(col.http, "big"):
+                break
+            if time.monotonic() - t_go > 600:
+                print("gave up waiting for the load", flush=True)
+                break
+        t_done = samples[-1][0]
+        d1 = samples[-1]
+        push.close(linger=1000)
+        stall = max(t2 - t1 for (t1, w1), (t2, w2) in zip(samples[i_go - 1:], samples[i_go:]) if w2 == w1) \
+            if any(w2 == w1 for (_, w1), (_, w2) in zip(samples[i_go - 1:], samples[i_go:])) else 0.0
+        with urllib.request.urlopen(col.http + "api/runs/big", timeout=10) as r:
+            summary = json.load(r)
+    finally:
+        stop.set()
+        p.join(10)
+        col.stop()
+        if "could not load" in col.output():
+            print(col.output(), flush=True)
+    base = (b1[1] - b0[1]) / (b1[0] - b0[0])
+    during = (d1[1] - b1[1]) / (d1[0] - b1[0])
+    print(f"baseline ingest: {base:,.0f} records/s over {b1[0] - b0[0]:.1f} s")
+    print(f"during the load: {during:,.0f} records/s over {t_done - t_go:.1f} s "
+          f"({during / base:.0%} of baseline); longest stall {stall * 1000:.0f} ms")
+    print(f"load: {a.stored:,} records ({size / 2**20:.0f} MiB) in {t_done - t_go:.1f} s "
+          f"({a.stored / (t_done - t_go):,.0f} records/s, {size / 2**20 / (t_done - t_go):.0f} MiB/s); "
+          f"the run's summary: {summary.get('records'):,} records")
+
+
+if __name__ == "__main__":
+    main()
