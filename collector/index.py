@@ -8,7 +8,8 @@ for the small kinds (loader_stats, patch_metrics, events).
 
 Ranks are kept apart (DDP: each rank's loss is its own series, not one zigzag of both). A
 series is shown under its `label`: its name for rank 0 and in a single-rank run, "name · rank
-r" otherwise (`RunIndex.label`).
+r" otherwise (`RunIndex.label`; a run is of several ranks from its first record that says a
+world size above 1, so a rank 1 that comes first is labelled as such from the start).
 
 Thread model: the ingest thread calls `add`; HTTP handlers read. Appends to Python lists and
 arrays are atomic under the GIL, so readers see a consistent prefix.
@@ -189,7 +190,9 @@ class RunIndex:
         # records' own t (a replay re-sends a stored run's original timestamps)
         self.arrived = 0.0
         self.closed_ranks: set[int] = set()
+        self.opened_ranks: set[int] = set()  # ranks whose hello came (a run's state: `state`)
         self.ranks: set[int] = set()
+        self.multi = False  # a record said a world size above 1 (or two ranks came): labels name ranks
         self.manifest: dict[str, Any] = {}
         self.findings: list[dict] = []
         self.dropped_series = 0
@@ -216,6 +219,8 @@ class RunIndex:
         if not self.first_t:
             self.first_t = rec.t
         self.ranks.add(rec.rank)
+        if rec.world > 1 and not self.multi:
+            self.multi = True
         step = self._series_add(rec)
         self._recent_n += 1
         blk = self._singles
@@ -235,8 +240,9 @@ class RunIndex:
             if kind == "events":
                 if rec.name == "bye":
                     self.closed_ranks.add(rec.rank)
-                elif rec.name == "hello":  # a new sender session of the rank (same run id)
+                elif rec.name == "hello":  # (also a new sender session of the rank: same run id)
                     self.closed_ranks.discard(rec.rank)
+                    self.opened_ranks.add(rec.rank)
         key = (kind, rec.name, rec.rank)
         s = self.series.get(key)
         if s is None:
@@ -272,6 +278,8 @@ class RunIndex:
             self.ranks.update({r.rank for r in recs})
         else:
             self.ranks.add(rank)
+        if not self.multi and recs[-1].world > 1:  # (a frame is one sender's: one world size)
+            self.multi = True
         steps = [self._series_add(rec) for rec in recs]
         self._recent_n += len(recs)
         self._singles = None  # later single records start a new block, after this one
@@ -294,6 +302,7 @@ class RunIndex:
             add(rec)
         self.loaded += len(recs)
         self.ranks.update({r.rank for r in recs})
+        self.multi = self.multi or any(r.world > 1 for r in recs)
         ts = [r.t for r in recs if r.t]
         if ts:
             self.first_t = min(self.first_t or math.inf, min(ts))
@@ -325,7 +334,9 @@ class RunIndex:
                 self.full[kind] = collections.deque(itertools.chain(dq, self.full[kind]), maxlen=MAX_FULL)
             # a rank's stored bye counts only if the rank sent nothing since
             self.closed_ranks = (stored.closed_ranks - self.ranks) | self.closed_ranks
+            self.opened_ranks = self.opened_ranks | stored.opened_ranks
             self.ranks = self.ranks | stored.ranks
+            self.multi = self.multi or stored.multi
             if stored.first_t and (not self.first_t or stored.first_t < self.first_t):
                 self.first_t = stored.first_t
             self.last_t = max(self.last_t, stored.last_t)
@@ -339,10 +350,17 @@ class RunIndex:
         now = time.time() if now is None else now
         return bool(self.ranks - self.closed_ranks) and now - self.arrived < idle_s
 
+    def state(self, now: Optional[float] = None) -> str:
+        """"live"; "unclosed": not live, and a rank said hello but never bye (stopped without
+        closing, killed, or paused); else "finished" (also a stored run without events)."""
+        if self.live(now):
+            return "live"
+        return "unclosed" if self.opened_ranks - self.closed_ranks else "finished"
+
     def label(self, name: str, rank: int) -> str:
         """The name a series is shown and asked for by: its own for rank 0 and in a run of one
         rank (nothing changes for those), "name · rank r" for the other ranks."""
-        return name if not rank or len(self.ranks) <= 1 else f"{name} · rank {rank}"
+        return name if not rank or not (self.multi or len(self.ranks) > 1) else f"{name} · rank {rank}"
 
     def streams(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = collections.defaultdict(list)
@@ -420,7 +438,7 @@ class RunIndex:
         rank, step, t, flat_stats, label), ...]). Older than the ring: starts at the ring's
         oldest."""
         items: list[tuple] = []
-        one = len(self.ranks) <= 1  # (`label` inline: every name is its own label)
+        one = not (self.multi or len(self.ranks) > 1)  # (`label` inline: every name is its own label)
         for first, recs, steps in list(self.recent):
             n = len(recs)  # a block of single records may grow meanwhile: up to here
             if first + n <= cursor + 1:
@@ -462,7 +480,8 @@ class Index:
 
     def summaries(self) -> list[dict]:
         now = time.time()
-        return [{"run": r.run, "live": r.live(now), "records": r.count + r.loaded, "ranks": sorted(r.ranks),
+        return [{"run": r.run, "live": r.live(now), "state": r.state(now), "records": r.count + r.loaded,
+                 "ranks": sorted(r.ranks),
                  "first_t": r.first_t, "last_t": r.last_t, "findings": len(r.findings),
                  "loading": r.loading is not None}
                 for r in sorted(list(self.runs.values()), key=lambda r: r.first_t)]

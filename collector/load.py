@@ -279,10 +279,14 @@ class StoredIndex(Index):
             return None  # a run being written, its first manifest to come: the next scan
         if not isinstance(written, int):  # no usable manifest: read the run now
             ri = self._read(name)
-            return {"run": name, "live": False, "records": ri.count, "ranks": sorted(ri.ranks),
-                    "first_t": ri.first_t, "last_t": ri.last_t, "findings": len(ri.findings)}
+            return {"run": name, "live": False, "state": ri.state(), "records": ri.count,
+                    "ranks": sorted(ri.ranks), "first_t": ri.first_t, "last_t": ri.last_t,
+                    "findings": len(ri.findings)}
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
-        return {"run": name, "live": False, "records": written,
+        # a rank that said hello and never bye: the training stopped without closing
+        unclosed = any(isinstance(st, dict) and st.get("hello") is not None and st.get("closed") is not True
+                       for st in ranks.values())
+        return {"run": name, "live": False, "state": "unclosed" if unclosed else "finished", "records": written,
                 "ranks": sorted(int(r) for r in ranks if str(r).isdigit()),
                 "first_t": _num(m.get("created")), "last_t": _num(m.get("updated")),
                 "findings": len(findings or [])}

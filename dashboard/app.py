@@ -51,6 +51,10 @@ class SmallKind(str, enum.Enum):
 class RunSummary(BaseModel):
     run: str
     live: bool
+    # "live"; "finished": every rank said bye; "unclosed": a rank never said bye and nothing
+    # came for a while (stopped without closing, killed, or paused)
+    state: str = "finished"
+    loading: bool = False  # a restarted collector is putting the run's stored records back
     records: int
     ranks: list[int]
     first_t: float
@@ -264,11 +268,12 @@ async def _live_events(ri, cursor: int, wanted: Optional[set], closing: threadin
         full = len(items) >= 5_000  # more is waiting: no sleep
         if wanted is not None:
             items = [it for it in items if it[1] in wanted]
-        now_state = (len(ri.findings), ri.live())
+        now_state = (len(ri.findings), ri.state())
         now = time.monotonic()
         if items or now_state != state or now - last_sent >= SSE_HEARTBEAT_S:
             state, last_sent = now_state, now
             body = _encode({"cursor": cursor, "items": items, "findings": now_state[0],
-                            "live": now_state[1], "records": ri.count})
+                            "live": now_state[1] == "live", "state": now_state[1],
+                            "records": ri.count + ri.loaded})
             yield b"id: %d\ndata: %s\n\n" % (cursor, body)
         await asyncio.sleep(0 if full else SSE_INTERVAL_S)

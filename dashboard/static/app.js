@@ -155,7 +155,7 @@ function onLive(msg) {
     }
   }
   if (msg.findings !== S.findings && S.findings !== -2) loadFindings(S.run, S.gen).catch(showError);
-  setLive(msg.live);
+  setLive(msg.state ?? msg.live);
   requestDraw();
 }
 
@@ -313,7 +313,14 @@ function kvTable(obj) {
 
 // -- runs, health, navigation ---------------------------------------------------------------
 async function refreshRuns() {
+  const was = S.runs.find(r => r.run === S.run);
   S.runs = await api("/api/runs");
+  const now = S.runs.find(r => r.run === S.run);
+  if (was && was.loading && now && !now.loading && !S.missing) {
+    openRun().catch(showError);  // a restarted collector has put the run's stored records back
+  } else if (now && now.state && !S.down) {
+    setLive(now.state);
+  }
   if (S.missing && S.runs.some(r => r.run === S.missing)) {  // the run asked for has come
     S.missing = null;
     openRun().catch(showError);
@@ -342,10 +349,22 @@ async function refreshHealth() {
       k, el("b", {}, fmtField(k, v)))));
 }
 
-function setLive(live) {
+// state: "live", "finished" (every rank said bye) or "unclosed" (a rank never said bye and
+// nothing came for a while: stopped without closing, killed, or paused); a bool from an older
+// collector
+const STATES = {
+  live: ["live", "live", ""],
+  finished: ["finished", "", "every rank said bye"],
+  unclosed: ["quiet, never closed", "quiet", "nothing came for 15 s and a rank never said bye: " +
+    "the training stopped without closing (killed?) or is paused"],
+};
+
+function setLive(state) {
   if (S.down) return;  // the badge says "collector unreachable" until it answers again
-  $("run-live").textContent = live ? "live" : "finished";
-  $("run-live").className = "badge" + (live ? " live" : "");
+  const [text, cls, title] = STATES[state === true ? "live" : state === false ? "finished" : state] || STATES.finished;
+  $("run-live").textContent = text;
+  $("run-live").className = "badge" + (cls ? " " + cls : "");
+  $("run-live").title = title;
 }
 
 // The runs and the health every POLL_MS. While the collector does not answer, the page says so
@@ -434,9 +453,10 @@ async function openRun() {
     return;
   }
   if (gen !== S.gen) return;
-  setLive(summary.live);
+  setLive(summary.state ?? summary.live);
   const ranks = summary.ranks.length === 1 ? `rank ${summary.ranks[0]}` : `ranks ${summary.ranks.join(", ")}`;
   $("run-meta").textContent = `${summary.records} records · ${ranks}` +
+    (summary.loading ? " · loading its stored records" : "") +
     (cmp ? ` · overlaid (dotted): ${cmp}` : "");
   $("manifest").replaceChildren(...kvTable(manifest));
   if (!performance.getEntriesByName("tensortap:head").length) performance.mark("tensortap:head");  // bench

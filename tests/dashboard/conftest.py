@@ -51,8 +51,8 @@ def serve(app, port: int = 0):
 
 
 def rec(run: str, kind: str, name: str, data: dict, step=None, *, rank=0, seq=0, t=None,
-        epoch=None) -> Record:
-    return Record(v=1, run=run, rank=rank, world=1, seq=seq, t=t or time.time(), kind=kind,
+        epoch=None, world=1) -> Record:
+    return Record(v=1, run=run, rank=rank, world=world, seq=seq, t=t or time.time(), kind=kind,
                   name=name, step=step, epoch=epoch, data=data)
 
 

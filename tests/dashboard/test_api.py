@@ -324,6 +324,40 @@ def test_a_single_rank_run_keeps_its_names_whatever_its_rank():
     assert ri.since(0)[1][0][7] == "loss" and ri.get_series("metrics", "loss", "value")["rank"] == 3
 
 
+def test_a_rank_that_comes_first_is_labelled_by_its_rank_from_the_start():
+    """A DDP run whose rank 1 sends before rank 0: its records say world 2, so its series is
+    "loss · rank 1" from the first record, loaded and live (it was "loss" until rank 0 came,
+    and the page kept a trace "loss" of rank 1's first points)."""
+    index = Index()
+    index.add(rec("ddp", "metrics", "loss", {"value": 2.0}, step=0, rank=1, world=2))
+    ri = index.get("ddp")
+    assert list(ri.kind_series("metrics", ["value"])) == ["loss · rank 1"]
+    assert ri.since(0)[1][0][7] == "loss · rank 1"
+    assert [s["label"] for s in ri.streams()["metrics"]] == ["loss · rank 1"]
+    index.add(rec("ddp", "metrics", "loss", {"value": 1.0}, step=0, rank=0, world=2))
+    assert sorted(ri.kind_series("metrics", ["value"])) == ["loss", "loss · rank 1"]
+    assert [it[7] for it in ri.since(0)[1]] == ["loss · rank 1", "loss"]
+
+
+def test_a_run_that_went_quiet_without_a_bye_is_unclosed_not_finished(index):
+    """The run's state: live; finished once every rank said bye; unclosed when a rank never
+    said bye and nothing came for a while (a killed training). The page's badge said
+    "finished" for both."""
+    index.add(rec("killed", "events", "hello", {"pid": 1, "host": "h", "world": 1}, seq=0))
+    index.add(rec("killed", "metrics", "loss", {"value": 1.0}, step=0, seq=1))
+    ri = index.get("killed")
+    assert ri.state() == "live" and ri.state(now=time.time() + 16) == "unclosed"
+    assert index.get("run-a").state() == "finished"  # (its rank said bye)
+    ri.arrived -= 100
+    with client_for(create_app(index)) as c:
+        states = {r["run"]: (r["state"], r["live"]) for r in c.get("/api/runs").json()}
+        assert states == {"run-a": ("finished", False), "killed": ("unclosed", False)}
+        assert c.get("/api/runs/killed").json()["state"] == "unclosed"
+        with c.stream("GET", "/api/runs/killed/live") as r:
+            data = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+        assert data["state"] == "unclosed" and data["live"] is False
+
+
 def test_liveness_goes_by_arrival_not_by_the_records_own_time():
     """A replay re-sends a stored run's original wall times: records an hour old that arrive
     now are live; records that stop arriving are not, after the idle time."""

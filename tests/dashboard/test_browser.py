@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 
 import pytest
@@ -464,5 +465,42 @@ def test_long_layer_names_do_not_squeeze_the_gradient_charts(page):
         assert legend == [f"…{j}.spectral_conv.weights1" for j in range(4)]
         hover = page.evaluate("document.getElementById('chart-grad-norm').data.map(t => t.hovertemplate)")
         assert all(name in h for name, h in zip(names, hover))  # the whole name in the hover
+        leave(page)
+    assert page.problems == []
+
+
+def test_the_badge_tells_a_killed_run_from_a_finished_one_and_a_loaded_run_is_shown_whole(page):
+    """A run whose rank said hello and never bye, and that went quiet: the badge says "quiet,
+    never closed" (it said "finished", as for a run that closed). A run whose stored records a
+    restarted collector is still putting back (`loading`): the page says so, and opens the run
+    afresh once they are in, showing the points from before the restart (it showed only the
+    records since until reloaded)."""
+    from collector.index import RunIndex
+
+    index = Index(health=lambda: {"status": "ok"})
+    index.add(rec("killed", "events", "hello", {"pid": 1, "host": "h", "world": 1}, seq=0))
+    for i in range(5):
+        index.add(rec("killed", "metrics", "loss", {"value": 1.0}, step=i, seq=1 + i))
+    index.get("killed").arrived -= 100  # nothing for 100 s
+    ri = index.run("restarted")
+    ri.lock, ri.loading = threading.Lock(), {"bytes": 1000, "read": 0}
+    for i in range(20, 25):  # taken in since the restart
+        index.add(rec("restarted", "metrics", "loss", {"value": 0.5}, step=i, seq=i))
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=killed")
+        page.wait_for_function("() => document.getElementById('run-live').textContent === 'quiet, never closed'",
+                               timeout=5_000)
+        assert "quiet" in page.get_attribute("#run-live", "class")
+        page.goto(f"{url}/#run=restarted")
+        chart_has(page, "chart-metrics", 24)
+        assert "loading its stored records" in page.inner_text("#run-meta")
+        stored = RunIndex("restarted")
+        stored.add_stored([rec("restarted", "metrics", "loss", {"value": 1.0}, step=i, seq=i) for i in range(20)])
+        ri.merge_stored(stored)
+        ri.loading = None
+        chart_has(page, "chart-metrics", 0, timeout_ms=8_000)  # the next look at the runs (every 2 s)
+        xs = page.evaluate("Array.from(document.getElementById('chart-metrics').data[0].x)")
+        assert xs == list(range(25))
+        assert "loading" not in page.inner_text("#run-meta")
         leave(page)
     assert page.problems == []

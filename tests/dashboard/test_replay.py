@@ -155,6 +155,7 @@ def test_serve_lists_runs_from_their_manifests_and_holds_few_read(original, tmp_
         written = json.load(f)["totals"]["written"]
     assert sorted(listed) == ["a", "b", "c", "nomanifest"] and listed["a"]["records"] == written
     assert listed["a"]["ranks"] == [0, 1] and listed["a"]["findings"] == 0 and not listed["a"]["live"]
+    assert {s["state"] for s in listed.values()} == {"finished"}  # (both ranks said bye)
     count = index.get("a").count
     assert count == len(run_records(original)) and index.get("zzz") is None
     index.get("b")
@@ -171,6 +172,14 @@ def test_serve_lists_runs_from_their_manifests_and_holds_few_read(original, tmp_
     assert "d" not in {s["run"] for s in index.summaries()}  # no manifest yet: being written
     shutil.copy(os.path.join(original, "manifest.json"), tmp_path / "d")
     assert "d" in {s["run"] for s in index.summaries()} and index.get("d").count > 0
+    # a run whose rank 1 never said bye (a killed training): "unclosed", not "finished"
+    shutil.copytree(original, tmp_path / "e")
+    with open(tmp_path / "e" / "manifest.json") as f:
+        m = json.load(f)
+    m["ranks"]["1"]["closed"] = False
+    with open(tmp_path / "e" / "manifest.json", "w") as f:
+        json.dump(m, f)
+    assert {s["run"]: s["state"] for s in index.summaries()}["e"] == "unclosed"
 
 
 @contextlib.contextmanager
