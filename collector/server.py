@@ -163,9 +163,21 @@ class Collector:
             os.replace(tmp, self.cfg.ready_file)
         if not self.cfg.quiet and not self.cfg.embedded:
             parts = [f"zmq {self.zmq_endpoint}" if self.zmq_endpoint else "no ingest",
-                     f"dashboard {self.http_url}" if self.http_url else "no web view",
+                     f"dashboard {self._shown_url()}" if self.http_url else "no web view",
                      f"out {os.path.abspath(self.cfg.out)}"]
             print("tensortap collector: " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    def _shown_url(self) -> str:
+        """The dashboard's URL as a user opens it: a wildcard address (0.0.0.0, ::) named by
+        this host's name, and the token asked for (not printed: the line may go to a log)."""
+        url, notes = self.http_url or "", []
+        host = url.split("//", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if host in ("0.0.0.0", "::"):
+            url = url.replace(f"[{host}]" if ":" in host else host, socket.gethostname(), 1)
+            notes.append("on every interface")
+        if self.cfg.token:
+            notes.append("open it with ?token=<your --token>")
+        return url + (f" ({'; '.join(notes)})" if notes else "")
 
     # -- threads --------------------------------------------------------------------------
     def _ingest_loop(self) -> None:

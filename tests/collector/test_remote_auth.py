@@ -58,3 +58,28 @@ def test_the_web_view_with_a_token_refuses_requests_without_it(tmp_path):
             assert r.status == 200
     finally:
         col.stop()
+
+
+def test_the_start_line_names_the_host_of_a_wildcard_address_and_asks_for_the_token(tmp_path):
+    """`collect --http 0.0.0.0:8050 --token T` printed `dashboard http://0.0.0.0:8050/`, an
+    address no browser elsewhere opens, with no word of the token the page then asks for. Now
+    it names this host and says how to pass the token, without printing it (the line may go
+    to a log). (The wildcard case is checked on the URL alone: tests bind loopback only.)"""
+    import socket
+
+    from collector.server import Collector, Config
+
+    c = Collector(Config(http="0.0.0.0:8050", token="s3cret"))
+    for bound, shown in (("http://0.0.0.0:8050/", f"http://{socket.gethostname()}:8050/ (on every "
+                          "interface; open it with ?token=<your --token>)"),
+                         ("http://[::]:8050/", f"http://{socket.gethostname()}:8050/ (on every "
+                          "interface; open it with ?token=<your --token>)")):
+        c.http_url = bound
+        assert c._shown_url() == shown
+    col = CollectorProc(str(tmp_path), http=True, extra=["--token", "s3cret"], quiet=False)
+    try:
+        assert wait_for(lambda: "dashboard " in col.output())
+    finally:
+        col.stop()
+    line = next(x for x in col.output().splitlines() if "dashboard " in x)
+    assert f"dashboard {col.http} (open it with ?token=<your --token>)" in line and "s3cret" not in line
