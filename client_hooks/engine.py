@@ -7,8 +7,7 @@ step) attaches hooks at begin_step and removes them at end_step, where the step'
 to the host in one copy. Every public method swallows its errors: one warning per kind. A
 torch.compile'd forward hands its hooks' (and record()'s) values over instead of running them
 (hooks.Traced: a slot per hook and record name): they are taken at the end of backward or of
-the step (`_drain`), and the hooks
-of such a model stay registered between capture steps.
+the step (`_drain`), and the hooks of such a model stay registered between capture steps.
 
 On CUDA with Triton (client_hooks.fused) a capture step costs, on the training thread: one
 grouped kernel launch for the real tensors met during the forward (their block partials); at
