@@ -102,7 +102,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="tt-restart-")
     t = time.perf_counter()
     size = plant(os.path.join(out, "big"), a.stored)
-    print(f"planted {a.stored:,} gradient records, {size / 2**20:.0f} MiB, in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"planted {a.stored:,} gradient records, {size / 2**20:.0f} MiB, "
+          f"in {time.perf_counter() - t:.1f} s", flush=True)
     col = CollectorProc(out, http=True)
     stop = mp.Event()
     p = mp.Process(target=sender, args=(col.endpoint, stop))

@@ -59,9 +59,10 @@ def jsonl_records(path: str, stats: LoadStats) -> Iterator[Record]:
 def jsonl_blocks(path: str, size: int, stats: LoadStats,
                  block: int = LOAD_BLOCK) -> Iterator[tuple[list[Record], int]]:
     """The records of the first `size` bytes of a JSONL file, a list per ~`block` bytes, in
-    file order, each with the bytes it was read from. Each block's whole lines are decoded in one call (as a JSON array); a block
-    holding a line that is not a record is decoded line by line, skipping (and counting) the
-    bad ones. Bytes after the last newline within `size` count as a torn line."""
+    file order, each with the bytes it was read from. Each block's whole lines are decoded in
+    one call (as a JSON array); a block holding a line that is not a record is decoded line
+    by line, skipping (and counting) the bad ones. Bytes after the last newline within
+    `size` count as a torn line."""
     with open(path, "rb") as f:
         left, carry = size, b""
         while left > 0:
