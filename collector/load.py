@@ -227,10 +227,14 @@ class StoredIndex(Index):
     MAX_LOADED_RUNS runs are held so: a folder of a thousand runs starts in about the time
     it takes to read their manifests, in bounded memory. health() reports mode "serve", the
     root, the runs, the records their manifests count, and what reading skipped so far. A run
-    whose folder has gone (deleted while served) is no longer listed, nor served."""
+    whose folder has gone (deleted while served) is no longer listed, nor served.
 
-    def __init__(self, root: str) -> None:
+    hide(run): True for a run this index must neither list nor serve (collect's view: the
+    runs it has live, see CollectIndex); such a run is not read, and `forget` drops it."""
+
+    def __init__(self, root: str, hide: Optional[Callable[[str], bool]] = None) -> None:
         super().__init__()
+        self.hide = hide or (lambda run: False)
         self.root, self.stats, self.loaded_at = root, LoadStats(), time.time()
         # ROOT is itself a run's folder: that run, found in the folder above
         self.only = os.path.basename(os.path.normpath(root)) if is_run_dir(root) else None
@@ -256,7 +260,7 @@ class StoredIndex(Index):
             return
         for name in names:
             path = self._path(name)
-            if name in self._listed or not valid_run_id(name) or not is_run_dir(path):
+            if name in self._listed or not valid_run_id(name) or self.hide(name) or not is_run_dir(path):
                 continue  # (the folder name is the run id)
             summary = self._summary(name, path, read_bare=first)
             if summary is not None:
@@ -264,6 +268,11 @@ class StoredIndex(Index):
 
     def _path(self, name: str) -> str:
         return os.path.join(self.base, name)
+
+    def forget(self, name: str) -> None:
+        """No longer list nor hold `name` (it is hidden from now on: not listed again)."""
+        if name in self._listed or name in self.runs:
+            self._drop(name)
 
     def _drop(self, name: str) -> None:
         with self._lock:
@@ -308,6 +317,9 @@ class StoredIndex(Index):
     def get(self, run: str) -> Optional[RunIndex]:
         if run not in self._listed:
             return None
+        if self.hide(run):
+            self._drop(run)
+            return None
         if not os.path.isdir(self._path(run)):  # deleted while served
             self._drop(run)
             return None
@@ -319,6 +331,59 @@ class StoredIndex(Index):
         if time.monotonic() - self._scanned >= RESCAN_S:
             self._scan()
         return sorted(self._listed.values(), key=lambda s: s["first_t"])
+
+
+class CollectIndex(Index):
+    """`tensortap collect`'s view: the runs this collector takes in (live: `runs`, `run`,
+    `add`, as Index; the ingest thread uses nothing else) and, for the other runs under its
+    root (from before a restart, earlier trainings), their stored copies, as `serve` shows
+    them: a StoredIndex, listed from the manifests, a run read when it is opened, at most
+    MAX_LOADED_RUNS held. That StoredIndex is made at the first listing or opening of a run
+    (an HTTP handler), not at start: a root of many runs costs the start (and ingest) nothing.
+
+    A run is listed once, and once it has a live index (its first record since this
+    collector started: collector.load.load_stored puts its stored records into it) that one
+    is served and the stored copy is dropped and never listed again."""
+
+    def __init__(self, root: str, health=None) -> None:
+        super().__init__(health)
+        self.root = root
+        self._stored: Optional[StoredIndex] = None
+        self._stored_lock = threading.Lock()
+
+    @property
+    def stored(self) -> StoredIndex:
+        st = self._stored
+        if st is None:
+            with self._stored_lock:
+                if self._stored is None:
+                    runs = self.runs
+                    self._stored = StoredIndex(self.root, hide=lambda run: run in runs)
+                st = self._stored
+        return st
+
+    def get(self, run: str) -> Optional[RunIndex]:
+        live = self.runs.get(run)
+        if live is None:
+            ri = self.stored.get(run)
+            live = self.runs.get(run)  # (live meanwhile, while its files were read: that one)
+            if live is None:
+                return ri
+        if self._stored is not None:
+            self._stored.forget(run)
+        return live
+
+    def summaries(self) -> list[dict]:
+        stored = self.stored.summaries()
+        live = super().summaries()  # after the stored ones: a run live meanwhile is in here
+        names = {s["run"] for s in live}
+        out = list(live)
+        for s in stored:
+            if s["run"] in names:
+                self.stored.forget(s["run"])
+            else:
+                out.append({**s, "loading": False, "stored": True})  # (the page reopens it once live)
+        return sorted(out, key=lambda s: s["first_t"])
 
 
 def _num(x) -> float:

@@ -21,6 +21,7 @@ from typing import Optional
 
 from collector.index import Index
 from collector.ingest import RCVHWM, Ingest
+from collector.load import CollectIndex
 from collector.text import LOST, plural, run_counts
 
 DIAGNOSE_S = 5.0
@@ -65,7 +66,11 @@ class Config:
 class Collector:
     def __init__(self, cfg: Config, index: Optional[Index] = None) -> None:
         self.cfg = cfg
-        self.index = index or Index()
+        if index is None:
+            # collect: its live runs, and the runs stored under its root listed beside them
+            # (read when opened); with no ingest, an empty index unless one is given (serve)
+            index = CollectIndex(cfg.out) if cfg.zmq else Index()
+        self.index = index
         self.ingest: Optional[Ingest] = None
         self.threads: dict[str, threading.Thread] = {}
         self.stop = threading.Event()

@@ -55,6 +55,7 @@ class RunSummary(BaseModel):
     # came for a while (stopped without closing, killed, or paused)
     state: str = "finished"
     loading: bool = False  # a restarted collector is putting the run's stored records back
+    stored: bool = False  # collect's view of a run under its root that has sent nothing since it started
     records: int
     ranks: list[int]
     first_t: float

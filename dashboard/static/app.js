@@ -316,8 +316,10 @@ async function refreshRuns() {
   const was = S.runs.find(r => r.run === S.run);
   S.runs = await api("/api/runs");
   const now = S.runs.find(r => r.run === S.run);
-  if (was && was.loading && now && !now.loading && !S.missing) {
-    openRun().catch(showError);  // a restarted collector has put the run's stored records back
+  if (was && now && (was.loading && !now.loading || was.stored && !now.stored) && !S.missing) {
+    // a restarted collector has put the run's stored records back, or a stored run (its
+    // files, read) has resumed sending (the live run, whole)
+    openRun().catch(showError);
   } else if (now && now.state && !S.down) {
     setLive(now.state);
   }

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from client_hooks.sender import Sender
 from collector.wire import Record, encode, encode_many
 from tests.collector.test_collector import push_socket
 from tests.procs import CollectorProc, manifest, wait_for
@@ -155,3 +156,132 @@ def test_a_big_stored_run_is_loaded_while_ingest_goes_on_and_no_point_comes_twic
         assert col.stop() == 0
     m = manifest(str(run_dir))["totals"]
     assert (m["written"], m["gaps"], m["duplicates"]) == (stored + sent, 0, 0), m
+
+
+def _sse_events(col: CollectorProc, path: str, until, timeout: float = 10.0) -> list[dict]:
+    """The data of a live stream's events (server-sent events), read until `until(events)`."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(col.http + path, timeout=timeout) as r:
+        while time.monotonic() < deadline:
+            line = r.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+                if until(events):
+                    break
+    return events
+
+
+def _listed(col: CollectorProc) -> dict[str, dict]:
+    runs = _get(col, "api/runs")
+    names = [s["run"] for s in runs]
+    assert len(names) == len(set(names)), f"a run listed twice: {names}"
+    return {s["run"]: s for s in runs}
+
+
+def test_a_restarted_collector_lists_the_stored_runs_and_a_resumed_one_once_live_and_whole(tmp_path):
+    """Two runs stored by a first collector (one closed, one whose training stopped without
+    closing); a second collector on the same root lists both (not live), serves every view
+    of them from their files, and when the unclosed one's training resumes, lists it once,
+    live, with its stored and new points (none twice), not the stored copy it had read.
+    A run new to this collector stays listed once after the stored runs are listed again."""
+    from collector.load import RESCAN_S
+
+    col = CollectorProc(str(tmp_path), http=True)
+    try:
+        s = Sender(col.endpoint, "done")
+        for i in range(10):
+            s.send("metrics", "loss", {"value": float(i)}, step=i)
+            s.send("gradients", "layer.0", {"mean": 0.5 * i, "std": 1.0, "norm": float(i)}, step=i)
+        s.flush(5)
+        s.close(3)
+        sock = push_socket(col.endpoint)
+        sock.send(encode(_r(0, "cut", "events", "hello", {"world": 1})))
+        sock.send(_batch([_r(i, "cut") for i in range(1, 6)]))  # no bye: stopped without closing
+        sock.close()
+        assert wait_for(lambda: _written(tmp_path / "done") == 22 and _written(tmp_path / "cut") == 6), col.output()
+    finally:
+        assert col.stop() == 0
+    findings_doc = json.loads((tmp_path / "done" / "findings.json").read_text())
+
+    col = CollectorProc(str(tmp_path), http=True)
+    try:
+        runs = _listed(col)
+        assert {r: (s["live"], s["state"], s["records"], s["ranks"]) for r, s in runs.items()} == {
+            "done": (False, "finished", 22, [0]), "cut": (False, "unclosed", 6, [0])}, runs
+        assert _get(col, "api/runs/done")["state"] == "finished"
+        assert _get(col, "api/runs/done/manifest") == manifest(tmp_path / "done")
+        streams = _get(col, "api/runs/done/streams")
+        assert {k: [(x["name"], x["points"]) for x in v] for k, v in streams.items() if k != "events"} == {
+            "metrics": [("loss", 10)], "gradients": [("layer.0", 10)]}, streams
+        loss = _get(col, "api/runs/done/series", kind="metrics", name="loss", stat="value")
+        assert loss["step"] == list(range(10)) and loss["value"] == [float(i) for i in range(10)], loss
+        drawn = _get(col, "api/runs/done/kind/gradients", stat=["mean"])["series"]["layer.0"]
+        assert drawn["step"] == list(range(10)) and drawn["mean"] == [0.5 * i for i in range(10)]
+        assert [e["name"] for e in _get(col, "api/runs/done/records/events")] == ["hello", "bye"]
+        want = findings_doc.get("findings") if isinstance(findings_doc, dict) else findings_doc
+        assert _get(col, "api/runs/done/findings") == want
+        ev = _sse_events(col, "api/runs/done/live", lambda evs: len(evs) >= 2)
+        assert [(e["items"], e["live"], e["records"]) for e in ev] == [([], False, 22)] * 2, ev
+        cut = _get(col, "api/runs/cut/series", kind="metrics", name="loss", stat="value")
+        assert cut["step"] == [1, 2, 3, 4, 5], cut  # (the stored copy is read now)
+
+        sock = push_socket(col.endpoint)  # the training of "cut" resumes; a new run "fresh"
+        sock.send(_batch([_r(i, "cut") for i in range(6, 10)]))
+        sock.send(_batch([_r(i, "fresh") for i in range(3)]))
+        assert wait_for(lambda: _written(tmp_path / "cut") == 10 and _written(tmp_path / "fresh") == 3), col.output()
+        assert wait_for(lambda: _loaded(col, "cut")), col.output()
+        runs = _listed(col)
+        assert {r: (s["live"], s["records"]) for r, s in runs.items()} == {
+            "done": (False, 22), "cut": (True, 10), "fresh": (True, 3)}, runs
+        cut = _get(col, "api/runs/cut/series", kind="metrics", name="loss", stat="value")
+        assert cut["step"] == list(range(1, 10)) and cut["value"] == [float(i) for i in range(1, 10)], cut
+        assert _get(col, "api/runs/cut/manifest")["totals"]["written"] == 10
+        # its live stream is the live index's: from the cursor 0, the records taken in since
+        # the restart (a stored copy's would be its stored records)
+        ev = _sse_events(col, "api/runs/cut/live?cursor=0", lambda evs: any(e["items"] for e in evs))
+        items = [it for e in ev for it in e["items"]]
+        assert [(it[1], it[2], it[4]) for it in items] == [("metrics", "loss", i) for i in range(6, 10)], ev
+        assert ev[-1]["live"] is True and ev[-1]["records"] == 10, ev
+        sock.close()
+        deadline = time.monotonic() + RESCAN_S + 1.5  # the stored runs are listed again meanwhile
+        while time.monotonic() < deadline:
+            runs = _listed(col)
+            assert set(runs) == {"done", "cut", "fresh"} and runs["fresh"]["live"] and runs["cut"]["live"], runs
+            time.sleep(0.5)
+    finally:
+        assert col.stop() == 0
+
+
+def test_collect_view_lists_stored_runs_from_their_manifests_and_holds_few_read(tmp_path):
+    """collect's index over a root of stored runs: listing reads no records, opening them
+    holds at most MAX_LOADED_RUNS read, and a run that gets a live index is that one
+    (listed once, also after the root is scanned again), its stored copy dropped."""
+    from collector.load import MAX_LOADED_RUNS, CollectIndex
+
+    names = [f"r{i:02d}" for i in range(MAX_LOADED_RUNS + 4)]
+    for i, name in enumerate(names):
+        _plant_run(str(tmp_path / name), 5)
+        m = manifest(tmp_path / name)  # as a collector writes it: with its totals
+        m.update(totals={"written": 5}, created=1_700_000_000.0 + i)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(m))
+    idx = CollectIndex(str(tmp_path))
+    listed = idx.summaries()
+    assert [(s["run"], s["live"], s["state"], s["records"]) for s in listed] == [
+        (n, False, "finished", 5) for n in names]
+    assert not idx.stored.runs, "listing read records"
+    for name in names:
+        assert idx.get(name).get_series("metrics", "loss", "value")["step"] == [0, 1, 2, 3, 4]
+        assert len(idx.stored.runs) <= MAX_LOADED_RUNS
+    live = idx.run(names[-1])  # (the ingest side: its first record since the start)
+    live.add(_r(5, names[-1]))
+    assert idx.get(names[-1]) is live and names[-1] not in idx.stored.runs
+    for rescan in (False, True):
+        if rescan:
+            idx.stored._scanned = 0.0  # (the root is listed again at the next listing)
+        runs = [s["run"] for s in idx.summaries()]
+        assert sorted(runs) == names, runs
+        assert [s["live"] for s in idx.summaries() if s["run"] == names[-1]] == [True]
+    assert idx.get("nope") is None

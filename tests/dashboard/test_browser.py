@@ -504,3 +504,34 @@ def test_the_badge_tells_a_killed_run_from_a_finished_one_and_a_loaded_run_is_sh
         assert "loading" not in page.inner_text("#run-meta")
         leave(page)
     assert page.problems == []
+
+
+def test_a_stored_run_open_in_the_page_is_followed_when_its_training_resumes(page, tmp_path):
+    """collect's view lists a run stored under its root (from before a restart) and the page
+    shows it; when its training sends again, the page moves from the stored copy (which gets
+    no new record) to the live run, whole: stored and new points."""
+    from client_hooks.sender import Sender
+    from tests.dashboard.conftest import wait_for
+
+    with collector_process(str(tmp_path)) as info:
+        s = Sender(info["zmq"], "cut", batch=8)
+        for step in range(10):
+            s.send("metrics", "loss", {"value": 1.0 / (step + 1)}, step=step)
+        s.flush()
+        assert wait_for(lambda: (tmp_path / "cut" / "metrics.jsonl").exists()
+                        and len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 10)
+        s.close()
+    os.remove(tmp_path / ".ready.json")  # (the next collector writes its own)
+    with collector_process(str(tmp_path)) as info:
+        page.goto(f"{info['http']}#run=cut")
+        chart_has(page, "chart-metrics", 9)
+        s = Sender(info["zmq"], "cut", batch=8)
+        for step in range(10, 15):
+            s.send("metrics", "loss", {"value": 0.05}, step=step)
+        s.flush()
+        chart_has(page, "chart-metrics", 14, timeout_ms=15_000)
+        xs = page.evaluate("Array.from(document.getElementById('chart-metrics').data[0].x)")
+        assert xs == list(range(15))
+        s.close()
+        leave(page)
+    assert page.problems == []
