@@ -1,6 +1,8 @@
 """Diagnosis: rules over a run's stat streams -> findings (torch-free).
 
     diagnose(records_by_kind) -> [{"rule", "severity", "evidence", "hint"}, ...]
+        (a symptom explained by a cause found beside it, e.g. a plateau behind frozen weights,
+        is marked: evidence "consequence_of" [rules], sorted after the causes; causes.py)
     load_run(run_dir) -> {kind: [record, ...]}
     write_findings(run_dir) -> findings (also written to run_dir/findings.json, atomically)
 
@@ -15,6 +17,7 @@ import os
 import time
 
 from collector.diagnosis import gradients, values
+from collector.diagnosis.causes import is_consequence, mark_consequences
 from collector.diagnosis.common import finite_json, one_rank
 from collector.diagnosis.load import load_run
 
@@ -33,9 +36,12 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
              + gradients.no_gradient_at_all(grads, acts, r.get("metrics", []))
              + gradients.update_ratios(grads) + act + values.weak_layers(acts)
              + values.input_range(acts) + values.constant_target(one_rank(r.get("loader_stats", [])))
-             + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", [])))
+             + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", []))
+             + values.loss_spikes(r.get("metrics", [])))
+    found = mark_consequences(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))
+    # by severity; within one, the causes before what they explain (consequence_of), then by rule.
     # NaN/Inf of the evidence as None: findings.json and the API stay strict JSON
-    return finite_json(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))
+    return finite_json(sorted(found, key=lambda f: (_ORDER[f["severity"]], is_consequence(f), f["rule"])))
 
 
 def write_findings(run_dir: str, stats=None) -> list[dict]:

@@ -1,6 +1,6 @@
 """Rules over tensor values and scalars: NaN/Inf anywhere, dead / saturated activations, a
 collapsed output, a layer that passes almost nothing on, extreme model-input range,
-prediction/target scale mismatch, loss plateau.
+prediction/target scale mismatch, loss plateau, loss spikes.
 
 Judged on the latest capture of each activation (what the model does now; a weak layer on
 the last half of its captures), on every record for NaN/Inf. Thresholds are module
@@ -45,6 +45,14 @@ PLATEAU_MIN_POINTS = 8   # fewer loss values than this: no verdict
 PLATEAU_REL = 0.05       # last half of the run: first-third -> last-third median decrease below 5%
 PLATEAU_CONSISTENT = 0.75  # ... or a late value is below an early one in fewer than 75% of pairs
 RECENT_REL = 0.01        # last third of the run: the same below 1% (low)
+SPIKE_RATIO = 1e2        # a finite loss above this many times its baseline (the running minimum
+                         # of its trailing median) that comes back below it: a loss spike. A noisy
+                         # loss spikes 2-10x; measured at most 3.9x in healthy runs (MLP, FNO, demo)
+                         # and 47x in the demo's loss-units fault (batches in other units), against
+                         # 1e4-1e10x for Adam at lr 1.0
+SPIKE_HIGH = 1e3         # ... above this many times: high (else medium)
+SPIKE_BASE_WINDOW = 5    # the baseline's trailing median: one unusually low batch does not lower it
+SPIKE_MAX_EPISODES = 10  # evidence lists this many spikes at most (the largest)
 
 
 def nonfinite(records_by_kind: dict[str, list[dict]]) -> list[dict]:
@@ -277,14 +285,7 @@ def loss_plateau(records: list[dict]) -> list[dict]:
     either end does not decide the verdict) and by how consistently the late values lie below
     the early ones (a noisy loss whose medians drift is not progress). A fast drop in the
     first steps (a gain being absorbed) does not hide a loss that has been flat ever since."""
-    series = by_name(records).get("loss", [])
-    per_step: dict[int, list[float]] = {}
-    for r in series:
-        v, st = num(r["data"].get("value")), r.get("step")
-        if v is not None and isinstance(st, int):
-            per_step.setdefault(st, []).append(v)  # ranks: averaged per step
-    steps = sorted(per_step)
-    vals = [sum(v / len(per_step[s]) for v in per_step[s]) for s in steps]
+    steps, vals = _loss_series(records)
     n = len(vals)
     if n < PLATEAU_MIN_POINTS:
         return []
@@ -314,6 +315,62 @@ def loss_plateau(records: list[dict]) -> list[dict]:
                         f"the loss stopped falling over the last {recent} steps: "
                         "a learning-rate decay or more capacity may help")]
     return []
+
+
+def _loss_series(records: list[dict]) -> tuple[list[int], list[float]]:
+    """The finite `loss` values by step, averaged over ranks per step: (steps, values)."""
+    per_step: dict[int, list[float]] = {}
+    for r in by_name(records).get("loss", []):
+        v, st = num(r["data"].get("value")), r.get("step")
+        if v is not None and isinstance(st, int):
+            per_step.setdefault(st, []).append(v)  # ranks: averaged per step
+    steps = sorted(per_step)
+    return steps, [sum(v / len(per_step[s]) for v in per_step[s]) for s in steps]
+
+
+def loss_spikes(records: list[dict]) -> list[dict]:
+    """A finite loss that jumps orders of magnitude above where it had been and comes back
+    down: an unstable step (learning rate too large, no clipping or warmup), not noise.
+
+    Baseline at step i: the lowest trailing median (of SPIKE_BASE_WINDOW values, fewer at the
+    start) of the values before i, so a single unusually low batch does not lower it. A spike
+    starts at a value above SPIKE_RATIO x that baseline and ends at the first value back below
+    it; one still up at the last value (a divergence, usually ending in NaN) is not counted.
+    Needs a positive loss (a ratio means nothing for a loss that can be <= 0)."""
+    steps, vals = _loss_series(records)
+    if len(vals) < 2 or min(vals) <= 0:
+        return []
+    episodes, base, cur = [], None, None
+    for i, v in enumerate(vals):
+        if cur is not None:
+            if v > SPIKE_RATIO * cur["base"]:
+                if v > cur["peak"]:
+                    cur.update(peak=v, peak_i=i)
+                cur["end_i"] = i
+            else:
+                episodes.append(cur)
+                cur = None
+        elif base is not None and v > SPIKE_RATIO * base:
+            cur = {"base": base, "start_i": i, "end_i": i, "peak": v, "peak_i": i}
+        base = min(base if base is not None else math.inf,
+                   median(vals[max(0, i + 1 - SPIKE_BASE_WINDOW): i + 1]))
+    if not episodes:
+        return []
+    ratios = [e["peak"] / e["base"] for e in episodes]
+    worst = max(range(len(episodes)), key=ratios.__getitem__)
+    shown = sorted(sorted(range(len(episodes)), key=lambda j: -ratios[j])[:SPIKE_MAX_EPISODES])
+    ev = {"spikes": [{"steps": [steps[episodes[j]["start_i"]], steps[episodes[j]["end_i"]]],
+                      "peak_step": steps[episodes[j]["peak_i"]], "peak": sig(episodes[j]["peak"]),
+                      "baseline": sig(episodes[j]["base"]), "ratio": sig(ratios[j])} for j in shown],
+          "count": len(episodes), "ratio_max": sig(ratios[worst]), "threshold": SPIKE_RATIO,
+          "high_threshold": SPIKE_HIGH, "baseline_window": SPIKE_BASE_WINDOW}
+    e = episodes[worst]
+    times = "" if len(episodes) == 1 else f" ({len(episodes)} spikes)"
+    sev = "high" if ratios[worst] > SPIKE_HIGH else "medium"
+    return [finding("loss_spikes", sev, ev,
+                    f"the loss jumped {ratios[worst]:.3g}x above its running minimum at step "
+                    f"{steps[e['peak_i']]} and came back down{times}: learning rate too large? "
+                    "lower it, clip gradients or add warmup")]
 
 
 def _moved(decrease: float) -> str:

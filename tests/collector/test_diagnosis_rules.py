@@ -612,3 +612,117 @@ def test_a_target_with_one_value_in_every_captured_batch_is_constant_target():
     val = target_rec("y", 0.5, 0.5, 0)
     val["data"]["split"] = "val"
     assert V.constant_target([val]) == []
+
+
+def frozen_flat_collapsed():
+    """Frozen weights (the cause), and what follows from them: a constant output and a flat
+    loss; plus a medium dead activation (listed as a cause after the high ones)."""
+    r = healthy()
+    r["gradients"] = grad_stream(ratios={L: 0.0 for L in LAYERS})
+    r["activations"] = r["activations"][:1] + [
+        rec("activations", "generator_output", stats(0.3, 0.0, 0.3, 0.3)),
+        rec("activations", "blocks.1:output", stats(0.0, 0.0, 0.0, 0.0))]
+    r["metrics"] = loss_stream([1.0] * 20)
+    return r
+
+
+def test_a_consequence_is_marked_with_its_causes_and_sorted_after_them():
+    found = diagnose(frozen_flat_collapsed())
+    assert [(f["rule"], f["severity"]) for f in found] == [
+        ("frozen_parameters", "high"), ("collapsed_output", "high"), ("loss_plateau", "high"),
+        ("dead_activation", "medium")]
+    for rule in ("collapsed_output", "loss_plateau"):
+        f = one(found, rule)
+        # severity kept (a filter on high still shows the flat loss), the cause named
+        assert f["evidence"]["consequence_of"] == ["frozen_parameters", "dead_activation"]
+        assert f["hint"].endswith(": likely a consequence of frozen_parameters, dead_activation")
+        assert len(f["hint"]) < 200
+    assert "the loss has not fallen over the last 10 of 20 steps" in one(found, "loss_plateau")["hint"]
+    # causes are not marked; a consequence explained by a cause is no cause itself
+    for rule in ("frozen_parameters", "dead_activation"):
+        assert "consequence_of" not in one(found, rule)["evidence"]
+    assert "collapsed_output" not in one(found, "loss_plateau")["evidence"]["consequence_of"]
+
+
+def test_a_consequence_needs_a_high_cause_and_an_unexplained_collapse_explains_the_plateau():
+    r = frozen_flat_collapsed()
+    r["gradients"] = grad_stream(ratios={L: 1e-7 for L in LAYERS[:2]})  # update_ratio_small, medium
+    found = diagnose(r)
+    assert one(found, "update_ratio_small")["severity"] == "medium"
+    # a medium dead layer and slow layers alone do not explain the collapse: not marked
+    assert "consequence_of" not in one(found, "collapsed_output")["evidence"]
+    plateau = one(found, "loss_plateau")
+    assert plateau["evidence"]["consequence_of"] == ["collapsed_output", "dead_activation", "update_ratio_small"]
+    assert [f["rule"] for f in found][:2] == ["collapsed_output", "loss_plateau"]
+
+
+def test_a_long_consequence_hint_is_shortened_under_200_characters():
+    from collector.diagnosis.causes import mark_consequences
+    long = "the loss has not fallen " + "x" * 190 + ": look at the other findings for why"
+    found = mark_consequences([{"rule": r, "severity": "high", "evidence": {}, "hint": "h"}
+                               for r in ("vanishing_gradients", "update_ratio_large", "no_gradient",
+                                         "frozen_parameters")]
+                              + [{"rule": "loss_plateau", "severity": "high", "evidence": {"a": 1}, "hint": long}])
+    f = found[-1]
+    assert len(f["hint"]) < 200 and f["hint"].startswith("the loss has not fallen xxx")
+    assert "...: likely a consequence of vanishing_gradients" in f["hint"] and " more" in f["hint"]
+    assert f["evidence"] == {"a": 1, "consequence_of": ["vanishing_gradients", "update_ratio_large",
+                                                        "no_gradient", "frozen_parameters"]}
+
+
+# Adam at lr 1.0 on the audit's MLP: from 0.09 up to 9e8 within 3 steps, back to ~0.9
+BLOW_UP = [0.0938, 2.44e7, 2.78e8, 9.17e8, 3.9e6, 1.34e7, 5.6e5, 1.4e4, 6.9e2, 25.0, 3.1, 1.2,
+           0.95, 0.9, 0.88, 0.91, 0.87, 0.9, 0.89, 0.885]
+
+
+def test_a_loss_that_blows_up_and_comes_back_is_loss_spikes():
+    f = one(diagnose({"metrics": loss_stream(BLOW_UP)}), "loss_spikes")
+    ev = f["evidence"]
+    assert f["severity"] == "high" and ev["count"] == 1
+    assert ev["spikes"] == [{"steps": [1, 9], "peak_step": 3, "peak": 9.17e8, "baseline": 0.0938,
+                             "ratio": pytest.approx(9.776e9, rel=1e-3)}]
+    assert ev["ratio_max"] == pytest.approx(9.776e9, rel=1e-3)
+    assert "9.78e+09x" in f["hint"] and "step 3" in f["hint"] and "learning rate" in f["hint"]
+    assert len(f["hint"]) < 200
+
+
+def noisy(n=200, seed=0):
+    """A falling loss with batch noise: every value 0.5-2x the trend, every 10th 10x it."""
+    import random
+    rnd = random.Random(seed)
+    return [math.exp(-i / 60) * (10.0 if i % 10 == 7 else rnd.uniform(0.5, 2.0)) for i in range(n)]
+
+
+def test_loss_spikes_ignores_a_noisy_loss_and_the_first_steps_but_not_a_jump_by_orders():
+    # 10x spikes, one unusually low batch (a 1e-3 dip does not lower the baseline: median
+    # of 5), and first steps that fall 100x and bounce 10x: nothing to report
+    calm = [5.0, 0.5, 0.05, 0.5, 0.3] + noisy()
+    calm[100] = calm[99] * 1e-3
+    assert [f for f in diagnose({"metrics": loss_stream(calm)}) if f["rule"] == "loss_spikes"] == []
+    # the same loss with one step 150x above its level (the median of the 5 before it, which
+    # the baseline does not exceed): medium; 2000x: high
+    for factor, severity in ((150, "medium"), (2000, "high")):
+        spiked = list(calm)
+        spiked[150] = factor * sorted(calm[145:150])[2]
+        f = one(diagnose({"metrics": loss_stream(spiked)}), "loss_spikes")
+        assert f["severity"] == severity and f["evidence"]["spikes"][0]["steps"] == [150, 150]
+        assert factor <= f["evidence"]["ratio_max"] < 2 * factor
+
+
+def test_a_loss_still_up_at_the_end_or_not_positive_is_not_loss_spikes():
+    up = BLOW_UP[:8]  # never came back: a divergence, not a spike
+    assert V.loss_spikes(loss_stream(up)) == []
+    assert one(V.loss_spikes(loss_stream(up + [0.9])), "loss_spikes")["evidence"]["spikes"][0]["steps"] == [1, 7]
+    # a loss that can be <= 0 (a log-likelihood) has no ratio to judge by
+    assert V.loss_spikes(loss_stream(BLOW_UP + [-1.0])) == []
+
+
+def test_a_loss_spike_after_a_too_large_step_is_its_consequence():
+    r = healthy()
+    r["gradients"] = grad_stream(ratios={"lift.0": 0.9})  # update_ratio_large, high
+    r["metrics"] = loss_stream(BLOW_UP + [0.9 * 0.95 ** i for i in range(40)])
+    found = diagnose(r)
+    assert [f["rule"] for f in found][:2] == ["update_ratio_large", "loss_spikes"]
+    f = one(found, "loss_spikes")
+    assert f["severity"] == "high" and f["evidence"]["consequence_of"] == ["update_ratio_large"]
+    assert f["hint"].startswith("the loss jumped 9.78e+09x above its running minimum at step 3 and came back down")
