@@ -286,8 +286,11 @@ async function loadFindings(run, gen) {
       !["severity", "level", "title", "rule", "code", "id", "hint", "message", "detail", "summary"].includes(k)));
     // the evidence folded: one line of it shown, the whole on a click
     const ev = Object.keys(rest).length === 1 && rest.evidence !== undefined ? rest.evidence : rest;
-    return el("div", {class: "finding " + String(sev).toLowerCase()}, el("span", {class: "sev"}, sev),
-      el("span", {class: "title"}, title), msg ? el("div", {}, msg) : null,
+    // a symptom the diagnosis explains by a cause listed above it: indented, the cause named
+    const of = f.evidence && Array.isArray(f.evidence.consequence_of) ? f.evidence.consequence_of : null;
+    return el("div", {class: "finding " + String(sev).toLowerCase() + (of ? " consequence" : "")},
+      el("span", {class: "sev"}, sev), el("span", {class: "title"}, title),
+      of ? el("span", {class: "of"}, "← " + of.join(", ")) : null, msg ? el("div", {}, msg) : null,
       Object.keys(rest).length ? el("details", {class: "evidence"},
         el("summary", {}, "evidence ", el("code", {}, jsonLine(ev))), el("pre", {}, compactJSON(ev))) : null);
   }) : [el("p", {class: "muted"}, "nothing flagged")]));

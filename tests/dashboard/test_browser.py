@@ -535,3 +535,26 @@ def test_a_stored_run_open_in_the_page_is_followed_when_its_training_resumes(pag
         s.close()
         leave(page)
     assert page.problems == []
+
+
+def test_a_finding_the_diagnosis_explains_by_another_is_shown_under_its_cause(page):
+    """A consequence (evidence consequence_of, collector.diagnosis.causes) is indented under
+    its causes and names them; a cause is shown as before."""
+    index = Index(health=lambda: {"status": "ok"})
+    fill_run(index, "frozen", steps=10)
+    index.get("frozen").findings = [
+        {"rule": "frozen_parameters", "severity": "high", "hint": "lift.0 gets gradients but never changes",
+         "evidence": {"count": 1}},
+        {"rule": "loss_plateau", "severity": "high", "hint": "the loss is flat: likely a consequence of "
+         "frozen_parameters", "evidence": {"consequence_of": ["frozen_parameters"]}}]
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=frozen")
+        page.wait_for_selector("#findings .finding.consequence")
+        got = page.evaluate("[...document.querySelectorAll('#findings .finding')].map(f => "
+                            "[f.classList.contains('consequence'), f.querySelector('.title').textContent, "
+                            "(f.querySelector('.of') || {}).textContent || null, f.getBoundingClientRect().left])")
+        assert [g[:3] for g in got] == [[False, "frozen_parameters", None],
+                                        [True, "loss_plateau", "← frozen_parameters"]]
+        assert got[1][3] > got[0][3]  # indented
+        leave(page)
+    assert page.problems == []
