@@ -50,7 +50,10 @@ SPIKE_RATIO = 1e2        # a finite loss above this many times its baseline (the
                          # loss spikes 2-10x; measured at most 3.9x in healthy runs (MLP, FNO, demo)
                          # and 47x in the demo's loss-units fault (batches in other units), against
                          # 1e4-1e10x for Adam at lr 1.0
-SPIKE_HIGH = 1e3         # ... above this many times: high (else medium)
+SPIKE_HIGH = 1e3         # ... above this many times: high (else medium), if its peak is also above
+                         # where the loss started (the median of its first SPIKE_BASE_WINDOW
+                         # values): a loss fitted to ~1e-6 that jumps to 1e-3 is 1000x its floor
+                         # but still far below its start (noise near zero, not a blow-up): medium
 SPIKE_BASE_WINDOW = 5    # the baseline's trailing median: one unusually low batch does not lower it
 SPIKE_MAX_EPISODES = 10  # evidence lists this many spikes at most (the largest)
 
@@ -336,7 +339,8 @@ def loss_spikes(records: list[dict]) -> list[dict]:
     start) of the values before i, so a single unusually low batch does not lower it. A spike
     starts at a value above SPIKE_RATIO x that baseline and ends at the first value back below
     it; one still up at the last value (a divergence, usually ending in NaN) is not counted.
-    Needs a positive loss (a ratio means nothing for a loss that can be <= 0)."""
+    Needs a positive loss (a ratio means nothing for a loss that can be <= 0). High only if
+    the worst spike is above SPIKE_HIGH x its baseline and above where the loss started."""
     steps, vals = _loss_series(records)
     if len(vals) < 2 or min(vals) <= 0:
         return []
@@ -366,7 +370,9 @@ def loss_spikes(records: list[dict]) -> list[dict]:
           "high_threshold": SPIKE_HIGH, "baseline_window": SPIKE_BASE_WINDOW}
     e = episodes[worst]
     times = "" if len(episodes) == 1 else f" ({len(episodes)} spikes)"
-    sev = "high" if ratios[worst] > SPIKE_HIGH else "medium"
+    start = median(vals[:SPIKE_BASE_WINDOW])
+    ev["start_level"] = sig(start)
+    sev = "high" if ratios[worst] > SPIKE_HIGH and e["peak"] > start else "medium"
     return [finding("loss_spikes", sev, ev,
                     f"the loss jumped {ratios[worst]:.3g}x above its running minimum at step "
                     f"{steps[e['peak_i']]} and came back down{times}: learning rate too large? "

@@ -709,6 +709,16 @@ def test_loss_spikes_ignores_a_noisy_loss_and_the_first_steps_but_not_a_jump_by_
         assert factor <= f["evidence"]["ratio_max"] < 2 * factor
 
 
+def test_a_spike_of_a_loss_fitted_near_zero_that_stays_below_its_start_is_medium():
+    """1e-6 -> 1e-3 is 1000x the floor, but far below where the loss started (1.0): noise of a
+    loss fitted to ~0, not a blow-up; it was high, as a jump back above the start is."""
+    fitted = [1.0 * 0.8 ** i for i in range(62)] + [1e-6] * 20
+    for peak, severity in ((1e-3, "medium"), (5.0, "high")):
+        f = one(V.loss_spikes(loss_stream(fitted + [peak] + [1e-6] * 10)), "loss_spikes")
+        assert f["severity"] == severity and f["evidence"]["ratio_max"] >= 1e3, peak
+        assert f["evidence"]["start_level"] == pytest.approx(0.64)
+
+
 def test_a_loss_still_up_at_the_end_or_not_positive_is_not_loss_spikes():
     up = BLOW_UP[:8]  # never came back: a divergence, not a spike
     assert V.loss_spikes(loss_stream(up)) == []
