@@ -262,8 +262,9 @@ def constant_target(records: list[dict]) -> list[dict]:
     """A target-named loader field that holds one value in every captured train batch."""
     out = []
     for name, series in by_name(records).items():
-        if name.rsplit(".", 1)[-1].lower() not in TARGET_NAMES:
-            continue
+        last = name.rsplit(".", 1)[-1].lower()
+        if last not in TARGET_NAMES or (last == "y" and "." in name):
+            continue  # (a nested "y" is more often a coordinate, e.g. pos.y, than the target)
         batches = [r for r in series if r["data"].get("split", "train") == "train"
                    and (num(r["data"].get("count")) or 0) > 1]
         ends = [(num(r["data"].get("min")), num(r["data"].get("max"))) for r in batches]

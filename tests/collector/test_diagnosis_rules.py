@@ -612,6 +612,9 @@ def test_a_target_with_one_value_in_every_captured_batch_is_constant_target():
     val = target_rec("y", 0.5, 0.5, 0)
     val["data"]["split"] = "val"
     assert V.constant_target([val]) == []
+    # "y" names the target at the top of a batch, a coordinate inside one (a probe at y = 0)
+    assert one(V.constant_target([target_rec("y", 0.5, 0.5, st) for st in (0, 10)]), "constant_target")
+    assert V.constant_target([target_rec("probe_pos.y", 0.0, 0.0, st) for st in (0, 10)]) == []
 
 
 def frozen_flat_collapsed():
