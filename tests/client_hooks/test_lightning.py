@@ -133,6 +133,23 @@ def test_under_gradient_accumulation_a_capture_without_an_optimizer_step_has_no_
 
 
 
+def fit_every_step(module_class, samples: int):
+    """A seeded module_class() fitted one epoch on CPU on `samples` random 4-vectors (batches
+    of 8), a TapCallback capturing every step and every layer's gradients; the module."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client_hooks import TapCallback
+
+    torch.manual_seed(0)
+    model = module_class()
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu",
+              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(
+        model, DataLoader(TensorDataset(torch.randn(samples, 4)), batch_size=8))
+    return model
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*(num_workers|many workers|GPU available).*")
 def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ratio(pull):
     """Manual optimization, a generator and a critic stepped by an optimizer each (Lightning's
@@ -141,9 +158,7 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
     after the first optimizer had stepped: its layers read 0, 'frozen parameters'.)"""
     import lightning as L
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from client_hooks import TapCallback
     from collector.diagnosis.gradients import dead_parameters
 
     class Gan(L.LightningModule):
@@ -174,12 +189,7 @@ def test_with_an_optimizer_each_for_two_nets_every_layer_gets_its_real_update_ra
         def configure_optimizers(self):
             return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
 
-    torch.manual_seed(0)
-    model = Gan()
-    data = DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=8)
-    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu",
-              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(model, data)
+    model = fit_every_step(Gan, 24)
     assert pull.wait_for(lambda r: len([x for x in pull.find("gradients") if x["name"] in ("g", "d")]) == 6)
     layers = [r for r in pull.find("gradients") if r["name"] in ("g", "d")]
     for r in layers:
@@ -198,9 +208,7 @@ def test_with_two_backwards_a_step_a_layer_zeroed_before_the_second_keeps_its_ow
     (its optimizer stepped with that). The generator's layer was dropped from those steps."""
     import lightning as L
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from client_hooks import TapCallback
 
     def norm(m):
         return float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm())
@@ -227,12 +235,7 @@ def test_with_two_backwards_a_step_a_layer_zeroed_before_the_second_keeps_its_ow
         def configure_optimizers(self):
             return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
 
-    torch.manual_seed(0)
-    model = Gan()
-    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu",
-              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(
-        model, DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=8))
+    model = fit_every_step(Gan, 24)
     assert pull.wait_for(lambda r: len(pull.find("gradients", "d")) == 3)
     for name in ("g", "d"):
         got = sorted(pull.find("gradients", name), key=lambda r: r["step"])
@@ -248,9 +251,7 @@ def test_manual_optimization_with_one_optimizer_accumulating_gives_its_layers_no
     without the generator's step, its layer has no update ratio (it read 0.0: 'frozen')."""
     import lightning as L
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from client_hooks import TapCallback
     from collector.diagnosis.gradients import dead_parameters
 
     class Gan(L.LightningModule):
@@ -272,12 +273,7 @@ def test_manual_optimization_with_one_optimizer_accumulating_gives_its_layers_no
         def configure_optimizers(self):
             return [torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)]
 
-    torch.manual_seed(0)
-    model = Gan()
-    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu",
-              callbacks=[TapCallback(every_n_steps=1, gradients="all")]).fit(
-        model, DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8))
+    model = fit_every_step(Gan, 32)
     assert pull.wait_for(lambda r: len(pull.find("gradients", "d")) == 4)
     assert len(pull.find("gradients", "g")) == 4  # (read at od.step, after og.zero_grad: it had none)
     for r in pull.find("gradients", "g"):

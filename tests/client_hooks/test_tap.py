@@ -919,10 +919,9 @@ class Recording(nn.Module):
         return self.b(h)
 
 
-@pytest.mark.filterwarnings(COMPILE_RESUME)
-def test_a_record_inside_a_compiled_forward_is_the_eager_value_and_breaks_no_graph(pull):
-    """tap.record() inside a compiled forward: no graph break (hooks.Traced), the values equal
-    the eager model's at the same step: in capture steps, and every step with always=True."""
+def compiled_recording() -> tuple:
+    """(graphs, tap_ref, model, compiled, opt): a Recording model compiled by a backend that
+    keeps each graph it is given in `graphs`; tap_ref takes the Tap (seeded, caches emptied)."""
     graphs, ref = [], []
 
     def keep(gm, example_inputs):
@@ -931,8 +930,14 @@ def test_a_record_inside_a_compiled_forward_is_the_eager_value_and_breaks_no_gra
     torch.compiler.reset()
     torch.manual_seed(0)
     model = Recording(ref)
-    compiled = torch.compile(model, backend=keep)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return graphs, ref, model, torch.compile(model, backend=keep), torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_a_record_inside_a_compiled_forward_is_the_eager_value_and_breaks_no_graph(pull):
+    """tap.record() inside a compiled forward: no graph break (hooks.Traced), the values equal
+    the eager model's at the same step: in capture steps, and every step with always=True."""
+    graphs, ref, model, compiled, opt = compiled_recording()
     want = {}
     with Tap(first_n=0, every_n_steps=2, gradients="all") as tap:
         ref.append(tap)
@@ -967,16 +972,7 @@ def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_e
     name keeps the last call's value, as an eager model's capture does, and an evaluation
     forward under no_grad after the training forward does not replace its values; outside,
     each evaluation batch begun by log_batch gets its own always=True record."""
-    graphs, ref = [], []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    torch.compiler.reset()
-    torch.manual_seed(0)
-    model = Recording(ref)
-    compiled = torch.compile(model, backend=keep)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    graphs, ref, model, compiled, opt = compiled_recording()
     evals, probe = [torch.randn(3, 8) for _ in range(10)], torch.full((2, 8), 100.0)
     want = {}
     with Tap(first_n=2, gradients="all", all_leaves=True) as tap:
