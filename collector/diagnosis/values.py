@@ -42,8 +42,15 @@ TARGET_NAMES = ("target", "targets", "y", "label", "labels", "gt", "ground_truth
                          # one value throughout every captured train batch is a constant target
                          # (other constant fields, e.g. zero offsets, can be legitimate)
 PLATEAU_MIN_POINTS = 8   # fewer loss values than this: no verdict
+PLATEAU_PAIRS_MIN = 10   # values in each third of the window for the pairs' test to count
 PLATEAU_REL = 0.05       # last half of the run: first-third -> last-third median decrease below 5%
-PLATEAU_CONSISTENT = 0.75  # ... or a late value is below an early one in fewer than 75% of pairs
+PLATEAU_CONSISTENT = 0.75  # ... or a late value is below an early one in fewer than 75% of pairs,
+                           # or fewer than 2 standard deviations above the 50% of a loss that
+                           # only wanders (a Mann-Whitney test of the two thirds), whichever is
+                           # lower: a long noisy window falling 10-20% beats early values in only
+                           # ~60-70% of pairs, yet falls for sure. With fewer than
+                           # PLATEAU_PAIRS_MIN values a third, pairs prove little: only late
+                           # values that beat early ones in at most half the pairs count as flat
 RECENT_REL = 0.01        # last third of the run: the same below 1% (low)
 SPIKE_RATIO = 1e2        # a finite loss above this many times its baseline (the running minimum
                          # of its trailing median) that comes back below it: a loss spike. A noisy
@@ -296,20 +303,24 @@ def loss_plateau(records: list[dict]) -> list[dict]:
     w = max(PLATEAU_MIN_POINTS, n // 2)
     head, tail, rel = _thirds(vals[-w:])
     below = _fraction_below(vals[-w:])
+    j = len(_ends(vals[-w:])[0])  # values a third
+    wander = 0.5 + 2 * math.sqrt((2 * j + 1) / (12 * j * j))  # 2 sd above a wandering loss's 50%
+    consistent = below >= min(PLATEAU_CONSISTENT, wander) if j >= PLATEAU_PAIRS_MIN else below > 0.5
     k = max(2, n // 4)
     run_rel = _decrease(sum(v / k for v in vals[:k]), sum(v / k for v in vals[-k:]))  # (no overflow)
     ev = {"steps": [steps[-w], steps[-1]], "points": n, "window": w, "first_median": sig(head),
           "last_median": sig(tail), "relative_decrease": sig(rel), "threshold": PLATEAU_REL,
-          "late_below_early": sig(below), "consistency_threshold": PLATEAU_CONSISTENT,
+          "late_below_early": sig(below),
+          "consistency_threshold": sig(min(PLATEAU_CONSISTENT, wander)) if j >= PLATEAU_PAIRS_MIN else 0.5,
           "run_relative_decrease": sig(run_rel)}
-    if rel < PLATEAU_REL or below < PLATEAU_CONSISTENT:
+    if rel < PLATEAU_REL or not consistent:
         if rel < PLATEAU_REL:
             why = f"median {_moved(rel)}"
         else:  # the median fell, but late values are not consistently below early ones
             why = f"median {_moved(rel)}, but late values beat early ones in only {below:.0%} of pairs"
         return [finding("loss_plateau", "high", ev,
                         f"the loss has not fallen over the last {w} of {n} steps ({why}; "
-                        f"{_moved(run_rel)} over the run): look at the other findings for why")]
+                        f"{_moved(run_rel)} over the run): check the learning rate and the loss")]
     recent = max(PLATEAU_MIN_POINTS, n // 3)
     _, _, rel2 = _thirds(vals[-recent:])
     if rel2 < RECENT_REL:

@@ -359,6 +359,27 @@ def test_loss_plateau_over_the_run_and_lately(values, severity):
         assert f["severity"] == severity and f["evidence"]["points"] == len(values)
 
 
+C_EAGER = [0.5968, 0.3384, 0.1551, 0.0834, 0.0987, 0.0904, 0.0742, 0.073, 0.0929, 0.0721, 0.0909, 0.0796]
+
+
+def test_a_falling_loss_is_no_plateau_for_pairs_that_prove_nothing():
+    """Two losses that fall, flagged high before: a short real run (12 steps, down 78%; its
+    last 8: median down 12%, 6 of 9 pairs, which 3 values a third cannot tell from chance),
+    and a long noisy one (400 steps, every value 0.6-1.4x a trend that falls 20% over the last
+    half: late values beat early ones in ~65% of pairs, far above a wandering loss's 50%).
+    A long noisy loss with no trend is still a plateau."""
+    import random
+
+    assert V.loss_plateau(loss_stream(C_EAGER)) == []
+    rnd = random.Random(1)
+    trend = [1.0 - 0.2 * max(0, i - 200) / 200 for i in range(400)]
+    falling = [t * rnd.uniform(0.6, 1.4) for t in trend]
+    assert V.loss_plateau(loss_stream(falling)) == []
+    flat = [rnd.uniform(0.6, 1.4) for _ in range(400)]
+    f = one(V.loss_plateau(loss_stream(flat)), "loss_plateau")
+    assert f["severity"] == "high" and f["evidence"]["consistency_threshold"] < 0.75
+
+
 def test_a_noisy_tail_is_a_plateau_by_consistency_not_by_medians():
     f = one(V.loss_plateau(loss_stream(NOISY_TAIL)), "loss_plateau")
     ev = f["evidence"]
