@@ -115,6 +115,7 @@ class Ingest:
         self.rejected_by_reason: Counter = Counter()
         self.rejected_no_run = 0  # of `rejected`: frames naming no usable run (the root's _rejected.jsonl)
         self.fsync_ms_last = self.fsync_ms_max = 0.0
+        self.write_start = 0  # (writer thread) where the last _write began
         self.degraded: Optional[str] = None
         self.started = time.time()
         self.stop = threading.Event()
@@ -389,6 +390,8 @@ class Ingest:
                 ok, self.degraded = False, f"write failed: {e.strerror or e}"
             else:
                 ok = self._write(fd, data)
+                if ok:  # what the manifest's stream marks count (RunFiles.wrote)
+                    rf.wrote(STREAM_FILES[kind], self.write_start, data, counts)
         n = sum(counts.values())
         for rank, c in counts.items():
             st = rf.rank(rank)
@@ -416,7 +419,7 @@ class Ingest:
 
     def _write(self, fd: int, data) -> bool:
         """One os.write of whole lines; a short or failed write is cut back (no torn line)."""
-        start = os.lseek(fd, 0, os.SEEK_END)
+        start = self.write_start = os.lseek(fd, 0, os.SEEK_END)
         try:
             n = write_fn(fd, data)
             if n == len(data):
@@ -451,15 +454,11 @@ class Ingest:
                 dirty.add(rf.run)
         for run in dirty:
             rf = self.runs[run]
-            for fd in list(rf.fds.values()):
-                try:
-                    os.fsync(fd)
-                except OSError:
-                    pass
+            synced = rf.sync_files()  # the bytes the manifest's stream marks cover are on disk first
             try:
                 man = rf.manifest()
                 self.index.run(run).manifest = man
-                atomic_write_json(os.path.join(rf.dir, "manifest.json"), man)
+                atomic_write_json(os.path.join(rf.dir, "manifest.json"), rf.with_marks(man) if synced else man)
             except OSError as e:
                 self.degraded = f"manifest write failed: {e.strerror or e}"
         ms = (time.perf_counter() - t0) * 1000

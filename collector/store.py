@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections import Counter
 from typing import Optional
 
@@ -74,6 +75,37 @@ class _SeqOnly(msgspec.Struct):
 
 
 _decode_seq = msgspec.json.Decoder(_SeqOnly).decode
+
+MARKS_VERSION = 1
+MARK_TAIL = 256  # a mark's fingerprint: the crc32 of the last bytes it covers
+
+
+class Mark:
+    """What one stream file holds up to `size` bytes (whole lines): stream records per rank.
+    Kept by the writer thread (each write it makes adds to it), written in each manifest as
+    `stream_marks`; a restart reads only the bytes after it (RunFiles._recover)."""
+
+    __slots__ = ("size", "tail", "counts")
+
+    def __init__(self, size: int, tail: bytes, counts: dict) -> None:
+        self.size, self.tail, self.counts = size, tail, counts
+
+    def wrote(self, start: int, data, counts: dict) -> bool:
+        """`data` (whole lines; `counts`: records per rank) was written at `start`. False when
+        the file was not where the mark said (someone else wrote to it): the mark is lost."""
+        if start != self.size:
+            return False
+        n = len(data)
+        self.size += n
+        self.tail = bytes(data[-MARK_TAIL:]) if n >= MARK_TAIL else (self.tail + bytes(data))[-MARK_TAIL:]
+        c = self.counts
+        for rank, k in counts.items():
+            c[rank] = c.get(rank, 0) + k
+        return True
+
+    def as_dict(self) -> dict:
+        return {"bytes": self.size, "tail_crc32": zlib.crc32(self.tail),
+                "ranks": {str(r): n for r, n in sorted(self.counts.items()) if n}}
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -138,6 +170,10 @@ class RunFiles:
         # stream file -> its bytes before this collector wrote to it (what a restart found;
         # read back into the live index by collector.load.load_stored)
         self.stored: dict[str, int] = {}
+        # stream file -> what its bytes hold so far (None: not known, someone else wrote to it);
+        # kept by the writer thread, written in the manifest as `stream_marks`
+        self.marks: dict[str, Optional[Mark]] = {}
+        self.unsynced: list[str] = []  # stream files read at start, to fsync before a manifest covers them
         # set by the ingest thread for a change no write follows (a duplicate): the writer's
         # next sync rewrites the manifest
         self.touched = False
@@ -158,7 +194,17 @@ class RunFiles:
         what is really stored, including what was written after the last manifest. So:
         next seq = max(manifest's, last stored + 1); written = stored stream records + patch
         records written; gaps = next seq - written - failed writes: a record lost with a
-        killed collector is a gap, a failed write stays a failed write (counted once)."""
+        killed collector is a gap, a failed write stays a failed write (counted once).
+
+        Only what the manifest does not account for is read: its `stream_marks` say, for each
+        stream file, how many bytes the writer had written (and fsynced) when it was written
+        and how many records of each rank those bytes hold. A file that still holds them
+        (at least that size, a line ending there, the same last bytes) is read from there on;
+        any other file is read whole. The records a mark counts are all below their rank's
+        `next_seq` in the same manifest (each was accounted on the ingest thread, which
+        raised next_seq past it, before the writer wrote it), so reading them would change
+        neither the next seq nor which of them are below the manifest's: the counts are those
+        of a whole read."""
         old = self._old_manifest()
         rej = os.path.join(self.dir, "rejected.jsonl")
         if os.path.exists(rej):
@@ -167,41 +213,58 @@ class RunFiles:
                 with open(rej, "ab") as f:
                     f.write(rejected_line("torn line repaired at startup", fragment, file="rejected.jsonl"))
         self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
-        seen: dict[int, list[int]] = {}
+        ranks = old.get("ranks")
+        ranks = {int(r): d for r, d in ranks.items()
+                 if isinstance(r, str) and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
+        recorded = self._recorded_marks(old, ranks)
+        seen: dict[int, list[int]] = {}  # rank -> stored seqs read (after the marks)
+        marked: Counter = Counter()  # rank -> stream records the marks count (not read)
         patch_seqs: dict[int, list[int]] = {}
         for kind, fname in STREAM_FILES.items():
             path = os.path.join(self.dir, fname)
-            if not os.path.exists(path):
-                continue
             if kind == "patch_metrics":
-                self._recover_patch(path, patch_seqs)
+                if os.path.exists(path):
+                    self._recover_patch(path, patch_seqs)
+                continue
+            if not os.path.exists(path):
+                self.marks[fname] = Mark(0, b"", {})
                 continue
             fragment = repair_tail(path)
             if fragment:
                 self.reject_line("torn line repaired at startup", fragment, file=fname)
-            self.stored[fname] = os.path.getsize(path)
+            size = self.stored[fname] = os.path.getsize(path)
             with open(path, "rb") as f:
+                start, counts = self._mark_holds(f, fname, size, recorded.get(fname))
+                marked.update(counts)
+                f.seek(start)
+                here: dict[int, list[int]] = {}
                 for line in f:
                     try:
                         r = _decode_seq(line)
                     except msgspec.DecodeError:
                         continue
-                    seen.setdefault(r.rank, []).append(r.seq)
-        ranks = old.get("ranks")
-        ranks = {int(r): d for r, d in ranks.items()
-                 if isinstance(r, str) and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
-        for rank in sorted(set(seen) | set(patch_seqs) | set(ranks)):
+                    here.setdefault(r.rank, []).append(r.seq)
+                f.seek(max(size - MARK_TAIL, 0))
+                tail = f.read(size - max(size - MARK_TAIL, 0))
+            for rank, seqs in here.items():
+                seen.setdefault(rank, []).extend(seqs)
+                counts[rank] = counts.get(rank, 0) + len(seqs)
+            self.marks[fname] = Mark(size, tail, counts)
+            if size > start:  # read here, maybe never fsynced: the next manifest's mark covers it
+                self.unsynced.append(fname)
+        for rank in sorted(set(seen) | set(marked) | set(patch_seqs) | set(ranks)):
             st, d = self.rank(rank), ranks.get(rank, {})
             stream, patch = seen.get(rank, []), patch_seqs.get(rank, [])
+            n_marked = marked.get(rank, 0)  # all below next_m (see above)
             next_m = _int(d.get("next_seq"))
             if "patch_written" in d:  # patch records written, stored now or overwritten since
                 patch_written = _int(d.get("patch_written")) + sum(1 for s in patch if s >= next_m)
             else:  # a manifest of an earlier version: what it counts beyond the stream files
-                below = sum(1 for s in stream if s < next_m)
+                below = n_marked + sum(1 for s in stream if s < next_m)
                 patch_written = max(_int(d.get("written")) - below, 0) + sum(1 for s in patch if s >= next_m)
             st.expected = max([next_m, *(s + 1 for s in stream), *(s + 1 for s in patch)])
             st.patch_written = patch_written
-            st.written = len(stream) + patch_written
+            st.written = n_marked + len(stream) + patch_written
             st.write_failed = _int(d.get("write_failed"))
             st.gaps = max(st.expected - st.written - st.write_failed, 0)
             st.duplicates = _int(d.get("duplicates"))
@@ -214,6 +277,53 @@ class RunFiles:
             st.seq_offset = min(_int(d.get("seq_offset")), st.expected)
             st.sent_before, st.dropped_before = _int(d.get("sent_before")), _int(d.get("dropped_before"))
             st.received = max(_int(d.get("received")), st.written + st.write_failed + st.duplicates)
+
+    @staticmethod
+    def _recorded_marks(old: dict, ranks: dict) -> dict:
+        """The manifest's stream marks that can be taken: file -> (bytes, tail crc32, records
+        per rank). None of a manifest of an earlier version; none of a file whose mark names a
+        rank the manifest's ranks do not describe as this version does (with `next_seq` and
+        `patch_written`): its records' seqs could not be vouched for."""
+        sm = old.get("stream_marks")
+        if not isinstance(sm, dict) or sm.get("version") != MARKS_VERSION or not isinstance(sm.get("files"), dict):
+            return {}
+        names = {f for k, f in STREAM_FILES.items() if k != "patch_metrics"}
+        out = {}
+        for fname, m in sm["files"].items():
+            if fname not in names or not isinstance(m, dict):
+                continue
+            size, crc, rk = m.get("bytes"), m.get("tail_crc32"), m.get("ranks")
+            if _int(size, -1) < 0 or _int(crc, -1) < 0 or not isinstance(rk, dict):
+                continue
+            counts = {}
+            for r, n in rk.items():
+                d = ranks.get(int(r)) if isinstance(r, str) and r.isdigit() else None
+                if d is None or _int(n, -1) < 0 or _int(d.get("next_seq"), -1) < 0 or "patch_written" not in d:
+                    break
+                counts[int(r)] = n
+            else:
+                out[fname] = (size, crc, counts)
+        return out
+
+    def _mark_holds(self, f, fname: str, size: int, mark) -> tuple[int, dict]:
+        """Where to start reading a stream file, and the records per rank before that: the
+        manifest's mark where the file still holds what it describes, else (0, {})."""
+        if mark is None:
+            return 0, {}
+        msize, crc, counts = mark
+        if msize == 0:
+            return (0, dict(counts)) if not any(counts.values()) else (0, {})
+        if msize <= size:
+            lo = max(msize - MARK_TAIL, 0)
+            f.seek(lo)
+            tail = f.read(msize - lo)
+            if tail.endswith(b"\n") and zlib.crc32(tail) == crc:
+                return msize, dict(counts)
+            why = "does not end as its manifest says"
+        else:
+            why = f"is shorter ({size} bytes) than its manifest says ({msize})"
+        _note(f"{os.path.join(self.dir, fname)} {why}; reading it whole")
+        return 0, {}
 
     def _old_manifest(self) -> dict:
         """manifest.json as a dict; anything else (torn, not an object) is treated as missing,
@@ -290,6 +400,36 @@ class RunFiles:
                 "world": max((st.world for st in self.ranks.values()), default=1),
                 "ranks": ranks, "totals": dict(totals), "rejected": self.rejected,
                 "files": sorted(f for f in os.listdir(self.dir) if not f.endswith(".tmp"))}
+
+    def wrote(self, fname: str, start: int, data, counts: dict) -> None:
+        """The writer wrote `data` (whole lines, `counts` records per rank) to a stream file at
+        offset `start`."""
+        m = self.marks.get(fname)
+        if m is not None and not m.wrote(start, data, counts):
+            self.marks[fname] = None  # not where we left it: the next restart reads it whole
+
+    def sync_files(self) -> bool:
+        """fsync the run's open files (and those read at start whose bytes a mark covers);
+        True when every fsync succeeded: the marks may then go into the manifest."""
+        unsynced, self.unsynced = self.unsynced, []
+        for fname in unsynced:
+            try:
+                self.fd(fname)  # opened (for append, as the writer does): fsynced below
+            except OSError:
+                self.unsynced.append(fname)
+        ok = not self.unsynced
+        for fd in list(self.fds.values()):
+            try:
+                os.fsync(fd)
+            except OSError:
+                ok = False
+        return ok
+
+    def with_marks(self, man: dict) -> dict:
+        """The manifest as written to disk: with the stream marks (call on the writer thread,
+        after sync_files, nothing written in between)."""
+        files = {f: m.as_dict() for f, m in sorted(self.marks.items()) if m is not None and m.size}
+        return {**man, "stream_marks": {"version": MARKS_VERSION, "files": files}}
 
     def close(self) -> None:
         for fd in self.fds.values():
