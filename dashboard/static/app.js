@@ -156,6 +156,7 @@ function onLive(msg) {
   }
   if (msg.findings !== S.findings && S.findings !== -2) loadFindings(S.run, S.gen).catch(showError);
   setLive(msg.state ?? msg.live);
+  if (msg.records !== undefined && msg.records !== S.meta?.records) showMeta({records: msg.records});
   requestDraw();
 }
 
@@ -325,6 +326,7 @@ async function refreshRuns() {
     openRun().catch(showError);
   } else if (now && now.state && !S.down) {
     setLive(now.state);
+    showMeta({records: now.records, ranks: now.ranks, loading: now.loading});
   }
   if (S.missing && S.runs.some(r => r.run === S.missing)) {  // the run asked for has come
     S.missing = null;
@@ -363,6 +365,16 @@ const STATES = {
   unclosed: ["quiet, never closed", "quiet", "nothing came for 15 s and a rank never said bye: " +
     "the training stopped without closing (killed?) or is paused"],
 };
+
+// The run's head line: records (kept current by the live stream and the runs' poll), ranks,
+// whether its stored records are being put back, the overlay.
+function showMeta(update = {}) {
+  if (!S.meta || S.meta.run !== S.run) return;  // (another run's head is on its way)
+  const m = S.meta = {...S.meta, ...update};
+  const ranks = m.ranks.length === 1 ? `rank ${m.ranks[0]}` : `ranks ${m.ranks.join(", ")}`;
+  $("run-meta").textContent = `${m.records} records · ${ranks}` +
+    (m.loading ? " · loading its stored records" : "") + (m.cmp ? ` · overlaid (dotted): ${m.cmp}` : "");
+}
 
 function setLive(state) {
   if (S.down) return;  // the badge says "collector unreachable" until it answers again
@@ -459,11 +471,10 @@ async function openRun() {
   }
   if (gen !== S.gen) return;
   setLive(summary.state ?? summary.live);
-  const ranks = summary.ranks.length === 1 ? `rank ${summary.ranks[0]}` : `ranks ${summary.ranks.join(", ")}`;
-  $("run-meta").textContent = `${summary.records} records · ${ranks}` +
-    (summary.loading ? " · loading its stored records" : "") +
-    (cmp ? ` · overlaid (dotted): ${cmp}` : "");
-  $("manifest").replaceChildren(...kvTable(manifest));
+  S.meta = {...summary, cmp};
+  showMeta();
+  const {stream_marks: _marks, ...kept} = manifest || {};  // (the collector's restart bookkeeping)
+  $("manifest").replaceChildren(...kvTable(kept));
   if (!performance.getEntriesByName("tensortap:head").length) performance.mark("tensortap:head");  // bench
   $("loss-log").checked = false;
   refreshRuns().catch(showError);

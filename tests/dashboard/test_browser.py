@@ -141,7 +141,8 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
                   {"mae": 0.2647, "count": 32768, "scaling": said, "optimal_scale": 1.8022}, step=40))
     index.add(rec("long-evidence", "metrics", "val_loss", {"value": 0.5}, step=39, epoch=0))  # one epoch
     ri = index.get("long-evidence")
-    ri.manifest = {**ri.manifest, "created": 1795717160.67, "updated": 1795717183.24}
+    ri.manifest = {**ri.manifest, "created": 1795717160.67, "updated": 1795717183.24,
+                   "stream_marks": {"version": 1, "files": {"metrics.jsonl": {"bytes": 10, "tail_crc32": 7}}}}
     steps = list(range(0, 1200, 4))
     ri.findings = [{"rule": "frozen_parameters", "severity": "high", "hint": "weights never change",
                     "evidence": {"layers": {f"layer.{i}": {"captures": 300, "steps": steps} for i in range(8)}}}]
@@ -163,6 +164,7 @@ def test_long_evidence_stays_folded_and_times_read_as_dates(page):
         manifest, health = page.inner_text("#manifest"), page.inner_text("#health")
         for shown in (manifest, health):
             assert "e+9" not in shown
+        assert "stream_marks" not in manifest and "tail_crc32" not in manifest  # restart bookkeeping
         want = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in (1795717160.67, 1795717183.24)]
         assert f"created: {want[0]}" in manifest and f"updated: {want[1]}" in manifest
         assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) in health
@@ -439,6 +441,9 @@ def test_a_metrics_only_run_says_it_has_no_gradients_or_activations(page):
         page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
         index.add(rec("loss-only", "gradients", "enc.0", {"mean": 0.0, "std": 1e-3, "norm": 0.1}, step=10))
         chart_has(page, "chart-grad-norm", 10, timeout_ms=5_000)
+        # the head's record count follows the live stream (it stayed at the count of the opening)
+        page.wait_for_function("() => document.getElementById('run-meta').textContent.startsWith('11 records')",
+                               timeout=5_000)
         assert page.is_visible("#grad-charts") and not page.is_visible("#grad-none")
         leave(page)
     assert page.problems == []
