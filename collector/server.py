@@ -305,7 +305,9 @@ class Collector:
             bad = any(totals.get(k) for k, _ in LOST) or findings or unclosed
             runs.append((run, run_counts(totals, unclosed, rf.rejected, len(findings)), findings, bad))
         runs.sort(key=lambda r: (not r[3], -ing.runs[r[0]].created))
-        lines = [f"tensortap collector: stopped after {_duration(started)}; {plural(len(runs), 'run')} under {out}"]
+        # the runs this collector took records of (others stored under the root are not counted)
+        lines = [f"tensortap collector: stopped after {_duration(started)}; "
+                 f"{plural(len(runs), 'run')} received, under {out}"]
         width = max((len(r[0]) for r in runs[:max_runs]), default=0)
         for run, counts, findings, _ in runs[:max_runs]:
             tail = f"  -> tensortap report {os.path.join(out, run)}" if findings else ""

@@ -164,7 +164,7 @@ print(os.environ["TENSORTAP_RUN"], os.environ["TENSORTAP_ENDPOINT"], flush=True)
     # at exit the collector says what it got: the run, nothing lost, and (a rising loss) a
     # finding, with the command that prints it
     tail = r.stderr.strip().splitlines()[-2:]
-    assert tail[0].startswith("tensortap collector: stopped after") and tail[0].endswith(f"1 run under {tmp_path}")
+    assert tail[0].startswith("tensortap collector: stopped after") and tail[0].endswith(f"1 run received, under {tmp_path}")
     assert tail[1] == f"  {run}  102 records written, none lost, 1 finding  -> tensortap report {run_dir}", tail
     # the collector subprocess is gone: its port is free again
     ctx = zmq.Context.instance()

@@ -136,7 +136,7 @@ def test_a_stopped_collector_says_what_each_run_got_and_lost(tmp_path):
         assert col.stop(signal.SIGINT) == 0
     lines = col.output().strip().splitlines()
     stop = next(i for i, line in enumerate(lines) if "stopped after" in line)
-    assert lines[stop].endswith(f"2 runs under {tmp_path}"), lines[stop]
+    assert lines[stop].endswith(f"2 runs received, under {tmp_path}"), lines[stop]
     lossy, clean, root = lines[stop + 1:stop + 4]
     assert lossy.split()[0] == "lossy" and clean.split()[0] == "clean"
     assert ("7 records written, 2 lost (2 gaps), 1 duplicate, 1 frame rejected, 1 finding"
