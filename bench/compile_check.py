@@ -1,7 +1,7 @@
 """A torch.compile'd model under a Tap: the time of each step (a capture every other step)
 and whether the captured activation statistics equal the eager model's.
 
-    python bench/compile_check.py [--tree PATH] [--backend inductor|aot_eager] [--mode MODE] [--steps 6]
+    python bench/compile_check.py [--tree PATH] [--backend inductor|aot_eager] [--mode MODE] [--steps 6] [--calls 1]
 
 --tree: import client_hooks from another checkout (e.g. a `git archive` of an earlier commit),
 to compare. Compiled code keeps the module hooks it was compiled with; tensortap's hooks
@@ -22,6 +22,8 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--tree", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 ap.add_argument("--backend", default="inductor")
 ap.add_argument("--steps", type=int, default=6)
+ap.add_argument("--calls", type=int, default=1, help="compiled calls a step (a rollout, micro-batches: "
+                "each step's loss sums them; the records are the last call's)")
 ap.add_argument("--mode", default=None, help="torch.compile's mode, e.g. reduce-overhead (CUDA graphs)")
 a = ap.parse_args()
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -56,7 +58,8 @@ try:
                 want[i] = h.mean().item()
             tap.log_batch({"x": x}, epoch=0, batch_idx=i)
             t = time.perf_counter()
-            compiled(x).pow(2).mean().backward()
+            xs = [torch.randn(5, 8, device=dev) for _ in range(a.calls - 1)] + [x]  # (x last: `want`)
+            sum(compiled(xi).pow(2).mean() for xi in xs).backward()
             opt.step()
             opt.zero_grad()
             if dev == "cuda":

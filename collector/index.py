@@ -205,14 +205,9 @@ class RunIndex:
 
     def add(self, rec) -> None:
         """rec: a collector.wire.Record (or any object with the same attributes). One record:
-        `add_many` without its per-frame set-up (single-record frames are the slower path)."""
-        lock = self.lock
-        if lock is not None:
-            with lock:
-                return self._add(rec)
-        self._add(rec)
-
-    def _add(self, rec) -> None:
+        `add_many` without its per-frame set-up (single-record frames are the slower path).
+        Takes no lock: while a load of stored records runs, `hold` puts `_locked_add` in its
+        place for this run."""
         self.count += 1
         self.last_t = rec.t
         self.arrived = time.time()
@@ -260,14 +255,7 @@ class RunIndex:
 
     def add_many(self, recs, rank: Optional[int] = None) -> None:
         """Records in arrival order (a frame's). rank: the rank of every one of them, when
-        the caller knows it (one set update instead of one per record)."""
-        lock = self.lock
-        if lock is not None:
-            with lock:
-                return self._add_many(recs, rank)
-        self._add_many(recs, rank)
-
-    def _add_many(self, recs, rank: Optional[int]) -> None:
+        the caller knows it (one set update instead of one per record). No lock: see `add`."""
         first = self.count + 1
         self.count += len(recs)
         self.last_t = recs[-1].t
@@ -292,6 +280,34 @@ class RunIndex:
             self._recent_n -= len(self.recent.popleft()[1])
 
     # -- stored records (a restarted collector; see collector.load.load_stored) -------------
+    def hold(self) -> None:
+        """Until `release`, this run's adds take `lock`, so that a load of its stored records
+        can merge meanwhile: `add` and `add_many` are replaced on this instance by the locked
+        ones (every other run, and this one otherwise, pays nothing for it). Called on the
+        ingest thread before the run's first live record."""
+        self.lock = threading.Lock()
+        self.add, self.add_many = self._locked_add, self._locked_add_many
+
+    def release(self) -> None:
+        """With `lock` held (or no add possible): adds take no lock from now on."""
+        self.lock = None
+        self.__dict__.pop("add", None)
+        self.__dict__.pop("add_many", None)
+
+    def _locked_add(self, rec) -> None:
+        lock = self.lock
+        if lock is None:  # released since the caller looked the method up
+            return RunIndex.add(self, rec)
+        with lock:
+            RunIndex.add(self, rec)
+
+    def _locked_add_many(self, recs, rank: Optional[int] = None) -> None:
+        lock = self.lock
+        if lock is None:
+            return RunIndex.add_many(self, recs, rank)
+        with lock:
+            RunIndex.add_many(self, recs, rank)
+
     def add_stored(self, recs) -> None:
         """Stored records of one kind, in file order, into the series and the full records of
         this (private) index: no ring (they are not new), no `count` (the live cursor)."""
@@ -314,7 +330,7 @@ class RunIndex:
         waits for one chunk at most), `pause()` between chunks. Then the full records, ranks,
         times and counts, and `lock` is cleared. Called on the loader thread only."""
         lock = self.lock
-        assert lock is not None, "merge_stored needs the lock set before the first live record"
+        assert lock is not None, "merge_stored needs `hold` before the first live record"
         keys = list(stored.series)
         for i in range(0, len(keys), chunk):
             with lock:
@@ -342,7 +358,7 @@ class RunIndex:
             self.last_t = max(self.last_t, stored.last_t)
             self.dropped_series += stored.dropped_series
             self.loaded += stored.loaded
-            self.lock = None
+            self.release()
 
     # -- reads ----------------------------------------------------------------------------
     def live(self, now: Optional[float] = None, idle_s: float = 15.0) -> bool:

@@ -172,7 +172,7 @@ class Ingest:
         if not (sizes or patch):
             return
         new = RunIndex(rf.run)  # shown as loading from the start
-        new.lock = threading.Lock()
+        new.hold()
         new.loading = {"bytes": sum(sizes.values()), "read": 0}
         ri = self.index.run(rf.run, new)
         if ri is not new:

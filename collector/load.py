@@ -100,7 +100,7 @@ def load_stored(ri: RunIndex, run_dir: str, sizes: dict[str, int], patch: dict,
                 stop: Optional[threading.Event] = None) -> LoadStats:
     """Put a run's stored records into its live index `ri`, before the records it took in
     since (a restarted collector: the run's first new record came). Runs on a thread of its
-    own while ingest goes on: `ri.lock` must be set before the run's first live record.
+    own while ingest goes on: `ri.hold()` must have been called before the run's first live record.
 
     sizes: {stream file: bytes it held before this collector wrote to it}: only those are
     read, so a record is either stored-before (read here) or taken in since (in `ri`), never
@@ -143,7 +143,7 @@ def load_stored(ri: RunIndex, run_dir: str, sizes: dict[str, int], patch: dict,
         lock = ri.lock
         if lock is not None:  # (not merged: a failure, or stopped)
             with lock:
-                ri.lock = None
+                ri.release()
         ri.loading = None
     return stats
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 
 import pytest
@@ -488,7 +487,8 @@ def test_the_badge_tells_a_killed_run_from_a_finished_one_and_a_loaded_run_is_sh
         index.add(rec("killed", "metrics", "loss", {"value": 1.0}, step=i, seq=1 + i))
     index.get("killed").arrived -= 100  # nothing for 100 s
     ri = index.run("restarted")
-    ri.lock, ri.loading = threading.Lock(), {"bytes": 1000, "read": 0}
+    ri.hold()
+    ri.loading = {"bytes": 1000, "read": 0}
     for i in range(20, 25):  # taken in since the restart
         index.add(rec("restarted", "metrics", "loss", {"value": 0.5}, step=i, seq=i))
     with serve(create_app(index)) as url:
