@@ -36,7 +36,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.procs import CollectorProc  # noqa: E402
+from tests.procs import CollectorProc, plant_run  # noqa: E402
 
 T0 = 1_700_000_000.0
 
@@ -52,18 +52,7 @@ def _grad(seq: int, run: str):
 
 
 def plant(run_dir: str, n: int) -> int:
-    from collector.wire import encode_many
-
-    os.makedirs(run_dir)
-    run = os.path.basename(run_dir)
-    with open(os.path.join(run_dir, "gradients.jsonl"), "wb") as f:
-        for i in range(0, n, 4096):
-            for frame, _ in encode_many([_grad(s, run) for s in range(i, min(n, i + 4096))]):
-                f.write(frame[1:-1].replace(b'},{"v"', b'}\n{"v"') + b"\n")
-    ranks = {"0": {"received": n, "written": n, "next_seq": n, "world": 1}}
-    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
-        json.dump({"run": run, "schema": 1, "created": T0, "ranks": ranks}, f)
-    return os.path.getsize(os.path.join(run_dir, "gradients.jsonl"))
+    return plant_run(run_dir, n, _grad, "gradients.jsonl", T0)
 
 
 def prime(out: str, n: int) -> int:

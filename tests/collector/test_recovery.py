@@ -311,7 +311,8 @@ def test_a_restart_after_a_kill_reads_only_what_the_manifest_does_not_count(tmp_
     assert fast_read == sum(on_disk.values()) - sum(marked.values()), (fast_read, on_disk, marked)
     assert fast == whole and fast_stored == whole_stored
     sizes = {f: os.path.getsize(run_dir / f) for f in STREAMS if (run_dir / f).exists()}
-    assert whole_stored == {f: n - (len(torn) if f == "metrics.jsonl" else 0) for f, n in sizes.items()}  # torn line cut
+    # (the torn line cut off)
+    assert whole_stored == {f: n - (len(torn) if f == "metrics.jsonl" else 0) for f, n in sizes.items()}
     gaps = 3 * (attempt + 1) + 5  # the seqs never sent
     assert (whole[0]["gaps"], whole[0]["patch_written"], whole[1]["duplicates"], whole[2]["seq_offset"],
             whole[2]["sessions"]) == (gaps, 2, 5, 10, 2), whole

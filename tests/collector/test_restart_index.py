@@ -5,7 +5,6 @@ ZeroMQ sockets, the dashboard's HTTP API)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.parse
@@ -14,7 +13,7 @@ import urllib.request
 from client_hooks.sender import Sender
 from collector.wire import Record, encode, encode_many
 from tests.collector.test_collector import push_socket
-from tests.procs import CollectorProc, manifest, wait_for
+from tests.procs import CollectorProc, manifest, plant_run, wait_for
 
 
 def _get(col: CollectorProc, path: str, **params):
@@ -108,15 +107,7 @@ def test_a_restarted_collector_shows_the_records_from_before_and_after_the_resta
 def _plant_run(run_dir, n: int) -> None:
     """A run folder as a collector leaves it: n loss records (seq = step = 0..n-1) and its
     manifest, written here directly (fast)."""
-    os.makedirs(run_dir)
-    run = os.path.basename(run_dir)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "wb") as f:
-        for i in range(0, n, 4096):
-            for frame, _ in encode_many([_r(s, run) for s in range(i, min(n, i + 4096))]):
-                f.write(frame[1:-1].replace(b'},{"v"', b'}\n{"v"') + b"\n")
-    ranks = {"0": {"received": n, "written": n, "next_seq": n, "world": 1}}
-    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
-        json.dump({"run": run, "schema": 1, "created": 1_700_000_000.0, "ranks": ranks}, f)
+    plant_run(str(run_dir), n, _r)
 
 
 def test_a_big_stored_run_is_loaded_while_ingest_goes_on_and_no_point_comes_twice(tmp_path):
