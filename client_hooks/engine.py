@@ -974,7 +974,8 @@ class Engine:
         to the host on its own (`scalar_to_host`, without a capture's bookkeeping). Either is
         read on the sender thread. A CPU tensor is read at once (nothing to wait for)."""
         items = []
-        self.take_traced()
+        if self._traced.full and not self.capturing:  # (take_traced inline: every log_loss passes here)
+            self._drain()
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():

@@ -141,8 +141,8 @@ class Slot:
     call's, as an eager forward's capture keeps the last (a hook's value under no_grad apart,
     see `put`). Traced code only stores into it (no read, so nothing to guard on)."""
 
-    def __init__(self, owner: "Traced", name: str, how: int, pair=None):
-        self.owner, self.name, self.how, self.pair = owner, name, how, pair
+    def __init__(self, owner: "Traced", name: str, how: int):
+        self.owner, self.name, self.how, self.pair = owner, name, how, None
         self.grad = self.nograd = None
 
     def put(self, value) -> None:

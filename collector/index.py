@@ -19,8 +19,9 @@ loaded by a thread of its own (collector.load.load_stored): the stored records g
 private RunIndex (`add_stored`), which is then merged into the live one, stored points first
 (`merge_stored`). While that runs (`hold` to `release`), `lock` is set and that run's adds
 are locked ones: the ingest thread takes it to add records of that run, and the loader takes
-it to merge a few series at a time; otherwise adds take no lock and check none. Readers never lock: a merged series is a new Series object put in place
-of the old one, so a reader holds either the old one or the new one, each consistent.
+it to merge a few series at a time; otherwise adds take no lock and check none. Readers
+never lock: a merged series is a new Series object put in place of the old one, so a reader
+holds either the old one or the new one, each consistent.
 """
 from __future__ import annotations
 

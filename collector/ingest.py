@@ -115,7 +115,6 @@ class Ingest:
         self.rejected_by_reason: Counter = Counter()
         self.rejected_no_run = 0  # of `rejected`: frames naming no usable run (the root's _rejected.jsonl)
         self.fsync_ms_last = self.fsync_ms_max = 0.0
-        self.write_start = 0  # (writer thread) where the last _write began
         self.degraded: Optional[str] = None
         self.started = time.time()
         self.stop = threading.Event()
@@ -389,9 +388,10 @@ class Ingest:
             except OSError as e:  # the run's folder went away
                 ok, self.degraded = False, f"write failed: {e.strerror or e}"
             else:
-                ok = self._write(fd, data)
+                start = self._write(fd, data)
+                ok = start is not None
                 if ok:  # what the manifest's stream marks count (RunFiles.wrote)
-                    rf.wrote(STREAM_FILES[kind], self.write_start, data, counts)
+                    rf.wrote(STREAM_FILES[kind], start, data, counts)
         n = sum(counts.values())
         for rank, c in counts.items():
             st = rf.rank(rank)
@@ -417,14 +417,15 @@ class Ingest:
             self.degraded = f"write failed: {e.strerror}"
             return False
 
-    def _write(self, fd: int, data) -> bool:
-        """One os.write of whole lines; a short or failed write is cut back (no torn line)."""
-        start = self.write_start = os.lseek(fd, 0, os.SEEK_END)
+    def _write(self, fd: int, data) -> Optional[int]:
+        """One os.write of whole lines at the file's end: the offset it was written at, or None
+        (a short or failed write is cut back: no torn line)."""
+        start = os.lseek(fd, 0, os.SEEK_END)
         try:
             n = write_fn(fd, data)
             if n == len(data):
                 self.degraded = None
-                return True
+                return start
             err = "short write"
         except OSError as e:
             err = e.strerror or str(e)
@@ -433,7 +434,7 @@ class Ingest:
         except OSError:
             pass
         self.degraded = f"write failed: {err}"
-        return False
+        return None
 
     def _write_root_reject(self, line: bytes) -> None:
         path = os.path.join(self.root, "_rejected.jsonl")
