@@ -184,6 +184,19 @@ class TapCallback(Callback):
             if pl_module.automatic_optimization:  # (Lightning clips after this hook)
                 self._engine.grads_ready()
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._engine is not None:  # record(always=True) from here on says {"split": "val"}
+            self._engine.evaluating("val")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._engine is not None:
+            self._engine.evaluating("test")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._engine is not None:
+            self._engine.evaluating("predict")
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         if self._engine is not None:  # each batch's record(always=True) of a compiled forward

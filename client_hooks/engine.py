@@ -192,6 +192,9 @@ class Engine:
         self.batch_in_epoch = 0
         self.capturing = False
         self.capture = Capture()
+        # the split that record(always=True) outside a capture step is taken in: "train" from
+        # each train batch on; an evaluation batch's ("val", ...) until the next train batch
+        self.split = "train"
         self._hooks: Optional[_hooks.Hooks] = None
         self._model: Optional[nn.Module] = None
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
@@ -300,6 +303,7 @@ class Engine:
             self.end_step()
         elif self._traced.full:  # record(always=True) in a compiled forward outside a capture step
             self._drain()
+        self.split = "train"  # (after the drain: an evaluation's last values keep its split)
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
@@ -376,12 +380,26 @@ class Engine:
             else:  # (the method itself: self.record is the traced wrapper)
                 Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
 
+    @guarded("activations")
     def take_traced(self) -> None:
         """Outside a capture step, the values that record(always=True) in a compiled forward
         handed over since the last take (hooks.Traced keeps a name's last value: taken at
         each tensortap call of the loop, each evaluation batch gets its record)."""
         if self._traced.full and not self.capturing:
             self._drain()
+
+    @guarded("activations")
+    def evaluating(self, split: str) -> None:
+        """An evaluation batch of `split` ("val", "test", ...) begins: from now until the next
+        train batch, record(always=True) outside a capture step is taken as of that split
+        (its records say {"split": split}; the collector keeps them in series of their own).
+        A capture step still open (no optimizer step told its end) ends here: the evaluation
+        comes after the training step. What a compiled forward handed over before is taken
+        first, in the split it came in."""
+        if self.capturing:
+            self.end_step()
+        self.take_traced()
+        self.split = split if isinstance(split, str) and split else "eval"
 
     def _next_step_captures(self) -> bool:
         """Whether the step after this one will capture (every_n_steps, the same epoch)."""
@@ -947,8 +965,9 @@ class Engine:
             self.opts.pairs[name] = pair
             self._plans.pop(("activations", name), None)  # a pair from now on: no short way
         cap = self.capture if self.capturing else Capture(self.step, self.epoch)  # outside: sent now
+        extra = None if self.capturing or self.split == "train" else {"split": self.split}
         for key, value in values:
-            self.add_tensor("activations", key, value, cap=cap)
+            self.add_tensor("activations", key, value, extra, cap)
         if not self.capturing:
             cap.flush(self.sender)
 

@@ -56,7 +56,9 @@ Streams (kind: name -> data; every record carries step and epoch):
 Cadence: a step is a capture step for the first `first_n` train batches of every epoch and
 every `every_n_steps`-th step; only then are hooks attached (from log_batch to the step's
 end) and activations, gradients and loader stats measured. `record()` outside a capture
-step does nothing unless `always=True`.
+step does nothing unless `always=True`. Such a record made after `log_batch(batch,
+split="val")` (an evaluation loop) carries {"split": "val"} in its data until the next train
+batch, and the collector keeps it in a series of its own ("model_input · val").
 
 Arguments: activations: module paths whose outputs are measured (default: the model's direct
 children); inputs: also their inputs; gradients: None (first and last parameter-owning
@@ -153,7 +155,7 @@ turned into one RuntimeWarning per kind and never raised.
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
-        e.take_traced()  # an evaluation batch: the last batch's record(always=True) of a compiled forward
+        e.evaluating(split)  # record(always=True) says this split until the next train batch
         n = self._split_seen.get(split, 0)
         self._split_seen[split] = n + 1
         if n < e.opts.first_n:

@@ -6,6 +6,9 @@ flattened with dots: "abs.mean"). Memory is bounded: at most MAX_POINTS points p
 RECENT records per run for live streaming (server-sent events), and full records kept only
 for the small kinds (loader_stats, patch_metrics, events).
 
+An activation taken in an evaluation (its data says {"split": "val"}) goes into a series of its
+own, "name · val" (`series_name`), not into the training one.
+
 Ranks are kept apart (DDP: each rank's loss is its own series, not one zigzag of both). A
 series is shown under its `label`: its name for rank 0 and in a single-rank run, "name · rank
 r" otherwise (`RunIndex.label`; a run is of several ranks from its first record that says a
@@ -53,6 +56,17 @@ def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[st
         elif t is dict:
             flatten(v, prefix + k + ".", out)
     return out
+
+
+def series_name(kind: str, name: str, data: dict) -> str:
+    """The name of the series a record goes into: its own, but for an activation taken in an
+    evaluation ({"split": "val"} in its data: record(always=True) in an evaluation loop),
+    f"{name} · {split}", a series of its own (not drawn into the training one)."""
+    if kind == "activations":
+        split = data.get("split")
+        if split is not None and split != "train":
+            return f"{name} · {split}"
+    return name
 
 
 class Series:
@@ -239,7 +253,7 @@ class RunIndex:
                 elif rec.name == "hello":  # (also a new sender session of the rank: same run id)
                     self.closed_ranks.discard(rec.rank)
                     self.opened_ranks.add(rec.rank)
-        key = (kind, rec.name, rec.rank)
+        key = (kind, rec.name if kind != "activations" else series_name(kind, rec.name, rec.data), rec.rank)
         s = self.series.get(key)
         if s is None:
             if len(self.series) >= MAX_SERIES:
@@ -464,8 +478,9 @@ class RunIndex:
                 if steps[j] is None:
                     continue
                 r = recs[j]
-                items.append((first + j, r.kind, r.name, r.rank, steps[j], r.t, flatten(r.data),
-                              r.name if one or not r.rank else self.label(r.name, r.rank)))
+                name = r.name if r.kind != "activations" else series_name(r.kind, r.name, r.data)
+                items.append((first + j, r.kind, name, r.rank, steps[j], r.t, flatten(r.data),
+                              name if one or not r.rank else self.label(name, r.rank)))
                 if len(items) >= limit:
                     return items[-1][0], items
         return (items[-1][0] if items else max(cursor, 0)), items

@@ -8,7 +8,8 @@
 
 Rules and thresholds: docs/DIAGNOSIS.md. Judged from statistics alone. In a run of several
 ranks (DDP) the tensor rules judge the lowest rank's records (rank 0); NaN/Inf are looked for
-in every rank's, and the loss is averaged over the ranks per step.
+in every rank's, and the loss is averaged over the ranks per step. Activations taken in an
+evaluation ({"split": "val"}) are left out of the activation rules.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 
 from collector.diagnosis import gradients, values
 from collector.diagnosis.causes import is_consequence, mark_consequences
-from collector.diagnosis.common import finite_json, one_rank
+from collector.diagnosis.common import finite_json, one_rank, training
 from collector.diagnosis.load import load_run
 
 __all__ = ["diagnose", "load_run", "write_findings"]
@@ -29,7 +30,7 @@ _ORDER = {"high": 0, "medium": 1, "low": 2}
 def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     """All findings for one run's records, most severe first; evidence numbers finite or None."""
     r = records_by_kind
-    grads, acts = one_rank(r.get("gradients", [])), one_rank(r.get("activations", []))
+    grads, acts = one_rank(r.get("gradients", [])), one_rank(training(r.get("activations", [])))
     act = values.activations(acts)
     dead = tuple(t for f in act if f["rule"] == "dead_activation" for t in f["evidence"]["tensors"])
     found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads, dead)

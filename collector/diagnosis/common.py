@@ -76,6 +76,12 @@ def rms(s: dict) -> Optional[float]:
     return r if math.isfinite(r) else sys.float_info.max  # (both finite: it is at least that)
 
 
+def training(records: list[dict]) -> list[dict]:
+    """The records taken in training: not those of an evaluation (data {"split": "val"}, what
+    record(always=True) takes in an evaluation loop), whose values are another model mode's."""
+    return [r for r in records if (r.get("data") or {}).get("split", "train") == "train"]
+
+
 def one_rank(records: list[dict]) -> list[dict]:
     """The records of the lowest rank present (rank 0 in DDP): the ranks' series are not mixed
     into one (their steps interleave, and "the latest capture" would be any rank's)."""

@@ -55,10 +55,14 @@ function newActDiv(id) {
   return d;
 }
 
+// An activation series of an evaluation (collector.index.series_name): "name · split".
+const SPLIT = / · ([^·]+)$/;
+
 // Route one series (initial rows or one live record) into the charts that draw it.
 // prefix "" for the run in view, "cmp" for the overlay (drawn dashed).
 // name: the series' label (its name, "name · rank r" for the other ranks of a DDP run);
-// base, rank: its own name and rank (an activation's chart is one for every rank of it).
+// base, rank: its own name and rank (an activation's chart is one for every rank of it, and
+// for its evaluation's values: "name · val").
 function place(kind, name, stats, prefix, x, y, base = name, rank = 0) {
   const label = prefix ? prefix + " · " + name : name;
   const dash = prefix ? "dot" : "solid";
@@ -76,8 +80,11 @@ function place(kind, name, stats, prefix, x, y, base = name, rank = 0) {
     }
   } else if (kind === "activations") {
     showKind(kind, true);
+    const ev = SPLIT.exec(base);  // "x · val": taken in an evaluation, drawn as "val · mean" traces in x's chart
+    if (ev) base = base.slice(0, ev.index);
     const c = chartFor("act:" + base, "activation: " + base, {legend: true});
-    const r = rank ? "rank " + rank + " · " : "";  // the other ranks' traces in rank 0's chart
+    // the other ranks' traces in rank 0's chart; an evaluation's beside the training ones
+    const r = (rank ? "rank " + rank + " · " : "") + (ev ? ev[1] + " · " : "");
     for (const stat of actStats(stats)) {
       const key = prefix + "|" + r + stat, own = r + stat;
       const visible = ACT_SHOWN.includes(stat.split(".").pop()) ? true : "legendonly";

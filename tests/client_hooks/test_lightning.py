@@ -80,6 +80,7 @@ def test_a_record_always_in_a_compiled_validation_step_is_sent_for_each_batch(pu
     # (the step: the last training step begun, as an eager record(always=True) outside a step has)
     assert sorted((r["step"], r["epoch"]) for r in got) == [(3, 0), (3, 0), (7, 1), (7, 1)]
     assert all(r["data"]["count"] == 8 * 64 and r["data"]["nan"] == 0 for r in got)
+    assert [r["data"].get("split") for r in got] == ["val"] * 4  # (each validation batch's start says so)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")

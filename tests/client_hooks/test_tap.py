@@ -497,6 +497,36 @@ def test_record_names_and_pairs_and_cadence_every_n_steps(pull):
     assert set(pull.find("activations", "obj")[0]["data"]) >= {"real", "imag", "abs", "angle"}
 
 
+def test_a_record_always_in_an_evaluation_loop_says_its_split_until_the_next_train_batch(pull):
+    """record(always=True) after log_batch(batch, split="val") (an evaluation loop between
+    training steps) carries {"split": "val"}; from the next train batch on, none again (the
+    collector keeps the evaluation's values apart, and the diagnosis leaves them out). With
+    no optimizer watched, the last training batch's capture step is still open when the
+    evaluation begins: it ends there (the evaluation's records went into it, as training's)."""
+    model = nn.Linear(4, 4)
+    with Tap(first_n=3) as tap:
+        tap.watch(model)
+        for epoch in range(2):
+            tap.epoch_start(epoch)
+            for i in range(3):
+                tap.log_batch({"x": torch.randn(2, 4)}, epoch=epoch, batch_idx=i)
+                out = model(torch.randn(2, 4))
+                tap.record("probe", out, always=True)
+                out.sum().backward()
+            model.eval()
+            with torch.no_grad():
+                for i in range(2):
+                    tap.log_batch({"x": torch.randn(3, 4)}, split="val", batch_idx=i)
+                    tap.record("probe", model(torch.full((3, 4), 7.0)), always=True)
+            model.train()
+            tap.epoch_end(epoch)
+    assert pull.wait_for(lambda r: len(pull.find("activations", "probe")) == 10)
+    got = sorted(pull.find("activations", "probe"), key=lambda r: r["seq"])
+    assert [(r["step"], r["data"].get("split"), r["data"]["count"]) for r in got] == \
+        [(0, None, 8), (1, None, 8), (2, None, 8), (2, "val", 12), (2, "val", 12),
+         (3, None, 8), (4, None, 8), (5, None, 8), (5, "val", 12), (5, "val", 12)]
+
+
 def test_telemetry_errors_warn_once_and_never_reach_the_training_loop(pull, monkeypatch):
     from client_hooks import engine, stats
 
@@ -1011,6 +1041,10 @@ def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_e
                         r["data"]["count"] == 3 * 16), key=lambda r: r["seq"])
     assert [r["data"]["mean"] for r in evals_got] == pytest.approx(
         [w.double().mean().item() for w in want_eval], rel=1e-5)
+    # the evaluation's records say so (the first one's too, taken at the second batch's log_batch);
+    # the training forwards' do not
+    assert [r["data"].get("split") for r in evals_got] == ["val"] * 10
+    assert all("split" not in r["data"] for r in pull.find("activations", "mid_always") if r not in evals_got)
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)

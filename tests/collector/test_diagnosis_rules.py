@@ -515,6 +515,18 @@ def test_ranks_are_not_mixed_the_lowest_rank_is_judged():
     assert "dead_activation" in rules(diagnose({"activations": [ranked(a, 0) for a in acts if a["rank"] == 1]}))
 
 
+def test_an_evaluations_activations_are_not_judged_as_trainings():
+    """record(always=True) in an evaluation loop (data {"split": "val"}) comes after the last
+    training capture: an all-zero evaluation value (say, a probe batch of zeros) is not the
+    latest capture of the training output; the same values in training are dead."""
+    train = [rec("activations", "generator_output", stats(0.3, 0.5), step=i, seq=i) for i in range(3)]
+    zeros = stats(0.0, 0.0, 0.0, 0.0)
+    evals = [rec("activations", "generator_output", {**zeros, "split": "val"}, step=2, seq=3 + i) for i in range(2)]
+    assert "dead_activation" not in rules(diagnose({"activations": train + evals}))
+    trained = [rec("activations", "generator_output", {**zeros, "split": "train"}, step=3, seq=5)]
+    assert "dead_activation" in rules(diagnose({"activations": train + evals + trained}))
+
+
 # -- findings checked against real runs (MLP/FNO trainings with one known fault each) --------
 
 def test_a_loss_on_a_detached_output_sends_no_gradient_record_and_is_no_gradient():

@@ -12,7 +12,7 @@ import pytest
 
 from collector.index import Index
 from dashboard.app import create_app
-from tests.dashboard.conftest import XSS, fill_run, rec, serve
+from tests.dashboard.conftest import XSS, fill_run, rec, serve, stats
 
 
 @contextlib.contextmanager
@@ -337,6 +337,32 @@ def test_a_rank_that_comes_first_is_labelled_by_its_rank_from_the_start():
     index.add(rec("ddp", "metrics", "loss", {"value": 1.0}, step=0, rank=0, world=2))
     assert sorted(ri.kind_series("metrics", ["value"])) == ["loss", "loss · rank 1"]
     assert [it[7] for it in ri.since(0)[1]] == ["loss · rank 1", "loss"]
+
+
+def test_an_evaluations_activations_are_a_series_of_their_own_served_by_name():
+    """Activations whose data say {"split": "val"} (record(always=True) in an evaluation) are
+    the series "model_input · val", apart from the training's: listed, served (the name in the
+    query), and so named live; another kind's split (a loader batch's) changes nothing."""
+    index = Index()
+    for step in range(3):
+        index.add(rec("ev", "activations", "model_input", stats(0.0), step=step, seq=step))
+    for i in range(2):
+        index.add(rec("ev", "activations", "model_input", stats(5.0, split="val"), step=2, seq=3 + i))
+    index.add(rec("ev", "loader_stats", "x", stats(1.0, split="val", batch=0), step=2, seq=5))
+    index.add(rec("ev", "activations", "model_input", stats(0.0, split="train"), step=3, seq=6))
+    ri = index.get("ev")
+    acts = ri.streams()["activations"]
+    assert [(s["name"], s["points"]) for s in acts] == [("model_input", 4), ("model_input · val", 2)]
+    assert [s["name"] for s in ri.streams()["loader_stats"]] == ["x"]
+    assert [(it[2], it[7]) for it in ri.since(0)[1] if it[1] == "activations"] == \
+        [("model_input", "model_input")] * 3 + [("model_input · val", "model_input · val")] * 2 + \
+        [("model_input", "model_input")]
+    with client_for(create_app(index)) as c:
+        got = c.get("/api/runs/ev/series", params={"kind": "activations", "name": "model_input · val",
+                                                   "stat": "mean"}).json()
+        assert got["step"] == [2.0, 2.0] and got["value"] == [5.0, 5.0]
+        kind = c.get("/api/runs/ev/kind/activations", params={"stat": "mean"}).json()["series"]
+        assert kind["model_input"]["mean"] == [0.0] * 4 and kind["model_input · val"]["mean"] == [5.0, 5.0]
 
 
 def test_a_run_that_went_quiet_without_a_bye_is_unclosed_not_finished(index):

@@ -337,6 +337,45 @@ def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
     assert page.problems == []
 
 
+def test_an_evaluations_activations_are_traces_of_their_own_in_the_chart_live_too(page, tmp_path):
+    """record(always=True) in an evaluation loop sends records whose data say {"split": "val"}
+    at the last training step: they are drawn as "val · mean" traces in the activation's chart,
+    loaded and live (they were points of the training trace: 4 values at one step)."""
+    from client_hooks.sender import Sender
+
+    with collector_process(str(tmp_path)) as info:
+        sender = Sender(info["zmq"], "evals", batch=16)
+        try:
+            for step in range(10):
+                sender.send("activations", "model_input", {"mean": 0.0, "std": 1.0}, step=step)
+            for _ in range(4):  # an evaluation after step 9: four batches
+                sender.send("activations", "model_input", {"mean": 5.0, "std": 2.0, "split": "val"}, step=9)
+            sender.flush()
+            page.goto(f"{info['http']}#run=evals")
+            page.wait_for_selector("#activations .chart")
+            page.locator("#activations .chart").first.scroll_into_view_if_needed()  # (drawn once in view)
+            page.wait_for_function("() => [...document.querySelectorAll('#activations .chart')].some(d => "
+                                   "d.data && d.data.length === 4)", timeout=10_000)
+            page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+            time.sleep(0.3)
+            sender.send("activations", "model_input", {"mean": 0.5, "std": 1.0}, step=10)
+            sender.send("activations", "model_input", {"mean": 6.0, "std": 2.0, "split": "val"}, step=10)
+            sender.flush()
+            page.wait_for_function("() => [...document.querySelectorAll('#activations .chart')].some(d => "
+                                   "d.data && d.data.length === 4 && d.data.every(t => Array.from(t.x).includes(10)))",
+                                   timeout=5_000)
+            acts = page.evaluate("[...document.querySelectorAll('#activations .chart')].map(d => "
+                                 "[d.querySelector('.gtitle').textContent, d.data.map(t => "
+                                 "[t.name, Array.from(t.x), Array.from(t.y).at(-1)])])")
+            assert acts == [["activation: model_input", [["mean", list(range(11)), 0.5], ["std", list(range(11)), 1.0],
+                                                         ["val · mean", [9] * 4 + [10], 6.0],
+                                                         ["val · std", [9] * 4 + [10], 2.0]]]]
+            leave(page)
+        finally:
+            sender.close()
+    assert page.problems == []
+
+
 def test_opening_another_run_while_a_chart_is_being_drawn_raises_no_page_error(page):
     """Opening another run purges the charts while a draw may be awaiting one of them (here
     plotly's first drawing of a new chart is held 400 ms); the draw stops there. It went on to
