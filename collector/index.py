@@ -253,7 +253,10 @@ class RunIndex:
                 elif rec.name == "hello":  # (also a new sender session of the rank: same run id)
                     self.closed_ranks.discard(rec.rank)
                     self.opened_ranks.add(rec.rank)
-        key = (kind, rec.name if kind != "activations" else series_name(kind, rec.name, rec.data), rec.rank)
+        name = rec.name
+        if kind == "activations" and "split" in rec.data:  # (an evaluation's: `series_name`)
+            name = series_name(kind, name, rec.data)
+        key = (kind, name, rec.rank)
         s = self.series.get(key)
         if s is None:
             if len(self.series) >= MAX_SERIES:
