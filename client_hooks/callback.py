@@ -37,7 +37,9 @@ class TapCallback(Callback):
     inherit both through the environment. Under torchrun (ranks started together) the other
     ranks of node 0 take them from rank 0's announcement (client_hooks.session); across
     nodes, set TENSORTAP_ENDPOINT to a collector every node reaches.
-    From inside the LightningModule: `callback.record(name, tensor, pair=None)`.
+    From inside the LightningModule: `callback.record(name, tensor, pair=None, always=False)`;
+    with always=True, a record in a validation, test or predict batch says its split
+    ({"split": "val"}) and is kept apart from training's.
     """
 
     def __init__(self, gate: str = session.DEFAULT_GATE, *, run: Optional[str] = None,
@@ -68,9 +70,9 @@ class TapCallback(Callback):
                 self._give_up(e)
 
     def _give_up(self, err: Exception) -> None:
-        from client_hooks.engine import warn_once
+        from client_hooks.engine import session_failed
 
-        warn_once("session", err)
+        session_failed(err)
         self.enabled = False
         self._release(self._run)
 
@@ -184,18 +186,26 @@ class TapCallback(Callback):
             if pl_module.automatic_optimization:  # (Lightning clips after this hook)
                 self._engine.grads_ready()
 
+    # record(always=True) in an evaluation says its split ({"split": "val"}) and carries the
+    # global step and epoch (the validation metrics'); a training value again once it ends
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        if self._engine is not None:  # record(always=True) from here on says {"split": "val"}
-            self._engine.evaluating("val")
+        if self._engine is not None:
+            self._engine.evaluating("val", trainer.global_step, trainer.current_epoch)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._engine is not None:
-            self._engine.evaluating("test")
+            self._engine.evaluating("test", trainer.global_step, trainer.current_epoch)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._engine is not None:
-            self._engine.evaluating("predict")
+            self._engine.evaluating("predict", trainer.global_step, trainer.current_epoch)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._engine is not None:
+            self._engine.evaluated()
+
+    on_test_end = on_predict_end = on_validation_end
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
@@ -213,7 +223,9 @@ class TapCallback(Callback):
 
     # -- called from the LightningModule ----------------------------------------------------
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
-        """Activation stats of a value that is no module's output (only on capture steps)."""
+        """Activation stats of a value that is no module's output: in capture steps; with
+        always=True in every step, and in validation, test and predict batches, where its
+        records say {"split": "val"} (or "test", "predict") and carry the global step."""
         if self._engine is not None:
             self._engine.record(name, tensor, pair, always)
 

@@ -83,6 +83,17 @@ def warn_once(kind: str, err: BaseException) -> None:
                    f"further {kind} errors are not reported")
 
 
+def session_failed(err: BaseException) -> None:
+    """Telemetry could not start (Tap's first use, TapCallback's set-up): training goes on
+    without it. A setting that is wrong (session.SetupError) is told as it is, in one line."""
+    from client_hooks.session import SetupError
+
+    if isinstance(err, SetupError):
+        say_once("session", f"tensortap: {err}; training goes on without telemetry")
+    else:
+        warn_once("session", err)
+
+
 def _activations_failed(err: BaseException) -> None:
     """A forward hook's error (Hooks catches it: no wrapper's frame on each hook call)."""
     warn_once("activations", err)
@@ -161,6 +172,11 @@ def metric_value(name: str, v):
                                      f"real tensor, got {got}")
 
 
+EVAL_AS_TRAIN = (
+    "tensortap: record(..., always=True) ran under no_grad outside a capture step, and no "
+    "evaluation was told: it is kept as a training value. If it is an evaluation's, call "
+    "tap.log_batch(batch, split=\"val\") at each evaluation batch: its records then say so "
+    "and are kept apart from training's (Lightning's validation needs nothing).")
 NO_FORWARD_HOOK = (
     "tensortap: in capture step {step} the watched model's gradients came but none of its forward "
     "hooks ran, so no activation is recorded. The step began (log_batch) after the model's forward; "
@@ -195,6 +211,7 @@ class Engine:
         # the split that record(always=True) outside a capture step is taken in: "train" from
         # each train batch on; an evaluation batch's ("val", ...) until the next train batch
         self.split = "train"
+        self._eval_at: tuple = (None, None)  # the (step, epoch) an evaluation's records carry, when told
         self._hooks: Optional[_hooks.Hooks] = None
         self._model: Optional[nn.Module] = None
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
@@ -303,7 +320,8 @@ class Engine:
             self.end_step()
         elif self._traced.full:  # record(always=True) in a compiled forward outside a capture step
             self._drain()
-        self.split = "train"  # (after the drain: an evaluation's last values keep its split)
+        # (after the drain: an evaluation's last values keep its split)
+        self.split, self._eval_at = "train", (None, None)
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
@@ -378,7 +396,8 @@ class Engine:
                 with torch.set_grad_enabled(grad):  # (a drain at the end of backward may run without grad)
                     self._hooks.deliver(name, value)
             else:  # (the method itself: self.record is the traced wrapper)
-                Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
+                with torch.set_grad_enabled(grad):  # (its forward's grad mode: see `record`)
+                    Engine.record(self, name, value, pair, how == _hooks.Traced.ALWAYS)
 
     @guarded("activations")
     def take_traced(self) -> None:
@@ -389,17 +408,37 @@ class Engine:
             self._drain()
 
     @guarded("activations")
-    def evaluating(self, split: str) -> None:
+    def evaluating(self, split: str, step: Optional[int] = None, epoch: Optional[int] = None) -> None:
         """An evaluation batch of `split` ("val", "test", ...) begins: from now until the next
-        train batch, record(always=True) outside a capture step is taken as of that split
-        (its records say {"split": split}; the collector keeps them in series of their own).
-        A capture step still open (no optimizer step told its end) ends here: the evaluation
-        comes after the training step. What a compiled forward handed over before is taken
-        first, in the split it came in."""
+        train batch (or `evaluated`), record(always=True) outside a capture step is taken as
+        of that split (its records say {"split": split}; the collector keeps them in series
+        of their own), at `step` and `epoch` when given (Lightning: its global step and
+        epoch, which its validation metrics carry), else at the last training step (0
+        before any) and the current epoch. A capture
+        step still open (no optimizer step told its end) ends here: the evaluation comes
+        after the training step. What a compiled forward handed over before is taken first,
+        in the split it came in."""
         if self.capturing:
             self.end_step()
         self.take_traced()
         self.split = split if isinstance(split, str) and split else "eval"
+        self._eval_at = (whole(step, "step"), whole(epoch, "epoch"))
+
+    @guarded("activations")
+    def evaluated(self) -> None:
+        """An evaluation (or an epoch) has ended: what a compiled forward handed over is taken
+        in its split and epoch, and record(always=True) is a training value again."""
+        self.take_traced()
+        self.split, self._eval_at = "train", (None, None)
+
+    def _outside(self) -> tuple[Capture, Optional[dict]]:
+        """A capture sent now, outside a capture step, and its records' extra fields: an
+        evaluation's carry its split and its step (see `evaluating`)."""
+        if self.split == "train":
+            return Capture(self.step, self.epoch), None
+        step, epoch = self._eval_at
+        return (Capture(step if step is not None else (self.step or 0), epoch if epoch is not None else self.epoch),
+                {"split": self.split})
 
     def _next_step_captures(self) -> bool:
         """Whether the step after this one will capture (every_n_steps, the same epoch)."""
@@ -964,8 +1003,9 @@ class Engine:
         if pair is not None and self.opts.pairs.get(name) != pair:
             self.opts.pairs[name] = pair
             self._plans.pop(("activations", name), None)  # a pair from now on: no short way
-        cap = self.capture if self.capturing else Capture(self.step, self.epoch)  # outside: sent now
-        extra = None if self.capturing or self.split == "train" else {"split": self.split}
+        cap, extra = (self.capture, None) if self.capturing else self._outside()  # outside: sent now
+        if extra is None and not self.capturing and not torch.is_grad_enabled():
+            say_once("eval as train", EVAL_AS_TRAIN)
         for key, value in values:
             self.add_tensor("activations", key, value, extra, cap)
         if not self.capturing:
@@ -975,7 +1015,7 @@ class Engine:
     def log_batch(self, batch, split: str, batch_idx: Optional[int]) -> None:
         """Field stats into this capture step, or (outside one) into a capture sent now."""
         extra = {"split": split, "batch": batch_idx if batch_idx is not None else self.batch_in_epoch - 1}
-        cap = self.capture if self.capturing else Capture(self.step, self.epoch)
+        cap = self.capture if self.capturing else self._outside()[0]
         for name, leaf in walk(batch):
             self.add_tensor("loader_stats", name, leaf, extra, cap)
         if not self.capturing:
@@ -1042,6 +1082,8 @@ class Engine:
     def epoch_event(self, name: str, epoch, begin: bool) -> None:
         """epoch_start (a new epoch: its batch count starts again) or epoch_end."""
         epoch = whole(epoch, "epoch")
+        if not self.capturing:
+            self.evaluated()  # (before the epoch changes: the values it holds are of the last one)
         if begin:
             self.new_epoch(epoch)
         self.sender.send("events", name, {"epoch": epoch}, self.step, epoch)

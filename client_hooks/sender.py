@@ -36,6 +36,7 @@ _ITEM_OVERHEAD = 160  # bytes charged per queued record on top of its estimated 
 # holds) or more than WAKE_FRACTION of its bound (a burst); close() and flush() do too. A
 # capture step queues one or two items (its packed record, the loss).
 IDLE_WAIT_S = 0.05
+NO_PEER_S = 10.0  # nothing taken for this long since the start: warn once (no collector there?)
 WAKE_ITEMS = 64
 WAKE_FRACTION = 0.25
 
@@ -54,6 +55,10 @@ def _frames(recs: list[Record]) -> list[tuple[bytes, int]]:
         if len(frame) <= MAX_FRAME_BYTES:
             return [(frame, len(recs))]
     return encode_many(recs, MAX_FRAME_BYTES)
+
+
+NO_PEER_WHY = ("is a collector (`tensortap collect`) listening there? with CURVE keys, does it take this "
+               "client's key?")
 
 
 class Sender:
@@ -88,6 +93,7 @@ class Sender:
         self._closed = False
         self._drop_report_s = drop_report_s
         self._warned: set[str] = set()
+        self._started = time.monotonic()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PUSH)
         # ~4k records in flight: what ZeroMQ still holds when close() gives up is lost
@@ -239,7 +245,10 @@ class Sender:
                 self._sock.send(frame, zmq.NOBLOCK)
                 return True
             except self._zmq_again:
-                pass
+                if not self.sent and time.monotonic() - self._started >= NO_PEER_S:
+                    self._warn_once("no peer", f"tensortap: nothing has taken a record at {self.endpoint} for "
+                                    f"{NO_PEER_S:g} s: {NO_PEER_WHY}; records wait up to "
+                                    f"{self.max_queue_bytes >> 20} MiB, then are dropped and counted")
             except zmq.ZMQError as e:
                 self._warn_once("zmq", f"tensortap: send failed ({e}); dropping records")
                 return False
@@ -274,7 +283,10 @@ class Sender:
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            try:
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            except Exception:  # a warnings filter set to "error" must not reach training either
+                pass
 
     # -- shutdown -------------------------------------------------------------------------
     def flush(self, timeout: float = 1.0) -> bool:
@@ -300,10 +312,13 @@ class Sender:
         self._thread.join(timeout=timeout + 0.1)
         while self._queue and time.monotonic() < deadline:
             self._send_records(self._records(self._take()), deadline)
-        left = len(self._queue)
+        left = sum(_count(it[5]) for it in self._queue)
         self._queue.clear()
         with self._lock:
             self.dropped += left
+        if not self.sent and self.dropped:
+            self._warn_once("none sent", f"tensortap: no record of run {self.run} was taken at {self.endpoint} "
+                            f"({self.dropped} dropped): {NO_PEER_WHY}")
         bye = self._records([self._event("bye")])
         self._send_records(bye, max(deadline, time.monotonic() + 0.2))
         linger_s = max(0.3, deadline + 0.5 - time.monotonic())

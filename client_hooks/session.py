@@ -87,6 +87,11 @@ def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Option
     current = os.environ.get("TENSORTAP_RUN")
     finished = (fresh and world == 1 and current is not None and current == _own_run and _holders == 0)
     run = run or (None if finished else current) or new_run_id()
+    from collector.wire import RUN_ID  # (only with the gate on: msgspec is imported with it)
+
+    if not isinstance(run, str) or not RUN_ID.match(run):
+        raise SetupError(f"run id {run!r} (run= or TENSORTAP_RUN) is not a valid one: 1 to 128 letters, "
+                         "digits, '_', '.' or '-', the first a letter or digit; nothing would be recorded")
     if current is None or finished:  # the user's (or a launcher's) run id is never replaced
         os.environ["TENSORTAP_RUN"] = _own_run = run
     if not endpoint:
@@ -277,16 +282,33 @@ def open_sender(run: Optional[str] = None, rank: int = 0, world: int = 1, fresh:
     return s
 
 
+class SetupError(ValueError):
+    """A setting of the environment (or a Tap's `run=`) that telemetry cannot start with;
+    its message says which and why, in one line."""
+
+
 def curve_options() -> dict:
-    """Sender keyword arguments for CURVE, from the environment (empty when not set)."""
+    """Sender keyword arguments for CURVE, from the environment (empty when not set). A
+    server key that is no public key (a missing file, a secret .key file, a mistyped key) is
+    a SetupError naming the variable."""
     server = os.environ.get("TENSORTAP_CURVE_SERVER_KEY")
     if not server:
         return {}
-    if os.path.exists(server):
+    var = "TENSORTAP_CURVE_SERVER_KEY"
+    if os.path.isfile(server):
         with open(server, "rb") as f:
-            server_key = f.read().strip()
+            lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        if len(lines) != 1:
+            raise SetupError(f"{var}={server!r} holds {len(lines)} lines: give the collector's public "
+                             "key, its one-line .pub file of `tensortap keys` (a .key file holds the secret)")
+        server_key = lines[0]
+    elif os.sep in server or server.endswith((".pub", ".key")):
+        raise SetupError(f"{var}={server!r}: no such file (the collector's .pub file of `tensortap keys`)")
     else:
         server_key = server.encode()
+    if len(server_key) != 40:
+        raise SetupError(f"{var}: {len(server_key)} characters where a public key (Z85) has 40: "
+                         "give the collector's .pub file of `tensortap keys`")
     opts = {"curve_server_key": server_key}
     client = os.environ.get("TENSORTAP_CURVE_CLIENT_KEY")
     if client:

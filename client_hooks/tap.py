@@ -58,7 +58,8 @@ every `every_n_steps`-th step; only then are hooks attached (from log_batch to t
 end) and activations, gradients and loader stats measured. `record()` outside a capture
 step does nothing unless `always=True`. Such a record made after `log_batch(batch,
 split="val")` (an evaluation loop) carries {"split": "val"} in its data until the next train
-batch, and the collector keeps it in a series of its own ("model_input · val").
+batch or epoch_start/epoch_end, and the collector keeps it in a series of its own
+("model_input · val"); one under no_grad with no evaluation told warns once.
 
 Arguments: activations: module paths whose outputs are measured (default: the model's direct
 children); inputs: also their inputs; gradients: None (first and last parameter-owning
@@ -100,9 +101,9 @@ turned into one RuntimeWarning per kind and never raised.
                 self.sender = self._eng.sender
                 session.hold(self.sender.run)
             except Exception as e:  # no collector: training goes on without telemetry
-                from client_hooks.engine import warn_once
+                from client_hooks.engine import session_failed
 
-                warn_once("session", e)
+                session_failed(e)
                 self.enabled = False
         elif self._eng is not None and self._closed:
             from client_hooks.engine import say_once
@@ -141,7 +142,11 @@ turned into one RuntimeWarning per kind and never raised.
     def log_batch(self, batch: Any, split: str = "train", step: Optional[int] = None,
                   epoch: Optional[int] = None, batch_idx: Optional[int] = None) -> None:
         """A train batch begins a step (a capture step attaches the hooks and logs the batch's
-        fields); other splits log their first `first_n` batches of each epoch."""
+        fields); other splits log their first `first_n` batches of each epoch and begin an
+        evaluation: record(always=True) then says that split until the next train batch or
+        epoch_start/epoch_end, at `step` when given (else the last training step). Any split
+        but "train" is an evaluation: evaluating on training data, name it otherwise
+        ("train_eval"), or each of its batches begins a training step."""
         e = self._engine
         if e is None:
             return
@@ -155,7 +160,7 @@ turned into one RuntimeWarning per kind and never raised.
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
-        e.evaluating(split)  # record(always=True) says this split until the next train batch
+        e.evaluating(split, step)  # record(always=True) says this split until the next train batch
         n = self._split_seen.get(split, 0)
         self._split_seen[split] = n + 1
         if n < e.opts.first_n:

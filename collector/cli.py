@@ -224,8 +224,9 @@ def check_run_folder(path: str) -> None:
 def cmd_replay(a) -> int:
     check_zmq_endpoint(a.to, "--to")
     check_run_folder(a.run_dir)
-    if a.speed <= 0 and not a.max:  # (--max: the speed is not used)
-        raise UsageError("--speed must be > 0")
+    if not a.max and not 1e-6 <= a.speed <= 1e6:  # (--max: the speed is not used)
+        raise UsageError(f"--speed must be between 1e-6 and 1e6 (2 = twice as fast), not {a.speed:g}; "
+                         "--max sends as fast as the collector takes them")
     from collector.replay import replay_main
 
     return replay_main(a) or 0

@@ -58,15 +58,20 @@ def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[st
     return out
 
 
-def series_name(kind: str, name: str, data: dict) -> str:
-    """The name of the series a record goes into: its own, but for an activation taken in an
-    evaluation ({"split": "val"} in its data: record(always=True) in an evaluation loop),
-    f"{name} · {split}", a series of its own (not drawn into the training one)."""
+def eval_split(kind: str, data: dict) -> Optional[str]:
+    """The evaluation an activation was taken in ({"split": "val"} in its data:
+    record(always=True) in an evaluation loop); None for a training value (or another kind)."""
     if kind == "activations":
         split = data.get("split")
         if split is not None and split != "train":
-            return f"{name} · {split}"
-    return name
+            return str(split)
+    return None
+
+
+def series_name(name: str, split: Optional[str]) -> str:
+    """The name of the series a record goes into: its own, or for an evaluation's activation
+    f"{name} · {split}", a series of its own (not drawn into the training one)."""
+    return name if split is None else f"{name} · {split}"
 
 
 class Series:
@@ -210,7 +215,9 @@ class RunIndex:
         self.multi = False  # a record said a world size above 1 (or two ranks came): labels name ranks
         self.manifest: dict[str, Any] = {}
         self.findings: list[dict] = []
-        self.dropped_series = 0
+        self.dropped_series = 0  # records kept out of the series (MAX_SERIES reached)
+        # (kind, series name) -> (record name, split) of an evaluation's series ("x · val")
+        self.splits: dict[tuple[str, str], tuple[str, str]] = {}
         self.loaded = 0  # records merged in from the run's files (not counted in `count`)
         # while the stored records are being read and merged (collector.load.load_stored):
         # {"bytes": to read, "read": read so far}; None otherwise
@@ -255,7 +262,10 @@ class RunIndex:
                     self.opened_ranks.add(rec.rank)
         name = rec.name
         if kind == "activations" and "split" in rec.data:  # (an evaluation's: `series_name`)
-            name = series_name(kind, name, rec.data)
+            split = eval_split(kind, rec.data)
+            if split is not None:
+                name = series_name(name, split)
+                self.splits.setdefault((kind, name), (rec.name, split))
         key = (kind, name, rec.rank)
         s = self.series.get(key)
         if s is None:
@@ -350,6 +360,8 @@ class RunIndex:
         lock = self.lock
         assert lock is not None, "merge_stored needs `hold` before the first live record"
         keys = list(stored.series)
+        for key, of in stored.splits.items():  # (before their series: a reader finds both)
+            self.splits.setdefault(key, of)
         for i in range(0, len(keys), chunk):
             with lock:
                 for key in keys[i:i + chunk]:
@@ -399,8 +411,9 @@ class RunIndex:
     def streams(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = collections.defaultdict(list)
         for (kind, name, rank), s in sorted(list(self.series.items()), key=lambda kv: kv[0][2]):
+            of, split = self.splits.get((kind, name), (name, None))
             out[kind].append({"name": name, "rank": rank, "label": self.label(name, rank),
-                              "points": s.points(), "stats": s.stats()})
+                              "points": s.points(), "stats": s.stats(), "of": of, "split": split})
         return dict(out)
 
     def find(self, kind: str, name: str, rank: Optional[int] = None) -> Optional[tuple[int, Series]]:
@@ -469,8 +482,9 @@ class RunIndex:
 
     def since(self, cursor: int, limit: int = 5_000) -> tuple[int, list[tuple]]:
         """Recent records after `cursor` (for live updates): (new cursor, [(i, kind, name,
-        rank, step, t, flat_stats, label), ...]). Older than the ring: starts at the ring's
-        oldest."""
+        rank, step, t, flat_stats, label, record name, split), ...]); name: its series' (an
+        evaluation's activation: "x · val", its split "val"; else the record's, split None).
+        Older than the ring: starts at the ring's oldest."""
         items: list[tuple] = []
         one = not (self.multi or len(self.ranks) > 1)  # (`label` inline: every name is its own label)
         for first, recs, steps in list(self.recent):
@@ -481,9 +495,10 @@ class RunIndex:
                 if steps[j] is None:
                     continue
                 r = recs[j]
-                name = r.name if r.kind != "activations" else series_name(r.kind, r.name, r.data)
+                split = eval_split(r.kind, r.data)
+                name = series_name(r.name, split)
                 items.append((first + j, r.kind, name, r.rank, steps[j], r.t, flatten(r.data),
-                              name if one or not r.rank else self.label(name, r.rank)))
+                              name if one or not r.rank else self.label(name, r.rank), r.name, split))
                 if len(items) >= limit:
                     return items[-1][0], items
         return (items[-1][0] if items else max(cursor, 0)), items
@@ -518,5 +533,5 @@ class Index:
         return [{"run": r.run, "live": r.live(now), "state": r.state(now), "records": r.count + r.loaded,
                  "ranks": sorted(r.ranks),
                  "first_t": r.first_t, "last_t": r.last_t, "findings": len(r.findings),
-                 "loading": r.loading is not None}
+                 "loading": r.loading is not None, "uncharted": r.dropped_series}
                 for r in sorted(list(self.runs.values()), key=lambda r: r.first_t)]

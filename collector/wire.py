@@ -44,6 +44,7 @@ PackedOrKind = Literal["loader_stats", "activations", "gradients", "metrics", "e
 # can write outside its run folder ("../../etc" is rejected, not rewritten). The pattern is
 # checked once per distinct run id (a regex per record would double the decode cost).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+RUN_ID = re.compile(RUN_ID_PATTERN)
 RunId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Rank = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -93,7 +94,6 @@ _decode_batch = msgspec.json.Decoder(list[Record]).decode
 _decode_raws = msgspec.json.Decoder(list[msgspec.Raw]).decode  # a valid batch's records, as sent
 _decode_one_any = msgspec.json.Decoder(_AnyRecord).decode
 _decode_batch_any = msgspec.json.Decoder(list[_AnyRecord]).decode
-_run_id_re = re.compile(RUN_ID_PATTERN)
 _good_runs: set[str] = set()  # run ids that passed the pattern (bounded below)
 
 
@@ -127,7 +127,7 @@ def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list
 def valid_run_id(run: str) -> bool:
     if run in _good_runs:
         return True
-    if not _run_id_re.match(run):
+    if not RUN_ID.match(run):
         return False
     if len(_good_runs) > 100_000:
         _good_runs.clear()

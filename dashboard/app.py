@@ -61,14 +61,18 @@ class RunSummary(BaseModel):
     first_t: float
     last_t: float
     findings: int
+    # records kept out of the series: the run has MAX_SERIES (4,096) series (still in its files)
+    uncharted: int = 0
 
 
 class StreamInfo(BaseModel):
-    name: str
+    name: str  # the series' name: the records' name, or "name · val" for an evaluation's activations
     rank: int = 0
     label: str  # the key of the series in /kind/{kind}: its name, "name · rank r" for ranks > 0
     points: int
     stats: list[str]
+    of: str  # the records' name
+    split: Optional[str] = None  # the evaluation an activation series was taken in ("val"), else null
 
 
 class SeriesOut(BaseModel):

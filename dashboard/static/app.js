@@ -55,15 +55,12 @@ function newActDiv(id) {
   return d;
 }
 
-// An activation series of an evaluation (collector.index.series_name): "name · split".
-const SPLIT = / · ([^·]+)$/;
-
 // Route one series (initial rows or one live record) into the charts that draw it.
 // prefix "" for the run in view, "cmp" for the overlay (drawn dashed).
 // name: the series' label (its name, "name · rank r" for the other ranks of a DDP run);
-// base, rank: its own name and rank (an activation's chart is one for every rank of it, and
-// for its evaluation's values: "name · val").
-function place(kind, name, stats, prefix, x, y, base = name, rank = 0) {
+// base, rank: its records' name and rank (an activation's chart is one for every rank of it);
+// split: the evaluation an activation series was taken in ("val": its traces in the same chart).
+function place(kind, name, stats, prefix, x, y, base = name, rank = 0, split = null) {
   const label = prefix ? prefix + " · " + name : name;
   const dash = prefix ? "dot" : "solid";
   const out = [];  // [chart, key, stat] where this series goes
@@ -80,11 +77,9 @@ function place(kind, name, stats, prefix, x, y, base = name, rank = 0) {
     }
   } else if (kind === "activations") {
     showKind(kind, true);
-    const ev = SPLIT.exec(base);  // "x · val": taken in an evaluation, drawn as "val · mean" traces in x's chart
-    if (ev) base = base.slice(0, ev.index);
     const c = chartFor("act:" + base, "activation: " + base, {legend: true});
-    // the other ranks' traces in rank 0's chart; an evaluation's beside the training ones
-    const r = (rank ? "rank " + rank + " · " : "") + (ev ? ev[1] + " · " : "");
+    // the other ranks' traces in rank 0's chart; an evaluation's ("val · mean") beside training's
+    const r = (rank ? "rank " + rank + " · " : "") + (split != null ? split + " · " : "");
     for (const stat of actStats(stats)) {
       const key = prefix + "|" + r + stat, own = r + stat;
       const visible = ACT_SHOWN.includes(stat.split(".").pop()) ? true : "legendonly";
@@ -124,7 +119,8 @@ async function loadSeries(run, prefix, gen, onAsked = () => {}) {
     cursor = Math.min(cursor, res.cursor);
     for (const s of streams[kind]) {
       const label = s.label ?? s.name, row = res.series[label];
-      if (row) place(kind, label, s.stats, prefix, () => row.step, (st) => row[st] || [], s.name, label === s.name ? 0 : s.rank);
+      if (row) place(kind, label, s.stats, prefix, () => row.step, (st) => row[st] || [], s.of ?? s.name,
+        label === s.name ? 0 : s.rank, s.split ?? null);
     }
   });
   return cursor === Infinity ? 0 : cursor;
@@ -148,12 +144,13 @@ function showKind(kind, has) {
 
 function onLive(msg) {
   S.cursor = msg.cursor;
-  for (const [, kind, name, rank, step, t, flat, label] of msg.items) {
+  for (const [, kind, name, rank, step, t, flat, label, of, split] of msg.items) {
     if (kind === "metrics" || kind === "gradients" || kind === "activations") {
       const stats = Object.keys(flat);
       const rec = {t, left: 0};  // drawn once each visible chart it went to has been redrawn
       const own = label ?? name;  // (a rank's own trace once the run has several ranks)
-      for (const [c, key, stat] of place(kind, own, stats, "", () => [], () => [], name, own === name ? 0 : rank)) {
+      for (const [c, key, stat] of place(kind, own, stats, "", () => [], () => [], of ?? name, own === name ? 0 : rank,
+                                         split ?? null)) {
         if (stat in flat) c.push(key, step, flat[stat]);
         if (c.visible && c.waiting.at(-1) !== rec) { c.waiting.push(rec); rec.left++; }
       }
@@ -333,7 +330,7 @@ async function refreshRuns() {
     openRun().catch(showError);
   } else if (now && now.state && !S.down) {
     setLive(now.state);
-    showMeta({records: now.records, ranks: now.ranks, loading: now.loading});
+    showMeta({records: now.records, ranks: now.ranks, loading: now.loading, uncharted: now.uncharted});
   }
   if (S.missing && S.runs.some(r => r.run === S.missing)) {  // the run asked for has come
     S.missing = null;
@@ -380,7 +377,8 @@ function showMeta(update = {}) {
   const m = S.meta = {...S.meta, ...update};
   const ranks = m.ranks.length === 1 ? `rank ${m.ranks[0]}` : `ranks ${m.ranks.join(", ")}`;
   $("run-meta").textContent = `${m.records} records · ${ranks}` +
-    (m.loading ? " · loading its stored records" : "") + (m.cmp ? ` · overlaid (dotted): ${m.cmp}` : "");
+    (m.loading ? " · loading its stored records" : "") + (m.cmp ? ` · overlaid (dotted): ${m.cmp}` : "") +
+    (m.uncharted ? ` · ${m.uncharted} records not charted (the run has 4,096 series; they are in its files)` : "");
 }
 
 function setLive(state) {

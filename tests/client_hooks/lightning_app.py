@@ -59,7 +59,18 @@ class Module(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         val = getattr(self, "compiled_val", None)
-        self.log("val_loss", val(batch["images"]) if val is not None else self.net(batch["images"]).pow(2).mean())
+        out = self.net(batch["images"]) if val is None else None
+        if getattr(self, "eval_records", False):
+            self.tap().record("val_x", out, always=True)
+        self.log("val_loss", val(batch["images"]) if val is not None else out.pow(2).mean())
+
+    def on_train_epoch_end(self):
+        """--eval-records: a training value recorded after the epoch's validation."""
+        if getattr(self, "eval_records", False):
+            self.tap().record("epoch_out", self.net[0].weight, always=True)
+
+    def tap(self):
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, TapCallback))
 
     def val_recorded(self, x):
         """--val-record: validation's loss, compiled with a record(always=True) in it."""
@@ -100,9 +111,12 @@ def main():
                     "every leaf watched; RESULT also has dynamo's graph and break counts")
     ap.add_argument("--val-record", action="store_true", help="with --compile: validation's loss "
                     "compiled too, with a record(always=True) of the net's output in it")
+    ap.add_argument("--eval-records", action="store_true", help="validation (2 sanity batches too) records "
+                    "val_x with always=True, and the module's on_train_epoch_end records epoch_out")
     a = ap.parse_args()
     torch.manual_seed(0)
     module = Module(a.model)
+    module.eval_records = a.eval_records
     if a.val_record:
         module.compiled_val = torch.compile(module.val_recorded, backend="aot_eager")
     if a.compile:
@@ -119,7 +133,7 @@ def main():
     options = dict(max_epochs=a.epochs, accelerator="gpu" if a.gpu else "cpu", devices=2 if a.ddp else 1,
                    strategy="ddp" if a.ddp else "auto", logger=False,
                    enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0,
+                   enable_model_summary=False, num_sanity_val_steps=2 if a.eval_records else 0,
                    accumulate_grad_batches=a.accumulate, **precision)
     trainer = L.Trainer(callbacks=[cb], **options)
     data = Fields(16, a.model)

@@ -77,10 +77,29 @@ def test_a_record_always_in_a_compiled_validation_step_is_sent_for_each_batch(pu
     assert res["breaks"] == 0 and res["graphs"] <= 6, res
     assert pull.wait_for(lambda r: any(x["name"] == "bye" for x in r))
     got = pull.find("activations", "val_out")
-    # (the step: the last training step begun, as an eager record(always=True) outside a step has)
-    assert sorted((r["step"], r["epoch"]) for r in got) == [(3, 0), (3, 0), (7, 1), (7, 1)]
+    # (the step: the global step, as the validation metrics have)
+    assert sorted((r["step"], r["epoch"]) for r in got) == [(4, 0), (4, 0), (8, 1), (8, 1)]
     assert all(r["data"]["count"] == 8 * 64 and r["data"]["nan"] == 0 for r in got)
     assert [r["data"].get("split") for r in got] == ["val"] * 4  # (each validation batch's start says so)
+
+
+def test_validation_records_say_val_at_the_global_step_and_end_with_the_validation(pull):
+    """record(always=True) in validation_step: "val" records at the global step (where the
+    validation metrics are drawn), the sanity check's at step 0 (they had no step, and the
+    collector drew them at made-up ones); a record after the validation (the module's
+    on_train_epoch_end) is a training value again (it was labelled "val")."""
+    res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
+                   "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--eval-records")
+    assert res["hooks"] == 0
+    assert pull.wait_for(lambda r: len(pull.find("activations", "epoch_out")) == 2)
+    assert pull.wait_for(lambda r: len(pull.find("activations", "val_x")) == 6)
+    val = sorted(pull.find("activations", "val_x"), key=lambda r: r["seq"])
+    assert [(r["step"], r["epoch"], r["data"].get("split")) for r in val] == \
+        [(0, 0, "val")] * 2 + [(4, 0, "val")] * 2 + [(8, 1, "val")] * 2
+    val_loss = sorted((r["step"], r["epoch"]) for r in pull.find("metrics", "val_loss"))
+    assert val_loss == [(4, 0), (8, 1)]  # the same steps as the validation's records
+    after = sorted(pull.find("activations", "epoch_out"), key=lambda r: r["seq"])
+    assert [(r["epoch"], r["data"].get("split")) for r in after] == [(0, None), (1, None)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")

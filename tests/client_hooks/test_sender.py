@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import zmq
@@ -32,6 +33,49 @@ def test_send_never_blocks_and_drops_the_newest_when_the_queue_is_full():
     t0 = time.monotonic()
     s.close(timeout=0.5)
     assert time.monotonic() - t0 < 1.5
+
+
+def test_a_sender_that_no_collector_takes_from_says_so_while_running_and_at_close(monkeypatch):
+    """Nobody at the endpoint (no collector, or one refusing this client's CURVE key): a
+    warning once nothing has been taken for NO_PEER_S, and at close the count of records that
+    never left (a training finished with nothing said, every record lost)."""
+    from client_hooks import sender as sender_mod
+
+    monkeypatch.setattr(sender_mod, "NO_PEER_S", 0.3)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = Sender(endpoint, "nobody")
+        for i in range(10):
+            s.send("metrics", "loss", {"value": float(i)}, step=i)
+        assert wait_for(lambda: any("nothing has taken a record" in str(w.message) for w in seen), timeout=5)
+        s.close(timeout=0.2)
+    msgs = [str(w.message) for w in seen]
+    (running,) = [m for m in msgs if "nothing has taken a record" in m]
+    (closing,) = [m for m in msgs if "no record of run nobody" in m]
+    assert endpoint in running and "tensortap collect" in running
+    assert f"at {endpoint} (11 dropped)" in closing  # the hello and the 10 losses
+    assert s.sent == 0 and s.dropped == 12  # (and the bye, which could not go either)
+
+
+def test_a_sender_whose_records_are_taken_says_nothing_of_it(monkeypatch, tmp_path):
+    from client_hooks import sender as sender_mod
+
+    monkeypatch.setattr(sender_mod, "NO_PEER_S", 0.3)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            s = Sender(f"tcp://127.0.0.1:{port}", "taken")
+            s.send("metrics", "loss", {"value": 1.0}, step=0)
+            time.sleep(0.6)
+            s.close(timeout=0.5)
+        assert s.sent == 3 and not [w for w in seen if "tensortap" in str(w.message)]
+    finally:
+        pull.close(linger=0)
+        ctx.term()
 
 
 def test_send_many_queues_a_step_at_once_and_drops_and_counts_what_does_not_fit():

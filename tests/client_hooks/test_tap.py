@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import numpy as np
@@ -527,6 +528,72 @@ def test_a_record_always_in_an_evaluation_loop_says_its_split_until_the_next_tra
          (3, None, 8), (4, None, 8), (5, None, 8), (5, "val", 12), (5, "val", 12)]
 
 
+def test_an_evaluation_ends_with_its_epoch_and_one_not_told_warns_once(pull, monkeypatch):
+    """After epoch_end, record(always=True) is a training value again; an evaluation before
+    any training step is at step 0 (at its step when log_batch says one). A record under
+    no_grad outside a capture step with no evaluation told warns once (it is kept as a
+    training value: the user may have forgotten log_batch(split="val"))."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    model = nn.Linear(4, 4)
+    with Tap(first_n=1) as tap:
+        tap.watch(model)
+        tap.epoch_start(0)
+        with torch.no_grad():
+            tap.log_batch(None, split="val")
+            tap.record("probe", model(torch.ones(1, 4)), always=True)  # before training: step 0
+        tap.log_batch(None, epoch=0)
+        model(torch.randn(2, 4)).sum().backward()
+        with torch.no_grad():
+            tap.log_batch(None, split="test", step=10)
+            tap.record("probe", model(torch.ones(1, 4)), always=True)
+        tap.epoch_end(0)
+        tap.record("probe", model(torch.ones(2, 4)), always=True)  # after the epoch: training's
+        assert not [w for w in engine._warned if w == "eval as train"]
+        with pytest.warns(RuntimeWarning, match=r"split=\"val\""):
+            with torch.no_grad():
+                tap.record("probe", model(torch.ones(3, 4)), always=True)  # an evaluation not told
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                tap.record("probe", model(torch.ones(3, 4)), always=True)  # (once)
+    assert pull.wait_for(lambda r: len(pull.find("activations", "probe")) == 5)
+    got = sorted(pull.find("activations", "probe"), key=lambda r: r["seq"])
+    assert [(r["step"], r["epoch"], r["data"].get("split"), r["data"]["count"]) for r in got] == \
+        [(0, 0, "val", 4), (10, 0, "test", 4), (0, 0, None, 8), (0, 0, None, 12), (0, 0, None, 12)]
+
+
+@pytest.mark.parametrize("setting, says", [
+    ({"TENSORTAP_RUN": "../x"}, "run id '../x' (run= or TENSORTAP_RUN) is not a valid one"),
+    ({"TENSORTAP_CURVE_SERVER_KEY": "/nonexistent/srv.pub"}, "TENSORTAP_CURVE_SERVER_KEY='/nonexistent/srv.pub': "
+                                                            "no such file"),
+    ({"TENSORTAP_CURVE_SERVER_KEY": "short"}, "TENSORTAP_CURVE_SERVER_KEY: 5 characters where a public key"),
+])
+def test_a_wrong_setting_is_told_in_one_line_and_training_goes_on_without_telemetry(pull, monkeypatch,
+                                                                                      setting, says):
+    """A run id the collector would refuse (every frame rejected, the training told nothing)
+    or a CURVE server key that is none (a ZMQError "Invalid argument"): one warning that
+    names the setting; the training runs on, nothing is sent."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    for k, v in setting.items():
+        monkeypatch.setenv(k, v)
+    model = nn.Linear(4, 4)
+    with pytest.warns(RuntimeWarning) as seen:
+        with Tap() as tap:
+            tap.watch(model)
+            for _ in range(2):
+                tap.log_batch(None)
+                model(torch.randn(2, 4)).sum().backward()
+                tap.log_loss(torch.tensor(1.0))
+    (msg,) = [str(w.message) for w in seen]
+    assert msg.startswith("tensortap: ") and says in msg and msg.endswith("training goes on without telemetry")
+    time.sleep(0.3)
+    assert pull.records == [] and not tap.enabled
+
+
 def test_telemetry_errors_warn_once_and_never_reach_the_training_loop(pull, monkeypatch):
     from client_hooks import engine, stats
 
@@ -1045,6 +1112,34 @@ def test_a_compiled_model_called_many_times_a_step_compiles_once_and_keeps_the_e
     # the training forwards' do not
     assert [r["data"].get("split") for r in evals_got] == ["val"] * 10
     assert all("split" not in r["data"] for r in pull.find("activations", "mid_always") if r not in evals_got)
+
+
+@pytest.mark.filterwarnings(COMPILE_RESUME)
+def test_a_compiled_evaluations_last_batch_keeps_its_split_and_epoch(pull):
+    """record(always=True) in a compiled forward is taken at the next tensortap call: the last
+    evaluation batch of an epoch at epoch_end (or the next epoch_start), in its own split and
+    epoch (it was taken at the next log_batch, after epoch_start had moved the epoch on)."""
+    graphs, ref, model, compiled, opt = compiled_recording()
+    with Tap(first_n=1) as tap:
+        ref.append(tap)
+        tap.watch(model, optimizer=opt)
+        for epoch in range(2):
+            tap.epoch_start(epoch)
+            tap.log_batch({"x": torch.randn(5, 8)}, epoch=epoch)
+            compiled(torch.randn(5, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for i in range(2):
+                    tap.log_batch(None, split="val", batch_idx=i)
+                    compiled(torch.randn(3, 8))
+            if epoch == 0:
+                tap.epoch_end(epoch)  # (the second epoch has none: its last batch is taken at close)
+    assert pull.wait_for(lambda r: len([x for x in pull.find("activations", "mid_always")
+                                        if x["data"]["count"] == 3 * 16]) == 4)
+    evals = sorted((r for r in pull.find("activations", "mid_always") if r["data"]["count"] == 3 * 16),
+                   key=lambda r: r["seq"])
+    assert [(r["epoch"], r["step"], r["data"].get("split")) for r in evals] == [(0, 0, "val")] * 2 + [(1, 1, "val")] * 2
 
 
 @pytest.mark.filterwarnings(COMPILE_RESUME)

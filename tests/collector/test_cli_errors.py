@@ -115,6 +115,15 @@ def test_replay_reaches_a_curve_collector_with_the_training_side_keys(tmp_path):
     try:
         r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", timeout=60)
         _one_line(r, "replay", "set TENSORTAP_CURVE_SERVER_KEY and TENSORTAP_CURVE_CLIENT_KEY")  # no keys
+        for server_key, says in ((tmp_path / "nope.pub", "nope.pub': no such file"),
+                                 (tmp_path / "srv.key", "srv.key' holds 2 lines: give the collector's public key"),
+                                 ("abc", "3 characters where a public key (Z85) has 40")):
+            env = {"TENSORTAP_CURVE_SERVER_KEY": str(server_key), "TENSORTAP_CURVE_CLIENT_KEY": str(tmp_path / "cli.key")}
+            r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", env=env, timeout=60)
+            _one_line(r, "replay", says)  # (a ZMQError traceback before)
+        for speed in ("1e-300", "inf", "nan"):
+            _one_line(_cli("replay", str(run), "--to", col.endpoint, "--speed", speed), "replay",
+                      "--speed must be between 1e-6 and 1e6")  # (1e-300: an OverflowError traceback)
         env = {"TENSORTAP_CURVE_SERVER_KEY": str(tmp_path / "srv.pub"),
                "TENSORTAP_CURVE_CLIENT_KEY": str(tmp_path / "cli.key")}
         r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", env=env, timeout=60)

@@ -351,18 +351,41 @@ def test_an_evaluations_activations_are_a_series_of_their_own_served_by_name():
     index.add(rec("ev", "loader_stats", "x", stats(1.0, split="val", batch=0), step=2, seq=5))
     index.add(rec("ev", "activations", "model_input", stats(0.0, split="train"), step=3, seq=6))
     ri = index.get("ev")
+    index.add(rec("ev", "activations", "loss · scaled", stats(1.0), step=3, seq=7))  # a name with " · "
     acts = ri.streams()["activations"]
-    assert [(s["name"], s["points"]) for s in acts] == [("model_input", 4), ("model_input · val", 2)]
-    assert [s["name"] for s in ri.streams()["loader_stats"]] == ["x"]
-    assert [(it[2], it[7]) for it in ri.since(0)[1] if it[1] == "activations"] == \
-        [("model_input", "model_input")] * 3 + [("model_input · val", "model_input · val")] * 2 + \
-        [("model_input", "model_input")]
+    assert [(s["name"], s["points"], s["of"], s["split"]) for s in acts] == [
+        ("model_input", 4, "model_input", None), ("model_input · val", 2, "model_input", "val"),
+        ("loss · scaled", 1, "loss · scaled", None)]
+    assert [(s["name"], s["split"]) for s in ri.streams()["loader_stats"]] == [("x", None)]
+    train = ("model_input", "model_input", "model_input", None)
+    val = ("model_input · val", "model_input · val", "model_input", "val")
+    assert [it[2:3] + it[7:] for it in ri.since(0)[1] if it[1] == "activations"] == \
+        [train] * 3 + [val] * 2 + [train, ("loss · scaled",) * 3 + (None,)]
     with client_for(create_app(index)) as c:
         got = c.get("/api/runs/ev/series", params={"kind": "activations", "name": "model_input · val",
                                                    "stat": "mean"}).json()
         assert got["step"] == [2.0, 2.0] and got["value"] == [5.0, 5.0]
         kind = c.get("/api/runs/ev/kind/activations", params={"stat": "mean"}).json()["series"]
         assert kind["model_input"]["mean"] == [0.0] * 4 and kind["model_input · val"]["mean"] == [5.0, 5.0]
+        listed = c.get("/api/runs/ev/streams").json()["activations"]
+        assert [(s["of"], s["split"]) for s in listed] == [("model_input", None), ("model_input", "val"),
+                                                         ("loss · scaled", None)]
+
+
+def test_records_past_the_series_limit_are_counted_in_the_runs_summary(monkeypatch):
+    """A run with MAX_SERIES series keeps the records of further ones out of the index (they
+    are in its files): the summary says how many ("uncharted"), the page's head shows it."""
+    from collector import index as index_mod
+
+    monkeypatch.setattr(index_mod, "MAX_SERIES", 3)
+    index = Index()
+    for i in range(5):
+        index.add(rec("many", "activations", f"a{i}", stats(0.0), step=0, seq=i))
+    index.add(rec("many", "activations", "a4", stats(0.0), step=1, seq=5))
+    (summary,) = index.summaries()
+    assert summary["uncharted"] == 3 and len(index.get("many").series) == 3
+    with client_for(create_app(index)) as c:
+        assert c.get("/api/runs/many").json()["uncharted"] == 3
 
 
 def test_a_run_that_went_quiet_without_a_bye_is_unclosed_not_finished(index):

@@ -340,7 +340,8 @@ def test_each_rank_of_a_ddp_run_is_its_own_trace_live_too(page, tmp_path):
 def test_an_evaluations_activations_are_traces_of_their_own_in_the_chart_live_too(page, tmp_path):
     """record(always=True) in an evaluation loop sends records whose data say {"split": "val"}
     at the last training step: they are drawn as "val · mean" traces in the activation's chart,
-    loaded and live (they were points of the training trace: 4 values at one step)."""
+    loaded and live (they were points of the training trace: 4 values at one step). A
+    training value whose own name has " · " in it keeps a chart of its own."""
     from client_hooks.sender import Sender
 
     with collector_process(str(tmp_path)) as info:
@@ -350,12 +351,13 @@ def test_an_evaluations_activations_are_traces_of_their_own_in_the_chart_live_to
                 sender.send("activations", "model_input", {"mean": 0.0, "std": 1.0}, step=step)
             for _ in range(4):  # an evaluation after step 9: four batches
                 sender.send("activations", "model_input", {"mean": 5.0, "std": 2.0, "split": "val"}, step=9)
+            sender.send("activations", "model_input · scaled", {"mean": 1.0, "std": 1.0}, step=9)
             sender.flush()
             page.goto(f"{info['http']}#run=evals")
             page.wait_for_selector("#activations .chart")
             page.locator("#activations .chart").first.scroll_into_view_if_needed()  # (drawn once in view)
-            page.wait_for_function("() => [...document.querySelectorAll('#activations .chart')].some(d => "
-                                   "d.data && d.data.length === 4)", timeout=10_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#activations .chart')].filter(d => "
+                                   "d.data && d.data.length).length === 2", timeout=10_000)
             page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
             time.sleep(0.3)
             sender.send("activations", "model_input", {"mean": 0.5, "std": 1.0}, step=10)
@@ -369,7 +371,8 @@ def test_an_evaluations_activations_are_traces_of_their_own_in_the_chart_live_to
                                  "[t.name, Array.from(t.x), Array.from(t.y).at(-1)])])")
             assert acts == [["activation: model_input", [["mean", list(range(11)), 0.5], ["std", list(range(11)), 1.0],
                                                          ["val · mean", [9] * 4 + [10], 6.0],
-                                                         ["val · std", [9] * 4 + [10], 2.0]]]]
+                                                         ["val · std", [9] * 4 + [10], 2.0]]],
+                            ["activation: model_input · scaled", [["mean", [9], 1.0], ["std", [9], 1.0]]]]
             leave(page)
         finally:
             sender.close()
