@@ -7,6 +7,7 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -56,7 +57,9 @@ def check_token(token):
     return token
 
 
-def check_out(out: str) -> str:
+def check_out(out: str) -> bool:
+    """--out made if missing and written to once; whether this call made it."""
+    made = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".tensortap-write-test")
@@ -65,7 +68,7 @@ def check_out(out: str) -> str:
         os.unlink(probe)
     except OSError as e:
         raise UsageError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
-    return out
+    return made
 
 
 # the demo's faults (examples.grid_lines.models.INJECTS; the collector does not import torch)
@@ -150,7 +153,7 @@ def cmd_collect(a) -> int:
         raise UsageError("--max-frame must be at least 1024 bytes")
     if a.queue_bytes < 1:
         raise UsageError("--queue-bytes must be at least 1")
-    check_out(a.out)
+    made = check_out(a.out)
     cfg = Config(zmq=a.zmq, http=http, out=a.out, token=a.token, curve_secret=a.curve_secret,
                  allow_keys=a.allow_keys, max_frame=a.max_frame, queue_bytes=a.queue_bytes,
                  ready_file=a.ready_file, quiet=a.quiet, embedded=a.embedded)
@@ -159,6 +162,9 @@ def cmd_collect(a) -> int:
         col.start()
     except Exception as e:  # e.g. address in use
         col.shutdown()
+        if made:  # (nothing was written: no empty --out left behind)
+            with contextlib.suppress(OSError):
+                os.rmdir(a.out)
         raise UsageError(f"collector failed to start: {e}") from None
     col.serve_forever()
     return 0

@@ -454,18 +454,18 @@ class RunIndex:
         return None if found is None else found[1].stats()
 
     def kind_series(self, kind: str, stats: Iterable[str], points: int = 2_000) -> dict[str, dict]:
-        """Every series of one kind, each stat decimated to at most ~`points` (every k-th point
-        plus the last) for drawing: {label: {"step": [...], "t": [...], stat: [...]}}.
-        NaN stays float('nan') (the dashboard's JSON encoder writes null)."""
+        """Every series of one kind, each stat decimated to at most `points` (evenly spread,
+        the first and the newest among them) for drawing: {label: {"step": [...], "t": [...],
+        stat: [...]}}. NaN stays float('nan') (the dashboard's JSON encoder writes null)."""
         out = {}
         for (k, name, rank), s in sorted(list(self.series.items()), key=lambda kv: kv[0][2]):
             if k != kind:
                 continue
             rows, w, col, n = s.snapshot()
-            stride = max(1, -(-n // max(1, points)))
-            keep = list(range(0, n, stride))
-            if n and keep[-1] != n - 1:
-                keep.append(n - 1)  # the newest point too
+            if n <= points:
+                keep = range(n)
+            else:  # `points` evenly spread, the first and the newest among them
+                keep = [i * (n - 1) // (points - 1) for i in range(points)] if points > 1 else [n - 1]
             row = {"step": [rows[i * w] for i in keep], "t": [rows[i * w + 1] for i in keep]}
             for stat in stats:
                 j = col.get(stat)

@@ -145,9 +145,9 @@ class Collector:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             lsock.bind((addr, int(port)))
-        except OSError:
+        except OSError as e:
             lsock.close()
-            raise
+            raise OSError(e.errno, f"--http {self.cfg.http}: {e.strerror or e}") from None
         bound_port = lsock.getsockname()[1]
         self.http_url = f"http://{f'[{addr}]' if ':' in addr else addr}:{bound_port}/"
         # an open page holds a server-sent-events stream: give it 1 s, not forever, at shutdown

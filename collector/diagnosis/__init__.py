@@ -9,7 +9,9 @@
 Rules and thresholds: docs/DIAGNOSIS.md. Judged from statistics alone. In a run of several
 ranks (DDP) the tensor rules judge the lowest rank's records (rank 0); NaN/Inf are looked for
 in every rank's, and the loss is averaged over the ranks per step. Activations taken in an
-evaluation ({"split": "val"}) are left out of the activation rules.
+evaluation ({"split": "val"}) are left out of the activation rules. Once a gradient or the loss
+is non-finite, the gradient rules judge only the captures before that step (evidence
+`before_step`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 from collector.diagnosis import gradients, values
 from collector.diagnosis.causes import is_consequence, mark_consequences
-from collector.diagnosis.common import finite_json, one_rank, training
+from collector.diagnosis.common import before_divergence, finite_json, one_rank, training
 from collector.diagnosis.load import load_run
 
 __all__ = ["diagnose", "load_run", "write_findings"]
@@ -31,11 +33,14 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
     """All findings for one run's records, most severe first; evidence numbers finite or None."""
     r = records_by_kind
     grads, acts = one_rank(r.get("gradients", [])), one_rank(training(r.get("activations", [])))
+    finite, cut = before_divergence(grads, r.get("metrics", []))
     act = values.activations(acts)
     dead = tuple(t for f in act if f["rule"] == "dead_activation" for t in f["evidence"]["tensors"])
-    found = (values.nonfinite(r) + gradients.gradient_flow(grads) + gradients.dead_parameters(grads, dead)
-             + gradients.no_gradient_at_all(grads, acts, r.get("metrics", []))
-             + gradients.update_ratios(grads) + act + values.weak_layers(acts)
+    judged = gradients.gradient_flow(finite) + gradients.dead_parameters(finite, dead) + gradients.update_ratios(finite)
+    if cut is not None:  # (judged on the captures before the gradients or the loss went non-finite)
+        judged = [{**f, "evidence": {**f["evidence"], "before_step": cut}} for f in judged]
+    found = (values.nonfinite(r) + judged + gradients.no_gradient_at_all(grads, acts, r.get("metrics", []))
+             + act + values.weak_layers(acts)
              + values.input_range(acts) + values.constant_target(one_rank(r.get("loader_stats", [])))
              + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", []))
              + values.loss_spikes(r.get("metrics", [])))

@@ -82,6 +82,22 @@ def training(records: list[dict]) -> list[dict]:
     return [r for r in records if (r.get("data") or {}).get("split", "train") == "train"]
 
 
+def before_divergence(grads: list[dict], metrics: list[dict]) -> tuple[list[dict], Optional[int]]:
+    """(the gradient records of the steps before the first whose gradients or loss are not
+    finite, that step); (all of them, None) when every one is finite. After a divergence the
+    norms and weights are its wreck, not its cause: a layer's last finite norm beside
+    another's 1e37 read as gradients vanishing 1e33x. Records without a step are kept."""
+    bad = [r.get("step") for r in grads
+           if (num(r["data"].get("nan")) or 0) > 0 or (num(r["data"].get("inf")) or 0) > 0]
+    bad += [r.get("step") for r in metrics
+            if r.get("name") == "loss" and "value" in r["data"] and num(r["data"]["value"]) is None]
+    bad = [st for st in bad if isinstance(st, int)]
+    if not bad:
+        return grads, None
+    cut = min(bad)
+    return [r for r in grads if not isinstance(r.get("step"), int) or r["step"] < cut], cut
+
+
 def one_rank(records: list[dict]) -> list[dict]:
     """The records of the lowest rank present (rank 0 in DDP): the ranks' series are not mixed
     into one (their steps interleave, and "the latest capture" would be any rank's)."""

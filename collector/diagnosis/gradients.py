@@ -155,7 +155,7 @@ def update_ratios(records: list[dict]) -> list[dict]:
         measured += 1
         wn = median(w for w in (num(r["data"].get("weight_norm")) for r in series) if w is not None)
         ev = {"update_ratio_median": sig(m), "update_ratio_max": sig(max(ur)), "weight_norm": sig(wn),
-              "captures": len(ur), "steps": _steps(series)}
+              "captures": len(series), "measured": len(ur), "steps": _steps(series)}
         if m < UPDATE_SMALL:
             small[name] = ev
         elif max(ur) > UPDATE_LARGE_MEDIUM:

@@ -62,14 +62,20 @@ def test_keys_keeps_an_existing_pair_unless_forced(tmp_path):
     assert (tmp_path / "srv.key").read_bytes() != before
 
 
-def test_serve_on_a_busy_port_is_one_line(tmp_path):
+def test_serve_or_collect_on_a_busy_port_is_one_line_naming_the_option(tmp_path):
+    """The line names --http and its address (it said only "[Errno 98] Address already in
+    use"); collect leaves no empty --out behind when it cannot start."""
     _run_folder(tmp_path)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         _one_line(_cli("serve", str(tmp_path / "stored"), "--http", f"127.0.0.1:{port}"), "serve",
-                  "Address already in use")
+                  f"web view failed to start: [Errno 98] --http 127.0.0.1:{port}: Address already in use")
+        out = tmp_path / "new-out"
+        _one_line(_cli("collect", "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--http", f"127.0.0.1:{port}"),
+                  "collect", f"--http 127.0.0.1:{port}: Address already in use")
+        assert not out.exists()
 
 
 def _serve(root, http: str, tmp_path) -> tuple[subprocess.Popen, dict]:

@@ -527,6 +527,30 @@ def test_an_evaluations_activations_are_not_judged_as_trainings():
     assert "dead_activation" in rules(diagnose({"activations": train + evals + trained}))
 
 
+def test_after_a_divergence_the_gradient_rules_judge_only_the_captures_before_it():
+    """A run that diverges at step 4 (NaN from there, one layer's norm at 3.7e37 as it goes):
+    nonfinite says so; the gradient rules judge steps 0-3 only (before, the first layer's last
+    finite norm beside the last layer's 3.7e37 was "gradients shrink 1e33x", high, beside
+    exploding_gradients: a report contradicting itself)."""
+    r = healthy()
+    r["gradients"] = grad_stream(steps=(0, 2))
+    nan = {"count": 100, "mean": None, "std": None, "norm": None, "max_abs": None, "nan": 100, "inf": 0,
+           "zero_frac": 0.0, "weight_norm": None, "update_ratio": None}
+    for st in (4, 6):
+        r["gradients"] += [rec("gradients", "lift.0", nan, st), rec("gradients", "blocks.0.spectral", nan, st),
+                           rec("gradients", "blocks.1.spectral", grad(norm=3.7e37, ratio=40.0, wn=2.6e18), st),
+                           rec("gradients", "project.2", grad(norm=3.7e37, ratio=40.0, wn=2.6e18), st)]
+    r["metrics"] = loss_stream([1.0, 0.9, 2.0, 50.0] + [None] * 4)
+    found = diagnose(r)
+    assert "nonfinite" in rules(found)
+    assert not {"vanishing_gradients", "exploding_gradients", "update_ratio_large"} & set(rules(found)), found
+    # the captures before are still judged: a layer frozen from the start is found, said so
+    r["gradients"] = [g if g["name"] != "lift.0" or g["step"] >= 4 else
+                      {**g, "data": {**g["data"], "update_ratio": 0.0}} for g in r["gradients"]]
+    f = one(diagnose(r), "frozen_parameters")
+    assert f["evidence"]["before_step"] == 4 and list(f["evidence"]["layers"]) == ["lift.0"]
+
+
 # -- findings checked against real runs (MLP/FNO trainings with one known fault each) --------
 
 def test_a_loss_on_a_detached_output_sends_no_gradient_record_and_is_no_gradient():

@@ -86,7 +86,12 @@ def test_kind_series_returns_every_layer_decimated(client, index):
     body = r.json()
     assert set(body["series"]) == {"enc.0", "dec.3"} and body["cursor"] == index.get("long").count
     row = body["series"]["enc.0"]
-    assert 100 <= len(row["step"]) <= 101 and row["step"][0] == 0 and row["step"][-1] == 499
+    assert len(row["step"]) == 100 and row["step"][0] == 0 and row["step"][-1] == 499  # (101 before)
+    gaps = [b - a for a, b in zip(row["step"], row["step"][1:])]
+    assert min(gaps) >= 5 and max(gaps) <= 6  # evenly spread
+    for points in (2, 3, 10):
+        r = client.get("/api/runs/long/kind/gradients", params={"stat": "norm", "points": points}).json()
+        assert len(r["series"]["enc.0"]["step"]) == points and r["series"]["enc.0"]["step"][-1] == 499
     assert len(row["norm"]) == len(row["step"]) and row["norm"][-1] == pytest.approx(0.1 / 500)
     assert "std" not in row
 
