@@ -60,6 +60,8 @@ def check_token(token):
 def check_out(out: str) -> bool:
     """--out made if missing and written to once; whether this call made it."""
     made = not os.path.exists(out)
+    if os.path.isfile(out):
+        raise UsageError(f"--out {out!r} is a file; the artifact root is a folder")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".tensortap-write-test")
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", default=None, help="run id of the copy (default: a new one)")
     rep = sub.add_parser("report", help="print the diagnosis of a stored run")
     rep.add_argument("run_dir", help="a stored run's folder; or a folder of runs: a line each")
-    rep.add_argument("--json", action="store_true", help="print the findings as JSON")
+    rep.add_argument("--json", action="store_true", help="print the findings as JSON (for a folder of runs: each run's summary line as JSON)")
     d = sub.add_parser("demo", help="run the grid-lines FNO demo with telemetry on")
     d.add_argument("--architectures", default="fno", help="comma-separated, of fno and hybrid (U-FNO); "
                    "default %(default)s")
@@ -175,7 +177,8 @@ def cmd_serve(a) -> int:
     from collector.server import Collector, Config
 
     if not os.path.isdir(a.root):
-        raise UsageError(f"no such directory: {a.root!r}")
+        raise UsageError(f"{a.root!r} is a file, not a folder of runs" if os.path.isfile(a.root)
+                         else f"no such directory: {a.root!r}")
     http = check_http(a.http)
     check_token(a.token)
     if not is_loopback(http.rsplit(":", 1)[0]) and not a.token:
@@ -215,6 +218,9 @@ def check_run_folder(path: str) -> None:
     folder is: missing, an artifact root (its runs named), or no run at all."""
     from collector.load import is_run_dir
 
+    if os.path.isfile(path):
+        raise UsageError(f"{path!r} is a file: give its run folder (the one holding manifest.json and the "
+                         "*.jsonl streams)")
     if not os.path.isdir(path):
         raise UsageError(f"no such run folder: {path!r}")
     if is_run_dir(path):
@@ -224,6 +230,10 @@ def check_run_folder(path: str) -> None:
         newest = ", ".join(name for _, name in runs[:3])
         raise UsageError(f"{path!r} is a folder of {plural(len(runs), 'run')}, not a run: pass one of them "
                          f"(newest first: {newest})")
+    roots = _run_roots(path)
+    if roots:  # the folder above an artifact root
+        raise UsageError(f"{path!r} holds no run; runs are one level down, in "
+                         + ", ".join(f"{p!r} ({n})" for p, n in roots[:3]))
     raise UsageError(f"{path!r} holds no tensortap run (no manifest.json or *.jsonl stream files)")
 
 
@@ -262,6 +272,9 @@ def cmd_demo(a) -> int:
 def cmd_keys(a) -> int:
     from collector.security import write_keypair
 
+    if a.prefix.endswith(("/", os.sep)) or os.path.isdir(a.prefix):
+        raise UsageError(f"{a.prefix!r} is a folder: give a file name prefix in it, e.g. "
+                         f"{os.path.join(a.prefix, 'collector')!r} (writes .key and .pub)")
     try:
         pub = write_keypair(a.prefix, overwrite=a.force)
     except OSError as e:

@@ -38,6 +38,15 @@ def test_cli_mistakes_give_one_line(tmp_path):
     _one_line(_cli("replay", str(run), "--to", "nonsense"), "replay", "bad --to endpoint 'nonsense'")
     _one_line(_cli("keys", str(tmp_path / "missing" / "dir" / "k")), "keys", "No such file or directory")
     assert _cli("keys", str(tmp_path / "k")).returncode == 0
+    # a file where a folder goes, a folder where a file prefix goes, the folder above a root
+    afile = run / "metrics.jsonl"
+    _one_line(_cli("report", str(afile)), "report", "metrics.jsonl' is a file: give its run folder")
+    _one_line(_cli("replay", str(afile), "--to", "tcp://127.0.0.1:1"), "replay", "is a file: give its run folder")
+    _one_line(_cli("serve", str(afile)), "serve", "metrics.jsonl' is a file, not a folder of runs")
+    _one_line(_cli("collect", "--out", str(afile)), "collect", "metrics.jsonl' is a file; the artifact root is a folder")
+    _one_line(_cli("report", str(tmp_path)), "report", "holds no run; runs are one level down, in")
+    _one_line(_cli("keys", str(tmp_path) + "/"), "keys", "is a folder: give a file name prefix in it")
+    assert not (tmp_path / ".key").exists()
     _one_line(_cli("collect", "--curve-secret", str(tmp_path / "k.key"), "--http", "off", "--out", str(tmp_path)),
               "collect", "--curve-secret and --allow-keys go together")
     bad = {"TENSORTAP_COLLECT_MAX_FRAME": "1MiB", "TENSORTAP_COLLECT_QUEUE_BYTES": "lots"}
