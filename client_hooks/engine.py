@@ -414,10 +414,9 @@ class Engine:
         of that split (its records say {"split": split}; the collector keeps them in series
         of their own), at `step` and `epoch` when given (Lightning: its global step and
         epoch, which its validation metrics carry), else at the last training step (0
-        before any) and the current epoch. A capture
-        step still open (no optimizer step told its end) ends here: the evaluation comes
-        after the training step. What a compiled forward handed over before is taken first,
-        in the split it came in."""
+        before any) and the current epoch. A capture step still open (no optimizer step told
+        its end) ends here: the evaluation comes after the training step. What a compiled
+        forward handed over before is taken first, in the split it came in."""
         if self.capturing:
             self.end_step()
         self.take_traced()

@@ -144,9 +144,10 @@ turned into one RuntimeWarning per kind and never raised.
         """A train batch begins a step (a capture step attaches the hooks and logs the batch's
         fields); other splits log their first `first_n` batches of each epoch and begin an
         evaluation: record(always=True) then says that split until the next train batch or
-        epoch_start/epoch_end, at `step` when given (else the last training step). Any split
-        but "train" is an evaluation: evaluating on training data, name it otherwise
-        ("train_eval"), or each of its batches begins a training step."""
+        epoch_start/epoch_end, at `step` and `epoch` when given (else the last training step
+        and the current epoch). Any split but "train" is an evaluation: evaluating on
+        training data, name it otherwise ("train_eval"), or each of its batches begins a
+        training step."""
         e = self._engine
         if e is None:
             return
@@ -160,7 +161,7 @@ turned into one RuntimeWarning per kind and never raised.
             if e.capturing:
                 e.log_batch(batch, split, batch_idx)
             return
-        e.evaluating(split, step)  # record(always=True) says this split until the next train batch
+        e.evaluating(split, step, epoch)  # record(always=True) says this split until the next train batch
         n = self._split_seen.get(split, 0)
         self._split_seen[split] = n + 1
         if n < e.opts.first_n:
