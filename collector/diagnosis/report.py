@@ -30,9 +30,11 @@ def root_rows(root: str) -> list[dict]:
         ranks = m.get("ranks") if isinstance(m.get("ranks"), dict) else {}
         created = m.get("created")
         mpath = os.path.join(e.path, "manifest.json")
+        usable = bool(m) and isinstance(m.get("totals"), dict)  # (counts of another shape read as 0 written)
+        state = ("ok" if usable else "not a manifest's shape" if m
+                 else "unreadable or empty" if os.path.isfile(mpath) else "missing")
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
-                     "manifest": bool(m),
-                     "manifest_state": "ok" if m else "unreadable or empty" if os.path.isfile(mpath) else "missing",
+                     "manifest": usable, "manifest_state": state,
                      "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
                      "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),

@@ -298,6 +298,10 @@ def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp
     (tmp_path / "odd" / "manifest.json").write_text("xx{")
     line = [x for x in _cli("report", str(tmp_path)).stdout.splitlines() if x.split()[0] == "odd"][0]
     assert "manifest.json unreadable or empty: `tensortap report` it to see" in line, line
+    # counts of another shape: not "0 records written, none lost" (its files hold records)
+    (tmp_path / "odd" / "manifest.json").write_text('{"ranks": {"0": "x"}, "totals": [1]}')
+    line = [x for x in _cli("report", str(tmp_path)).stdout.splitlines() if x.split()[0] == "odd"][0]
+    assert "manifest.json not a manifest's shape: `tensortap report` it to see" in line, line
 
 
 def test_report_of_a_run_says_how_many_records_it_read_and_skipped(tmp_path):
