@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--queue-bytes", default=_env("queue_bytes", str(64 << 20)),
                    help="bytes waiting to be written at most (default %(default)s)")
     c.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
-    c.add_argument("--quiet", action="store_true", default=_env("quiet", "") not in ("", "0"),
+    quiet = _env("quiet", "").strip().lower() not in ("", "0", "no", "false", "off")
+    c.add_argument("--quiet", action="store_true", default=quiet,
                    help="print nothing: no start line, no summary at stop (TENSORTAP_COLLECT_QUIET=1)")
     # started by a training process (client_hooks.session), which prints the URL itself
     c.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)

@@ -189,3 +189,14 @@ def test_every_collect_option_has_its_environment_variable_quiet_too(tmp_path):
     loud = CollectorProc(str(tmp_path / "out2"), quiet=False)
     assert loud.stop() == 0
     assert "tensortap collector: stopped after" in loud.output()
+
+
+def test_the_quiet_variable_reads_words_for_off_as_off(monkeypatch):
+    """TENSORTAP_COLLECT_QUIET=no (or false, off, 0, empty) leaves the collector talking; it
+    silenced it (anything but 0 or empty counted as on)."""
+    from collector.cli import build_parser
+
+    for value, quiet in (("no", False), ("False", False), ("off", False), ("0", False), ("", False),
+                         ("1", True), ("yes", True)):
+        monkeypatch.setenv("TENSORTAP_COLLECT_QUIET", value)
+        assert build_parser().parse_args(["collect"]).quiet is quiet, value
