@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", default=None, help="run id of the copy (default: a new one)")
     rep = sub.add_parser("report", help="print the diagnosis of a stored run")
     rep.add_argument("run_dir", help="a stored run's folder; or a folder of runs: a line each")
-    rep.add_argument("--json", action="store_true", help="print the findings as JSON (for a folder of runs: each run's summary line as JSON)")
+    rep.add_argument("--json", action="store_true",
+                     help="print the findings as JSON (for a folder of runs: each run's summary line as JSON)")
     d = sub.add_parser("demo", help="run the grid-lines FNO demo with telemetry on")
     d.add_argument("--architectures", default="fno", help="comma-separated, of fno and hybrid (U-FNO); "
                    "default %(default)s")

@@ -43,7 +43,8 @@ def test_cli_mistakes_give_one_line(tmp_path):
     _one_line(_cli("report", str(afile)), "report", "metrics.jsonl' is a file: give its run folder")
     _one_line(_cli("replay", str(afile), "--to", "tcp://127.0.0.1:1"), "replay", "is a file: give its run folder")
     _one_line(_cli("serve", str(afile)), "serve", "metrics.jsonl' is a file, not a folder of runs")
-    _one_line(_cli("collect", "--out", str(afile)), "collect", "metrics.jsonl' is a file; the artifact root is a folder")
+    _one_line(_cli("collect", "--out", str(afile)), "collect",
+              "metrics.jsonl' is a file; the artifact root is a folder")
     _one_line(_cli("report", str(tmp_path)), "report", "holds no run; runs are one level down, in")
     _one_line(_cli("keys", str(tmp_path) + "/"), "keys", "is a folder: give a file name prefix in it")
     assert not (tmp_path / ".key").exists()
@@ -133,7 +134,8 @@ def test_replay_reaches_a_curve_collector_with_the_training_side_keys(tmp_path):
         for server_key, says in ((tmp_path / "nope.pub", "nope.pub': no such file"),
                                  (tmp_path / "srv.key", "srv.key' holds 2 lines: give the collector's public key"),
                                  ("abc", "3 characters where a public key (Z85) has 40")):
-            env = {"TENSORTAP_CURVE_SERVER_KEY": str(server_key), "TENSORTAP_CURVE_CLIENT_KEY": str(tmp_path / "cli.key")}
+            env = {"TENSORTAP_CURVE_SERVER_KEY": str(server_key),
+                   "TENSORTAP_CURVE_CLIENT_KEY": str(tmp_path / "cli.key")}
             r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy", env=env, timeout=60)
             _one_line(r, "replay", says)  # (a ZMQError traceback before)
         for speed in ("1e-300", "inf", "nan"):
