@@ -95,6 +95,8 @@ def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Option
     if current is None or finished:  # the user's (or a launcher's) run id is never replaced
         os.environ["TENSORTAP_RUN"] = _own_run = run
     if not endpoint:
+        if os.path.isfile(out):  # (else the embedded collector would name its own --out option)
+            raise SetupError(f"TENSORTAP_OUT={out!r} is a file; the artifact root is a folder")
         endpoint, dashboard = start_embedded(out)
         os.environ["TENSORTAP_ENDPOINT"] = endpoint
         os.environ["TENSORTAP_DASHBOARD"] = dashboard or ""

@@ -569,17 +569,22 @@ def test_an_evaluation_ends_with_its_epoch_and_one_not_told_warns_once(pull, mon
     ({"TENSORTAP_CURVE_SERVER_KEY": "/nonexistent/srv.pub"}, "TENSORTAP_CURVE_SERVER_KEY='/nonexistent/srv.pub': "
                                                             "no such file"),
     ({"TENSORTAP_CURVE_SERVER_KEY": "short"}, "TENSORTAP_CURVE_SERVER_KEY: 5 characters where a public key"),
+    ({"TENSORTAP_ENDPOINT": None, "TENSORTAP_OUT": __file__}, "test_tap.py' is a file; the artifact root is a folder"),
 ])
 def test_a_wrong_setting_is_told_in_one_line_and_training_goes_on_without_telemetry(pull, monkeypatch,
                                                                                       setting, says):
-    """A run id the collector would refuse (every frame rejected, the training told nothing)
-    or a CURVE server key that is none (a ZMQError "Invalid argument"): one warning that
-    names the setting; the training runs on, nothing is sent."""
+    """A run id the collector would refuse (every frame rejected, the training told nothing),
+    a CURVE server key that is none (a ZMQError "Invalid argument"), or an artifact root that
+    is a file (the embedded collector's error named its own --out): one warning that names
+    the setting; the training runs on, nothing is sent."""
     from client_hooks import engine
 
     monkeypatch.setattr(engine, "_warned", set())
     for k, v in setting.items():
-        monkeypatch.setenv(k, v)
+        if v is None:
+            monkeypatch.delenv(k)
+        else:
+            monkeypatch.setenv(k, v)
     model = nn.Linear(4, 4)
     with pytest.warns(RuntimeWarning) as seen:
         with Tap() as tap:
