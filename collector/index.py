@@ -214,7 +214,8 @@ class RunIndex:
         self.ranks: set[int] = set()
         self.multi = False  # a record said a world size above 1 (or two ranks came): labels name ranks
         self.manifest: dict[str, Any] = {}
-        self.findings: list[dict] = []
+        self._findings: list[dict] = []
+        self.findings_rev = 0  # how many times the findings changed (the live stream tells the page)
         self.dropped_series = 0  # records kept out of the series (MAX_SERIES reached)
         # (kind, series name) -> (record name, split) of an evaluation's series ("x · val")
         self.splits: dict[tuple[str, str], tuple[str, str]] = {}
@@ -224,6 +225,17 @@ class RunIndex:
         self.loading: Optional[dict] = None
         self.load_error: Optional[str] = None
         self.lock: Optional[threading.Lock] = None  # set while a load may merge (see the module doc)
+
+    @property
+    def findings(self) -> list[dict]:
+        """The run's findings (diagnosis), most severe first."""
+        return self._findings
+
+    @findings.setter
+    def findings(self, found: list[dict]) -> None:
+        if found != self._findings:  # (the diagnosis sets them each round; unchanged: no news)
+            self._findings = found
+            self.findings_rev += 1
 
     def add(self, rec) -> None:
         """rec: a collector.wire.Record (or any object with the same attributes). One record:

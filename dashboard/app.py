@@ -242,8 +242,9 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
              response_class=StreamingResponse, responses={
                  **NOT_FOUND, 200: {"content": {"text/event-stream": {}},
                                     "description": "events `data: {cursor, items: [[i, kind, "
-                                    "name, rank, step, t, stats, label], ...], findings, live, "
-                                    "records}`"}})
+                                    "name, rank, step, t, stats, label, record name, split], ...], "
+                                    "findings (how many), findings_rev (changes when they do), live, "
+                                    "state, records}`"}})
     async def live(request: Request, run: str = RunId,
                    cursor: int = Query(-1, ge=-1, le=2**62, description="-1: from now on"),
                    kinds: Optional[list[Kind]] = Query(None, description="only these kinds"),
@@ -273,12 +274,12 @@ async def _live_events(ri, cursor: int, wanted: Optional[set], closing: threadin
         full = len(items) >= 5_000  # more is waiting: no sleep
         if wanted is not None:
             items = [it for it in items if it[1] in wanted]
-        now_state = (len(ri.findings), ri.state())
+        now_state = (len(ri.findings), ri.state(), ri.findings_rev)
         now = time.monotonic()
         if items or now_state != state or now - last_sent >= SSE_HEARTBEAT_S:
             state, last_sent = now_state, now
             body = _encode({"cursor": cursor, "items": items, "findings": now_state[0],
-                            "live": now_state[1] == "live", "state": now_state[1],
+                            "findings_rev": now_state[2], "live": now_state[1] == "live", "state": now_state[1],
                             "records": ri.count + ri.loaded})
             yield b"id: %d\ndata: %s\n\n" % (cursor, body)
         await asyncio.sleep(0 if full else SSE_INTERVAL_S)

@@ -39,9 +39,14 @@ function actStats(stats) {
 }
 
 // -- charts of one run (plus the overlay) ---------------------------------------------------
-function colorOf(name) {
-  if (!S.colors.has(name)) S.colors.set(name, PALETTE[S.colors.size % PALETTE.length]);
-  return S.colors.get(name);
+// A trace's colour, handed out in order within its scope: the metrics chart, the gradient
+// charts (one layer, one colour in all three), each activation chart; so that the traces of
+// one chart differ (a page-wide order gave "std" and "rank 1 · std" one colour).
+function colorOf(name, scope = "") {
+  let m = S.colors.get(scope);
+  if (!m) S.colors.set(scope, m = new Map());
+  if (!m.has(name)) m.set(name, PALETTE[m.size % PALETTE.length]);
+  return m.get(name);
 }
 
 function chartFor(id, title, opts) {
@@ -61,19 +66,20 @@ function newActDiv(id) {
 // base, rank: its records' name and rank (an activation's chart is one for every rank of it);
 // split: the evaluation an activation series was taken in ("val": its traces in the same chart).
 function place(kind, name, stats, prefix, x, y, base = name, rank = 0, split = null) {
-  const label = prefix ? prefix + " · " + name : name;
+  const over = prefix ? (S.cmp ?? prefix) + " · " : "";  // the overlaid run's traces say its name
+  const label = over + name;
   const dash = prefix ? "dot" : "solid";
   const out = [];  // [chart, key, stat] where this series goes
   if (kind === "metrics") {
     const c = chartFor("metrics", "", {});
     const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, "value");
-    if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
+    if (stat) { c.add(key, {label, stat, color: colorOf(name, "metrics"), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
   } else if (kind === "gradients") {
     showKind(kind, true);
     for (const [id, want, title, log] of GRAD_CHARTS) {
       const c = chartFor(id, title, {log, below: true});
       const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, want);
-      if (stat) { c.add(key, {label, stat, color: colorOf(name), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
+      if (stat) { c.add(key, {label, stat, color: colorOf(name, "gradients"), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
     }
   } else if (kind === "activations") {
     showKind(kind, true);
@@ -83,8 +89,9 @@ function place(kind, name, stats, prefix, x, y, base = name, rank = 0, split = n
     for (const stat of actStats(stats)) {
       const key = prefix + "|" + r + stat, own = r + stat;
       const visible = ACT_SHOWN.includes(stat.split(".").pop()) ? true : "legendonly";
-      c.add(key, {label: prefix ? prefix + " · " + own : own, stat, color: colorOf(own), dash, visible},
-        x(stat), y(stat));
+      // an evaluation's values as points: its batches share a step (a line zigzags between them)
+      c.add(key, {label: over + own, stat, color: colorOf(own, "act:" + base), dash, visible,
+                  markers: split != null}, x(stat), y(stat));
       out.push([c, key, stat]);
     }
   }
@@ -158,7 +165,14 @@ function onLive(msg) {
       scheduleTables();
     }
   }
-  if (msg.findings !== S.findings && S.findings !== -2) loadFindings(S.run, S.gen).catch(showError);
+  // the findings again when they changed (a live run's plateau finding is rewritten as it goes on)
+  if (msg.findings_rev !== undefined ? msg.findings_rev !== S.findingsRev : msg.findings !== S.findings) {
+    if (S.findings !== -2) { S.findingsRev = msg.findings_rev; loadFindings(S.run, S.gen).catch(showError); }
+  }
+  if ((msg.state ?? msg.live) !== S.state || (msg.records !== undefined && msg.records !== S.meta?.records)) {
+    scheduleManifest();  // its counts follow the run (throttled), and its ranks' closed once they say bye
+  }
+  S.state = msg.state ?? msg.live;
   setLive(msg.state ?? msg.live);
   if (msg.records !== undefined && msg.records !== S.meta?.records) showMeta({records: msg.records});
   requestDraw();
@@ -253,7 +267,7 @@ async function loadTables(run, gen) {
   // the batch's step and epoch (a loader's presence and length, logged once, carry none)
   const at = rs.find(r => r.step !== null && r.step !== undefined) || rs[0];
   $("loader-caption").textContent = rs.length ? `first record of each field: step ${fmt(at?.step)}, ` +
-    `epoch ${fmt(at?.epoch)}, rank ${at?.rank} (${loader.length} records in all)` : "no loader records yet";
+    `epoch ${fmt(at?.epoch)}, rank ${at?.rank} (${plural(loader.length, "record")} in all)` : "no loader records yet";
   $("loader").replaceChildren(rs.length ? statTable(rs) : "");
   const latest = new Map();
   for (const r of patch) latest.set(r.name, r);
@@ -270,6 +284,23 @@ async function loadTables(run, gen) {
     el("tbody", {}, ...rows.map(([n, k, v]) => el("tr", {}, el("td", {class: "name"}, n),
       el("td", {class: "name"}, k), el("td", {class: typeof v === "string" ? "text" : ""}, fmt(v)))))) :
     el("p", {class: "muted"}, "no patch metrics yet"));
+}
+
+// The manifest panel, at most every MANIFEST_MS while the run's records or state move.
+const MANIFEST_MS = 2000;
+function scheduleManifest() {
+  if (S.manifestTimer) return;
+  const run = S.run, gen = S.gen;
+  S.manifestTimer = setTimeout(() => {
+    S.manifestTimer = null;
+    if (gen === S.gen) api(`/api/runs/${enc(run)}/manifest`).then(m => { if (gen === S.gen) showManifest(m); })
+      .catch(showError);
+  }, MANIFEST_MS);
+}
+
+function showManifest(manifest) {
+  const {stream_marks: _marks, ...kept} = manifest || {};  // (the collector's restart bookkeeping)
+  $("manifest").replaceChildren(el("div", {class: "table-wrap"}, ...kvTable(kept)));
 }
 
 function scheduleTables() {
@@ -340,7 +371,8 @@ async function refreshRuns() {
   }
   $("runs").replaceChildren(...S.runs.slice().reverse().map(r => {
     const li = el("li", {class: r.run === S.run ? "selected" : ""}, el("span", {class: "dot" + (r.live ? " live" : "")}),
-      r.run, el("span", {class: "sub"}, `${r.records} records · ${r.findings} findings${r.live ? " · live" : ""}`));
+      r.run, el("span", {class: "sub"}, `${plural(r.records, "record")} · ${plural(r.findings, "finding")}` +
+        (r.live && !S.down ? " · live" : "")));
     li.addEventListener("click", () => go(r.run, S.cmp === r.run ? null : S.cmp));
     return li;
   }));
@@ -416,8 +448,12 @@ function setDown(down) {
     $("run-live").textContent = "collector unreachable";
     $("run-live").className = "badge down";
     for (const dot of document.querySelectorAll("#runs .dot.live")) dot.classList.remove("live");
-  } else if (S.run && !S.missing) {
-    openRun().catch(showError);
+    $("health").classList.add("stale");  // (the collector's last counters, not its state now)
+    $("health").title = "the collector does not answer: these are its last counters";
+  } else {
+    $("health").classList.remove("stale");
+    $("health").title = "";
+    if (S.run && !S.missing) openRun().catch(showError);
   }
 }
 
@@ -445,7 +481,7 @@ async function openRun() {
   for (const c of S.charts.values()) c.purge();
   S.charts = new Map();
   S.colors = new Map();
-  S.run = run; S.cmp = cmp; S.findings = -1;
+  S.run = run; S.cmp = cmp; S.findings = -1; S.findingsRev = null; S.state = null;
   $("activations").replaceChildren();
   $("empty").hidden = true;
   $("run").hidden = false;
@@ -465,7 +501,7 @@ async function openRun() {
   try {
     [summary, manifest] = await head;
   } catch (e) {
-    if (gen !== S.gen || e.status !== 404) throw e;
+    if (gen !== S.gen || (e.status !== 404 && e.status !== 422)) throw e;  // (422: no run id at all)
     S.gen++;  // what else was asked for this run is dropped
     S.missing = run;
     for (const c of S.charts.values()) c.purge();
@@ -478,13 +514,18 @@ async function openRun() {
   setLive(summary.state ?? summary.live);
   S.meta = {...summary, cmp};
   showMeta();
-  const {stream_marks: _marks, ...kept} = manifest || {};  // (the collector's restart bookkeeping)
-  $("manifest").replaceChildren(...kvTable(kept));
+  S.state = summary.state ?? summary.live;
+  showManifest(manifest);
   if (!performance.getEntriesByName("tensortap:head").length) performance.mark("tensortap:head");  // bench
   $("loss-log").checked = false;
   refreshRuns().catch(showError);
   const cursor = await series;
-  if (cmp && gen === S.gen) await loadSeries(cmp, "cmp", gen).catch(showError);
+  if (cmp && gen === S.gen) {
+    await loadSeries(cmp, "cmp", gen).catch(e => {
+      if (e.status !== 404 && e.status !== 422) throw e;
+      if (gen === S.gen) showMeta({cmp: `${cmp} (no such run: nothing overlaid)`});
+    }).catch(showError);
+  }
   // the live stream opens once the charts can be drawn: records of the meantime come from the
   // cursor, and none waits in the page behind plotly's second of compiling
   await loadPlotly();

@@ -17,6 +17,9 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+// "1 finding", "3 findings"
+function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
+
 function plotlyText(s) {
   return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
     .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
@@ -138,17 +141,18 @@ class Chart {
   has(key) { return this.keys.has(key); }
   spec(key) { return this.specs[this.keys.get(key)]; }
 
-  // spec: {label, stat, color, dash, visible}; x, y: initial points
+  // spec: {label, stat, color, dash, visible, markers (points only, never a line)}; x, y: initial points
   add(key, spec, x = [], y = []) {
     if (this.keys.has(key)) return this.keys.get(key);
     const i = this.specs.length;
     this.keys.set(key, i);
     this.specs.push(spec);
     this.lengths.push(x.length);
-    const sparse = x.length < SPARSE_MAX;
+    const sparse = x.length < SPARSE_MAX && !spec.markers;
     if (sparse) this.sparse.add(i);
+    const mode = spec.markers ? "markers" : sparse ? "lines+markers" : "lines";
     this.newTraces.push({
-      type: "scatter", mode: sparse ? "lines+markers" : "lines", name: plotlyText(legendName(spec.label)), x, y,
+      type: "scatter", mode, name: plotlyText(legendName(spec.label)), x, y,
       line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"}, marker: {size: 5, color: spec.color},
       visible: spec.visible === undefined ? true : spec.visible,
       hovertemplate: "%{y:.4g} @ step %{x}<extra>" + plotlyText(spec.label) + "</extra>",
@@ -213,10 +217,11 @@ class Chart {
   async fitLegend() {
     if (this.purged) return;
     const fl = this.div._fullLayout, lh = fl && fl.showlegend && fl.legend ? fl.legend._height || 0 : 0;
-    const want = Math.round(CHART_PX + lh);
-    if (Math.abs(this.div.clientHeight - want) > 2) {
+    const want = Math.round(CHART_PX + lh), mb = MARGIN_B + lh;
+    // (the margin too: a div kept from another run's chart may have the height already)
+    if (Math.abs(this.div.clientHeight - want) > 2 || Math.abs((fl?.margin?.b ?? MARGIN_B) - mb) > 2) {
       this.div.style.height = want + "px";
-      await Plotly.relayout(this.div, {height: want, "margin.b": MARGIN_B + lh});
+      await Plotly.relayout(this.div, {height: want, "margin.b": mb});
     }
   }
 
@@ -244,6 +249,7 @@ class Chart {
     this.purged = true;
     Chart.observer.unobserve(this.div);
     if (this.drawn && window.Plotly) Plotly.purge(this.div);
+    this.div.style.height = "";  // (the div serves the next run's chart: fitLegend sizes it anew)
   }
 }
 Chart.onVisible = () => {};

@@ -430,3 +430,18 @@ def test_a_non_ascii_digit_last_event_id_is_ignored_not_a_500(index):
                 assert r.status_code == 200
                 data = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
             assert data["cursor"] == index.get("run-a").count  # from now on
+
+
+def test_the_findings_revision_moves_only_when_the_findings_change(index):
+    """The diagnosis sets a run's findings each round; the live stream tells the page to fetch
+    them again by `findings_rev`, which moves only when they differ (a finding rewritten with
+    the same count of findings is a change: the page kept the old text)."""
+    ri = index.get("run-a")
+    rev = ri.findings_rev
+    ri.findings = [dict(f) for f in ri.findings]  # the same again
+    assert ri.findings_rev == rev
+    ri.findings = ri.findings[:-1] + [{"rule": "loss_plateau", "severity": "high", "hint": "30 of 60 steps"}]
+    assert ri.findings_rev == rev + 1
+    with client_for(create_app(index)) as c, c.stream("GET", "/api/runs/run-a/live") as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["findings_rev"] == rev + 1

@@ -74,13 +74,18 @@ def test_page_shows_a_run_and_a_new_finding_appears(page):
         assert "none (raw amplitude)" in page.inner_text("#patch-scaling")
         assert "gaps" in page.inner_text("#health")
         names = page.evaluate("document.getElementById('chart-metrics').data.map(t => t.name)")
-        assert names == ["loss", "cmp · loss"]  # the overlay run, drawn dotted
+        assert names == ["loss", "before-fix · loss"]  # the overlay run, drawn dotted, by its name (was "cmp")
         assert page.evaluate("document.getElementById('chart-grad-norm').layout.yaxis.type") == "log"
         # the collector's diagnosis adds a finding: the open page shows it without a reload
         index.get("after-fix").findings = index.get("after-fix").findings + [
             {"rule": "dead_gradients", "severity": "error", "message": "dec.3 gradient is zero"}]
         page.wait_for_function("() => document.getElementById('findings').innerText"
                                ".includes('dec.3 gradient is zero')", timeout=5_000)
+        # ... and a finding rewritten with as many findings as before (a live plateau's numbers)
+        index.get("after-fix").findings = index.get("after-fix").findings[:-1] + [
+            {"rule": "dead_gradients", "severity": "error", "message": "dec.3 gradient is zero since step 7"}]
+        page.wait_for_function("() => document.getElementById('findings').innerText"
+                               ".includes('zero since step 7')", timeout=5_000)
         os.makedirs(ARTIFACTS, exist_ok=True)
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard.png"), full_page=True)
         leave(page)
@@ -369,6 +374,8 @@ def test_an_evaluations_activations_are_traces_of_their_own_in_the_chart_live_to
             acts = page.evaluate("[...document.querySelectorAll('#activations .chart')].map(d => "
                                  "[d.querySelector('.gtitle').textContent, d.data.map(t => "
                                  "[t.name, Array.from(t.x), Array.from(t.y).at(-1)])])")
+            modes = page.evaluate("[...document.querySelectorAll('#activations .chart')][0].data.map(t => t.mode)")
+            assert modes == ["lines+markers", "lines+markers", "markers", "markers"]  # (val: a line zigzagged)
             assert acts == [["activation: model_input", [["mean", list(range(11)), 0.5], ["std", list(range(11)), 1.0],
                                                          ["val · mean", [9] * 4 + [10], 6.0],
                                                          ["val · std", [9] * 4 + [10], 2.0]]],
@@ -404,6 +411,66 @@ def test_opening_another_run_while_a_chart_is_being_drawn_raises_no_page_error(p
         assert page.inner_text("#run-title") == "run-b"
         leave(page)
     assert page.problems == []
+
+
+def test_switching_runs_keeps_the_gradient_legend_below_the_axis_and_the_page_its_width(browser):
+    """The gradient charts' divs serve the next run: their legend below the plot kept its room
+    only on the first run opened (the div had the height already, so the margin was not
+    widened, and the legend covered the step axis). At 800 px the page does not overflow
+    sideways (the manifest's table of 19 columns did), and the badge stays on one line."""
+    index = Index(health=lambda: {"status": "ok"})
+    for run in ("run-a", "run-b"):
+        fill_run(index, run, layers=tuple(f"blocks.{i}.spectral_conv" for i in range(12)), t0=time.time() - 20)
+        index.get(run).manifest = {"run": run, "ranks": {"0": {c: 1 for c in (
+            "received", "written", "gaps", "duplicates", "dropped_by_sender", "rejected", "hello", "closed",
+            "first_seq", "last_seq", "first_t", "last_t", "bytes", "records_metrics", "records_gradients",
+            "records_activations", "records_loader_stats", "records_events")}}}
+    ctx = browser.new_context(viewport={"width": 800, "height": 700})
+    page = ctx.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    margin = "document.getElementById('chart-grad-norm')._fullLayout.margin.b"
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=run-a")
+        chart_has(page, "chart-grad-norm", 19)
+        page.wait_for_function(f"() => {margin} > 40", timeout=5_000)
+        first = page.evaluate(margin)
+        page.evaluate("location.hash = 'run=run-b'")
+        page.wait_for_function("() => document.getElementById('run-title').textContent === 'run-b'")
+        chart_has(page, "chart-grad-norm", 19)
+        page.wait_for_function(f"() => Math.abs({margin} - {first}) < 3", timeout=5_000)  # (36 before)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 800
+        badge = page.evaluate("(() => { const r = document.getElementById('run-live').getClientRects(); "
+                              "return r.length; })()")
+        assert badge == 1
+        leave(page)
+    ctx.close()
+    assert problems == []
+
+
+def test_a_live_runs_manifest_panel_follows_it_and_a_malformed_run_id_is_no_run(page):
+    """The manifest panel was the one of the moment the page opened (a finished run of 304
+    records said "received 6, closed false"); it follows the run's records and state. A run
+    id the API refuses (422) shows "no run" as an unknown one does (it showed an empty run)."""
+    index = Index(health=lambda: {"status": "ok"})
+    fill_run(index, "r", t0=time.time() - 20)
+    ri = index.get("r")
+    ri.closed_ranks.clear()
+    ri.manifest = {"run": "r", "ranks": {"0": {"received": 6, "closed": False}}}
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=r")
+        chart_has(page, "chart-metrics", 19)
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+        assert "received" in page.inner_text("#manifest") and "false" in page.inner_text("#manifest")
+        ri.manifest = {"run": "r", "ranks": {"0": {"received": 304, "closed": True}}}
+        index.add(rec("r", "metrics", "loss", {"value": 0.5}, step=20))
+        page.wait_for_function("() => document.getElementById('manifest').innerText.includes('304')", timeout=8_000)
+        page.goto(f"{url}/#run=bad%20name!")
+        page.wait_for_function("() => document.getElementById('empty').innerText.includes(\"no run 'bad name!' here\")",
+                               timeout=5_000)
+        assert not page.is_visible("#run")
+        leave(page)
+    assert [p for p in real_problems(page) if "422" not in p] == []
 
 
 def real_problems(page) -> list[str]:
@@ -451,12 +518,14 @@ def test_a_stopped_collector_is_shown_polled_less_and_picked_up_again(page):
     t_down = time.monotonic()
     page.wait_for_selector("#down", state="visible", timeout=5_000)
     assert page.inner_text("#run-live") == "collector unreachable"
+    assert "stale" in page.get_attribute("#health", "class")  # its last counters, greyed (they read "ok")
     time.sleep(8)
     n = sum(1 for t in asked if t > t_down)
     assert n <= 8, n  # was: runs + health every 2 s and the live stream every second (~16)
     index.add(rec("r", "metrics", "loss", {"value": 0.3}, step=20))  # (still sending meanwhile)
     with serve(create_app(index), port=port):
         page.wait_for_selector("#down", state="hidden", timeout=20_000)
+        assert "stale" not in (page.get_attribute("#health", "class") or "")
         page.wait_for_function("() => document.getElementById('run-live').textContent === 'live'", timeout=5_000)
         page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1", timeout=5_000)
         index.add(rec("r", "metrics", "loss", {"value": 0.25}, step=21))
