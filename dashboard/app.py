@@ -116,6 +116,23 @@ def plotly_js() -> Path:
     return path
 
 
+class Gzipped:
+    """A static file's gzip bytes, made once at first request (plotly.min.js: 4.8 MB, 1.4 MB
+    gzipped; what a page opened over a network waits for on its first visit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._bytes, self._lock = path, None, threading.Lock()
+
+    def get(self) -> bytes:
+        if self._bytes is None:
+            with self._lock:
+                if self._bytes is None:
+                    import gzip
+
+                    self._bytes = gzip.compress(self.path.read_bytes(), compresslevel=6, mtime=0)
+        return self._bytes
+
+
 def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True) -> FastAPI:
     """The dashboard app over `index` (read only).
 
@@ -146,10 +163,15 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
+    plotly_gz = Gzipped(plotly_path)
+
     @app.get("/static/plotly.min.js", include_in_schema=False)
-    async def plotly_file() -> FileResponse:
-        return FileResponse(plotly_path, media_type="text/javascript",
-                            headers={"cache-control": "max-age=86400"})
+    async def plotly_file(accept_encoding: str = Header("")) -> Response:
+        headers = {"cache-control": "max-age=86400", "vary": "accept-encoding"}
+        if "gzip" in accept_encoding.lower():
+            body = await asyncio.to_thread(plotly_gz.get)  # (the first time: ~0.3 s, off the event loop)
+            return Response(body, media_type="text/javascript", headers={**headers, "content-encoding": "gzip"})
+        return FileResponse(plotly_path, media_type="text/javascript", headers=headers)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str = PathParam(..., pattern=r"^[a-z_]+\.(js|css|html)$")) -> FileResponse:

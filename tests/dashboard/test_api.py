@@ -165,6 +165,14 @@ def test_page_and_local_plotly_are_served(client):
     assert "cdn" not in page.text.lower()
     js = client.get("/static/plotly.min.js")
     assert js.status_code == 200 and b"plotly.js v" in js.content[:200]
+    # gzipped for a browser that takes it (4.8 MB -> ~1.4 MB over a network), whole otherwise
+    from dashboard.app import plotly_js
+
+    whole = plotly_js().read_bytes()
+    assert js.headers["content-encoding"] == "gzip" and js.content == whole
+    assert int(js.headers["content-length"]) < len(whole) / 2
+    plain = client.get("/static/plotly.min.js", headers={"accept-encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.content == whole
     for f in ["app.js", "charts.js", "style.css"]:
         assert client.get("/static/" + f).status_code == 200
     assert client.get("/static/nope.js").status_code == 404
