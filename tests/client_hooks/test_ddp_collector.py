@@ -44,7 +44,7 @@ def test_a_fit_fills_one_run_folder_from_every_rank_without_gaps(collector, ddp)
     endpoint, out, proc = collector
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTAP")}
     env.update(TENSORTAP="1", TENSORTAP_ENDPOINT=endpoint, PYTHONPATH=ROOT)
-    cmd = [sys.executable, APP, "--epochs", "2"] + (["--ddp"] if ddp else [])
+    cmd = [sys.executable, APP, "--epochs", "2", "--eval-records"] + (["--ddp"] if ddp else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     proc.send_signal(signal.SIGTERM)
@@ -74,6 +74,13 @@ def test_a_fit_fills_one_run_folder_from_every_rank_without_gaps(collector, ddp)
         # every seq below next_seq is in a JSONL file, except patch_metrics.json's overwritten ones
         n_patch = 8 // len(ranks)
         assert len(seqs) == m["received"] - n_patch, (len(seqs), m)
+        # each rank's validation records (the sanity check's, then each epoch's) say "val", at the
+        # global step; the one after each epoch's validation is a training value
+        val = [r for r in mine if r["kind"] == "activations" and r["name"] == "val_x"]
+        assert {r["data"].get("split") for r in val} == {"val"}
+        assert {r["step"] for r in val} == ({0, 2, 4} if ddp else {0, 4, 8}), sorted(r["step"] for r in val)
+        after = [r for r in mine if r["kind"] == "activations" and r["name"] == "epoch_out"]
+        assert len(after) == 2 and all("split" not in r["data"] for r in after)
     if ddp:  # the ranks' batches differ (DistributedSampler); the averaged gradients do not
         total = {(r["rank"], r["step"]): r["data"]["norm"] for r in recs
                  if r["kind"] == "gradients" and r["name"] == "_total"}
