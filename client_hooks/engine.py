@@ -417,11 +417,12 @@ class Engine:
         before any) and the current epoch. A capture step still open (no optimizer step told
         its end) ends here: the evaluation comes after the training step. What a compiled
         forward handed over before is taken first, in the split it came in."""
+        at = (whole(step, "step"), whole(epoch, "epoch"))  # (a bad one: the call is ignored whole)
         if self.capturing:
             self.end_step()
         self.take_traced()
         self.split = split if isinstance(split, str) and split else "eval"
-        self._eval_at = (whole(step, "step"), whole(epoch, "epoch"))
+        self._eval_at = at
 
     @guarded("activations")
     def evaluated(self) -> None:

@@ -312,7 +312,7 @@ class Sender:
         self._thread.join(timeout=timeout + 0.1)
         while self._queue and time.monotonic() < deadline:
             self._send_records(self._records(self._take()), deadline)
-        left = sum(_count(it[5]) for it in self._queue)
+        left = sum(_count(it[5]) for it in list(self._queue))  # (a thread still in a callable may pop)
         self._queue.clear()
         with self._lock:
             self.dropped += left

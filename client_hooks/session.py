@@ -89,7 +89,7 @@ def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Option
     run = run or (None if finished else current) or new_run_id()
     from collector.wire import RUN_ID  # (only with the gate on: msgspec is imported with it)
 
-    if not isinstance(run, str) or not RUN_ID.match(run):
+    if not isinstance(run, str) or not RUN_ID.fullmatch(run):  # (fullmatch: "$" lets "x\n" through)
         raise SetupError(f"run id {run!r} (run= or TENSORTAP_RUN) is not a valid one: 1 to 128 letters, "
                          "digits, '_', '.' or '-', the first a letter or digit; nothing would be recorded")
     if current is None or finished:  # the user's (or a launcher's) run id is never replaced
@@ -304,6 +304,8 @@ def curve_options() -> dict:
             raise SetupError(f"{var}={server!r} holds {len(lines)} lines: give the collector's public "
                              "key, its one-line .pub file of `tensortap keys` (a .key file holds the secret)")
         server_key = lines[0]
+    elif len(server) == 40:  # the key itself (Z85: '/' and '.' are among its characters)
+        server_key = server.encode()
     elif os.sep in server or server.endswith((".pub", ".key")):
         raise SetupError(f"{var}={server!r}: no such file (the collector's .pub file of `tensortap keys`)")
     else:

@@ -209,7 +209,10 @@ def _run_roots(path: str) -> list[tuple[str, int]]:
     out = []
     for e in os.scandir(path):
         if e.is_dir() and not is_run_dir(e.path):
-            n = sum(1 for r in os.scandir(e.path) if is_run_dir(r.path))
+            try:
+                n = sum(1 for r in os.scandir(e.path) if is_run_dir(r.path))
+            except OSError:  # a folder this user may not read (lost+found): not one of them
+                continue
             if n:
                 out.append((e.path, n))
     return sorted(out, key=lambda x: -x[1])

@@ -272,18 +272,19 @@ class RunIndex:
                 elif rec.name == "hello":  # (also a new sender session of the rank: same run id)
                     self.closed_ranks.discard(rec.rank)
                     self.opened_ranks.add(rec.rank)
-        name = rec.name
+        name, split = rec.name, None
         if kind == "activations" and "split" in rec.data:  # (an evaluation's: `series_name`)
             split = eval_split(kind, rec.data)
             if split is not None:
                 name = series_name(name, split)
-                self.splits.setdefault((kind, name), (rec.name, split))
         key = (kind, name, rec.rank)
         s = self.series.get(key)
         if s is None:
             if len(self.series) >= MAX_SERIES:
                 self.dropped_series += 1
                 return None
+            if split is not None:  # (before its series: a reader that finds the series finds this)
+                self.splits.setdefault((kind, name), (rec.name, split))
             s = self.series[key] = Series()
         step = rec.step
         if step is None:

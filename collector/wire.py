@@ -127,7 +127,7 @@ def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list
 def valid_run_id(run: str) -> bool:
     if run in _good_runs:
         return True
-    if not RUN_ID.match(run):
+    if not RUN_ID.fullmatch(run):  # (a trailing newline passes "$" of a match, not a fullmatch)
         return False
     if len(_good_runs) > 100_000:
         _good_runs.clear()

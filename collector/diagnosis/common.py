@@ -79,23 +79,36 @@ def rms(s: dict) -> Optional[float]:
 def training(records: list[dict]) -> list[dict]:
     """The records taken in training: not those of an evaluation (data {"split": "val"}, what
     record(always=True) takes in an evaluation loop), whose values are another model mode's."""
-    return [r for r in records if (r.get("data") or {}).get("split", "train") == "train"]
+    return [r for r in records if (r.get("data") or {}).get("split") in (None, "train")]  # (as the index reads it)
 
 
 def before_divergence(grads: list[dict], metrics: list[dict]) -> tuple[list[dict], Optional[int]]:
-    """(the gradient records of the steps before the first whose gradients or loss are not
-    finite, that step); (all of them, None) when every one is finite. After a divergence the
-    norms and weights are its wreck, not its cause: a layer's last finite norm beside
-    another's 1e37 read as gradients vanishing 1e33x. Records without a step are kept."""
-    bad = [r.get("step") for r in grads
-           if (num(r["data"].get("nan")) or 0) > 0 or (num(r["data"].get("inf")) or 0) > 0]
-    bad += [r.get("step") for r in metrics
-            if r.get("name") == "loss" and "value" in r["data"] and num(r["data"]["value"]) is None]
-    bad = [st for st in bad if isinstance(st, int)]
+    """The gradient records the gradient rules judge, and the step a divergence began (None
+    when there is none). A step is bad when a gradient capture counts NaN/Inf or the loss is
+    null/NaN/Inf (a text value is not: `nonfinite` does not count it either). A divergence is
+    bad steps that never recover: from the first bad step after the last good one (a capture
+    or a loss value), every record is left out, since the norms and weights there are its
+    wreck, not its cause (a layer's last finite norm beside another's 1e37 read as gradients
+    vanishing 1e33x). Bad steps that the run recovers from (an AMP loss scale that overflowed
+    at first, one bad batch) leave out their own records only. Records without a step are kept."""
+    def bad_loss(r: dict) -> bool:
+        if r.get("name") != "loss" or "value" not in r["data"]:
+            return False
+        v = r["data"]["value"]
+        return v is None or (isinstance(v, float) and not math.isfinite(v))
+
+    bad = {r.get("step") for r in grads
+           if (num(r["data"].get("nan")) or 0) > 0 or (num(r["data"].get("inf")) or 0) > 0}
+    bad |= {r.get("step") for r in metrics if bad_loss(r)}
+    bad = {st for st in bad if isinstance(st, int)}
     if not bad:
         return grads, None
-    cut = min(bad)
-    return [r for r in grads if not isinstance(r.get("step"), int) or r["step"] < cut], cut
+    seen = {r.get("step") for r in grads} | {r.get("step") for r in metrics if r.get("name") == "loss"}
+    good = [st for st in seen if isinstance(st, int) and st not in bad]
+    tail = [st for st in bad if not good or st > max(good)]
+    cut = min(tail) if tail else None
+    return [r for r in grads if not isinstance(r.get("step"), int)
+            or (r["step"] not in bad and (cut is None or r["step"] < cut))], cut
 
 
 def one_rank(records: list[dict]) -> list[dict]:

@@ -375,3 +375,19 @@ def test_the_sender_sleeps_between_rounds_and_wakes_early_for_a_burst_or_a_flush
     pull.close()
     assert [r.name for r in recs] == (["hello", "loss"] + [f"layer{i}" for i in range(5)] + ["loss"]
                                       + ["lr"] * (sender_mod.WAKE_ITEMS - 1) + ["bye"])
+
+
+def test_a_curve_server_key_given_itself_may_hold_a_slash_and_a_run_id_no_newline(monkeypatch, tmp_path):
+    """TENSORTAP_CURVE_SERVER_KEY may be the Z85 key itself: '/' is one of its characters
+    (about a third of public keys have one), and such a key was taken for a missing file. A
+    run id with a trailing newline passed the pattern's "$" (a folder name ending in one)."""
+    from client_hooks import session
+    from collector.wire import valid_run_id
+
+    pub = next(p for p, _ in iter(zmq.curve_keypair, None) if b"/" in p)
+    monkeypatch.setenv("TENSORTAP_CURVE_SERVER_KEY", pub.decode())
+    assert session.curve_options()["curve_server_key"] == pub
+    monkeypatch.setenv("TENSORTAP_CURVE_SERVER_KEY", str(tmp_path / "srv.pub"))
+    with pytest.raises(session.SetupError, match="no such file"):
+        session.curve_options()
+    assert valid_run_id("abc") and not valid_run_id("abc\n")

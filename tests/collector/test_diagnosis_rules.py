@@ -551,6 +551,23 @@ def test_after_a_divergence_the_gradient_rules_judge_only_the_captures_before_it
     assert f["evidence"]["before_step"] == 4 and list(f["evidence"]["layers"]) == ["lift.0"]
 
 
+def test_non_finite_steps_the_run_recovers_from_leave_out_only_their_own_captures():
+    """An AMP loss scale that overflows at first (inf gradients at step 0, the step skipped)
+    or one bad batch is no divergence: the gradient rules still judge every other capture (a
+    cut at the first bad step muted them for the whole run). A loss logged as text is no
+    non-finite value either (`nonfinite` does not count it)."""
+    r = healthy()
+    r["gradients"] = grad_stream(norms={"lift.0": 1e-6}, steps=(0, 4, 8, 12))
+    r["gradients"] = [g if g["step"] != 0 else {**g, "data": {**g["data"], "inf": 5, "norm": None}}
+                      for g in r["gradients"]]
+    f = one(diagnose(r), "vanishing_gradients")
+    assert "before_step" not in f["evidence"] and f["evidence"]["steps"] == [4, 8, 12]
+    r = healthy()
+    r["gradients"] = grad_stream(norms={"lift.0": 1e-6})
+    r["metrics"][0] = {**r["metrics"][0], "data": {"value": "n/a"}}
+    assert "before_step" not in one(diagnose(r), "vanishing_gradients")["evidence"]
+
+
 # -- findings checked against real runs (MLP/FNO trainings with one known fault each) --------
 
 def test_a_loss_on_a_detached_output_sends_no_gradient_record_and_is_no_gradient():

@@ -453,3 +453,19 @@ def test_the_findings_revision_moves_only_when_the_findings_change(index):
     with client_for(create_app(index)) as c, c.stream("GET", "/api/runs/run-a/live") as r:
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["findings_rev"] == rev + 1
+
+
+def test_evaluation_splits_past_the_series_limit_keep_no_bookkeeping(monkeypatch):
+    """A run at MAX_SERIES series: an evaluation's records of new (name, split) pairs are kept
+    out and counted, and leave nothing behind in the index (the split table grew by one entry
+    for each, past the memory bound)."""
+    from collector import index as index_mod
+
+    monkeypatch.setattr(index_mod, "MAX_SERIES", 2)
+    index = Index()
+    for i in range(2):
+        index.add(rec("full", "activations", "x", stats(0.0, split=f"val{i}"), step=0, seq=i))
+    for i in range(2, 500):
+        index.add(rec("full", "activations", "x", stats(0.0, split=f"val{i}"), step=0, seq=i))
+    ri = index.get("full")
+    assert len(ri.series) == 2 and len(ri.splits) == 2 and ri.dropped_series == 498
