@@ -408,7 +408,7 @@ function showMeta(update = {}) {
   if (!S.meta || S.meta.run !== S.run) return;  // (another run's head is on its way)
   const m = S.meta = {...S.meta, ...update};
   const ranks = m.ranks.length === 1 ? `rank ${m.ranks[0]}` : `ranks ${m.ranks.join(", ")}`;
-  $("run-meta").textContent = `${m.records} records · ${ranks}` +
+  $("run-meta").textContent = `${plural(m.records, "record")} · ${ranks}` +
     (m.loading ? " · loading its stored records" : "") + (m.cmp ? ` · overlaid (dotted): ${m.cmp}` : "") +
     (m.uncharted ? ` · ${m.uncharted} records not charted (the run has 4,096 series; they are in its files)` : "");
 }
