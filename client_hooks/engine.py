@@ -320,8 +320,8 @@ class Engine:
             self.end_step()
         elif self._traced.full:  # record(always=True) in a compiled forward outside a capture step
             self._drain()
-        # (after the drain: an evaluation's last values keep its split)
-        self.split, self._eval_at = "train", (None, None)
+        if self.split != "train":  # (after the drain: an evaluation's last values keep its split)
+            self.split, self._eval_at = "train", (None, None)
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)

@@ -309,7 +309,7 @@ def curve_options() -> dict:
     elif os.sep in server or server.endswith((".pub", ".key")):
         raise SetupError(f"{var}={server!r}: no such file (the collector's .pub file of `tensortap keys`)")
     else:
-        server_key = server.encode()
+        server_key = server.encode()  # (not 40 characters: said below)
     if len(server_key) != 40:
         raise SetupError(f"{var}: {len(server_key)} characters where a public key (Z85) has 40: "
                          "give the collector's .pub file of `tensortap keys`")

@@ -36,6 +36,8 @@ import time
 from array import array
 from typing import Any, Iterable, Optional
 
+from collector.wire import eval_split
+
 MAX_POINTS = 10_000
 MAX_SERIES = 4_096
 RECENT = 20_000
@@ -56,16 +58,6 @@ def flatten(data: dict, prefix: str = "", out: Optional[dict] = None) -> dict[st
         elif t is dict:
             flatten(v, prefix + k + ".", out)
     return out
-
-
-def eval_split(kind: str, data: dict) -> Optional[str]:
-    """The evaluation an activation was taken in ({"split": "val"} in its data:
-    record(always=True) in an evaluation loop); None for a training value (or another kind)."""
-    if kind == "activations":
-        split = data.get("split")
-        if split is not None and split != "train":
-            return str(split)
-    return None
 
 
 def series_name(name: str, split: Optional[str]) -> str:
@@ -274,7 +266,7 @@ class RunIndex:
                     self.opened_ranks.add(rec.rank)
         name, split = rec.name, None
         if kind == "activations" and "split" in rec.data:  # (an evaluation's: `series_name`)
-            split = eval_split(kind, rec.data)
+            split = eval_split(rec.data)
             if split is not None:
                 name = series_name(name, split)
         key = (kind, name, rec.rank)
@@ -508,8 +500,8 @@ class RunIndex:
                 if steps[j] is None:
                     continue
                 r = recs[j]
-                split = eval_split(r.kind, r.data)
-                name = series_name(r.name, split)
+                split = eval_split(r.data) if r.kind == "activations" else None
+                name = r.name if split is None else series_name(r.name, split)
                 items.append((first + j, r.kind, name, r.rank, steps[j], r.t, flatten(r.data),
                               name if one or not r.rank else self.label(name, r.rank), r.name, split))
                 if len(items) >= limit:

@@ -124,6 +124,14 @@ def encode_many(records: list[Record], max_bytes: int = MAX_FRAME_BYTES) -> list
     return frames
 
 
+def eval_split(data: dict) -> Optional[str]:
+    """The evaluation a record's values were taken in: its data's "split" when that is not
+    "train" (record(always=True) in an evaluation loop says {"split": "val"}), else None (a
+    training value). The collector's index and its diagnosis read a split alike by this."""
+    split = data.get("split")
+    return None if split is None or split == "train" else str(split)
+
+
 def valid_run_id(run: str) -> bool:
     if run in _good_runs:
         return True

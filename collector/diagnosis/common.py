@@ -5,6 +5,8 @@ import math
 import sys
 from typing import Any, Iterable, Optional
 
+from collector.wire import eval_split
+
 SEVERITIES = ("high", "medium", "low")
 
 
@@ -79,7 +81,7 @@ def rms(s: dict) -> Optional[float]:
 def training(records: list[dict]) -> list[dict]:
     """The records taken in training: not those of an evaluation (data {"split": "val"}, what
     record(always=True) takes in an evaluation loop), whose values are another model mode's."""
-    return [r for r in records if (r.get("data") or {}).get("split") in (None, "train")]  # (as the index reads it)
+    return [r for r in records if eval_split(r.get("data") or {}) is None]
 
 
 def before_divergence(grads: list[dict], metrics: list[dict]) -> tuple[list[dict], Optional[int]]:

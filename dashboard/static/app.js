@@ -166,8 +166,9 @@ function onLive(msg) {
     }
   }
   // the findings again when they changed (a live run's plateau finding is rewritten as it goes on)
-  if (msg.findings_rev !== undefined ? msg.findings_rev !== S.findingsRev : msg.findings !== S.findings) {
-    if (S.findings !== -2) { S.findingsRev = msg.findings_rev; loadFindings(S.run, S.gen).catch(showError); }
+  if (msg.findings_rev !== S.findingsRev && S.findings !== -2) {
+    S.findingsRev = msg.findings_rev;
+    loadFindings(S.run, S.gen).catch(showError);
   }
   if ((msg.state ?? msg.live) !== S.state || (msg.records !== undefined && msg.records !== S.meta?.records)) {
     scheduleManifest();  // its counts follow the run (throttled), and its ranks' closed once they say bye
