@@ -116,6 +116,27 @@ def plotly_js() -> Path:
     return path
 
 
+def takes_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip: named with a weight above 0, or not
+    named and `*` above 0 (RFC 9110 12.5.3; "gzip;q=0" refuses it)."""
+    named = star = None
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        coding, q = coding.strip(), 1.0
+        for p in params.split(";"):
+            k, _, v = p.partition("=")
+            if k.strip() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            named = q > 0 if named is None else named or q > 0
+        elif coding == "*":
+            star = q > 0
+    return named if named is not None else bool(star)
+
+
 class Gzipped:
     """A static file's gzip bytes, made once at first request (plotly.min.js: 4.8 MB, 1.4 MB
     gzipped; what a page opened over a network waits for on its first visit)."""
@@ -168,7 +189,7 @@ def create_app(index, *, token: Optional[str] = None, loopback_only: bool = True
     @app.get("/static/plotly.min.js", include_in_schema=False)
     async def plotly_file(accept_encoding: str = Header("")) -> Response:
         headers = {"cache-control": "max-age=86400", "vary": "accept-encoding"}
-        if "gzip" in accept_encoding.lower():
+        if takes_gzip(accept_encoding):
             body = await asyncio.to_thread(plotly_gz.get)  # (the first time: ~0.3 s, off the event loop)
             return Response(body, media_type="text/javascript", headers={**headers, "content-encoding": "gzip"})
         return FileResponse(plotly_path, media_type="text/javascript", headers=headers)

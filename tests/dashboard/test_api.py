@@ -173,6 +173,12 @@ def test_page_and_local_plotly_are_served(client):
     assert int(js.headers["content-length"]) < len(whole) / 2
     plain = client.get("/static/plotly.min.js", headers={"accept-encoding": "identity"})
     assert "content-encoding" not in plain.headers and plain.content == whole
+    # a weight of 0 refuses gzip (RFC 9110); another coding's weight or `*` does not
+    for accept, gz in [("gzip;q=0", False), ("GZIP; Q=0.0, identity", False), ("br, gzip;q=0.5", True),
+                       ("*", True), ("*;q=0", False), ("gzip;q=0, *", False), ("deflate, br", False)]:
+        r = client.get("/static/plotly.min.js", headers={"accept-encoding": accept})
+        assert (r.headers.get("content-encoding") == "gzip") is gz, accept
+        assert r.content == whole, accept
     for f in ["app.js", "charts.js", "style.css"]:
         assert client.get("/static/" + f).status_code == 200
     assert client.get("/static/nope.js").status_code == 404
