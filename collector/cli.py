@@ -7,11 +7,11 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import subprocess
 import sys
+from typing import Optional
 
 from collector.security import is_loopback
 from collector.text import plural
@@ -57,9 +57,15 @@ def check_token(token):
     return token
 
 
-def check_out(out: str) -> bool:
-    """--out made if missing and written to once; whether this call made it."""
-    made = not os.path.exists(out)
+def check_out(out: str) -> Optional[str]:
+    """--out made if missing and written to once; the topmost folder this call made (for
+    `unmake_out`), or None."""
+    made, up = None, os.path.abspath(out)
+    while not os.path.exists(up):
+        made, parent = up, os.path.dirname(up)
+        if parent == up:
+            break
+        up = parent
     if os.path.isfile(out):
         raise UsageError(f"--out {out!r} is a file; the artifact root is a folder")
     try:
@@ -71,6 +77,21 @@ def check_out(out: str) -> bool:
     except OSError as e:
         raise UsageError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
     return made
+
+
+def unmake_out(out: str, made: Optional[str]) -> None:
+    """Remove the empty folders `check_out` made for --out, up to `made` (nothing was written)."""
+    if made is None:
+        return
+    d = os.path.abspath(out)
+    while True:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+        if d == made:
+            return
+        d = os.path.dirname(d)
 
 
 # the demo's faults (examples.grid_lines.models.INJECTS; the collector does not import torch)
@@ -166,9 +187,7 @@ def cmd_collect(a) -> int:
         col.start()
     except Exception as e:  # e.g. address in use
         col.shutdown()
-        if made:  # (nothing was written: no empty --out left behind)
-            with contextlib.suppress(OSError):
-                os.rmdir(a.out)
+        unmake_out(a.out, made)  # (nothing was written: no empty --out left behind)
         raise UsageError(f"collector failed to start: {e}") from None
     col.serve_forever()
     return 0

@@ -82,10 +82,13 @@ def test_serve_or_collect_on_a_busy_port_is_one_line_naming_the_option(tmp_path)
         port = busy.getsockname()[1]
         _one_line(_cli("serve", str(tmp_path / "stored"), "--http", f"127.0.0.1:{port}"), "serve",
                   f"web view failed to start: [Errno 98] --http 127.0.0.1:{port}: Address already in use")
-        out = tmp_path / "new-out"
-        _one_line(_cli("collect", "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--http", f"127.0.0.1:{port}"),
-                  "collect", f"--http 127.0.0.1:{port}: Address already in use")
-        assert not out.exists()
+        out = tmp_path / "new-out" / "a" / "b"  # every folder it made goes, not only the last
+        (tmp_path / "kept").mkdir()
+        for where in (out, tmp_path / "kept" / "run"):
+            _one_line(_cli("collect", "--out", str(where), "--zmq", "tcp://127.0.0.1:0", "--http",
+                           f"127.0.0.1:{port}"), "collect", f"--http 127.0.0.1:{port}: Address already in use")
+        assert not (tmp_path / "new-out").exists()
+        assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "run").exists()
 
 
 def _serve(root, http: str, tmp_path) -> tuple[subprocess.Popen, dict]:
