@@ -38,8 +38,9 @@ class TapCallback(Callback):
     ranks of node 0 take them from rank 0's announcement (client_hooks.session); across
     nodes, set TENSORTAP_ENDPOINT to a collector every node reaches.
     From inside the LightningModule: `callback.record(name, tensor, pair=None, always=False)`;
-    with always=True, a record in a validation, test or predict batch says its split
-    ({"split": "val"}) and is kept apart from training's.
+    with always=True, a record in a validation, test or predict loop (its batches, and the
+    module's on_validation_epoch_end and on_validation_end) says its split ({"split": "val"})
+    and is kept apart from training's.
     """
 
     def __init__(self, gate: str = session.DEFAULT_GATE, *, run: Optional[str] = None,
@@ -115,6 +116,7 @@ class TapCallback(Callback):
         later stage of this callback (its bye goes at the process's exit); a new TapCallback
         after this one starts a new run unless one is given."""
         if self._engine is not None:
+            self._end_evaluation()  # (validate, test, predict: the stage's end)
             self._engine.close()
             self._engine.sender.flush(2.0)
             self._release(self._engine.sender.run)
@@ -126,6 +128,7 @@ class TapCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._engine is not None:
+            self._end_evaluation()
             self._engine.event("fit_end", {}, trainer.global_step, trainer.current_epoch)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -146,6 +149,7 @@ class TapCallback(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         e = self._engine
         if e is not None:
+            self._end_evaluation()  # (the sanity check's)
             e.new_epoch(trainer.current_epoch)
             e.event("epoch_start", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
 
@@ -153,6 +157,7 @@ class TapCallback(Callback):
         e = self._engine
         if e is None:
             return
+        self._end_evaluation()  # (the epoch's validation ran before this hook)
         if not self._val_logged:  # validation never ran in this epoch: there is none
             e.send_now("loader_stats", "val_loader", {"present": False, "length": None})
             self._val_logged = True
@@ -201,11 +206,13 @@ class TapCallback(Callback):
         if self._engine is not None:
             self._engine.evaluating("predict", trainer.global_step, trainer.current_epoch)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._engine is not None:
-            self._engine.evaluated()
-
-    on_test_end = on_predict_end = on_validation_end
+    # The evaluation ends at the next training hook, not in on_validation_end: Lightning calls
+    # the module's own on_validation_end (test, predict) after the callbacks', and a record
+    # there is the evaluation's too (it was taken as a training value, with a warning)
+    def _end_evaluation(self) -> None:
+        e = self._engine
+        if e is not None and e.split != "train":
+            e.evaluated()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:

@@ -86,8 +86,10 @@ def test_a_record_always_in_a_compiled_validation_step_is_sent_for_each_batch(pu
 def test_validation_records_say_val_at_the_global_step_and_end_with_the_validation(pull):
     """record(always=True) in validation_step: "val" records at the global step (where the
     validation metrics are drawn), the sanity check's at step 0 (they had no step, and the
-    collector drew them at made-up ones); a record after the validation (the module's
-    on_train_epoch_end) is a training value again (it was labelled "val")."""
+    collector drew them at made-up ones); a record in the module's own on_validation_end,
+    which runs after the callback's, is the validation's too (it was a training value, with
+    a warning); a record after the validation (the module's on_train_epoch_end) is a
+    training value again (it was labelled "val")."""
     res = run_app({"TENSORTAP": "1", "TENSORTAP_ENDPOINT": pull.endpoint,
                    "TENSORTAP_RUN": os.environ["TENSORTAP_RUN"]}, "--eval-records")
     assert res["hooks"] == 0
@@ -100,6 +102,9 @@ def test_validation_records_say_val_at_the_global_step_and_end_with_the_validati
     assert val_loss == [(4, 0), (8, 1)]  # the same steps as the validation's records
     after = sorted(pull.find("activations", "epoch_out"), key=lambda r: r["seq"])
     assert [(r["epoch"], r["data"].get("split")) for r in after] == [(0, None), (1, None)]
+    assert pull.wait_for(lambda r: len(pull.find("activations", "val_end")) == 3)
+    end = sorted(pull.find("activations", "val_end"), key=lambda r: r["seq"])
+    assert [(r["step"], r["epoch"], r["data"].get("split")) for r in end] == [(0, 0, "val"), (4, 0, "val"), (8, 1, "val")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")
