@@ -135,6 +135,7 @@ class TapCallback(Callback):
         e = self._engine
         if e is None:
             return
+        self._end_evaluation()  # (the sanity check's)
         e.set_optimizers([getattr(o, "_optimizer", o) for o in trainer.optimizers])
         n = trainer.num_training_batches
         e.send_now("loader_stats", "train_loader", {"present": trainer.train_dataloader is not None,
@@ -149,7 +150,7 @@ class TapCallback(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         e = self._engine
         if e is not None:
-            self._end_evaluation()  # (the sanity check's)
+            self._end_evaluation()
             e.new_epoch(trainer.current_epoch)
             e.event("epoch_start", {"epoch": trainer.current_epoch}, trainer.global_step, trainer.current_epoch)
 

@@ -64,6 +64,11 @@ class Module(L.LightningModule):
             self.tap().record("val_x", out, always=True)
         self.log("val_loss", val(batch["images"]) if val is not None else out.pow(2).mean())
 
+    def on_train_start(self):
+        """--eval-records: after the sanity check's validation, a training value."""
+        if getattr(self, "eval_records", False):
+            self.tap().record("train_start", self.net[0].weight, always=True)
+
     def on_validation_end(self):
         """--eval-records: the module's own hook, which Lightning calls after the callbacks'."""
         if getattr(self, "eval_records", False):
