@@ -71,9 +71,12 @@ function place(kind, name, stats, prefix, x, y, base = name, rank = 0, split = n
   const dash = prefix ? "dot" : "solid";
   const out = [];  // [chart, key, stat] where this series goes
   if (kind === "metrics") {
-    const c = chartFor("metrics", "", {});
+    const c = chartFor("metrics", "", {bad: true});  // a NaN or Inf loss: marked, not only a gap
     const key = prefix + "|" + name, stat = c.has(key) ? c.spec(key).stat : pick(stats, "value");
-    if (stat) { c.add(key, {label, stat, color: colorOf(name, "metrics"), dash}, x(stat), y(stat)); out.push([c, key, stat]); }
+    if (stat) {
+      c.add(key, {label, stat, color: colorOf(name, "metrics"), dash, bad: true}, x(stat), y(stat));
+      out.push([c, key, stat]);
+    }
   } else if (kind === "gradients") {
     showKind(kind, true);
     for (const [id, want, title, log] of GRAD_CHARTS) {

@@ -141,7 +141,9 @@ class Chart {
   has(key) { return this.keys.has(key); }
   spec(key) { return this.specs[this.keys.get(key)]; }
 
-  // spec: {label, stat, color, dash, visible, markers (points only, never a line)}; x, y: initial points
+  // spec: {label, stat, color, dash, visible, markers (points only, never a line), bad (its
+  // NaN/Inf points, a gap in the line, are also marked along the chart's top: a trace of
+  // their own, made at the first)}; x, y: initial points
   add(key, spec, x = [], y = []) {
     if (this.keys.has(key)) return this.keys.get(key);
     const i = this.specs.length;
@@ -153,14 +155,31 @@ class Chart {
     const mode = spec.markers ? "markers" : sparse ? "lines+markers" : "lines";
     this.newTraces.push({
       type: "scatter", mode, name: plotlyText(legendName(spec.label)), x, y,
-      line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"}, marker: {size: 5, color: spec.color},
-      visible: spec.visible === undefined ? true : spec.visible,
-      hovertemplate: "%{y:.4g} @ step %{x}<extra>" + plotlyText(spec.label) + "</extra>",
+      line: {width: 1.5, color: spec.color, dash: spec.dash || "solid"},
+      marker: {size: spec.symbol ? 7 : 5, color: spec.color, symbol: spec.symbol || "circle"},
+      visible: spec.visible === undefined ? true : spec.visible, yaxis: spec.yaxis || "y",
+      hovertemplate: (spec.hover || "%{y:.4g} @ step %{x}") + "<extra>" + plotlyText(spec.label) + "</extra>",
     });
+    if (spec.bad) {
+      const bx = Array.from(x).filter((_, j) => !Number.isFinite(y[j]));
+      if (bx.length) this.addBad(key, spec, bx);
+    }
     return i;
   }
 
+  // The marks of `key`'s NaN/Inf steps: points at the top of the chart (on a hidden second
+  // y axis of 0..1, so neither the scale nor log mode moves them), in the trace's colour.
+  addBad(key, spec, x) {
+    this.add(key + "\u0000bad", {label: spec.label + " NaN/Inf", stat: spec.stat, color: spec.color,
+      markers: true, symbol: "x", yaxis: "y2", hover: "NaN or Inf @ step %{x}"}, x, x.map(() => BAD_Y));
+  }
+
   push(key, x, y) {
+    const spec = this.spec(key);
+    if (spec.bad && !Number.isFinite(y)) {  // (null: JSON's NaN and Inf)
+      if (this.has(key + "\u0000bad")) this.push(key + "\u0000bad", x, BAD_Y);
+      else this.addBad(key, spec, [x]);
+    }
     const i = this.keys.get(key);
     let p = this.pending.get(i);
     if (!p) this.pending.set(i, p = {x: [], y: []});
@@ -268,10 +287,12 @@ Chart.observer = new IntersectionObserver((entries) => {
   if (shown) Chart.onVisible();
 });
 
-const CHART_PX = 300, MARGIN_B = 36;  // a chart's height (style.css .chart), a legend below it added
+const CHART_PX = 300, MARGIN_B = 36, BAD_Y = 0.97;  // a chart's height (style.css .chart), a legend below it added
 
-function chartLayout(title, {log = false, legend, below = false} = {}) {
+// bad: the chart marks its traces' NaN/Inf steps (Chart.addBad) on a second y axis, hidden
+function chartLayout(title, {log = false, legend, below = false, bad = false} = {}) {
   return {
+    ...(bad ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
     legendBelow: below,
     title: title ? {text: plotlyText(title), font: {size: 13}, x: 0.01} : undefined,
     margin: {l: 55, r: 10, t: title ? 32 : 10, b: MARGIN_B},

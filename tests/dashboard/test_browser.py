@@ -3,6 +3,7 @@ live record pushed through a real collector appears in a chart, a finding appear
 panel, and a hostile layer name renders as text. Saves test-artifacts/dashboard.png."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -555,6 +556,43 @@ def test_a_metrics_only_run_says_it_has_no_gradients_or_activations(page):
         page.wait_for_function("() => document.getElementById('run-meta').textContent.startsWith('11 records')",
                                timeout=5_000)
         assert page.is_visible("#grad-charts") and not page.is_visible("#grad-none")
+        leave(page)
+    assert page.problems == []
+
+
+MARKS = """() => document.getElementById('chart-metrics').data.filter(t => t.yaxis === 'y2')
+    .map(t => ({name: t.name, x: Array.from(t.x), mode: t.mode, symbol: t.marker.symbol}))"""
+
+
+def test_a_nan_or_inf_loss_is_marked_along_the_charts_top_stored_and_live(page):
+    """A non-finite loss is a gap in the line (JSON has no NaN or Inf); the page also marks
+    its steps with an x along the top of the chart, on a hidden axis of its own that neither
+    the loss's scale nor log mode moves. Before, the gap alone said so: at the end of a
+    diverged run the line simply stopped."""
+    index = Index(health=lambda: {"status": "ok"})
+    values = [1.0, 0.9, math.nan, 0.8, math.inf, 0.7]
+    for i, v in enumerate(values):
+        index.add(rec("diverged", "metrics", "loss", {"value": v}, step=i))
+        index.add(rec("diverged", "metrics", "val_loss", {"value": 1.0 - i / 10}, step=i))
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=diverged")
+        chart_has(page, "chart-metrics", 5)
+        page.wait_for_function(f"() => ({MARKS})().length === 1", timeout=5_000)
+        assert page.evaluate(MARKS) == [{"name": "loss NaN/Inf", "x": [2, 4], "mode": "markers", "symbol": "x"}]
+        loss = page.evaluate("document.getElementById('chart-metrics').data.find(t => t.name === 'loss').y")
+        assert loss[2] is None and loss[4] is None and loss[5] == pytest.approx(0.7)  # the gap stays
+        y2 = page.evaluate("document.getElementById('chart-metrics').layout.yaxis2")
+        assert y2["overlaying"] == "y" and y2["visible"] is False and y2["range"] == [0, 1]
+        # live: a NaN loss gets its mark, a finite one none; log mode leaves the marks where they are
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+        index.add(rec("diverged", "metrics", "loss", {"value": math.nan}, step=6))
+        index.add(rec("diverged", "metrics", "loss", {"value": 0.5}, step=7))
+        chart_has(page, "chart-metrics", 7, timeout_ms=5_000)
+        page.wait_for_function(f"() => ({MARKS})()[0].x.includes(6)", timeout=5_000)
+        assert page.evaluate(MARKS)[0]["x"] == [2, 4, 6]
+        page.check("#loss-log")
+        page.wait_for_function("() => document.getElementById('chart-metrics').layout.yaxis.type === 'log'")
+        assert page.evaluate("document.getElementById('chart-metrics').layout.yaxis2.type") != "log"
         leave(page)
     assert page.problems == []
 
