@@ -178,6 +178,9 @@ function onLive(msg) {
   }
   S.state = msg.state ?? msg.live;
   setLive(msg.state ?? msg.live);
+  // the run's entry in the list too, at once (it waited for the next poll of the runs)
+  const mine = S.runs.find(r => r.run === S.run), live = S.state === "live" || S.state === true;
+  if (mine && mine.live !== live) { mine.live = live; renderRuns(); }
   if (msg.records !== undefined && msg.records !== S.meta?.records) showMeta({records: msg.records});
   requestDraw();
 }
@@ -373,13 +376,7 @@ async function refreshRuns() {
   } else if (S.missing) {
     showMissing(S.missing);
   }
-  $("runs").replaceChildren(...S.runs.slice().reverse().map(r => {
-    const li = el("li", {class: r.run === S.run ? "selected" : ""}, el("span", {class: "dot" + (r.live ? " live" : "")}),
-      r.run, el("span", {class: "sub"}, `${plural(r.records, "record")} · ${plural(r.findings, "finding")}` +
-        (r.live && !S.down ? " · live" : "")));
-    li.addEventListener("click", () => go(r.run, S.cmp === r.run ? null : S.cmp));
-    return li;
-  }));
+  renderRuns();
   const sel = $("compare");
   const want = [""].concat(S.runs.map(r => r.run).filter(r => r !== S.run));
   if ([...sel.options].map(o => o.value).join("\n") !== want.join("\n")) {
@@ -387,6 +384,16 @@ async function refreshRuns() {
   }
   sel.value = S.cmp || "";
   if (!S.run && !S.missing && S.runs.length) go((S.runs.find(r => r.live) || S.runs[S.runs.length - 1]).run, null);
+}
+
+function renderRuns() {
+  $("runs").replaceChildren(...S.runs.slice().reverse().map(r => {
+    const li = el("li", {class: r.run === S.run ? "selected" : ""}, el("span", {class: "dot" + (r.live ? " live" : "")}),
+      r.run, el("span", {class: "sub"}, `${plural(r.records, "record")} · ${plural(r.findings, "finding")}` +
+        (r.live && !S.down ? " · live" : "")));
+    li.addEventListener("click", () => go(r.run, S.cmp === r.run ? null : S.cmp));
+    return li;
+  }));
 }
 
 async function refreshHealth() {

@@ -597,6 +597,29 @@ def test_a_nan_or_inf_loss_is_marked_along_the_charts_top_stored_and_live(page):
     assert page.problems == []
 
 
+def test_the_runs_list_stops_saying_live_with_the_badge_not_a_poll_later(page):
+    """The live stream says the run has finished: its entry in the runs list drops "· live"
+    then, as the badge does (it waited for the next poll of the runs, up to 2 s later and
+    longer while the collector was away). The polls are stopped here to show it."""
+    index = Index(health=lambda: {"status": "ok"})
+    index.add(rec("ending", "events", "hello", {"pid": 1, "host": "h", "world": 1}, seq=0))
+    for i in range(3):
+        index.add(rec("ending", "metrics", "loss", {"value": 1.0}, step=i, seq=1 + i))
+    with serve(create_app(index)) as url:
+        page.goto(f"{url}/#run=ending")
+        page.wait_for_selector("#runs .dot.live")
+        assert page.inner_text("#runs li.selected").endswith("· live")
+        page.wait_for_function("() => window.__tt.es && window.__tt.es.readyState === 1")
+        page.evaluate("() => { clearTimeout(window.__tt.pollTimer); window.__tt.pollTimer = null; }")
+        index.add(rec("ending", "events", "bye", {"records": 3}, seq=4))
+        page.wait_for_function("() => document.getElementById('run-live').textContent === 'finished'",
+                               timeout=5_000)
+        page.wait_for_function("() => !document.querySelector('#runs .dot.live')", timeout=1_000)
+        assert "live" not in page.inner_text("#runs li.selected")
+        leave(page)
+    assert page.problems == []
+
+
 def test_long_layer_names_do_not_squeeze_the_gradient_charts(page):
     """Legends of layer paths sat right of the plot and took two thirds of a gradient chart."""
     index = Index(health=lambda: {"status": "ok"})
