@@ -287,7 +287,8 @@ Chart.observer = new IntersectionObserver((entries) => {
   if (shown) Chart.onVisible();
 });
 
-const CHART_PX = 300, MARGIN_B = 36, BAD_Y = 0.97;  // a chart's height (style.css .chart), a legend below it added
+const CHART_PX = 300, MARGIN_B = 36;  // a chart's height (style.css .chart), a legend below it added
+const BAD_Y = 0.97;  // where NaN/Inf marks sit on their hidden 0..1 axis: along the plot's top
 
 // bad: the chart marks its traces' NaN/Inf steps (Chart.addBad) on a second y axis, hidden
 function chartLayout(title, {log = false, legend, below = false, bad = false} = {}) {
