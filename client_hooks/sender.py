@@ -106,6 +106,8 @@ class Sender:
         if curve_server_key is not None:
             pub, sec = curve_keypair or zmq.curve_keypair()
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve_server_key, pub, sec
+        if "://[" in endpoint:  # an IPv6 address ([::1]): ZeroMQ takes it only with IPV6 on
+            sock.setsockopt(zmq.IPV6, 1)
         sock.connect(endpoint)
         self._sock = sock
         self._zmq_again = zmq.Again

@@ -75,6 +75,8 @@ def check_collector(endpoint: str, curve: dict, timeout: float = CONNECT_S) -> N
             pub, sec = curve.get("curve_keypair") or zmq.curve_keypair()
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve["curve_server_key"], pub, sec
         mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(failed))
+        if "://[" in endpoint:  # an IPv6 address ([::1]): ZeroMQ takes it only with IPV6 on
+            sock.setsockopt(zmq.IPV6, 1)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as e:  # a malformed endpoint

@@ -128,6 +128,8 @@ class Collector:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # a free port
         self.sock = sock
+        if "://[" in endpoint:  # an IPv6 address ([::1]): ZeroMQ takes it only with IPV6 on
+            sock.setsockopt(zmq.IPV6, 1)
         sock.bind(endpoint)
         self.zmq_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from tests.collector.test_collector import rec
 from tests.procs import ROOT, CollectorProc, free_port, manifest, read_jsonl, wait_for
 
@@ -152,6 +154,38 @@ def test_replay_reaches_a_curve_collector_with_the_training_side_keys(tmp_path):
     finally:
         col.stop()
     assert manifest(tmp_path / "out" / "copy")["totals"]["gaps"] == 0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_the_zeromq_endpoint_may_be_ipv6_loopback_for_collect_replay_and_the_client(tmp_path):
+    """tcp://[::1]:PORT, loopback like 127.0.0.1 (the command line's check said so), was
+    "collector failed to start: No such device": ZeroMQ takes an IPv6 address only with its
+    IPV6 option on. The client's sender and replay connect to one too."""
+    from client_hooks.sender import Sender
+
+    run = _run_folder(tmp_path, 6)
+    col = CollectorProc(str(tmp_path / "out"), extra=["--zmq", "tcp://[::1]:0"])
+    try:
+        assert col.endpoint.startswith("tcp://[::1]:"), col.endpoint
+        r = _cli("replay", str(run), "--to", col.endpoint, "--max", "--run", "copy6", timeout=60)
+        assert r.returncode == 0 and "6 records" in r.stdout, (r.stdout, r.stderr)
+        s = Sender(col.endpoint, "client6")
+        for i in range(4):
+            s.send("metrics", "loss", {"value": 1.0 / (i + 1)}, step=i)
+        s.close()
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "out" / "copy6" / "metrics.jsonl")) == 6)
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "out" / "client6" / "metrics.jsonl")) == 4)
+    finally:
+        col.stop()
 
 
 def test_a_page_left_open_does_not_make_the_stop_print_a_traceback(tmp_path):
