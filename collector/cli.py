@@ -296,6 +296,9 @@ def cmd_demo(a) -> int:
 def cmd_keys(a) -> int:
     from collector.security import write_keypair
 
+    if not a.prefix.strip():
+        raise UsageError("the prefix is empty: give a file name prefix, e.g. 'collector' (writes "
+                         "collector.key and collector.pub)")
     if a.prefix.endswith(("/", os.sep)) or os.path.isdir(a.prefix):
         raise UsageError(f"{a.prefix!r} is a folder: give a file name prefix in it, e.g. "
                          f"{os.path.join(a.prefix, 'collector')!r} (writes .key and .pub)")

@@ -195,7 +195,7 @@ def is_run_dir(path: str) -> bool:
 def load_run(run_dir: str, stats: Optional[LoadStats] = None) -> RunIndex:
     """One stored run as a RunIndex: its records, manifest.json and findings.json."""
     stats = stats or LoadStats()
-    ri = RunIndex(os.path.basename(os.path.normpath(run_dir)))
+    ri = RunIndex(os.path.basename(os.path.abspath(run_dir)))
     for rec in run_records(run_dir, stats):
         ri.add(rec)
     ri.manifest, findings = stored_docs(run_dir, stats)
@@ -237,7 +237,7 @@ class StoredIndex(Index):
         self.hide = hide or (lambda run: False)
         self.root, self.stats, self.loaded_at = root, LoadStats(), time.time()
         # ROOT is itself a run's folder: that run, found in the folder above
-        self.only = os.path.basename(os.path.normpath(root)) if is_run_dir(root) else None
+        self.only = os.path.basename(os.path.abspath(root)) if is_run_dir(root) else None
         self.base = os.path.dirname(os.path.abspath(root)) if self.only else root
         self._listed: dict[str, dict] = {}  # run -> its summary
         self._recent: list[str] = []  # the runs held read, least recently asked for first

@@ -35,6 +35,11 @@ def write_keypair(prefix: str, overwrite: bool = False) -> str:
                 raise FileExistsError(17, "already exists (pass --force to replace the pair)", path)
     pub, sec = zmq.curve_keypair()
     fd = os.open(prefix + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # (a file replaced with --force keeps its mode otherwise)
+    except OSError:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "wb") as f:
         f.write(pub + b"\n" + sec + b"\n")
     with open(prefix + ".pub", "wb") as f:

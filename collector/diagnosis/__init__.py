@@ -56,7 +56,7 @@ def write_findings(run_dir: str, stats=None) -> list[dict]:
     LoadStats that counts the records read and the lines skipped."""
     records = load_run(run_dir, stats)
     findings = diagnose(records)
-    doc = {"v": 1, "run": os.path.basename(os.path.normpath(run_dir)), "t": time.time(),
+    doc = {"v": 1, "run": os.path.basename(os.path.abspath(run_dir)), "t": time.time(),
            "records": {k: len(v) for k, v in records.items()}, "findings": findings}
     path = os.path.join(run_dir, "findings.json")
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -86,7 +86,7 @@ def report_main(args) -> int:
         json.dump(findings, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    name = os.path.basename(os.path.normpath(run_dir))
+    name = os.path.basename(os.path.abspath(run_dir))
     skipped = f"{plural(stats.torn + stats.bad, 'line')} skipped: torn or not a record"
     if not stats.records:
         print(f"{name}: no record could be read{f' ({skipped})' if stats.torn + stats.bad else ''}: "

@@ -17,8 +17,8 @@ from tests.collector.test_collector import rec
 from tests.procs import ROOT, CollectorProc, free_port, manifest, read_jsonl, wait_for
 
 
-def _cli(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, capture_output=True, text=True,
+def _cli(*args, env=None, timeout=60, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -50,6 +50,8 @@ def test_cli_mistakes_give_one_line(tmp_path):
     _one_line(_cli("report", str(tmp_path)), "report", "holds no run; runs are one level down, in")
     _one_line(_cli("keys", str(tmp_path) + "/"), "keys", "is a folder: give a file name prefix in it")
     assert not (tmp_path / ".key").exists()
+    _one_line(_cli("keys", "", cwd=tmp_path), "keys", "the prefix is empty")  # (it wrote ./.key, ./.pub)
+    assert not (tmp_path / ".key").exists() and not (tmp_path / ".pub").exists()
     _one_line(_cli("collect", "--curve-secret", str(tmp_path / "k.key"), "--http", "off", "--out", str(tmp_path)),
               "collect", "--curve-secret and --allow-keys go together")
     bad = {"TENSORTAP_COLLECT_MAX_FRAME": "1MiB", "TENSORTAP_COLLECT_QUEUE_BYTES": "lots"}
@@ -70,8 +72,10 @@ def test_keys_keeps_an_existing_pair_unless_forced(tmp_path):
     before = (tmp_path / "srv.key").read_bytes()
     _one_line(_cli("keys", prefix), "keys", "already exists (pass --force to replace the pair)")
     assert (tmp_path / "srv.key").read_bytes() == before
+    os.chmod(tmp_path / "srv.key", 0o644)  # a secret key someone made readable
     assert _cli("keys", prefix, "--force").returncode == 0
     assert (tmp_path / "srv.key").read_bytes() != before
+    assert (tmp_path / "srv.key").stat().st_mode & 0o777 == 0o600  # the new one is not (it kept 0644)
 
 
 def test_serve_or_collect_on_a_busy_port_is_one_line_naming_the_option(tmp_path):
@@ -93,10 +97,10 @@ def test_serve_or_collect_on_a_busy_port_is_one_line_naming_the_option(tmp_path)
         assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "run").exists()
 
 
-def _serve(root, http: str, tmp_path) -> tuple[subprocess.Popen, dict]:
+def _serve(root, http: str, tmp_path, cwd=ROOT) -> tuple[subprocess.Popen, dict]:
     ready = str(tmp_path / f"ready-{time.monotonic_ns()}")
     p = subprocess.Popen([sys.executable, "-m", "collector", "serve", str(root), "--http", http,
-                          "--ready-file", ready], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--ready-file", ready], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert wait_for(lambda: os.path.exists(ready) or p.poll() is not None, 30) and p.poll() is None, \
         p.communicate()[1][-2000:]
     with open(ready) as f:
@@ -116,6 +120,22 @@ def test_the_web_view_binds_any_loopback_address_without_a_token(tmp_path):
             p.send_signal(signal.SIGTERM)
             _, err = p.communicate(timeout=30)
         assert p.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_a_run_folder_given_as_dot_is_the_run_it_is(tmp_path):
+    """`report .` and `serve .` inside a run's folder: the run is named by the folder (report
+    wrote "run": "." into findings.json; serve listed no run)."""
+    run = _run_folder(tmp_path)
+    r = _cli("report", ".", cwd=run)
+    assert r.returncode == 0 and r.stdout.startswith("r1:"), (r.stdout, r.stderr)
+    assert json.loads((run / "findings.json").read_text())["run"] == "r1"
+    p, info = _serve(".", "127.0.0.1:0", tmp_path, cwd=run)
+    try:
+        with urllib.request.urlopen(info["http"] + "api/runs", timeout=5) as resp:
+            assert [x["run"] for x in json.load(resp)] == ["r1"]
+    finally:
+        p.terminate()
+        p.communicate(timeout=20)
 
 
 def test_replay_to_no_collector_says_so_in_one_line_within_seconds(tmp_path):
