@@ -297,7 +297,7 @@ class StoredIndex(Index):
         unclosed = any(isinstance(st, dict) and st.get("hello") is not None and st.get("closed") is not True
                        for st in ranks.values())
         return {"run": name, "live": False, "state": "unclosed" if unclosed else "finished", "records": written,
-                "ranks": sorted(int(r) for r in ranks if str(r).isdigit()),
+                "ranks": sorted(int(r) for r in ranks if str(r).isascii() and str(r).isdigit()),
                 "first_t": _num(m.get("created")), "last_t": _num(m.get("updated")),
                 "findings": len(findings or [])}
 

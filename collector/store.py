@@ -215,7 +215,7 @@ class RunFiles:
         self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
         ranks = old.get("ranks")
         ranks = {int(r): d for r, d in ranks.items()
-                 if isinstance(r, str) and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
+                 if isinstance(r, str) and r.isascii() and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
         recorded = self._recorded_marks(old, ranks)
         seen: dict[int, list[int]] = {}  # rank -> stored seqs read (after the marks)
         marked: Counter = Counter()  # rank -> stream records the marks count (not read)
@@ -297,7 +297,7 @@ class RunFiles:
                 continue
             counts = {}
             for r, n in rk.items():
-                d = ranks.get(int(r)) if isinstance(r, str) and r.isdigit() else None
+                d = ranks.get(int(r)) if isinstance(r, str) and r.isascii() and r.isdigit() else None
                 if d is None or _int(n, -1) < 0 or _int(d.get("next_seq"), -1) < 0 or "patch_written" not in d:
                     break
                 counts[int(r)] = n

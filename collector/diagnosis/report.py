@@ -36,7 +36,7 @@ def root_rows(root: str) -> list[dict]:
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
                      "manifest": usable, "manifest_state": state,
                      "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
-                     "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isdigit()
+                     "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isascii() and str(r).isdigit()
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,
                      "findings": None if f is None else [x.get("rule") for x in f]})
@@ -53,7 +53,10 @@ def report_root(root: str, as_json: bool) -> int:
     print(f"{root}: {plural(len(rows), 'run')}, newest first (`tensortap report RUN_DIR` diagnoses one)")
     width = max(len(r["run"]) for r in rows)
     for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+        except (OverflowError, OSError, ValueError):  # a manifest's `created` no clock can show
+            when = "????-??-?? ??:??"
         if not r["manifest"]:
             why = " (its collector was killed?)" if r["manifest_state"] == "missing" else ""
             what = f"manifest.json {r['manifest_state']}{why}: `tensortap report` it to see"

@@ -302,6 +302,24 @@ def test_report_of_a_folder_of_runs_gives_a_line_per_run_from_what_is_stored(tmp
     (tmp_path / "odd" / "manifest.json").write_text('{"ranks": {"0": "x"}, "totals": [1]}')
     line = [x for x in _cli("report", str(tmp_path)).stdout.splitlines() if x.split()[0] == "odd"][0]
     assert "manifest.json not a manifest's shape: `tensortap report` it to see" in line, line
+    # JSON of the right shape with values no collector writes: a rank "²" (isdigit, but no
+    # int) and a `created` no clock shows were tracebacks in report ROOT, serve and a restart
+    (tmp_path / "odd" / "manifest.json").write_text(
+        '{"created": 1e300, "totals": {"written": 1}, "ranks": {"\u00b2": {"hello": 1}}}')
+    r = _cli("report", str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [x for x in r.stdout.splitlines() if x.split()[0] == "odd"][0].split()[1] == "????-??-??"
+    from collector.load import StoredIndex
+
+    assert "odd" in [x["run"] for x in StoredIndex(str(tmp_path)).summaries()]
+    col = CollectorProc(str(tmp_path))  # the run sends again: its manifest is read back
+    try:
+        sock = push_socket(col.endpoint)
+        sock.send(rec(0, run="odd"))
+        sock.close()
+        assert wait_for(lambda: len(read_jsonl(tmp_path / "odd" / "metrics.jsonl")) == 1)
+    finally:
+        assert col.stop() == 0, col.output()
 
 
 def test_report_of_a_run_says_how_many_records_it_read_and_skipped(tmp_path):
