@@ -134,6 +134,21 @@ def guarded(kind: str):
     return wrap
 
 
+NAME_MAX = 256  # a record's name on the wire (collector.wire.Name): 1..256 characters
+
+
+def bad_name(call: str, name) -> bool:
+    """Whether `name` cannot be a record's name (not text, empty, over NAME_MAX characters),
+    said once per call and name. The collector refuses such a record with its whole frame,
+    which holds many others: the client drops it alone."""
+    if type(name) is str and 0 < len(name) <= NAME_MAX:
+        return False
+    shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+    say_once(f"name {call} {shown}", f"tensortap: {call}({shown}): a name must be text of 1 to "
+             f"{NAME_MAX} characters; it is not recorded")
+    return True
+
+
 def whole(v, what: str) -> Optional[int]:
     """A step or epoch as an int: Python, NumPy or 0-d tensor integers, and floats of whole
     value (3.0); None stays None. Anything else is a BadInput (the wire holds integers)."""
@@ -997,7 +1012,7 @@ class Engine:
 
     @guarded("activations")
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
-        if not (self.capturing or always):
+        if not (self.capturing or always) or bad_name("record", name):
             return
         values = _recordable(name, tensor, pair)
         if pair is not None and self.opts.pairs.get(name) != pair:
@@ -1007,7 +1022,8 @@ class Engine:
         if extra is None and not self.capturing and not torch.is_grad_enabled():
             say_once("eval as train", EVAL_AS_TRAIN)
         for key, value in values:
-            self.add_tensor("activations", key, value, extra, cap)
+            if not bad_name("record", key):
+                self.add_tensor("activations", key, value, extra, cap)
         if not self.capturing:
             cap.flush(self.sender)
 
@@ -1017,7 +1033,8 @@ class Engine:
         extra = {"split": split, "batch": batch_idx if batch_idx is not None else self.batch_in_epoch - 1}
         cap = self.capture if self.capturing else self._outside()[0]
         for name, leaf in walk(batch):
-            self.add_tensor("loader_stats", name, leaf, extra, cap)
+            if not bad_name("log_batch", name):
+                self.add_tensor("loader_stats", name, leaf, extra, cap)
         if not self.capturing:
             cap.flush(self.sender)
 
@@ -1038,6 +1055,8 @@ class Engine:
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():
+            if bad_name("log_metric", name):
+                continue
             try:
                 v = metric_value(name, v)
             except BadInput as e:  # this value only: the others of the call still go
@@ -1064,6 +1083,8 @@ class Engine:
 
     @guarded("patch_metrics")
     def patch(self, pred, target, scale, note, name, step, epoch) -> None:
+        if bad_name("patch_metrics", name):
+            return
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         try:
             vec = stats.patch_vector(pred, target, scale)
