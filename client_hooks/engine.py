@@ -1033,8 +1033,14 @@ class Engine:
         extra = {"split": split, "batch": batch_idx if batch_idx is not None else self.batch_in_epoch - 1}
         cap = self.capture if self.capturing else self._outside()[0]
         for name, leaf in walk(batch):
-            if not bad_name("log_batch", name):
+            if bad_name("log_batch", name):
+                continue
+            try:
                 self.add_tensor("loader_stats", name, leaf, extra, cap)
+            except Exception as e:  # this field alone (a sparse or quantized tensor): the others go on
+                say_once(f"field {name}", f"tensortap: batch field {name!r} cannot be measured "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                         "it is not recorded")
         if not self.capturing:
             cap.flush(self.sender)
 

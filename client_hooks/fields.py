@@ -35,20 +35,41 @@ def _children(obj: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def leaf(obj: Any):
-    """A tensor, a NumPy array as a tensor, or a plain scalar; None for anything else."""
+    """A tensor, a NumPy array as a tensor, or a plain scalar; None for anything else (a meta
+    tensor too: it holds no values)."""
     if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type != "meta" else None
+    t = type(obj)
+    if t is bool or t is int or t is float:
         return obj
-    if isinstance(obj, bool) or isinstance(obj, (int, float)):
-        return obj
-    mod = type(obj).__module__
-    if mod == "numpy":
+    if t.__module__ == "numpy":
         import numpy as np  # only reached when the batch already holds NumPy values
 
         if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
-            return torch.from_numpy(obj)
+            return _from_numpy(np, obj)
         if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
-            return obj.item()  # training thread; a NumPy scalar: host memory already, no device wait
+            return obj.item()  # training thread; a NumPy scalar (np.float64 too): host memory, no device wait
+        return None
+    if isinstance(obj, (int, float)):  # a subclass (an IntEnum): the plain number, which the wire takes
+        return bool(obj) if isinstance(obj, bool) else int(obj) if isinstance(obj, int) else float(obj)
     return None
+
+
+def _from_numpy(np, a):
+    """A NumPy array as a tensor: shared memory where torch can (most arrays); else a copy it
+    can share, for an array torch cannot take as it is: negative strides (np.fliplr), another
+    byte order, long double (as float64 or complex128)."""
+    try:
+        return torch.from_numpy(a)
+    except (TypeError, ValueError):
+        pass
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder not in "=|":
+        a = a.astype(a.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(a)
+    except (TypeError, ValueError):
+        return torch.from_numpy(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64))
 
 
 def walk(batch: Any, root: str = "batch") -> list[tuple[str, Leaf]]:

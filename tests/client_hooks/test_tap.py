@@ -1557,3 +1557,42 @@ def test_a_name_the_collector_refuses_is_dropped_alone_with_one_warning(tmp_path
     acts = {r["name"] for r in read_jsonl(run / "activations.jsonl")}
     assert "fine.a" in acts and not any(len(n) > 256 for n in acts)
     assert {r["name"] for r in read_jsonl(run / "loader_stats.jsonl")} == {"x"}
+
+
+def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pull, monkeypatch):
+    """A flipped NumPy array (np.fliplr: negative strides), another byte order or long double
+    is measured on a copy; a NumPy float64 is a number (it is a float subclass, which the wire
+    refused); a sparse tensor is this field's one warning; a meta tensor holds no values. Before,
+    one such field lost every field of every batch for the run ("loader_stats telemetry
+    failed", telling the user to copy their array), and np.float64 values were dropped."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) ** 1.5
+    batch = {"x": torch.ones(2, 3), "flip": np.fliplr(a), "be": a.astype(">f4"), "ld": a.astype(np.longdouble),
+             "w": np.float64(0.5), "sp": torch.eye(3).to_sparse(), "meta": torch.empty(2, device="meta")}
+    model = nn.Linear(3, 2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap() as tap:
+            tap.watch(model)
+            for i in range(2):
+                tap.epoch_start(i)
+                tap.log_batch(batch, epoch=i, batch_idx=0)
+                tap.record("lr_scale", np.float64(2.0))
+                model(torch.ones(2, 3)).sum().backward()
+                tap.epoch_end(i)
+    said = [str(m.message) for m in w if "tensortap" in str(m.message)]
+    assert len(said) == 1 and said[0].startswith("tensortap: batch field 'sp' cannot be measured"), said
+    assert pull.wait_for(lambda r: len(pull.find("loader_stats", "flip")) == 2)
+    assert tap.sender.dropped == 0
+    names = {r["name"] for r in pull.find("loader_stats")}
+    assert names >= {"x", "flip", "be", "ld", "w"} and not names & {"sp", "meta"}, names
+    want = a.astype(np.float64)
+    for name in ("flip", "be", "ld"):
+        d = pull.find("loader_stats", name)[0]["data"]
+        assert d["count"] == 12 and d["max"] == pytest.approx(want.max()), name
+        assert d["mean"] == pytest.approx(want.mean()) and d["std"] == pytest.approx(want.std(), rel=1e-5), name
+    assert pull.find("loader_stats", "w")[0]["data"]["value"] == 0.5
+    assert pull.wait_for(lambda r: len(pull.find("activations", "lr_scale")) == 2)
+    assert pull.find("activations", "lr_scale")[0]["data"]["value"] == 2.0
