@@ -518,7 +518,8 @@ class Engine:
         self._scale = self._read_scale()
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
-        all_grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+        all_grads = [g if g.layout is torch.strided else g.to_dense()
+                     for p in self._model.parameters() if (g := p.grad) is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
 
@@ -527,7 +528,8 @@ class Engine:
         parameter without a gradient): each layer's gradients where they lie."""
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
-            gs = [g for p in ps if (g := p.grad) is not None]
+            # (a sparse gradient, nn.Embedding(sparse=True): its dense values, as a dense one's)
+            gs = [g if g.layout is torch.strided else g.to_dense() for p in ps if (g := p.grad) is not None]
             if gs:
                 layers[i] = gs
         fused = self._fused_grads(layers)  # launches the deferred values too (one group per dtype)

@@ -1596,3 +1596,37 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
     assert pull.find("loader_stats", "w")[0]["data"]["value"] == 0.5
     assert pull.wait_for(lambda r: len(pull.find("activations", "lr_scale")) == 2)
     assert pull.find("activations", "lr_scale")[0]["data"]["value"] == 2.0
+
+
+@pytest.mark.parametrize("gradients", ["all", "ends"])
+def test_a_sparse_gradient_is_measured_as_its_dense_values_and_the_other_layers_too(pull, gradients):
+    """nn.Embedding(sparse=True) gives a sparse gradient. Before, reading it raised, and every
+    layer's gradient records were lost for the run (the report then said no_gradient)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 1))
+    opts = [torch.optim.SparseAdam(model[0].parameters(), lr=0.01), torch.optim.SGD(model[1].parameters(), lr=0.1)]
+    idx = torch.randint(0, 50, (16,))
+    want = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1, gradients="all" if gradients == "all" else None) as tap:
+            tap.watch(model, optimizer=opts)
+            for i in range(3):
+                tap.log_batch({"idx": idx}, epoch=0, batch_idx=i)
+                model(idx).pow(2).mean().backward()
+                dense = [p.grad.to_dense() for p in model.parameters()]
+                want.append(({"0": dense[0].norm().item(), "1": torch.cat([dense[1].reshape(-1), dense[2]]).norm().item()},
+                             torch.cat([d.reshape(-1) for d in dense]).norm().item()))
+                for o in opts:
+                    o.step()
+                for o in opts:
+                    o.zero_grad()
+                tap.log_loss(torch.tensor(1.0))
+    assert not [m for m in w if "tensortap" in str(m.message)], [str(m.message) for m in w]
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "1")) == 3)
+    for layer in ("0", "1"):
+        got = sorted(pull.find("gradients", layer), key=lambda r: r["step"])
+        assert [r["data"]["norm"] for r in got] == pytest.approx([x[0][layer] for x in want], rel=1e-5), layer
+    assert pull.find("gradients", "0")[0]["data"]["count"] == 50 * 8
+    total = sorted(pull.find("gradients", "_total"), key=lambda r: r["step"])
+    assert [r["data"]["norm"] for r in total] == pytest.approx([x[1] for x in want], rel=1e-5)
