@@ -661,11 +661,13 @@ class Engine:
             self._scale = None  # after the optimizer step: a GradScaler has unscaled them
         grads = bool(self._grad_vecs) or self._flat_rows is not None
         h = self._hooks
-        if grads and h is not None:
-            if late and h.via_output and (h.out_hooked or h.silent()):
-                h.use_param_hooks()  # the output's hook did not show the end of backward
-            if h.silent():
-                say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
+        if h is not None and late and h.via_output and (h.out_hooked or grads and h.silent()):
+            # the output's hook did not show the end of backward (the loss used none of the
+            # outputs): the parameters' hooks from the next capture, also when the gradients
+            # are gone by now (zeroed after the optimizer step, which was not watched)
+            h.use_param_hooks()
+        if grads and h is not None and h.silent():
+            say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
         # read late, the weights snapshot is taken after the optimizer step: no update ratio
         # (a 0 would read as frozen parameters to the collector's diagnosis)
         if self._grad_vecs:
@@ -1037,12 +1039,12 @@ class Engine:
         for name, leaf in walk(batch):
             if bad_name("log_batch", name):
                 continue
-            try:
+            if type(leaf) is not torch.Tensor or leaf.layout is torch.strided and not leaf.is_quantized:
                 self.add_tensor("loader_stats", name, leaf, extra, cap)
-            except Exception as e:  # this field alone (a sparse or quantized tensor): the others go on
-                say_once(f"field {name}", f"tensortap: batch field {name!r} cannot be measured "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                         "it is not recorded")
+            else:  # this field alone (before, one such field failed them all for the run)
+                say_once(f"field {name}", f"tensortap: batch field {name!r} cannot be measured (a "
+                         f"{'quantized' if leaf.is_quantized else str(leaf.layout).removeprefix('torch.')} "
+                         "tensor); it is not recorded")
         if not self.capturing:
             cap.flush(self.sender)
 

@@ -383,21 +383,27 @@ class Hooks:
             self._hook_output(output)
 
     def _hook_output(self, output) -> None:
-        """The hook that finds the end of backward, on the model's first output tensor that
-        requires grad (none in a no_grad forward: no backward to find)."""
+        """The hook that finds the end of backward, on each of the model's output tensors that
+        requires grad (none in a no_grad forward: no backward to find). Each of a dict's or
+        tuple's: the loss may use any of them (a side head's output first, the loss on the
+        second, found no backward when only the first was hooked); the first to get its
+        gradient queues the end, once."""
         if type(output) is not torch.Tensor:
             if isinstance(output, dict):
                 output = list(output.values())
-            if isinstance(output, (tuple, list)):
-                output = next((t for t in output if isinstance(t, torch.Tensor) and t.requires_grad), None)
-            if not isinstance(output, torch.Tensor):
+            if not isinstance(output, (tuple, list)):
                 return
-        if output.requires_grad:
-            try:
-                output.register_hook(self._out_hook)
+            outs = [t for t in output if isinstance(t, torch.Tensor) and t.requires_grad]
+        elif output.requires_grad:
+            outs = [output]
+        else:
+            return
+        try:
+            for t in outs:
+                t.register_hook(self._out_hook)
                 self.out_hooked = True
-            except Exception:  # (a tensor that takes no hook): the parameters' hooks
-                self.use_param_hooks()
+        except Exception:  # (a tensor that takes no hook): the parameters' hooks
+            self.use_param_hooks()
 
     def _out_grad(self, grad) -> None:
         """Backward has reached the model's output: queue `_backward_done` for its end."""

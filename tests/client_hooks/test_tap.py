@@ -272,17 +272,19 @@ class _TwoHeads(nn.Module):
         self.aux, self.main = nn.Linear(4, 2), nn.Linear(4, 2)
 
     def forward(self, x):
-        h = torch.tanh(self.body(x))
+        h = self.kept = torch.tanh(self.body(x))
         return self.aux(h), self.main(h)
 
 
-@pytest.mark.parametrize("used", ["first", "second"])
+@pytest.mark.parametrize("used", ["first", "second", "kept"])
 def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_parameters(pull, used):
-    """A capture step finds the end of backward by one hook on the model's first output that
-    requires grad: no parameter carries a hook. Where the loss does not use that output, the
-    first capture reads the gradients at its end (the optimizer has stepped: its record has
-    no update ratio, where a 0 would read as frozen parameters), and from the next one on
-    every parameter's hook finds the end; their update ratios span the optimizer step."""
+    """A capture step finds the end of backward by a hook on each of the model's outputs that
+    require grad: no parameter carries a hook. Where the loss uses none of them (a tensor the
+    model kept aside), the first capture reads the gradients at its end (the optimizer has
+    stepped: its record has no update ratio, where a 0 would read as frozen parameters), and
+    from the next one on every parameter's hook finds the end; their update ratios span the
+    optimizer step. (A loss on the second output took that way too, when only the first
+    output was hooked.)"""
     torch.manual_seed(0)
     model = _TwoHeads()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -292,7 +294,8 @@ def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_par
         for step in range(3):
             x = torch.randn(8, 5)
             tap.log_batch({"x": x}, epoch=0)
-            out = model(x)[0 if used == "first" else 1]
+            outs = model(x)
+            out = model.kept if used == "kept" else outs[0 if used == "first" else 1]
             param_hooks.append(sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()))
             out.pow(2).mean().backward()
             w0 = torch.cat([p.detach().reshape(-1).clone() for p in model.body.parameters()])
@@ -302,7 +305,7 @@ def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_par
             opt.zero_grad()
     assert pull.wait_for(lambda r: len(pull.find("gradients", "body")) == 3)
     got = {r["step"]: r["data"]["update_ratio"] for r in pull.find("gradients", "body")}
-    if used == "first":
+    if used != "kept":
         assert param_hooks == [0, 0, 0]
         assert [got[s] for s in range(3)] == pytest.approx(want, rel=1e-4)
     else:
@@ -313,8 +316,8 @@ def test_the_end_of_backward_comes_from_one_hook_on_the_output_else_from_the_par
 
 def test_a_first_capture_read_late_is_not_diagnosed_as_frozen_parameters(pull):
     """The default cadence's one gradient capture of a one-epoch run, on a model whose loss
-    does not use its first output (so that capture reads its gradients after the optimizer
-    step): the collector's diagnosis of its records finds no frozen layer."""
+    uses none of its outputs (so that capture reads its gradients after the optimizer step):
+    the collector's diagnosis of its records finds no frozen layer."""
     from collector.diagnosis import diagnose
 
     torch.manual_seed(0)
@@ -325,7 +328,8 @@ def test_a_first_capture_read_late_is_not_diagnosed_as_frozen_parameters(pull):
         for step in range(4):
             x = torch.randn(8, 5)
             tap.log_batch({"x": x}, epoch=0)
-            model(x)[1].pow(2).mean().backward()
+            model(x)
+            model.main(model.kept).pow(2).mean().backward()  # no output of the forward's
             opt.step()
             opt.zero_grad()
     assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 1)
@@ -1571,6 +1575,9 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
     a = np.arange(12, dtype=np.float32).reshape(3, 4) ** 1.5
     batch = {"x": torch.ones(2, 3), "flip": np.fliplr(a), "be": a.astype(">f4"), "ld": a.astype(np.longdouble),
              "w": np.float64(0.5), "sp": torch.eye(3).to_sparse(), "meta": torch.empty(2, device="meta")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch says quantized tensors are deprecated)
+        batch["q"] = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)
     model = nn.Linear(3, 2)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -1583,11 +1590,12 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
                 model(torch.ones(2, 3)).sum().backward()
                 tap.epoch_end(i)
     said = [str(m.message) for m in w if "tensortap" in str(m.message)]
-    assert len(said) == 1 and said[0].startswith("tensortap: batch field 'sp' cannot be measured"), said
+    assert said == ["tensortap: batch field 'sp' cannot be measured (a sparse_coo tensor); it is not recorded",
+                    "tensortap: batch field 'q' cannot be measured (a quantized tensor); it is not recorded"], said
     assert pull.wait_for(lambda r: len(pull.find("loader_stats", "flip")) == 2)
     assert tap.sender.dropped == 0
     names = {r["name"] for r in pull.find("loader_stats")}
-    assert names >= {"x", "flip", "be", "ld", "w"} and not names & {"sp", "meta"}, names
+    assert names >= {"x", "flip", "be", "ld", "w"} and not names & {"sp", "meta", "q"}, names
     want = a.astype(np.float64)
     for name in ("flip", "be", "ld"):
         d = pull.find("loader_stats", name)[0]["data"]
@@ -1630,3 +1638,42 @@ def test_a_sparse_gradient_is_measured_as_its_dense_values_and_the_other_layers_
     assert pull.find("gradients", "0")[0]["data"]["count"] == 50 * 8
     total = sorted(pull.find("gradients", "_total"), key=lambda r: r["step"])
     assert [r["data"]["norm"] for r in total] == pytest.approx([x[1] for x in want], rel=1e-5)
+
+
+@pytest.mark.parametrize("used", ["second_output", "a_stashed_tensor"])
+def test_gradients_are_read_when_the_loss_uses_no_first_output_and_no_optimizer_is_watched(pull, used):
+    """A model returning {"aux": side head, "logits": ...}, the loss on "logits", no optimizer
+    given to watch, and zero_grad() after step(): every capture step had no gradients (the end
+    of backward was looked for on "aux" alone, and read late they were zeroed), and the report
+    said no_gradient. Now each output is hooked; a loss on none of them (a tensor the model
+    kept aside) switches to the parameters' hooks after the first capture."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(4, 1)
+
+        def forward(self, x):
+            logits = self.head(self.enc(x).relu())
+            if used == "a_stashed_tensor":
+                self.kept = logits
+                return {"aux": self.aux(x)}
+            return {"aux": self.aux(x), "logits": logits}
+
+    model = M()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    with Tap(every_n_steps=2) as tap:
+        tap.watch(model)
+        for step in range(8):
+            tap.log_batch({"x": x}, epoch=0, batch_idx=step)
+            out = model(x)
+            loss = (out["logits"] if used == "second_output" else model.kept).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tap.log_loss(loss)
+    captured = [0, 2, 4, 6] if used == "second_output" else [2, 4, 6]
+    assert pull.wait_for(lambda r: {x["step"] for x in pull.find("gradients", "enc")} >= set(captured))
+    assert sorted({x["step"] for x in pull.find("gradients", "enc")}) == captured
