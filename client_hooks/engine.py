@@ -229,6 +229,7 @@ class Engine:
         self._eval_at: tuple = (None, None)  # the (step, epoch) an evaluation's records carry, when told
         self._hooks: Optional[_hooks.Hooks] = None
         self._model: Optional[nn.Module] = None
+        self._param_hooks, self._all_params, self._trainable = False, [], []
         self._layers: list[tuple[str, list[nn.Parameter]]] = []
         self._wparams: list[nn.Parameter] = []  # every watched layer's parameters, layer by layer
         self._wrange: list[tuple[int, int]] = []  # each layer's slice of _wparams
@@ -286,7 +287,11 @@ class Engine:
             self.end_step()
             self._hooks.detach()
             self._traced.drop_hooks()  # (the new hooks make their own slots)
-        self._model = model
+        self._model, self._param_hooks = model, param_hooks
+        # which parameters are trainable, as chosen here: a capture step after a change (a layer
+        # unfrozen, as fine-tuning does) chooses the layers again (`begin_step`)
+        self._all_params = list(model.parameters())
+        self._trainable = [p.requires_grad for p in self._all_params]
         self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
         self._wparams = [p for _, ps in self._layers for p in ps]
         at = [0]
@@ -340,7 +345,12 @@ class Engine:
         if epoch is not None and epoch != self.epoch:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
-        self.capturing = self.is_capture_step()
+        capturing = self.is_capture_step()
+        if capturing and self._model is not None and [p.requires_grad for p in self._all_params] != self._trainable:
+            # a layer unfrozen (or frozen) since watch: the watched layers and the total norm's
+            # parameters are chosen again (they missed it, and the total norm left it out)
+            self.watch(self._model, self._param_hooks)
+        self.capturing = capturing
         self.batch_in_epoch += 1
         if self.capturing:
             self.capture = Capture(self.step, self.epoch)

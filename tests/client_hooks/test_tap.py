@@ -1677,3 +1677,31 @@ def test_gradients_are_read_when_the_loss_uses_no_first_output_and_no_optimizer_
     captured = [0, 2, 4, 6] if used == "second_output" else [2, 4, 6]
     assert pull.wait_for(lambda r: {x["step"] for x in pull.find("gradients", "enc")} >= set(captured))
     assert sorted({x["step"] for x in pull.find("gradients", "enc")}) == captured
+
+
+@pytest.mark.parametrize("gradients", ["all", None])
+def test_a_layer_unfrozen_after_watch_is_watched_and_counted_in_the_total_norm(pull, gradients):
+    """Fine-tuning unfreezes a layer during training. The layers were chosen, and the total
+    norm's parameters fixed, when the model was watched: the unfrozen layer was never
+    recorded, and `_total` left it out (0.136 recorded against a true 0.166)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+    true = []
+    with Tap(every_n_steps=1, gradients=gradients) as tap:
+        tap.watch(model, optimizer=opt)
+        for i in range(4):
+            if i == 2:
+                model[0].requires_grad_(True)
+            tap.log_batch({"x": x}, epoch=0, batch_idx=i)
+            model(x).pow(2).mean().backward()
+            true.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item())
+            opt.step()
+            opt.zero_grad()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 4)
+    total = sorted(pull.find("gradients", "_total"), key=lambda r: r["step"])
+    assert [r["data"]["norm"] for r in total] == pytest.approx(true, rel=1e-5)
+    assert sorted(r["step"] for r in pull.find("gradients", "0")) == [2, 3]
+    assert sorted(r["step"] for r in pull.find("gradients", "2")) == [0, 1, 2, 3]
