@@ -283,6 +283,10 @@ class Engine:
     def watch(self, model: nn.Module, param_hooks: bool) -> None:
         """param_hooks: find the end of backward by itself (plain PyTorch); Lightning says so."""
         o = self.opts
+        if self._model is not None and model is not self._model:
+            say_once("watch replaced", f"tensortap: watch({type(model).__name__}) replaces the model watched "
+                     f"before ({type(self._model).__name__}), which is no longer watched; to watch two "
+                     "nets (a GAN's), watch a module holding both, e.g. nn.ModuleDict({'G': G, 'D': D})")
         if self._hooks is not None:  # watched before: that model's step ends, its hooks go
             self.end_step()
             self._hooks.detach()

@@ -119,7 +119,10 @@ turned into one RuntimeWarning per kind and never raised.
         optimizer: one, or a list when each steps some of the parameters (a capture step ends
         once each of them has stepped, so every layer's update ratio is measured).
         scaler: AMP's GradScaler, when backward runs on a scaled loss: the gradients are read
-        when backward ends, still scaled, and their statistics are divided by the scale."""
+        when backward ends, still scaled, and their statistics are divided by the scale.
+        One model is watched at a time: another replaces it (with a warning). Two nets (a
+        GAN's) are watched as one module holding both, nn.ModuleDict({"G": G, "D": D}), with
+        both optimizers. A layer unfrozen later is watched from the next capture step on."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
             self._unhook_optimizers()  # watched before: the hooks on those optimizers go

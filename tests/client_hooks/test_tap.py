@@ -1705,3 +1705,37 @@ def test_a_layer_unfrozen_after_watch_is_watched_and_counted_in_the_total_norm(p
     assert [r["data"]["norm"] for r in total] == pytest.approx(true, rel=1e-5)
     assert sorted(r["step"] for r in pull.find("gradients", "0")) == [2, 3]
     assert sorted(r["step"] for r in pull.find("gradients", "2")) == [0, 1, 2, 3]
+
+
+def test_watching_a_second_model_says_it_replaces_the_first_and_a_module_of_both_works(pull, monkeypatch):
+    """A GAN's G and D watched one after the other: only D was recorded, with no word. Now
+    the second watch says so, and the way it names (a module holding both) records both."""
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    d = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1, gradients="all") as tap:
+            tap.watch(g, optimizer=og)
+            tap.watch(g, optimizer=og)  # the same model again: nothing to say
+            tap.watch(nn.ModuleDict({"G": g, "D": d}), optimizer=[og, od])
+            for i in range(2):
+                tap.log_batch(None, epoch=0, batch_idx=i)
+                fake = g(torch.randn(16, 2))
+                ld = d(torch.randn(16, 2) + 3).mean() - d(fake.detach()).mean()
+                od.zero_grad()
+                ld.backward()
+                od.step()
+                lg = -d(fake).mean()
+                og.zero_grad()
+                lg.backward()
+                og.step()
+    said = [str(m.message) for m in w if "tensortap" in str(m.message)]
+    assert len(said) == 1 and said[0].startswith("tensortap: watch(ModuleDict) replaces the model watched "
+                                                 "before (Sequential)"), said
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 2)
+    assert {r["name"] for r in pull.find("gradients")} == {"G.0", "G.2", "D.0", "D.2", "_total"}
