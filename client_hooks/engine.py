@@ -1110,6 +1110,10 @@ class Engine:
         if bad_name("patch_metrics", name):
             return
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
+        pred, target = _leaf(pred), _leaf(target)  # (NumPy arrays as tensors)
+        if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise BadInput(f"patch {name}", f"patch_metrics({name!r}): pred and target must be tensors or "
+                                            "NumPy arrays")
         try:
             vec = stats.patch_vector(pred, target, scale)
         except stats.PatchShapes as e:
