@@ -52,7 +52,7 @@ from client_hooks import flat as _flat
 from client_hooks import hooks as _hooks
 from client_hooks import stats
 from client_hooks.capture import Capture, FlushMemo, Span, scalar_to_host
-from client_hooks.fields import leaf as _leaf, walk
+from client_hooks.fields import MAX_DEPTH, MAX_FIELDS, leaf as _leaf, walk
 
 
 @dataclass
@@ -1050,7 +1050,8 @@ class Engine:
         """Field stats into this capture step, or (outside one) into a capture sent now."""
         extra = {"split": split, "batch": batch_idx if batch_idx is not None else self.batch_in_epoch - 1}
         cap = self.capture if self.capturing else self._outside()[0]
-        for name, leaf in walk(batch):
+        cut: list = []
+        for name, leaf in walk(batch, cut=cut):
             if bad_name("log_batch", name):
                 continue
             if type(leaf) is not torch.Tensor or leaf.layout is torch.strided and not leaf.is_quantized:
@@ -1059,6 +1060,9 @@ class Engine:
                 say_once(f"field {name}", f"tensortap: batch field {name!r} cannot be measured (a "
                          f"{'quantized' if leaf.is_quantized else str(leaf.layout).removeprefix('torch.')} "
                          "tensor); it is not recorded")
+        if cut:
+            say_once("batch cut", f"tensortap: log_batch records at most {MAX_FIELDS} fields, at most {MAX_DEPTH} "
+                     f"levels down; this batch has more (from {cut[0]!r} on, not recorded)")
         if not self.capturing:
             cap.flush(self.sender)
 

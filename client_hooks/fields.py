@@ -8,7 +8,7 @@ arrays (as tensors) and plain scalars (bool, int, float, NumPy scalars); everyth
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -72,12 +72,15 @@ def _from_numpy(np, a):
         return torch.from_numpy(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64))
 
 
-def walk(batch: Any, root: str = "batch") -> list[tuple[str, Leaf]]:
-    """[(field path, tensor or scalar)] in the batch's own order, at most MAX_FIELDS."""
+def walk(batch: Any, root: str = "batch", cut: Optional[list] = None) -> list[tuple[str, Leaf]]:
+    """[(field path, tensor or scalar)] in the batch's own order, at most MAX_FIELDS, at most
+    MAX_DEPTH levels down; `cut` (a list) gets the first path left out past either."""
     out: list[tuple[str, Leaf]] = []
 
     def visit(obj: Any, name: str, depth: int) -> None:
         if len(out) >= MAX_FIELDS or depth > MAX_DEPTH:
+            if cut is not None and not cut:
+                cut.append(name)
             return
         value = leaf(obj)
         if value is not None:

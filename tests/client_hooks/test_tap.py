@@ -1609,6 +1609,18 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
         assert d["count"] == 12 and d["max"] == pytest.approx(want.max()), name
         assert d["mean"] == pytest.approx(want.mean()) and d["std"] == pytest.approx(want.std(), rel=1e-5), name
     assert pull.find("loader_stats", "w")[0]["data"]["value"] == 0.5
+    # a batch past the field or depth limits: the first ones recorded, and one line says so
+    deep = torch.ones(2)
+    for _ in range(10):
+        deep = {"k": deep}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap() as tap:
+            tap.log_batch({f"f{i}": torch.ones(2) for i in range(300)}, epoch=0, batch_idx=0)
+            tap.log_batch(deep, epoch=0, batch_idx=1)
+    said = [str(m.message) for m in w if "tensortap" in str(m.message)]
+    assert said == ["tensortap: log_batch records at most 256 fields, at most 8 levels down; this batch has "
+                    "more (from 'f256' on, not recorded)"], said
     assert pull.wait_for(lambda r: len(pull.find("activations", "lr_scale")) == 2)
     assert pull.find("activations", "lr_scale")[0]["data"]["value"] == 2.0
 
