@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -312,7 +313,7 @@ class Collector:
                  f"{plural(len(runs), 'run')} received, under {out}"]
         width = max((len(r[0]) for r in runs[:max_runs]), default=0)
         for run, counts, findings, _ in runs[:max_runs]:
-            tail = f"  -> tensortap report {os.path.join(out, run)}" if findings else ""
+            tail = f"  -> tensortap report {shlex.quote(os.path.join(out, run))}" if findings else ""
             lines.append(f"  {run:<{width}}  {counts}{tail}")
         if len(runs) > max_runs:
             lines.append(f"  ... and {len(runs) - max_runs} more (each run's manifest.json has its counts)")

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -209,8 +210,9 @@ def telemetry_note(runs: list[str]) -> None:
         return
     root = os.environ.get("TENSORTAP_OUT", ".artifacts/debug_fno_loss")
     for run in runs:
-        print(f"telemetry: {os.path.join(root, run)}   (diagnosis: tensortap report {os.path.join(root, run)})")
-    print(f"view the stored runs in the browser: tensortap serve {root}", flush=True)
+        print(f"telemetry: {os.path.join(root, run)}   (diagnosis: tensortap report "
+              f"{shlex.quote(os.path.join(root, run))})")
+    print(f"view the stored runs in the browser: tensortap serve {shlex.quote(root)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def test_bad_frames_are_quarantined_and_the_collector_keeps_serving(tmp_path):
 
 def test_a_stopped_collector_says_what_each_run_got_and_lost(tmp_path):
     """Ctrl-C on `tensortap collect`: a line per run with what was written and lost, runs with
-    loss or findings first; frames that named no run are counted apart. Quiet: nothing."""
+    loss or findings first; frames that named no run are counted apart. Quiet: nothing. The
+    command it gives is quoted for the shell (an --out with a space could not be pasted)."""
+    tmp_path = tmp_path / "my runs"
     col = CollectorProc(str(tmp_path), quiet=False)
     try:
         sock = push_socket(col.endpoint)
@@ -140,7 +142,7 @@ def test_a_stopped_collector_says_what_each_run_got_and_lost(tmp_path):
     lossy, clean, root = lines[stop + 1:stop + 4]
     assert lossy.split()[0] == "lossy" and clean.split()[0] == "clean"
     assert ("7 records written, 2 lost (2 gaps), 1 duplicate, 1 frame rejected, 1 finding"
-            f"  -> tensortap report {tmp_path / 'lossy'}") in lossy, lossy
+            f"  -> tensortap report '{tmp_path / 'lossy'}'") in lossy, lossy
     assert clean.endswith("3 records written, none lost, 0 findings"), clean
     assert root.strip() == f"1 frame rejected that named no usable run: {tmp_path / '_rejected.jsonl'}"
     assert len(lines) == stop + 4
