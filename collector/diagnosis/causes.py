@@ -22,6 +22,10 @@ MECHANISMS = ("nonfinite", "no_gradient", "vanishing_gradients", "exploding_grad
 # consequence is no cause for the ones after it (a collapsed output with a cause does not
 # explain the plateau; one without a cause found does)
 CONSEQUENCES = (
+    # a constant prediction's best scale is the target's mean over that constant: no gain error
+    # to look for, and no cause of the plateau (first: a collapsed output explains it also when
+    # the collapse itself is then marked a consequence of its own cause)
+    ("scale_mismatch", ("collapsed_output",)),
     ("loss_spikes", ("update_ratio_large", "exploding_gradients")),
     ("collapsed_output", MECHANISMS),
     ("loss_plateau", MECHANISMS + ("scale_mismatch", "loss_spikes", "collapsed_output")),

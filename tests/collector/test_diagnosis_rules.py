@@ -733,6 +733,29 @@ def test_a_consequence_needs_a_high_cause_and_an_unexplained_collapse_explains_t
     assert [f["rule"] for f in found][:2] == ["collapsed_output", "loss_plateau"]
 
 
+def test_a_scale_mismatch_beside_a_collapsed_output_is_its_consequence_not_a_plateau_cause():
+    """A constant prediction's best scale is the target's mean over that constant: the demo's
+    raw-input run said "off by ~0.396x: look for a unit or gain error" beside collapsed_output,
+    and listed scale_mismatch among the plateau's causes. Now it is marked a consequence of the
+    collapse (also where the collapse is itself a consequence), and the plateau's causes are the
+    collapse's. Without a collapse, scale_mismatch stays a cause."""
+    r = frozen_flat_collapsed()
+    r["patch_metrics"] = pm(0.396, 0.5, 0.1)
+    found = diagnose(r)
+    sm = one(found, "scale_mismatch")
+    assert sm["evidence"]["consequence_of"] == ["collapsed_output"]
+    assert sm["hint"].endswith(": likely a consequence of collapsed_output") and "gain error" not in sm["hint"]
+    assert one(found, "collapsed_output")["evidence"]["consequence_of"] == ["frozen_parameters", "dead_activation"]
+    assert one(found, "loss_plateau")["evidence"]["consequence_of"] == ["frozen_parameters", "dead_activation"]
+    assert [f["rule"] for f in found].index("scale_mismatch") > [f["rule"] for f in found].index("frozen_parameters")
+    r = healthy()
+    r["patch_metrics"] = pm(0.396, 0.5, 0.1)
+    r["metrics"] = loss_stream([1.0] * 20)
+    found = diagnose(r)
+    assert "consequence_of" not in one(found, "scale_mismatch")["evidence"]
+    assert one(found, "loss_plateau")["evidence"]["consequence_of"] == ["scale_mismatch"]
+
+
 def test_a_long_consequence_hint_is_shortened_under_200_characters():
     from collector.diagnosis.causes import mark_consequences
     long = "the loss has not fallen " + "x" * 190 + ": look at the other findings for why"
