@@ -20,7 +20,7 @@ import os
 import time
 
 from collector.diagnosis import gradients, values
-from collector.diagnosis.causes import is_consequence, mark_consequences
+from collector.diagnosis.causes import HINT_MAX, fit_hint, is_consequence, mark_consequences
 from collector.diagnosis.common import before_divergence, finite_json, one_rank, training
 from collector.diagnosis.load import load_run
 
@@ -44,6 +44,7 @@ def diagnose(records_by_kind: dict[str, list[dict]]) -> list[dict]:
              + values.input_range(acts) + values.constant_target(one_rank(r.get("loader_stats", [])))
              + values.scale_mismatch(one_rank(r.get("patch_metrics", []))) + values.loss_plateau(r.get("metrics", []))
              + values.loss_spikes(r.get("metrics", [])))
+    found = [f if len(f["hint"]) <= HINT_MAX else {**f, "hint": fit_hint(f["hint"])} for f in found]
     found = mark_consequences(sorted(found, key=lambda f: (_ORDER[f["severity"]], f["rule"])))
     # by severity; within one, the causes before what they explain (consequence_of), then by rule.
     # NaN/Inf of the evidence as None: findings.json and the API stay strict JSON

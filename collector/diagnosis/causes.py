@@ -63,6 +63,18 @@ def is_consequence(f: dict) -> bool:
     return isinstance(f.get("evidence"), dict) and bool(f["evidence"].get("consequence_of"))
 
 
+def fit_hint(hint: str) -> str:
+    """A hint under 200 characters (HINT_MAX): a longer one (a long name in it) keeps its
+    advice after the last ': ' and shortens the observation before it."""
+    if len(hint) <= HINT_MAX:
+        return hint
+    head, sep, advice = hint.rpartition(": ")
+    if not sep or len(advice) > HINT_MAX // 2:
+        return hint[: HINT_MAX - 3].rstrip() + "..."
+    room = HINT_MAX - len(advice) - 2
+    return head[: room - 3].rstrip() + "...: " + advice
+
+
 def _hint(hint: str, causes: list[str]) -> str:
     """The finding's observation (its hint up to the advice after the last ': ') followed by
     "likely a consequence of" its causes, shortened to fit HINT_MAX."""

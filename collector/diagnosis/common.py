@@ -16,9 +16,10 @@ def finding(rule: str, severity: str, evidence: dict, hint: str) -> dict:
 
 
 def listed(names: Iterable[str], width: int = 60) -> str:
-    """Names for a hint, as many as fit in about `width` characters: "a, b and 3 more"."""
+    """Names for a hint, as many as fit in about `width` characters: "a, b and 3 more"; a
+    first name longer than that by its end ("...coder.target"), where paths differ."""
     names = list(names)
-    shown = names[:1]
+    shown = [n if len(n) <= width else "..." + n[-(width - 3):] for n in names[:1]]
     for n in names[1:]:
         if len(", ".join(shown + [n])) > width:
             break

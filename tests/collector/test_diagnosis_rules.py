@@ -466,7 +466,9 @@ def test_a_layer_finding_names_its_layers_in_the_hint():
     assert one(diagnose(r), "frozen_parameters")["hint"].startswith("project.2 get gradients but never change")
     many = [f"blocks.{i}.spectral" for i in range(12)]
     assert listed(many) == "blocks.0.spectral, blocks.1.spectral, blocks.2.spectral and 9 more"
-    assert listed(["a-very-long-layer-name" * 4]) == "a-very-long-layer-name" * 4  # one is always named
+    # one is always named, one longer than the width by its end (where paths differ)
+    assert listed(["a-very-long-layer-name" * 4]) == "..." + ("a-very-long-layer-name" * 4)[-57:]
+    assert listed(["a-very-long-layer-name" * 2]) == "a-very-long-layer-name" * 2
     assert listed(["x", "y"]) == "x, y"
 
 
@@ -754,6 +756,23 @@ def test_a_scale_mismatch_beside_a_collapsed_output_is_its_consequence_not_a_pla
     found = diagnose(r)
     assert "consequence_of" not in one(found, "scale_mismatch")["evidence"]
     assert one(found, "loss_plateau")["evidence"]["consequence_of"] == ["scale_mismatch"]
+
+
+def test_every_hint_stays_under_200_characters_with_long_names_keeping_its_advice():
+    """DIAGNOSIS.md says a hint stays under 200 characters; only a consequence's was cut. A NaN
+    metric of a 200-character name gave a hint of 298, a constant target field of 206 characters
+    one of 331. The observation is shortened, the advice after it kept."""
+    long = "encoder." * 25 + "target"
+    r = {"metrics": [rec("metrics", "x" * 200, {"value": None}, step=5)],
+         "loader_stats": [target_rec(long, 1.0, 1.0, st) for st in (0, 4)]}
+    found = diagnose(r)
+    assert rules(found) >= {"nonfinite", "constant_target"}
+    for f in found:
+        assert len(f["hint"]) < 200, (f["rule"], f["hint"])
+    assert one(found, "nonfinite")["hint"].endswith("...: check the loss (log/sqrt/divide), learning rate, input")
+    assert "the model can only learn a constant" in one(found, "constant_target")["hint"]
+    from collector.diagnosis.common import listed
+    assert listed([long, "b"]) == "..." + long[-57:] + " and 1 more"
 
 
 def test_a_long_consequence_hint_is_shortened_under_200_characters():
