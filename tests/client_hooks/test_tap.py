@@ -575,6 +575,9 @@ def test_an_evaluation_ends_with_its_epoch_and_one_not_told_warns_once(pull, mon
                                                             "no such file"),
     ({"TENSORTAP_CURVE_SERVER_KEY": "short"}, "TENSORTAP_CURVE_SERVER_KEY: 5 characters where a public key"),
     ({"TENSORTAP_ENDPOINT": None, "TENSORTAP_OUT": __file__}, "test_tap.py' is a file; the artifact root is a folder"),
+    # (a folder it cannot make or write: the warning named TENSORTAP_ENDPOINT)
+    ({"TENSORTAP_ENDPOINT": None, "TENSORTAP_OUT": __file__ + "/runs"}, "test_tap.py/runs': cannot write there "
+                                                                       "(Not a directory)"),
 ])
 def test_a_wrong_setting_is_told_in_one_line_and_training_goes_on_without_telemetry(pull, monkeypatch,
                                                                                       setting, says):
