@@ -214,8 +214,8 @@ class RunFiles:
                     f.write(rejected_line("torn line repaired at startup", fragment, file="rejected.jsonl"))
         self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
         ranks = old.get("ranks")
-        ranks = {int(r): d for r, d in ranks.items()
-                 if isinstance(r, str) and r.isascii() and r.isdigit() and isinstance(d, dict)} if isinstance(ranks, dict) else {}
+        ranks = {int(r): d for r, d in ranks.items() if isinstance(r, str) and r.isascii() and r.isdigit()
+                 and isinstance(d, dict)} if isinstance(ranks, dict) else {}
         recorded = self._recorded_marks(old, ranks)
         seen: dict[int, list[int]] = {}  # rank -> stored seqs read (after the marks)
         marked: Counter = Counter()  # rank -> stream records the marks count (not read)

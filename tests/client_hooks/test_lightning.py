@@ -104,7 +104,8 @@ def test_validation_records_say_val_at_the_global_step_and_end_with_the_validati
     assert [(r["epoch"], r["data"].get("split")) for r in after] == [(0, None), (1, None)]
     assert pull.wait_for(lambda r: len(pull.find("activations", "val_end")) == 3)
     end = sorted(pull.find("activations", "val_end"), key=lambda r: r["seq"])
-    assert [(r["step"], r["epoch"], r["data"].get("split")) for r in end] == [(0, 0, "val"), (4, 0, "val"), (8, 1, "val")]
+    assert [(r["step"], r["epoch"], r["data"].get("split")) for r in end] == \
+        [(0, 0, "val"), (4, 0, "val"), (8, 1, "val")]
     assert [r["data"].get("split") for r in pull.find("activations", "train_start")] == [None]
 
 
