@@ -41,6 +41,8 @@ import contextlib
 import functools
 import math
 import operator
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -99,12 +101,25 @@ def _activations_failed(err: BaseException) -> None:
     warn_once("activations", err)
 
 
+_OWN = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _user_level() -> int:
+    """warnings.warn's stacklevel from say_once to the first frame outside tensortap and
+    torch: the user's line that led to the warning (a fixed level named tensortap's own
+    wrappers, or torch's hook dispatch, for a call through them)."""
+    f, level = sys._getframe(2), 2
+    while f is not None and f.f_code.co_filename.startswith(_OWN):
+        f, level = f.f_back, level + 1
+    return level if f is not None else 2
+
+
 def say_once(key: str, message: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
     try:
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=_user_level())
     except Exception:  # a warnings filter set to "error" must not reach training either
         pass
 

@@ -1558,6 +1558,8 @@ def test_a_name_the_collector_refuses_is_dropped_alone_with_one_warning(tmp_path
         said = [str(m.message) for m in w if "a name must be text of 1 to 256 characters" in str(m.message)]
         assert len(said) == 7, said  # one a call and name (log_batch's field once, not each step)
         assert any(s.startswith("tensortap: log_metric(''):") for s in said), said
+        # each names the user's line, not tensortap's wrappers (hooks.py:233 before)
+        assert {m.filename for m in w if "a name must be" in str(m.message)} == {__file__}
         run = tmp_path / "runs" / "names"
         assert wait_for(lambda: os.path.exists(run / "manifest.json") and manifest(str(run))["ranks"]["0"]["closed"])
     finally:
