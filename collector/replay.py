@@ -135,7 +135,7 @@ def replay(run_dir: str, endpoint: str, *, speed: float = 1.0, as_fast_as_possib
     if not recs:
         raise ReplayError(f"no records in {run_dir!r} (expected *.jsonl files written by `tensortap collect`)")
     source = recs[0].run
-    run = run or f"{source[:100]}-replay-{secrets.token_hex(3)}"
+    run = f"{source[:100]}-replay-{secrets.token_hex(3)}" if run is None else run  # ('' is refused below)
     if not valid_run_id(run):
         raise ReplayError(f"bad run id {run!r}: letters, digits, '_', '.', '-'; up to 128 characters")
     hellos = {r.rank: r.data for r in recs if r.kind == "events" and r.name == "hello"}

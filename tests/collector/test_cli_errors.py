@@ -38,6 +38,8 @@ def _run_folder(tmp_path, n: int = 5):
 def test_cli_mistakes_give_one_line(tmp_path):
     run = _run_folder(tmp_path)
     _one_line(_cli("replay", str(run), "--to", "nonsense"), "replay", "bad --to endpoint 'nonsense'")
+    _one_line(_cli("replay", str(run), "--to", "tcp://127.0.0.1:1", "--run", ""), "replay",
+              "bad run id ''")  # (it took a new id instead, without a word)
     _one_line(_cli("keys", str(tmp_path / "missing" / "dir" / "k")), "keys", "No such file or directory")
     assert _cli("keys", str(tmp_path / "k")).returncode == 0
     # a file where a folder goes, a folder where a file prefix goes, the folder above a root
