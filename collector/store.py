@@ -230,8 +230,8 @@ class RunFiles:
                 self.marks[fname] = Mark(0, b"", {})
                 continue
             fragment = repair_tail(path)
-            if fragment:
-                self.reject_line("torn line repaired at startup", fragment, file=fname)
+            if fragment:  # kept in rejected.jsonl, not counted a frame rejected (its record is a gap)
+                self.add_rejected(rejected_line("torn line repaired at startup", fragment, file=fname), count=False)
             size = self.stored[fname] = os.path.getsize(path)
             with open(path, "rb") as f:
                 start, counts = self._mark_holds(f, fname, size, recorded.get(fname))
@@ -378,9 +378,9 @@ class RunFiles:
     def reject_line(self, reason: str, frame: bytes, **extra) -> None:
         self.add_rejected(rejected_line(reason, frame, **extra))
 
-    def add_rejected(self, line: bytes, write=os.write) -> None:
-        """Count one quarantined frame; append its line while rejected.jsonl is under the cap."""
-        self.rejected += 1
+    def add_rejected(self, line: bytes, write=os.write, count: bool = True) -> None:
+        """Count one quarantined frame (count); append its line while rejected.jsonl is under the cap."""
+        self.rejected += count
         if self.rejected_bytes + len(line) <= REJECTED_CAP_BYTES:
             write(self.fd("rejected.jsonl"), line)
             self.rejected_bytes += len(line)
