@@ -150,6 +150,7 @@ def guarded(kind: str):
 
 
 NAME_MAX = 256  # a record's name on the wire (collector.wire.Name): 1..256 characters
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")  # (mapped in C: no Python frame a parameter)
 
 
 def bad_name(call: str, name) -> bool:
@@ -365,7 +366,7 @@ class Engine:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
         capturing = self.is_capture_step()
-        if capturing and self._model is not None and [p.requires_grad for p in self._all_params] != self._trainable:
+        if capturing and self._model is not None and list(map(_REQUIRES_GRAD, self._all_params)) != self._trainable:
             # a layer unfrozen (or frozen) since watch: the watched layers and the total norm's
             # parameters are chosen again (they missed it, and the total norm left it out)
             self.watch(self._model, self._param_hooks)
@@ -1045,7 +1046,8 @@ class Engine:
 
     @guarded("activations")
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
-        if not (self.capturing or always) or bad_name("record", name):
+        if not (self.capturing or always) or (type(name) is not str or not 0 < len(name) <= NAME_MAX) \
+                and bad_name("record", name):
             return
         values = _recordable(name, tensor, pair)
         if pair is not None and self.opts.pairs.get(name) != pair:
@@ -1055,7 +1057,7 @@ class Engine:
         if extra is None and not self.capturing and not torch.is_grad_enabled():
             say_once("eval as train", EVAL_AS_TRAIN)
         for key, value in values:
-            if not bad_name("record", key):
+            if type(key) is str and 0 < len(key) <= NAME_MAX or not bad_name("record", key):
                 self.add_tensor("activations", key, value, extra, cap)
         if not self.capturing:
             cap.flush(self.sender)
@@ -1067,7 +1069,7 @@ class Engine:
         cap = self.capture if self.capturing else self._outside()[0]
         cut: list = []
         for name, leaf in walk(batch, cut=cut):
-            if bad_name("log_batch", name):
+            if (type(name) is not str or not 0 < len(name) <= NAME_MAX) and bad_name("log_batch", name):
                 continue
             if type(leaf) is not torch.Tensor or leaf.layout is torch.strided and not leaf.is_quantized:
                 self.add_tensor("loader_stats", name, leaf, extra, cap)
@@ -1098,8 +1100,8 @@ class Engine:
         step, epoch = whole(step, "step"), whole(epoch, "epoch")
         with_capture = self.capturing and step == self.step and epoch == self.epoch
         for name, v in values.items():
-            if bad_name("log_metric", name):
-                continue
+            if (type(name) is not str or not 0 < len(name) <= NAME_MAX) and bad_name("log_metric", name):
+                continue  # (the check inline: log_loss comes here every step)
             try:
                 v = metric_value(name, v)
             except BadInput as e:  # this value only: the others of the call still go
