@@ -157,12 +157,26 @@ def bad_name(call: str, name) -> bool:
     """Whether `name` cannot be a record's name (not text, empty, over NAME_MAX characters),
     said once per call and name. The collector refuses such a record with its whole frame,
     which holds many others: the client drops it alone."""
-    if type(name) is str and 0 < len(name) <= NAME_MAX:
+    if isinstance(name, str) and 0 < len(name) <= NAME_MAX:  # (a StrEnum member too)
         return False
     shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
     say_once(f"name {call} {shown}", f"tensortap: {call}({shown}): a name must be text of 1 to "
              f"{NAME_MAX} characters; it is not recorded")
     return True
+
+
+SPARSE_DENSE_MAX = 256 << 20  # bytes: a sparse gradient up to this is measured as its dense values
+
+
+def _dense_grad(g: torch.Tensor) -> Optional[torch.Tensor]:
+    """A sparse gradient's dense values (its statistics then are a dense one's), or None past
+    SPARSE_DENSE_MAX (a huge embedding table's: a copy that size each capture), said once."""
+    nbytes = g.numel() * g.element_size()
+    if nbytes <= SPARSE_DENSE_MAX:
+        return g.to_dense()
+    say_once("sparse gradient", f"tensortap: a sparse gradient of {g.numel()} elements ({nbytes >> 20} MiB "
+             "dense) is not measured, nor counted in the total norm; the other layers are")
+    return None
 
 
 def whole(v, what: str) -> Optional[int]:
@@ -307,12 +321,17 @@ class Engine:
             self.end_step()
             self._hooks.detach()
             self._traced.drop_hooks()  # (the new hooks make their own slots)
+        # the parameters trainable at any watch of this model: the layers are chosen among them,
+        # and a capture step after one more became trainable (a layer unfrozen, as fine-tuning
+        # does) chooses them again (`begin_step`). One frozen for a while (a GAN's critic
+        # between its steps) stays watched.
+        again = model is self._model
         self._model, self._param_hooks = model, param_hooks
-        # which parameters are trainable, as chosen here: a capture step after a change (a layer
-        # unfrozen, as fine-tuning does) chooses the layers again (`begin_step`)
-        self._all_params = list(model.parameters())
-        self._trainable = [p.requires_grad for p in self._all_params]
-        self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves)
+        self._all_params = list(model.parameters()) if not again else self._all_params
+        now = list(map(_REQUIRES_GRAD, self._all_params))
+        self._trainable = [a or b for a, b in zip(now, self._trainable)] if again else now
+        ever = {id(p) for p, t in zip(self._all_params, self._trainable) if t}
+        self._layers = _hooks.gradient_layers(model, o.gradients, o.all_leaves, frozenset(ever))
         self._wparams = [p for _, ps in self._layers for p in ps]
         at = [0]
         for _, ps in self._layers:
@@ -324,8 +343,7 @@ class Engine:
         # (a parameter in two watched layers, e.g. tied embedding and head weights: the rows
         # would count it twice, so the total is taken apart, as clip_grad_norm_ counts it)
         ids = [id(p) for p in self._wparams]
-        self._covers_all = len(set(ids)) == len(ids) and \
-            set(ids) >= {id(p) for p in model.parameters() if p.requires_grad}
+        self._covers_all = len(set(ids)) == len(ids) and set(ids) >= ever
         targets = _hooks.activation_targets(model, o.activations, o.all_leaves)
         params = [p for p in model.parameters() if p.requires_grad] if param_hooks else None
         self._hooks = _hooks.Hooks(targets, o.inputs, self.on_output, params,
@@ -366,10 +384,12 @@ class Engine:
             self.new_epoch(epoch)
         self.step = step if step is not None else (0 if self.step is None else self.step + 1)
         capturing = self.is_capture_step()
-        if capturing and self._model is not None and list(map(_REQUIRES_GRAD, self._all_params)) != self._trainable:
-            # a layer unfrozen (or frozen) since watch: the watched layers and the total norm's
-            # parameters are chosen again (they missed it, and the total norm left it out)
-            self.watch(self._model, self._param_hooks)
+        if capturing and self._model is not None:
+            now = list(map(_REQUIRES_GRAD, self._all_params))
+            if now != self._trainable and any(map(operator.gt, now, self._trainable)):
+                # a parameter trainable that never was at watch (a layer unfrozen): the watched
+                # layers and the total norm's parameters are chosen again, with it
+                self.watch(self._model, self._param_hooks)
         self.capturing = capturing
         self.batch_in_epoch += 1
         if self.capturing:
@@ -548,8 +568,8 @@ class Engine:
         self._scale = self._read_scale()
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
-        all_grads = [g if g.layout is torch.strided else g.to_dense()
-                     for p in self._model.parameters() if (g := p.grad) is not None]
+        all_grads = [x for p in self._model.parameters() if (g := p.grad) is not None
+                     and (x := g if g.layout is torch.strided else _dense_grad(g)) is not None]
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
 
@@ -559,7 +579,8 @@ class Engine:
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
             # (a sparse gradient, nn.Embedding(sparse=True): its dense values, as a dense one's)
-            gs = [g if g.layout is torch.strided else g.to_dense() for p in ps if (g := p.grad) is not None]
+            gs = [x for p in ps if (g := p.grad) is not None
+                  and (x := g if g.layout is torch.strided else _dense_grad(g)) is not None]
             if gs:
                 layers[i] = gs
         fused = self._fused_grads(layers)  # launches the deferred values too (one group per dtype)
@@ -691,10 +712,10 @@ class Engine:
             self._scale = None  # after the optimizer step: a GradScaler has unscaled them
         grads = bool(self._grad_vecs) or self._flat_rows is not None
         h = self._hooks
-        if h is not None and late and h.via_output and (h.out_hooked or grads and h.silent()):
-            # the output's hook did not show the end of backward (the loss used none of the
-            # outputs): the parameters' hooks from the next capture, also when the gradients
-            # are gone by now (zeroed after the optimizer step, which was not watched)
+        if grads and h is not None and late and h.via_output and (h.out_hooked or h.silent()):
+            # the output's hooks did not show the end of backward (the loss used none of the
+            # outputs): the parameters' hooks from the next capture. Only where gradients were
+            # there to read: a capture step with no backward (a skipped batch) is no reason
             h.use_param_hooks()
         if grads and h is not None and h.silent():
             say_once("no forward hook", NO_FORWARD_HOOK.format(step=self.step))
@@ -1047,7 +1068,7 @@ class Engine:
     @guarded("activations")
     def record(self, name: str, tensor, pair=None, always: bool = False) -> None:
         if not (self.capturing or always) or (type(name) is not str or not 0 < len(name) <= NAME_MAX) \
-                and bad_name("record", name):
+                and bad_name("record", name):  # (inline: a str, the common case, makes no call)
             return
         values = _recordable(name, tensor, pair)
         if pair is not None and self.opts.pairs.get(name) != pair:

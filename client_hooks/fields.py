@@ -72,6 +72,13 @@ def _from_numpy(np, a):
         return torch.from_numpy(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64))
 
 
+def _holds_leaf(obj: Any, depth: int = 0) -> bool:
+    """Whether `obj` is or holds (within 16 levels) something `leaf` takes."""
+    if leaf(obj) is not None:
+        return True
+    return depth < 16 and any(_holds_leaf(child, depth + 1) for _, child in _children(obj))
+
+
 def walk(batch: Any, root: str = "batch", cut: Optional[list] = None) -> list[tuple[str, Leaf]]:
     """[(field path, tensor or scalar)] in the batch's own order, at most MAX_FIELDS, at most
     MAX_DEPTH levels down; `cut` (a list) gets the first path left out past either."""
@@ -79,8 +86,8 @@ def walk(batch: Any, root: str = "batch", cut: Optional[list] = None) -> list[tu
 
     def visit(obj: Any, name: str, depth: int) -> None:
         if len(out) >= MAX_FIELDS or depth > MAX_DEPTH:
-            if cut is not None and not cut:
-                cut.append(name)
+            if cut is not None and not cut and _holds_leaf(obj):
+                cut.append(name)  # (a string left out there was never recorded anyway)
             return
         value = leaf(obj)
         if value is not None:

@@ -30,8 +30,9 @@ from torch import nn
 Targets = Union[None, str, Sequence[str]]
 
 
-def _own_params(m: nn.Module) -> list[nn.Parameter]:
-    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+def _own_params(m: nn.Module, keep: frozenset = frozenset()) -> list[nn.Parameter]:
+    """m's own trainable parameters; `keep`: ids of those counted trainable though frozen now."""
+    return [p for p in m.parameters(recurse=False) if p.requires_grad or id(p) in keep]
 
 
 def _path(name: str) -> str:
@@ -80,23 +81,25 @@ def activation_targets(model: nn.Module, names: Targets, all_leaves: bool) -> li
     return [(n, submodule(model, n, "activations")) for n in names]
 
 
-def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool) -> list[tuple[str, list[nn.Parameter]]]:
+def gradient_layers(model: nn.Module, spec: Targets, all_leaves: bool,
+                    keep: frozenset = frozenset()) -> list[tuple[str, list[nn.Parameter]]]:
     """Layers whose gradients are summarised, as (module path, its trainable parameters).
 
     None: the first and last modules owning parameters (in registration order) of the model;
     a submodule path: the same inside that submodule (paths stay relative to the model);
-    "all" (or all_leaves): every module owning parameters; a list: those modules (recursive)."""
+    "all" (or all_leaves): every module owning parameters; a list: those modules (recursive).
+    keep: ids of parameters counted trainable though frozen now (trainable at an earlier watch)."""
     if spec == "all" or (spec is None and all_leaves):
-        return [(n or "model", _own_params(m)) for n, m in named_modules(model) if _own_params(m)]
+        return [(n or "model", ps) for n, m in named_modules(model) if (ps := _own_params(m, keep))]
     if spec is None or isinstance(spec, str):
         root = model if spec is None else submodule(model, spec, "gradients")
         prefix = "" if spec is None else spec + "."
-        owners = [(prefix + n if n else spec or "model", _own_params(m))
-                  for n, m in named_modules(root) if _own_params(m)]
+        owners = [(prefix + n if n else spec or "model", ps)
+                  for n, m in named_modules(root) if (ps := _own_params(m, keep))]
         return owners[:1] + owners[-1:] if len(owners) > 1 else owners
     out = []
     for n in spec:
-        ps = [p for p in submodule(model, n, "gradients").parameters() if p.requires_grad]
+        ps = [p for p in submodule(model, n, "gradients").parameters() if p.requires_grad or id(p) in keep]
         out.append((n, ps))
     return [(n, ps) for n, ps in out if ps]
 
@@ -393,8 +396,10 @@ class Hooks:
                 output = list(output.values())
             if not isinstance(output, (tuple, list)):
                 return
-            outs = [t for t in output if isinstance(t, torch.Tensor) and t.requires_grad]
-        elif output.requires_grad:
+            # (a leaf, a parameter the model returns: a hook on it would stay for good, one more
+            # each capture step; only tensors its forward made)
+            outs = [t for t in output if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        elif output.grad_fn is not None:
             outs = [output]
         else:
             return

@@ -1,6 +1,7 @@
 """Tap (plain PyTorch) with the gate on, against a real ZeroMQ PULL socket."""
 from __future__ import annotations
 
+import enum
 import math
 import os
 import time
@@ -1517,6 +1518,10 @@ def test_a_watched_optimizer_that_did_not_step_leaves_its_layers_without_an_upda
     assert dead_parameters(pull.records) == []
 
 
+class Names(enum.StrEnum):
+    ACC = "acc"
+
+
 def test_a_name_the_collector_refuses_is_dropped_alone_with_one_warning(tmp_path, monkeypatch):
     """A record's name must be text of 1 to 256 characters (collector.wire.Name). Before, the
     client sent such a record in a frame with many others, and the collector refused the
@@ -1546,6 +1551,7 @@ def test_a_name_the_collector_refuses_is_dropped_alone_with_one_warning(tmp_path
                         tap.log_metric("", 0.5)
                         tap.log_metric(3, 0.5)
                         tap.log_metric("lr", 0.1)
+                        tap.log_metric(Names.ACC, 0.9)  # a StrEnum member is text (a first version refused it)
                         tap.record(long, out)
                         tap.record(None, out)
                         tap.record("fine", {"a": out, long: out})
@@ -1570,6 +1576,7 @@ def test_a_name_the_collector_refuses_is_dropped_alone_with_one_warning(tmp_path
     metrics = read_jsonl(run / "metrics.jsonl")
     assert sorted(r["step"] for r in metrics if r["name"] == "loss") == list(range(12))
     assert [r["step"] for r in metrics if r["name"] == "lr"] == [5]
+    assert [r["data"]["value"] for r in metrics if r["name"] == "acc"] == [0.9]
     acts = {r["name"] for r in read_jsonl(run / "activations.jsonl")}
     assert "fine.a" in acts and not any(len(n) > 256 for n in acts)
     assert {r["name"] for r in read_jsonl(run / "loader_stats.jsonl")} == {"x"}
@@ -1626,6 +1633,13 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
     said = [str(m.message) for m in w if "tensortap" in str(m.message)]
     assert said == ["tensortap: log_batch records at most 256 fields, at most 8 levels down; this batch has "
                     "more (from 'f256' on, not recorded)"], said
+    from client_hooks.fields import walk
+
+    deep, cut = "a note", []  # what would not be recorded anyway is no cut
+    for _ in range(10):
+        deep = {"k": deep}
+    assert walk(deep, cut=cut) == [] and cut == []
+    assert walk({f"f{i}": "x" for i in range(300)}, cut=cut) == [] and cut == []
     assert pull.wait_for(lambda r: len(pull.find("activations", "lr_scale")) == 2)
     assert pull.find("activations", "lr_scale")[0]["data"]["value"] == 2.0
 
@@ -1665,43 +1679,39 @@ def test_a_sparse_gradient_is_measured_as_its_dense_values_and_the_other_layers_
     assert [r["data"]["norm"] for r in total] == pytest.approx([x[1] for x in want], rel=1e-5)
 
 
-@pytest.mark.parametrize("used", ["second_output", "a_stashed_tensor"])
-def test_gradients_are_read_when_the_loss_uses_no_first_output_and_no_optimizer_is_watched(pull, used):
+def test_gradients_are_read_when_the_loss_uses_not_the_first_output_and_no_optimizer_is_watched(pull):
     """A model returning {"aux": side head, "logits": ...}, the loss on "logits", no optimizer
     given to watch, and zero_grad() after step(): every capture step had no gradients (the end
     of backward was looked for on "aux" alone, and read late they were zeroed), and the report
-    said no_gradient. Now each output is hooked; a loss on none of them (a tensor the model
-    kept aside) switches to the parameters' hooks after the first capture."""
+    said no_gradient. Now each output the forward made is hooked. A parameter the model
+    returns as it is gets no hook: one on a leaf stays for good (one more each capture)."""
     torch.manual_seed(0)
 
     class M(nn.Module):
         def __init__(self):
             super().__init__()
             self.enc, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(4, 1)
+            self.log_var = nn.Parameter(torch.zeros(2))
 
         def forward(self, x):
-            logits = self.head(self.enc(x).relu())
-            if used == "a_stashed_tensor":
-                self.kept = logits
-                return {"aux": self.aux(x)}
-            return {"aux": self.aux(x), "logits": logits}
+            return {"aux": self.aux(x), "logits": self.head(self.enc(x).relu()), "log_var": self.log_var}
 
     model = M()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 4)
-    with Tap(every_n_steps=2) as tap:
+    with Tap(every_n_steps=2, gradients="all") as tap:
         tap.watch(model)
         for step in range(8):
             tap.log_batch({"x": x}, epoch=0, batch_idx=step)
             out = model(x)
-            loss = (out["logits"] if used == "second_output" else model.kept).pow(2).mean()
+            loss = out["logits"].pow(2).mean() + out["log_var"].sum()
             loss.backward()
             opt.step()
             opt.zero_grad()
             tap.log_loss(loss)
-    captured = [0, 2, 4, 6] if used == "second_output" else [2, 4, 6]
-    assert pull.wait_for(lambda r: {x["step"] for x in pull.find("gradients", "enc")} >= set(captured))
-    assert sorted({x["step"] for x in pull.find("gradients", "enc")}) == captured
+    assert not model.log_var._backward_hooks
+    assert pull.wait_for(lambda r: {x["step"] for x in pull.find("gradients", "enc")} >= {0, 2, 4, 6})
+    assert sorted({x["step"] for x in pull.find("gradients", "enc")}) == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("gradients", ["all", None])
@@ -1765,3 +1775,78 @@ def test_watching_a_second_model_says_it_replaces_the_first_and_a_module_of_both
                                                  "before (Sequential)"), said
     assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 2)
     assert {r["name"] for r in pull.find("gradients")} == {"G.0", "G.2", "D.0", "D.2", "_total"}
+
+
+def test_a_net_frozen_between_its_own_steps_stays_watched(pull):
+    """A GAN's critic frozen for the generator's update (WGAN style) and unfrozen for its own:
+    a freeze is no reason to choose the layers again. A first version re-chose them at each
+    change, with the critic frozen at that moment: it was never recorded again."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    d = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    with Tap(every_n_steps=1, gradients="all") as tap:
+        tap.watch(nn.ModuleDict({"G": g, "D": d}), optimizer=[og, od])
+        for i in range(4):
+            tap.log_batch(None, epoch=0, batch_idx=i)
+            d.requires_grad_(True)
+            fake = g(torch.randn(16, 2))
+            ld = d(torch.randn(16, 2) + 3).mean() - d(fake.detach()).mean()
+            od.zero_grad()
+            ld.backward()
+            od.step()
+            d.requires_grad_(False)  # (left frozen when the next step begins)
+            lg = -d(fake).mean()
+            og.zero_grad()
+            lg.backward()
+            og.step()
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "_total")) == 4)
+    for layer in ("G.0", "G.2", "D.0", "D.2"):
+        assert sorted(r["step"] for r in pull.find("gradients", layer)) == [0, 1, 2, 3], layer
+
+
+
+def test_a_capture_step_without_a_backward_keeps_the_output_hook(pull):
+    """A capture step whose batch is skipped before backward (a NaN loss, say): the end of
+    backward is still looked for on the output from the next capture on. A first version
+    took such a step for a loss on no output and put a hook on every parameter for good."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = []
+    with Tap(every_n_steps=1) as tap:
+        tap.watch(model)
+        for step in range(5):
+            tap.log_batch(None, epoch=0, batch_idx=step)
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            hooks.append(sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()))
+            if step == 1:
+                continue  # skipped: no backward
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert hooks == [0] * 5
+    assert pull.wait_for(lambda r: {x["step"] for x in pull.find("gradients", "0")} >= {0, 2, 3, 4})
+
+
+def test_a_sparse_gradient_too_big_to_make_dense_is_left_out_with_one_warning(pull, monkeypatch):
+    from client_hooks import engine
+
+    monkeypatch.setattr(engine, "_warned", set())
+    monkeypatch.setattr(engine, "SPARSE_DENSE_MAX", 50 * 8 * 4 - 1)  # the table's dense bytes, less one
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 1))
+    idx = torch.randint(0, 50, (16,))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1, gradients="all") as tap:
+            tap.watch(model)
+            for i in range(2):
+                tap.log_batch(None, epoch=0, batch_idx=i)
+                model(idx).pow(2).mean().backward()
+                model.zero_grad()
+    said = [str(m.message) for m in w if "tensortap" in str(m.message)]
+    assert said == ["tensortap: a sparse gradient of 400 elements (0 MiB dense) is not measured, nor counted "
+                    "in the total norm; the other layers are"], said
+    assert pull.wait_for(lambda r: len(pull.find("gradients", "1")) == 2)
+    assert not pull.find("gradients", "0")
