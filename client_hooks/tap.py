@@ -122,7 +122,8 @@ turned into one RuntimeWarning per kind and never raised.
         when backward ends, still scaled, and their statistics are divided by the scale.
         One model is watched at a time: another replaces it (with a warning). Two nets (a
         GAN's) are watched as one module holding both, nn.ModuleDict({"G": G, "D": D}), with
-        both optimizers. A layer unfrozen later is watched from the next capture step on."""
+        both optimizers. A layer unfrozen later is watched from the next capture step on; one
+        frozen later stays watched (a critic frozen between its own steps)."""
         if self._engine is not None:
             self._engine.watch(model, param_hooks=True)
             self._unhook_optimizers()  # watched before: the hooks on those optimizers go
