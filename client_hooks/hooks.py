@@ -2,10 +2,11 @@
 
 `Hooks.attach()` registers forward (and pre-forward) hooks on the activation targets and a
 forward hook on the watched model itself (the end of its forward); `detach()` removes every
-one of them. For plain PyTorch the end of backward is found by one tensor hook on the model's
-output, put there at the end of each capture step's forward (one Python call in backward, on
-the autograd thread); where that cannot work (a compiled model, an output the loss does not
-use) by a post-accumulate-grad hook on every trainable parameter (`use_param_hooks`).
+one of them. For plain PyTorch the end of backward is found by a tensor hook on each of the
+model's output tensors its forward made, put there at the end of each capture step's forward
+(one Python call in backward, on the autograd thread); where that cannot work (a compiled
+model, a loss on none of the outputs) by a post-accumulate-grad hook on every trainable
+parameter (`use_param_hooks`).
 Either queues an engine callback, which reads the gradients after the other callbacks of
 that backward (DDP's finalize: the averaged gradients; `_backward_done`).
 Between capture steps the model carries no tensortap hook. Once torch's compiler is
