@@ -165,6 +165,11 @@ def bad_name(call: str, name) -> bool:
     return True
 
 
+def _kind_of(t: torch.Tensor) -> str:
+    """What a tensor tensortap does not measure is, for a warning: "sparse_coo", "quantized"..."""
+    return "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+
+
 SPARSE_DENSE_MAX = 256 << 20  # bytes: a sparse gradient up to this is measured as its dense values
 
 
@@ -1078,8 +1083,13 @@ class Engine:
         if extra is None and not self.capturing and not torch.is_grad_enabled():
             say_once("eval as train", EVAL_AS_TRAIN)
         for key, value in values:
-            if type(key) is str and 0 < len(key) <= NAME_MAX or not bad_name("record", key):
-                self.add_tensor("activations", key, value, extra, cap)
+            if not (type(key) is str and 0 < len(key) <= NAME_MAX or not bad_name("record", key)):
+                continue
+            if type(value) is torch.Tensor and (value.layout is not torch.strided or value.is_quantized):
+                say_once(f"record {key}", f"tensortap: record({key!r}) cannot be measured (a "
+                         f"{_kind_of(value)} tensor); it is not recorded")  # (this value alone)
+                continue
+            self.add_tensor("activations", key, value, extra, cap)
         if not self.capturing:
             cap.flush(self.sender)
 
@@ -1096,8 +1106,7 @@ class Engine:
                 self.add_tensor("loader_stats", name, leaf, extra, cap)
             else:  # this field alone (before, one such field failed them all for the run)
                 say_once(f"field {name}", f"tensortap: batch field {name!r} cannot be measured (a "
-                         f"{'quantized' if leaf.is_quantized else str(leaf.layout).removeprefix('torch.')} "
-                         "tensor); it is not recorded")
+                         f"{_kind_of(leaf)} tensor); it is not recorded")
         if cut:
             say_once("batch cut", f"tensortap: log_batch records at most {MAX_FIELDS} fields, at most {MAX_DEPTH} "
                      f"levels down; this batch has more (from {cut[0]!r} on, not recorded)")

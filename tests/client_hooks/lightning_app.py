@@ -64,6 +64,16 @@ class Module(L.LightningModule):
             self.tap().record("val_x", out, always=True)
         self.log("val_loss", val(batch["images"]) if val is not None else out.pow(2).mean())
 
+    def test_step(self, batch, batch_idx):
+        out = self.net(batch["images"])
+        if getattr(self, "eval_records", False):
+            self.tap().record("test_x", out, always=True)
+
+    def on_test_end(self):
+        """--eval-records: the module's own hook, after the callbacks' (the stage's teardown ends it)."""
+        if getattr(self, "eval_records", False):
+            self.tap().record("test_end", self.net[0].weight, always=True)
+
     def on_train_start(self):
         """--eval-records: after the sanity check's validation, a training value."""
         if getattr(self, "eval_records", False):
@@ -149,6 +159,8 @@ def main():
     data = Fields(16, a.model)
     trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     runs = [cb._run]
+    if a.eval_records:  # then a test stage: its records say "test", the module's on_test_end's too
+        trainer.test(module, DataLoader(data, batch_size=8), verbose=False)
     if a.fits > 1:
         trainer.validate(module, DataLoader(data, batch_size=8), verbose=False)
     for _ in range(a.fits - 1):

@@ -107,6 +107,10 @@ def test_validation_records_say_val_at_the_global_step_and_end_with_the_validati
     assert [(r["step"], r["epoch"], r["data"].get("split")) for r in end] == \
         [(0, 0, "val"), (4, 0, "val"), (8, 1, "val")]
     assert [r["data"].get("split") for r in pull.find("activations", "train_start")] == [None]
+    # trainer.test after the fit: its batches and the module's own on_test_end say "test"
+    assert pull.wait_for(lambda r: len(pull.find("activations", "test_end")) == 1)
+    assert [r["data"].get("split") for r in pull.find("activations", "test_x")] == ["test"] * 2
+    assert [r["data"].get("split") for r in pull.find("activations", "test_end")] == ["test"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning scales the loss (16-mixed) only on a GPU")

@@ -1642,6 +1642,21 @@ def test_a_batch_field_torch_cannot_take_as_it_is_is_copied_or_skipped_alone(pul
     assert walk({f"f{i}": "x" for i in range(300)}, cut=cut) == [] and cut == []
     assert pull.wait_for(lambda r: len(pull.find("activations", "lr_scale")) == 2)
     assert pull.find("activations", "lr_scale")[0]["data"]["value"] == 2.0
+    # record() of a sparse tensor: its own warning, and the other values of the step still go
+    # (it was "activations telemetry failed", which muted every later activations error)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Tap(every_n_steps=1) as tap:
+            tap.watch(model)
+            for i in range(2):
+                tap.log_batch(None, epoch=5, batch_idx=i)
+                tap.record("adj", torch.eye(3).to_sparse())
+                tap.record("dense_after", torch.ones(3))
+                model(torch.ones(2, 3)).sum().backward()
+    said = [str(m.message) for m in w if "tensortap" in str(m.message)]
+    assert said == ["tensortap: record('adj') cannot be measured (a sparse_coo tensor); it is not recorded"], said
+    assert pull.wait_for(lambda r: len(pull.find("activations", "dense_after")) == 2)
+    assert not pull.find("activations", "adj")
 
 
 @pytest.mark.parametrize("gradients", ["all", "ends"])
