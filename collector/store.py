@@ -375,9 +375,6 @@ class RunFiles:
                                            os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return fd
 
-    def reject_line(self, reason: str, frame: bytes, **extra) -> None:
-        self.add_rejected(rejected_line(reason, frame, **extra))
-
     def add_rejected(self, line: bytes, write=os.write, count: bool = True) -> None:
         """Count one quarantined frame (count); append its line while rejected.jsonl is under the cap."""
         self.rejected += count
