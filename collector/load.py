@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 import msgspec
 
 from collector.index import Index, RunIndex
-from collector.wire import STREAM_FILES, Record, valid_run_id
+from collector.wire import STREAM_FILES, Record, rank_key, valid_run_id
 
 _decode_record = msgspec.json.Decoder(Record).decode
 _decode_any = msgspec.json.Decoder().decode
@@ -297,7 +297,7 @@ class StoredIndex(Index):
         unclosed = any(isinstance(st, dict) and st.get("hello") is not None and st.get("closed") is not True
                        for st in ranks.values())
         return {"run": name, "live": False, "state": "unclosed" if unclosed else "finished", "records": written,
-                "ranks": sorted(int(r) for r in ranks if str(r).isascii() and str(r).isdigit()),
+                "ranks": sorted(k for r in ranks if (k := rank_key(r)) is not None),
                 "first_t": _num(m.get("created")), "last_t": _num(m.get("updated")),
                 "findings": len(findings or [])}
 

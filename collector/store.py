@@ -22,7 +22,7 @@ from typing import Optional
 
 import msgspec
 
-from collector.wire import STREAM_FILES
+from collector.wire import STREAM_FILES, rank_key
 
 # per rejected.jsonl; beyond it, frames are only counted (TENSORTAP_REJECTED_CAP, bytes)
 REJECTED_CAP_BYTES = int(os.environ.get("TENSORTAP_REJECTED_CAP", 16 << 20))
@@ -214,7 +214,7 @@ class RunFiles:
                     f.write(rejected_line("torn line repaired at startup", fragment, file="rejected.jsonl"))
         self.rejected_bytes = os.path.getsize(rej) if os.path.exists(rej) else 0  # the cap holds across restarts
         ranks = old.get("ranks")
-        ranks = {int(r): d for r, d in ranks.items() if isinstance(r, str) and r.isascii() and r.isdigit()
+        ranks = {k: d for r, d in ranks.items() if (k := rank_key(r)) is not None
                  and isinstance(d, dict)} if isinstance(ranks, dict) else {}
         recorded = self._recorded_marks(old, ranks)
         seen: dict[int, list[int]] = {}  # rank -> stored seqs read (after the marks)
@@ -297,7 +297,7 @@ class RunFiles:
                 continue
             counts = {}
             for r, n in rk.items():
-                d = ranks.get(int(r)) if isinstance(r, str) and r.isascii() and r.isdigit() else None
+                d = ranks.get(rank_key(r))
                 if d is None or _int(n, -1) < 0 or _int(d.get("next_seq"), -1) < 0 or "patch_written" not in d:
                     break
                 counts[int(r)] = n

@@ -132,6 +132,12 @@ def eval_split(data: dict) -> Optional[str]:
     return None if split is None or split == "train" else str(split)
 
 
+def rank_key(key) -> Optional[int]:
+    """A manifest's rank key ("0", "1"...) as its int; None for anything else (a key that
+    str.isdigit takes and int() does not, "²", included: a hand-edited manifest)."""
+    return int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+
+
 def valid_run_id(run: str) -> bool:
     if run in _good_runs:
         return True

@@ -9,6 +9,7 @@ import time
 
 from collector.diagnosis import diagnose, load_run, write_findings
 from collector.text import plural, run_counts
+from collector.wire import rank_key
 
 
 def _evidence_line(ev: dict, width: int = 160) -> str:
@@ -36,7 +37,7 @@ def root_rows(root: str) -> list[dict]:
         rows.append({"run": e.name, "created": created if isinstance(created, (int, float)) else e.stat().st_mtime,
                      "manifest": usable, "manifest_state": state,
                      "totals": m.get("totals") if isinstance(m.get("totals"), dict) else {},
-                     "unclosed": sorted(int(r) for r, st in ranks.items() if str(r).isascii() and str(r).isdigit()
+                     "unclosed": sorted(k for r, st in ranks.items() if (k := rank_key(r)) is not None
                                         and isinstance(st, dict) and st.get("hello") and not st.get("closed")),
                      "rejected": m.get("rejected") or 0,
                      "findings": None if f is None else [x.get("rule") for x in f]})
