@@ -97,10 +97,10 @@ def resolve(run: Optional[str] = None, rank: Optional[int] = None, world: Option
     if not endpoint:
         if os.path.isfile(out):  # (else the embedded collector would name its own --out option)
             raise SetupError(f"TENSORTAP_OUT={out!r} is a file; the artifact root is a folder")
+        from collector.store import make_writable
+
         try:  # (likewise: the collector's own line named --out, and this one TENSORTAP_ENDPOINT)
-            os.makedirs(out, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tensortap-write-test")
-            probe.close()
+            make_writable(out)
         except OSError as e:
             raise SetupError(f"TENSORTAP_OUT={out!r}: cannot write there ({e.strerror or e}); "
                              "give a folder this process can write") from None

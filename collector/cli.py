@@ -68,12 +68,10 @@ def check_out(out: str) -> Optional[str]:
         up = parent
     if os.path.isfile(out):
         raise UsageError(f"--out {out!r} is a file; the artifact root is a folder")
+    from collector.store import make_writable
+
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".tensortap-write-test")
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
+        make_writable(out)
     except OSError as e:
         raise UsageError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
     return made

@@ -117,6 +117,16 @@ def atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def make_writable(folder: str) -> None:
+    """Make the artifact root `folder` if missing and write a file in it once: OSError when
+    this process cannot (the collector's --out and the client's TENSORTAP_OUT say so early)."""
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".tensortap-write-test-{os.getpid()}")
+    with open(probe, "w"):
+        pass
+    os.unlink(probe)
+
+
 def repair_tail(path: str) -> Optional[bytes]:
     """Cut a torn last line (no trailing newline) off a JSONL file; return the fragment."""
     size = os.path.getsize(path)
