@@ -173,6 +173,13 @@ def _kind_of(t: torch.Tensor) -> str:
 SPARSE_DENSE_MAX = 256 << 20  # bytes: a sparse gradient up to this is measured as its dense values
 
 
+def _grads(params) -> list[torch.Tensor]:
+    """The gradients of `params` that are there; a sparse one (nn.Embedding(sparse=True)) as
+    its dense values, whose statistics are then a dense one's (`_dense_grad`)."""
+    return [x for p in params if (g := p.grad) is not None
+            and (x := g if g.layout is torch.strided else _dense_grad(g)) is not None]
+
+
 def _dense_grad(g: torch.Tensor) -> Optional[torch.Tensor]:
     """A sparse gradient's dense values (its statistics then are a dense one's), or None past
     SPARSE_DENSE_MAX (a huge embedding table's: a copy that size each capture), said once."""
@@ -573,8 +580,7 @@ class Engine:
         self._scale = self._read_scale()
         if self._covers_all:
             return  # the total norm comes from the layers' rows (end_step)
-        all_grads = [x for p in self._model.parameters() if (g := p.grad) is not None
-                     and (x := g if g.layout is torch.strided else _dense_grad(g)) is not None]
+        all_grads = _grads(self._model.parameters())
         if all_grads:
             self._total = torch.nn.utils.get_total_norm(all_grads).reshape(1)
 
@@ -583,9 +589,7 @@ class Engine:
         parameter without a gradient): each layer's gradients where they lie."""
         layers = {}
         for i, (_, ps) in enumerate(self._layers):
-            # (a sparse gradient, nn.Embedding(sparse=True): its dense values, as a dense one's)
-            gs = [x for p in ps if (g := p.grad) is not None
-                  and (x := g if g.layout is torch.strided else _dense_grad(g)) is not None]
+            gs = _grads(ps)
             if gs:
                 layers[i] = gs
         fused = self._fused_grads(layers)  # launches the deferred values too (one group per dtype)

@@ -50,8 +50,8 @@ def leaf(obj: Any):
         if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
             return obj.item()  # training thread; a NumPy scalar (np.float64 too): host memory, no device wait
         return None
-    if isinstance(obj, (int, float)):  # a subclass (an IntEnum): the plain number, which the wire takes
-        return bool(obj) if isinstance(obj, bool) else int(obj) if isinstance(obj, int) else float(obj)
+    if isinstance(obj, (int, float)):  # a subclass (an IntEnum; bool has none): the plain number
+        return int(obj) if isinstance(obj, int) else float(obj)
     return None
 
 
